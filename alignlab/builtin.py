@@ -1,0 +1,108 @@
+"""The embedded default: a task, a tokenizer and a model that alignlab generates itself.
+
+`alignlab train +recipe=dpo` must run offline on a laptop CPU in minutes and show real learning,
+with no hub and no downloaded files. This module provides:
+
+* ``builtin:sentiment`` — a synthetic review-completion preference task. Every pair shares a
+  prompt ("review : the film was") and two completions of the same shape that differ only in
+  sentiment words; the chosen one is positive. The held-out split uses subjects and openings that
+  training never shows, so accuracy there measures generalisation, not memorisation.
+* ``builtin:tiny`` — a small Llama (two layers, hidden 64) over the task's word-level vocabulary,
+  randomly initialised from the run's seed, with a word-level tokenizer that has a pad token,
+  an EOS token and a minimal chat template.
+
+Both are deterministic functions of a seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+SUBJECTS_TRAIN = ["film", "movie", "show", "book", "play", "album", "series", "novel", "story", "song"]
+SUBJECTS_HELDOUT = ["game", "musical", "comic", "documentary"]
+OPENINGS_TRAIN = ["review : the {s} was", "my take : this {s} felt", "in short , the {s} is"]
+OPENINGS_HELDOUT = ["honestly , that {s} seemed", "verdict : our {s} looked"]
+POSITIVE = ["wonderful", "great", "brilliant", "charming", "delightful", "superb", "moving", "fresh", "clever"]
+NEGATIVE = ["awful", "dull", "boring", "clumsy", "tedious", "weak", "bland", "messy", "stale"]
+ASPECTS = ["acting", "plot", "music", "writing", "ending", "pacing", "cast", "dialogue"]
+LINKS = ["and the {a} was", "with {a} that felt", ", its {a} simply", "but the {a} stayed"]
+FILLER = ["really", "quite", "very", "truly", "rather", "so", "just", "always", "mostly"]
+
+SPECIAL = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% if m['role'] == 'assistant' %}"
+    "<eos> {% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def _words() -> list[str]:
+    words: set[str] = set()
+    for group in (SUBJECTS_TRAIN, SUBJECTS_HELDOUT, POSITIVE, NEGATIVE, ASPECTS, FILLER):
+        words.update(group)
+    for template in OPENINGS_TRAIN + OPENINGS_HELDOUT + LINKS:
+        words.update(w for w in template.split() if "{" not in w)
+    words.update([".", "!"])
+    return sorted(words)
+
+
+def build_tokenizer():
+    """A word-level `PreTrainedTokenizerFast` over the task vocabulary (whitespace-split)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + _words())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins word pieces with single spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(vocab_size: int, seed: int):
+    """A randomly initialised 2-layer Llama (≈0.1M parameters) seeded by `seed`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _completion(rng: random.Random, sentiment: list[str]) -> tuple[str, str]:
+    """One completion skeleton filled twice: once with `sentiment` words, once with the opposite."""
+    other = NEGATIVE if sentiment is POSITIVE else POSITIVE
+    n = rng.randint(1, 2)
+    slots = [(rng.choice(FILLER), rng.randrange(len(sentiment)))]
+    links = [(rng.choice(LINKS).format(a=rng.choice(ASPECTS)), rng.choice(FILLER), rng.randrange(len(sentiment)))
+             for _ in range(n)]
+    end = rng.choice([".", "!"])
+
+    def render(words: list[str]) -> str:
+        parts = [slots[0][0], words[slots[0][1]]]
+        for link, filler, k in links:
+            parts += [link, filler, words[k]]
+        return " ".join(parts + [end])
+
+    return render(sentiment), render(other)
+
+
+def sentiment_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> list[dict[str, str]]:
+    """`n` explicit `{prompt, chosen, rejected}` pairs; `heldout` uses unseen subjects and openings."""
+    rng = random.Random(f"alignlab-sentiment-{seed}-{heldout}")
+    subjects = SUBJECTS_HELDOUT if heldout else SUBJECTS_TRAIN
+    openings = OPENINGS_HELDOUT if heldout else OPENINGS_TRAIN
+    rows = []
+    for _ in range(n):
+        prompt = rng.choice(openings).format(s=rng.choice(subjects))
+        chosen, rejected = _completion(rng, POSITIVE)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows

@@ -1,0 +1,179 @@
+"""Typed configuration: the dataclass schemas Hydra composes into, and their registration.
+
+`configs/` holds the building blocks (groups model, data, trainer, logger; the loss group comes from
+the loss registry's dataclasses) and `recipes/` holds complete experiments selected with
+`+recipe=NAME`. Every YAML is merged into these schemas, so an unknown key, a wrong type or an
+unknown option fails at compose time with a message that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+BAD_ROW_POLICIES = ("error", "skip")
+PROMPT_TRUNCATION = ("error", "keep_end", "keep_start")
+FORMATS = ("auto", "explicit", "conversational", "hh", "columns")
+
+
+@dataclass
+class ModelConfig:
+    #: a Hugging Face causal LM: hub name, local directory, or `builtin:tiny` (the embedded default).
+    name_or_path: str = MISSING
+    #: tokenizer to use; defaults to `name_or_path`.
+    tokenizer: Optional[str] = None
+    #: a separate reference model; defaults to a frozen copy of the initial policy.
+    reference: Optional[str] = None
+    #: float32 | bfloat16 | float16 | auto. Log-probs are always computed in fp32.
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    #: off unless you trust the model repository's code.
+    trust_remote_code: bool = False
+    #: passed to from_pretrained, e.g. sdpa or eager; None lets transformers choose.
+    attn_implementation: Optional[str] = None
+    #: a Jinja chat template for tokenizers that have none (needed for conversational data).
+    chat_template: Optional[str] = None
+    #: zero the dropout probabilities of the policy, as TRL does for DPO (the reference is in eval mode).
+    disable_dropout: bool = True
+
+
+@dataclass
+class DataConfig:
+    #: local .json/.jsonl(.gz)/.parquet file or folder, `builtin:sentiment`, or a `datasets` hub name.
+    path: str = MISSING
+    #: the hub dataset's configuration name.
+    name: Optional[str] = None
+    split: str = "train"
+    #: auto | explicit | conversational | hh | columns (see docs/data.md).
+    format: str = "auto"
+    #: canonical field -> source column, e.g. {prompt: instruction, response_a: output_1,
+    #: response_b: output_2, preference: preference} for AlpacaEval.
+    columns: Dict[str, str] = field(default_factory=dict)
+    #: a separate held-out file or hub split; otherwise `eval_size` rows are held out of `path`.
+    eval_path: Optional[str] = None
+    eval_split: Optional[str] = None
+    #: held-out fraction (< 1) or number of rows (>= 1).
+    eval_size: float = 0.1
+    #: use only the first N rows of the source (None: all).
+    limit: Optional[int] = None
+    max_length: int = 512
+    max_prompt_length: int = 256
+    #: a prompt longer than max_prompt_length: error (a bad row), keep_end or keep_start.
+    prompt_truncation: str = "error"
+    #: a malformed row: error (stop, naming the row) or skip (filter, count and report).
+    on_bad_row: str = "error"
+    num_proc: int = 1
+    #: where tokenized datasets are cached by fingerprint; default ~/.cache/alignlab.
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _one_of("data.format", self.format, FORMATS)
+        _one_of("data.on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        _one_of("data.prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION)
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than data.max_length "
+                f"({self.max_length}) to leave room for the response"
+            )
+        if self.eval_size < 0:
+            raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
+
+
+@dataclass
+class TrainerConfig:
+    learning_rate: float = 1e-6
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    #: > 0 overrides num_train_epochs.
+    max_steps: int = -1
+    optim: str = "adamw_torch"
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    #: evaluate on the held-out split every N steps (0: only at the end).
+    eval_steps: int = 0
+    #: checkpoint every N steps (0: no intermediate checkpoints).
+    save_steps: int = 0
+    save_total_limit: Optional[int] = 2
+    #: a checkpoint folder, or `latest` for the newest checkpoint in the run directory.
+    resume_from_checkpoint: Optional[str] = None
+    bf16: bool = False
+    fp16: bool = False
+    dataloader_num_workers: int = 0
+    #: any other transformers.TrainingArguments field, passed through as is.
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    #: none | wandb | tensorboard, as HF Trainer's report_to; console and metrics.jsonl always run.
+    report_to: List[str] = field(default_factory=list)
+    project: str = "alignlab"
+    entity: Optional[str] = None
+    #: W&B run mode: online | offline | disabled; None keeps $WANDB_MODE.
+    mode: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class AlignConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    loss: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 42
+    #: the run directory; defaults to Hydra's output directory (runs/<loss>/<time>).
+    output_dir: Optional[str] = None
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def resource_dir(name: str) -> Path:
+    """The `configs` or `recipes` folder: the repo's own in a checkout, else the installed copy."""
+    repo = Path(__file__).resolve().parent.parent / name
+    if repo.is_dir():
+        return repo
+    return Path(str(resources.files(f"alignlab.{name}")))
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in resource_dir("recipes").glob("*.yaml"))
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Put the schemas, the losses and the recipes in Hydra's ConfigStore (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from alignlab.losses import REGISTRY
+
+    cs = ConfigStore.instance()
+    cs.store(name="alignlab_schema", node=AlignConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="logger", name="schema", node=LoggerConfig)
+    for name, entry in REGISTRY.items():
+        cs.store(group="loss", name=name, node=entry.config)
+    # Recipes are complete experiments, `# @package _global_` files with their own defaults list.
+    for path in sorted(resource_dir("recipes").glob("*.yaml")):
+        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+    _registered = True

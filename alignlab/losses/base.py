@@ -1,0 +1,143 @@
+"""The loss contract: what a loss declares it needs, what it receives, and what it returns.
+
+A loss never sees a model or a batch dict. The trainer reads `Loss.needs`, computes exactly that
+(reference pass or not, full-vocabulary logits or not, which responses), packs it into one
+`LossInputs`, and gets back per-example losses plus detached metrics. The trainer turns the
+per-example losses into the back-propagated scalar in one place (`alignlab.trainer.reduce_loss`),
+so no loss can make the objective depend on batch size, gradient accumulation or world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a loss asks of the trainer and the data pipeline.
+
+    Attributes:
+        reference: run a frozen reference model on every response (DPO family). Reference-free
+            losses (ASFT, TPO, SimPO) set False and no reference model is ever loaded.
+        full_logits: keep full-vocabulary logits `(B, T, V)` for every response (TDPO, SparsePO,
+            AlignDistil). Sequence-level losses leave it False and only get per-token log-probs.
+        responses: the response columns each example carries, e.g. ("chosen", "rejected") for
+            pairs, ("gold", "chosen", "rejected") for TPO triples. The data pipeline serves exactly
+            these; every response shares the example's prompt.
+        fields: extra per-example scalar columns passed through to the loss (e.g. margin scores).
+    """
+
+    reference: bool = True
+    full_logits: bool = False
+    responses: tuple[str, ...] = ("chosen", "rejected")
+    fields: tuple[str, ...] = ()
+
+
+@dataclass
+class SequenceLogps:
+    """Per-token log-probabilities of one set of responses under one model.
+
+    Attributes:
+        token_logps: `(B, T)` log p(y_t | x, y_<t), zero where `mask` is False. Always fp32.
+        mask: `(B, T)` bool, True on response tokens (prompt and padding are False).
+        logits: `(B, T, V)` fp32 logits aligned with `token_logps`, only when `Needs.full_logits`.
+        mean_logit: `(B,)` mean logit over response tokens and vocabulary, detached; for metrics.
+    """
+
+    token_logps: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor | None = None
+    mean_logit: torch.Tensor | None = None
+
+    @property
+    def logps(self) -> torch.Tensor:
+        """`(B,)` summed log-probability of each response: the spec's logπ(y|x)."""
+        return self.token_logps.sum(-1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """`(B,)` number of response tokens |y|."""
+        return self.mask.sum(-1)
+
+    @property
+    def mean_logps(self) -> torch.Tensor:
+        """`(B,)` length-averaged log-probability logπ(y|x)/|y|."""
+        return self.logps / self.lengths.clamp(min=1)
+
+
+@dataclass
+class LossInputs:
+    """Everything a loss may read, keyed by response name (see `Needs.responses`).
+
+    Attributes:
+        policy: response name -> `SequenceLogps` of the trained model (with gradient).
+        reference: response name -> `SequenceLogps` of the frozen reference (no gradient), or None
+            when the loss declared `Needs(reference=False)`.
+        fields: extra per-example tensors named in `Needs.fields`, each `(B,)`.
+        training: True during training steps, False in evaluation (stateful losses such as BCO
+            update running statistics only in training).
+    """
+
+    policy: dict[str, SequenceLogps]
+    reference: dict[str, SequenceLogps] | None = None
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)
+    training: bool = True
+
+
+@dataclass
+class LossOutput:
+    """Per-example losses `(B,)` and scalar metrics (detached) to log."""
+
+    losses: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Loss(nn.Module):
+    """Base class of every registered loss.
+
+    A subclass sets `needs`, takes its config dataclass in `__init__`, and implements `forward`.
+    State a loss owns (running means, learned heads) lives in its buffers and parameters so that it
+    is checkpointed with the run.
+    """
+
+    needs: ClassVar[Needs] = Needs()
+    #: one-line description for `alignlab list` and the docs.
+    summary: ClassVar[str] = ""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, batch: LossInputs) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def preference_metrics(
+    batch: LossInputs, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The standard pairwise metrics (spec, "Shared conventions"), computed from detached values.
+
+    Args:
+        batch: the loss inputs (for log-probs and logits of the policy).
+        chosen_rewards: `(B,)` implicit rewards of the chosen responses.
+        rejected_rewards: `(B,)` implicit rewards of the rejected responses.
+    """
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    chosen, rejected = batch.policy["chosen"], batch.policy["rejected"]
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        # strict: a tie counts as wrong, as in TRL and the DPO repo
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": chosen.logps.detach().mean(),
+        "logps/rejected": rejected.logps.detach().mean(),
+    }
+    if chosen.mean_logit is not None and rejected.mean_logit is not None:
+        metrics["logits/chosen"] = chosen.mean_logit.mean()
+        metrics["logits/rejected"] = rejected.mean_logit.mean()
+    return metrics

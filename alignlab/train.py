@@ -1,0 +1,166 @@
+"""`alignlab train`: compose → validate → data → models → HF Trainer → save → summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab import losses
+from alignlab.config import AlignConfig, TrainerConfig
+
+log = logging.getLogger("alignlab")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    model_dir: Path
+    metrics_file: Path
+    train_losses: list[float]
+    eval_metrics: dict[str, float]
+    wall_seconds: float
+
+
+def to_typed(cfg: DictConfig) -> AlignConfig:
+    """Validate a composed config: every dataclass's `__post_init__` runs, the loss's included."""
+    typed: AlignConfig = OmegaConf.to_object(cfg)
+    if not isinstance(typed.loss, tuple(e.config for e in losses.REGISTRY.values())):
+        typed.loss = losses.build(cfg.loss).cfg
+    return typed
+
+
+def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: bool, report_to: list[str]):
+    from transformers import TrainingArguments
+
+    known = {k: v for k, v in asdict(t).items() if k not in ("eval_steps", "save_steps", "resume_from_checkpoint", "extra")}
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        **known,
+        eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps or 500,
+        seed=seed,
+        report_to=report_to or "none",
+        run_name=output_dir.name,
+        remove_unused_columns=False,  # the collator needs prompt_ids / <response>_ids
+        label_names=[],
+        use_cpu=not _has_accelerator(),
+        **t.extra,
+    )
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _resolve_checkpoint(value: str | None, output_dir: Path) -> str | None:
+    if value != "latest":
+        return value
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is None:
+        raise FileNotFoundError(
+            f"trainer.resume_from_checkpoint=latest but {output_dir} holds no checkpoint-*; "
+            "pass the run directory with output_dir=... (or hydra.run.dir=...)"
+        )
+    return last
+
+
+def _setup_wandb(cfg, output_dir: Path) -> None:
+    os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+    if cfg.logger.entity:
+        os.environ.setdefault("WANDB_ENTITY", cfg.logger.entity)
+    if cfg.logger.mode:
+        os.environ["WANDB_MODE"] = cfg.logger.mode
+    if cfg.logger.tags:
+        os.environ.setdefault("WANDB_TAGS", ",".join(cfg.logger.tags))
+    os.environ.setdefault("WANDB_DIR", str(output_dir))
+
+
+def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
+    """Train one composed config end to end; returns where everything went and the headline figures."""
+    start = time.time()
+    typed = to_typed(cfg)
+    output_dir = Path(output_dir or typed.output_dir or _hydra_output_dir()).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    from transformers import set_seed
+
+    from alignlab.data import PreferenceCollator, build_datasets
+    from alignlab.models import load_policy, load_reference, load_tokenizer
+    from alignlab.trainer import AlignTrainer, MetricsFileCallback
+
+    set_seed(typed.seed)
+    loss_fn = losses.build(typed.loss)
+    needs = loss_fn.needs
+    resume = _resolve_checkpoint(typed.trainer.resume_from_checkpoint, output_dir)
+
+    tokenizer = load_tokenizer(typed.model)
+    data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed)
+    log.info("data: %s", data.report.summary())
+    (output_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+
+    policy = load_policy(typed.model, tokenizer, typed.seed)
+    reference = load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
+
+    if "wandb" in typed.logger.report_to:
+        _setup_wandb(typed, output_dir)
+    args = training_arguments(typed.trainer, output_dir, typed.seed, data.eval is not None, typed.logger.report_to)
+    metrics_file = output_dir / "metrics.jsonl"
+    if resume is None and metrics_file.exists():
+        metrics_file.unlink()  # a fresh run in an old directory starts a fresh log
+    trainer = AlignTrainer(
+        model=policy,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses),
+        processing_class=tokenizer,
+        loss_fn=loss_fn,
+        reference=reference,
+        callbacks=[MetricsFileCallback(metrics_file)],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate() if data.eval is not None else {}
+
+    model_dir = output_dir / "model"
+    trainer.save_model(str(model_dir))
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    train_losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
+    result = RunResult(output_dir, model_dir, metrics_file, train_losses, eval_metrics, time.time() - start)
+    (output_dir / "summary.json").write_text(json.dumps(
+        {"train_losses": train_losses, "eval": eval_metrics, "wall_seconds": result.wall_seconds,
+         "model_dir": str(model_dir)}, indent=2))
+    if trainer.is_world_process_zero():
+        print(summary_text(result))
+    return result
+
+
+def summary_text(result: RunResult) -> str:
+    lines = ["", "alignlab: run finished in %.0f s" % result.wall_seconds]
+    if result.train_losses:
+        lines.append(f"  train loss        {result.train_losses[0]:.4f} (first log) -> {result.train_losses[-1]:.4f} (last)")
+    acc = result.eval_metrics.get("eval_rewards/accuracies")
+    if acc is not None:
+        lines.append(f"  held-out accuracy {acc:.3f} (chance 0.5), margin {result.eval_metrics.get('eval_rewards/margins', 0):.3f}")
+    lines += [f"  model + tokenizer {result.model_dir}", f"  metrics           {result.metrics_file}",
+              f"  run directory     {result.output_dir}"]
+    return "\n".join(lines)
+
+
+def _hydra_output_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ValueError("no output directory: pass output_dir=... when calling alignlab.train.run outside the CLI")
+    return HydraConfig.get().runtime.output_dir

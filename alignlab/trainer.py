@@ -1,0 +1,98 @@
+"""The one trainer: HF `Trainer` with a loss from the registry.
+
+HF Trainer / accelerate own the loop, mixed precision, gradient accumulation, DeepSpeed,
+checkpointing, evaluation scheduling and reporting. This subclass only replaces how a batch becomes
+a loss: it reads the loss's `Needs`, runs the concatenated forward of the policy (and of the frozen
+reference when needed), calls the loss, reduces, and keeps the loss's metrics for logging.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from alignlab.forward import concatenated_forward
+from alignlab.losses.base import Loss, LossInputs
+
+
+def reduce_loss(losses: torch.Tensor) -> torch.Tensor:
+    """The only place per-example losses become the back-propagated scalar: a mean over examples.
+
+    HF Trainer divides it by the gradient accumulation steps and data-parallel gradients are averaged,
+    so with equal micro-batches the objective is the mean over the global batch whatever the split.
+    """
+    return losses.mean()
+
+
+class AlignTrainer(Trainer):
+    """HF Trainer whose loss comes from `alignlab.losses` (see module docstring).
+
+    Args:
+        loss_fn: the registered loss module.
+        reference: the frozen reference model, or None for reference-free losses.
+        **kwargs: everything `transformers.Trainer` takes.
+    """
+
+    # compute_loss returns a per-batch mean; HF Trainer scales it for gradient accumulation.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *, loss_fn: Loss, reference: nn.Module | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.loss_fn = loss_fn.to(self.args.device)
+        self.needs = loss_fn.needs
+        if self.needs.reference and reference is None:
+            raise ValueError(f"loss {loss_fn.registry_name!r} needs a reference model and none was given")
+        self.reference = reference.to(self.args.device) if reference is not None else None
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _loss_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LossInputs:
+        responses, full = self.needs.responses, self.needs.full_logits
+        policy = concatenated_forward(model, inputs, responses, full)
+        reference = None
+        if self.needs.reference:
+            with torch.no_grad():
+                reference = concatenated_forward(self.reference, inputs, responses, full)
+        fields = {name: inputs[name] for name in self.needs.fields}
+        return LossInputs(policy=policy, reference=reference, fields=fields, training=model.training)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = self.loss_fn(self._loss_inputs(model, inputs))
+        loss = reduce_loss(out.losses)
+        split = "train" if model.training else "eval"
+        for name, value in out.metrics.items():
+            self._metrics[split][name].append(value.detach().float())
+        return (loss, out) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Merge the loss's metrics, averaged since the last log and across processes, into `logs`."""
+        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for name, values in self._metrics[split].items():
+            if values:
+                value = self.accelerator.reduce(torch.stack(values).mean().to(self.args.device), "mean")
+                logs[prefix + name] = round(value.item(), 6)
+        self._metrics[split].clear()
+        super().log(logs, start_time)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log record (train and eval) as one JSON line to `<run>/metrics.jsonl`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
