@@ -5,7 +5,7 @@ with no hub and no downloaded files. This module provides:
 
 * ``builtin:sentiment`` — a synthetic review-completion preference task. Every pair shares a
   prompt ("review : the film was") and two completions of the same shape that differ only in
-  sentiment words; the chosen one is positive. The held-out split uses subjects and openings that
+  their sentiment words; the chosen one has more positive words (e.g. 2 of 3 against 1 of 3). The held-out split uses subjects and openings that
   training never shows, so accuracy there measures generalisation, not memorisation.
 * ``builtin:tiny`` — a small Llama (two layers, hidden 64) over the task's word-level vocabulary,
   randomly initialised from the run's seed, with a word-level tokenizer that has a pad token,
@@ -77,22 +77,32 @@ def build_model(vocab_size: int, seed: int):
         return LlamaForCausalLM(config)
 
 
-def _completion(rng: random.Random, sentiment: list[str]) -> tuple[str, str]:
-    """One completion skeleton filled twice: once with `sentiment` words, once with the opposite."""
-    other = NEGATIVE if sentiment is POSITIVE else POSITIVE
-    n = rng.randint(1, 2)
-    slots = [(rng.choice(FILLER), rng.randrange(len(sentiment)))]
-    links = [(rng.choice(LINKS).format(a=rng.choice(ASPECTS)), rng.choice(FILLER), rng.randrange(len(sentiment)))
-             for _ in range(n)]
-    end = rng.choice([".", "!"])
+def _completion(rng: random.Random) -> tuple[str, str]:
+    """One completion skeleton with 2–3 sentiment slots, filled twice.
 
-    def render(words: list[str]) -> str:
-        parts = [slots[0][0], words[slots[0][1]]]
-        for link, filler, k in links:
-            parts += [link, filler, words[k]]
+    Both fillings share every word except the sentiment slots; the chosen one has strictly more
+    positive words than the rejected one (e.g. 2 of 3 against 1 of 3), so the task rewards
+    preferring positive words, not recognising a fixed phrase.
+    """
+    n_links = rng.randint(1, 2)
+    fillers = [rng.choice(FILLER) for _ in range(n_links + 1)]
+    links = [rng.choice(LINKS).format(a=rng.choice(ASPECTS)) for _ in range(n_links)]
+    pos = [rng.choice(POSITIVE) for _ in range(n_links + 1)]
+    neg = [rng.choice(NEGATIVE) for _ in range(n_links + 1)]
+    n_chosen = rng.randint(1, n_links + 1)
+    n_rejected = rng.randint(0, n_chosen - 1)
+    slots = list(range(n_links + 1))
+
+    def render(n_positive: int) -> str:
+        positive = set(rng.sample(slots, n_positive))
+        words = [pos[i] if i in positive else neg[i] for i in slots]
+        parts = [fillers[0], words[0]]
+        for i, link in enumerate(links, start=1):
+            parts += [link, fillers[i], words[i]]
         return " ".join(parts + [end])
 
-    return render(sentiment), render(other)
+    end = rng.choice([".", "!"])
+    return render(n_chosen), render(n_rejected)
 
 
 def sentiment_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> list[dict[str, str]]:
@@ -103,6 +113,6 @@ def sentiment_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> list
     rows = []
     for _ in range(n):
         prompt = rng.choice(openings).format(s=rng.choice(subjects))
-        chosen, rejected = _completion(rng, POSITIVE)
+        chosen, rejected = _completion(rng)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows

@@ -25,9 +25,14 @@ def _train(argv: list[str]) -> None:
 
     @hydra.main(version_base=None, config_path=str(resource_dir("configs")), config_name="config")
     def _main(cfg) -> None:
+        from alignlab.errors import UserError
         from alignlab.train import run
 
-        run(cfg)
+        try:
+            run(cfg)
+        except UserError as err:  # the message says what to change; a traceback would only bury it
+            print(f"alignlab: error: {err}", file=sys.stderr)
+            sys.exit(2)
 
     sys.argv = ["alignlab train", *argv]
     _main()

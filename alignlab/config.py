@@ -94,7 +94,8 @@ class TrainerConfig:
     max_steps: int = -1
     optim: str = "adamw_torch"
     lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.0
+    #: linear warmup: a number of steps (>= 1) or a fraction of all steps (< 1).
+    warmup_steps: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     logging_steps: int = 10

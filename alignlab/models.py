@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from alignlab.config import ModelConfig
+from alignlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +18,7 @@ BUILTIN_PREFIX = "builtin:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model or tokenizer that cannot be used as configured; the message says how to fix it."""
 
 

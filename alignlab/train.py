@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab import losses
 from alignlab.config import AlignConfig, TrainerConfig
+from alignlab.errors import ConfigError
 
 log = logging.getLogger("alignlab")
 
@@ -29,9 +30,10 @@ class RunResult:
 
 def to_typed(cfg: DictConfig) -> AlignConfig:
     """Validate a composed config: every dataclass's `__post_init__` runs, the loss's included."""
-    typed: AlignConfig = OmegaConf.to_object(cfg)
-    if not isinstance(typed.loss, tuple(e.config for e in losses.REGISTRY.values())):
-        typed.loss = losses.build(cfg.loss).cfg
+    try:
+        typed: AlignConfig = OmegaConf.to_object(cfg)
+    except ValueError as err:  # a __post_init__ check, which names the field
+        raise ConfigError(str(err).splitlines()[0]) from None
     return typed
 
 
@@ -69,7 +71,7 @@ def _resolve_checkpoint(value: str | None, output_dir: Path) -> str | None:
 
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if last is None:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"trainer.resume_from_checkpoint=latest but {output_dir} holds no checkpoint-*; "
             "pass the run directory with output_dir=... (or hydra.run.dir=...)"
         )
@@ -162,5 +164,5 @@ def _hydra_output_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        raise ValueError("no output directory: pass output_dir=... when calling alignlab.train.run outside the CLI")
+        raise ConfigError("no output directory: pass output_dir=... when calling alignlab.train.run outside the CLI")
     return HydraConfig.get().runtime.output_dir

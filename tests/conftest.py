@@ -1,0 +1,36 @@
+"""Shared test helpers: composing a run config and locating ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Tests never reach a hub or the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, skipping the test with a clear reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the ../shared folder beside the repo), which is absent on this machine")
+    return path
+
+
+def compose_run(*overrides: str):
+    """The composed (untyped) run config for `alignlab train <overrides>`."""
+    from hydra import compose, initialize_config_dir
+
+    from alignlab.config import register_configs, resource_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):
+        return compose("config", overrides=list(overrides))

@@ -1,0 +1,89 @@
+"""End-to-end runs on the embedded tiny model: learning, checkpoints, resume, saving, logging."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import compose_run, shared_path
+from alignlab.train import run
+
+pytestmark = pytest.mark.slow
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_dpo_learns_on_embedded_default(tmp_path):
+    cfg = compose_run("+recipe=dpo", "trainer.max_steps=60", "trainer.eval_steps=60", "trainer.logging_steps=1",
+                      "+trainer.extra.eval_on_start=true", f"data.cache_dir={tmp_path / 'cache'}")
+    result = run(cfg, output_dir=tmp_path / "run")
+    records = _records(result.metrics_file)
+    evals = [r for r in records if "eval_rewards/accuracies" in r]
+    assert evals[0]["step"] == 0 and evals[0]["eval_rewards/accuracies"] == 0.0  # policy == reference: all ties
+    assert result.eval_metrics["eval_rewards/accuracies"] > 0.8  # chance is 0.5
+    losses = result.train_losses
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # step 1: policy == reference, so exactly ln 2
+    assert sum(losses[-10:]) / 10 < 0.5 * losses[0]  # the loss falls
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logits/rejected"):
+        assert key in records[1] or any(key in r for r in records)
+
+    # the final model and tokenizer load back with plain transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    assert (result.model_dir / "model.safetensors").exists()
+    ids = tokenizer("review : the film was", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == len(tokenizer)
+    assert (result.output_dir / "config.yaml").exists() and (result.output_dir / "data_report.json").exists()
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    common = ("+recipe=dpo", "trainer.max_steps=8", "trainer.save_steps=4", "trainer.logging_steps=1",
+              "trainer.eval_steps=0", "data.eval_size=0", f"data.cache_dir={tmp_path / 'cache'}")
+    full = run(compose_run(*common), output_dir=tmp_path / "full")
+
+    # A run that was interrupted after its step-4 checkpoint: only that checkpoint survives.
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(full.output_dir / "checkpoint-4", resumed_dir / "checkpoint-4")
+    resumed = run(compose_run(*common, "trainer.resume_from_checkpoint=latest"), output_dir=resumed_dir)
+
+    steps = [r["step"] for r in _records(resumed.metrics_file) if "loss" in r]
+    assert steps == [5, 6, 7, 8]  # continues from the saved step, not from 0
+    full_losses = {r["step"]: r["loss"] for r in _records(full.metrics_file) if "loss" in r}
+    for r in _records(resumed.metrics_file):
+        if "loss" in r:
+            assert r["loss"] == pytest.approx(full_losses[r["step"]], abs=1e-6)
+    a, b = load_file(full.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_wandb_logs_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    cfg = compose_run("+recipe=dpo", "logger=wandb", "trainer.max_steps=3", "trainer.logging_steps=1",
+                      "trainer.eval_steps=0", f"data.cache_dir={tmp_path / 'cache'}")
+    result = run(cfg, output_dir=tmp_path / "run")
+    runs = list((result.output_dir / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run was written"
+
+
+def test_stories260k_on_hh_rlhf(tmp_path):
+    """A real pretrained model on real human preferences: the loss falls."""
+    shared_path("models", "stories260k")
+    shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+    cfg = compose_run("+recipe=dpo_stories260k_hh", "trainer.max_steps=30", "trainer.logging_steps=5",
+                      "trainer.eval_steps=0", "data.limit=400", f"data.cache_dir={tmp_path / 'cache'}")
+    result = run(cfg, output_dir=tmp_path / "run")
+    assert result.train_losses[-1] < result.train_losses[0]
