@@ -109,7 +109,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
 
     tokenizer = load_tokenizer(typed.model)
     data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed)
-    log.info("data: %s", data.report.summary())
+    print(data.report.summary())
     (output_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
 
     policy = load_policy(typed.model, tokenizer, typed.seed)

@@ -17,15 +17,32 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def shared_path(*parts: str) -> Path:
-    """A path under ../shared, skipping the test with a clear reason when it is absent."""
+def _shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"needs {path} (the ../shared folder beside the repo), which is absent on this machine")
     return path
 
 
-def compose_run(*overrides: str):
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The ../shared folder, or skip with the reason."""
+    return _shared_path()
+
+
+@pytest.fixture(scope="session")
+def shared_path():
+    """`shared_path(*parts)`: a path under ../shared, skipping the test when it is absent."""
+    return _shared_path
+
+
+@pytest.fixture(scope="session")
+def compose_run():
+    """`compose_run(*overrides)`: the composed config of `alignlab train <overrides>`."""
+    return _compose_run
+
+
+def _compose_run(*overrides: str):
     """The composed (untyped) run config for `alignlab train <overrides>`."""
     from hydra import compose, initialize_config_dir
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import compose_run, shared_path
 from alignlab.train import run
 
 pytestmark = pytest.mark.slow
@@ -20,7 +19,7 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_dpo_learns_on_embedded_default(tmp_path):
+def test_dpo_learns_on_embedded_default(tmp_path, compose_run):
     cfg = compose_run("+recipe=dpo", "trainer.max_steps=60", "trainer.eval_steps=60", "trainer.logging_steps=1",
                       "+trainer.extra.eval_on_start=true", f"data.cache_dir={tmp_path / 'cache'}")
     result = run(cfg, output_dir=tmp_path / "run")
@@ -45,7 +44,7 @@ def test_dpo_learns_on_embedded_default(tmp_path):
     assert (result.output_dir / "config.yaml").exists() and (result.output_dir / "data_report.json").exists()
 
 
-def test_resume_continues_from_the_saved_step(tmp_path):
+def test_resume_continues_from_the_saved_step(tmp_path, compose_run):
     common = ("+recipe=dpo", "trainer.max_steps=8", "trainer.save_steps=4", "trainer.logging_steps=1",
               "trainer.eval_steps=0", "data.eval_size=0", f"data.cache_dir={tmp_path / 'cache'}")
     full = run(compose_run(*common), output_dir=tmp_path / "full")
@@ -68,7 +67,7 @@ def test_resume_continues_from_the_saved_step(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
-def test_wandb_logs_offline(tmp_path, monkeypatch):
+def test_wandb_logs_offline(tmp_path, monkeypatch, compose_run):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR", raising=False)
@@ -79,7 +78,7 @@ def test_wandb_logs_offline(tmp_path, monkeypatch):
     assert runs, "no offline W&B run was written"
 
 
-def test_stories260k_on_hh_rlhf(tmp_path):
+def test_stories260k_on_hh_rlhf(tmp_path, compose_run, shared_path):
     """A real pretrained model on real human preferences: the loss falls."""
     shared_path("models", "stories260k")
     shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")

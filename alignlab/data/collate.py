@@ -1,0 +1,73 @@
+"""Batching tokenized preference examples into padded tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from alignlab.data.sources import DataError
+
+#: label of positions that carry no loss (prompt and padding), as in PyTorch's cross-entropy.
+IGNORE_INDEX = -100
+
+
+class PreferenceCollator:
+    """Pad examples ``{prompt_ids, <r>_ids...}`` into one batch per response.
+
+    For each response ``r`` the batch holds ``r_input_ids`` (prompt + response), ``r_attention_mask``
+    and ``r_labels`` (the input ids with `IGNORE_INDEX` on prompt and padding positions), each
+    `(B, T)` long tensors, right-padded. Every response of a batch is padded to the same `T` (the
+    longest prompt + response over all of them), so the trainer can concatenate the responses along
+    the batch dimension and run one forward pass.
+
+    Args:
+        pad_token_id: the id that fills padding positions of `*_input_ids`.
+        responses: the response names to collate, e.g. ("chosen", "rejected").
+    """
+
+    def __init__(self, pad_token_id: int, responses: Sequence[str] = ("chosen", "rejected")) -> None:
+        if pad_token_id is None:
+            raise DataError("the collator needs a pad token id and the tokenizer has none. Fix: set "
+                            "tokenizer.pad_token (for example to its eos_token) before building the collator")
+        self.pad_token_id = int(pad_token_id)
+        self.responses = tuple(responses)
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate `examples` into ``{r_input_ids, r_attention_mask, r_labels}`` for every response.
+
+        Args:
+            examples: rows of a tokenized dataset (lists or tensors of ids).
+
+        Returns:
+            `(B, T)` long tensors, `T` shared by all responses.
+        """
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        pairs = {name: [(_ids(ex, "prompt_ids"), _ids(ex, f"{name}_ids")) for ex in examples]
+                 for name in self.responses}
+        length = max(len(prompt) + len(response) for rows in pairs.values() for prompt, response in rows)
+        batch: dict[str, torch.Tensor] = {}
+        for name, rows in pairs.items():
+            input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+            labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+            for i, (prompt, response) in enumerate(rows):
+                end = len(prompt) + len(response)
+                input_ids[i, :end] = torch.tensor(prompt + response, dtype=torch.long)
+                attention_mask[i, :end] = 1
+                labels[i, len(prompt):end] = torch.tensor(response, dtype=torch.long)
+            batch[f"{name}_input_ids"] = input_ids
+            batch[f"{name}_attention_mask"] = attention_mask
+            batch[f"{name}_labels"] = labels
+        return batch
+
+
+def _ids(example: Mapping[str, Any], column: str) -> list[int]:
+    """Column `column` of one example as a list of ints."""
+    if column not in example:
+        raise DataError(f"example has no {column!r} column (it has {', '.join(example)}). Fix: build the "
+                        "dataset with build_datasets(..., responses=...) for the responses the loss needs")
+    value = example[column]
+    return value.tolist() if hasattr(value, "tolist") else list(value)

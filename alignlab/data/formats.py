@@ -1,0 +1,419 @@
+"""Preference formats: from raw rows to one canonical shape, ``{prompt: str, <response>: str, ...}``.
+
+`plan_format` decides once per dataset how its rows are read (the `Plan`); `normalize` applies
+the plan to every row and sorts rows into usable ones and `BadRow`s. Kinds of plan:
+
+* ``explicit`` — ``{prompt, chosen, rejected}`` strings.
+* ``hh`` — Anthropic HH-RLHF ``{chosen, rejected}`` transcripts; the prompt is the chosen
+  transcript up to and including its last ``"\\n\\nAssistant:"``.
+* ``pairwise`` — judgements ``{prompt, response_a, response_b, preference}`` (preference 1: a wins,
+  2: b wins, anything else: a tie, which is a bad row), e.g. AlpacaEval annotations.
+* ``conversational`` — ``{role, content}`` message lists, with an explicit ``prompt`` list or an
+  implicit one (the leading messages the responses share), rendered with the chat template.
+* ``sharegpt`` — ``{conversations: [{from, value}], chosen: {from, value}, rejected: {...}}``, as in
+  LLaMA-Factory, rendered with the chat template.
+
+`data.columns` (canonical field -> source column) renames fields for any kind; it is also how the
+pairwise kind is selected. Conversational rows are rendered to strings here, so the tokenizer
+only ever sees strings (`Plan.chat` tells it not to add special tokens to a rendered prompt).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from alignlab.data.sources import BadRow, DataError, Reason, Record, RowRef
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+KINDS = ("explicit", "hh", "pairwise", "conversational", "sharegpt")
+CHAT_KINDS = ("conversational", "sharegpt")
+PAIRWISE_FIELDS = ("prompt", "response_a", "response_b", "preference")
+HH_ASSISTANT = "\n\nAssistant:"
+#: ShareGPT speaker -> chat-template role.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+class RowProblem(Exception):
+    """Raised while normalizing one row; becomes a `BadRow` for that row."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the rows of one dataset are read.
+
+    Attributes:
+        kind: one of `KINDS`.
+        responses: the response names to produce, e.g. ("chosen", "rejected").
+        columns: canonical field -> source column, for renamed fields only.
+    """
+
+    kind: str
+    responses: tuple[str, ...]
+    columns: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def chat(self) -> bool:
+        """Whether rows are rendered with the chat template (so carry their own special tokens)."""
+        return self.kind in CHAT_KINDS
+
+    def source(self, name: str) -> str:
+        """The source column that holds canonical field `name`."""
+        return self.columns.get(name, name)
+
+    def label(self, name: str) -> str:
+        """How messages name a field: its source column, plus the canonical name if renamed."""
+        column = self.source(name)
+        return f"'{column}'" if column == name else f"'{column}' ({name})"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Canonical fields every dataset of this kind must have somewhere."""
+        if self.kind == "pairwise":
+            return PAIRWISE_FIELDS
+        if self.kind == "explicit":
+            return ("prompt", *self.responses)
+        if self.kind == "sharegpt":
+            return ("conversations", *self.responses)
+        return self.responses
+
+
+@dataclass
+class Normalized:
+    """The outcome of `normalize`: usable rows (with where they came from) and bad rows.
+
+    Attributes:
+        rows: canonical rows ``{prompt, <response>...}`` of strings.
+        refs: `refs[i]` is where `rows[i]` came from.
+        bad: the rows that could not be used.
+    """
+
+    rows: list[dict[str, str]] = field(default_factory=list)
+    refs: list[RowRef] = field(default_factory=list)
+    bad: list[BadRow] = field(default_factory=list)
+
+    def subset(self, indices: Sequence[int]) -> Normalized:
+        """The usable rows at `indices` (bad rows are not carried over)."""
+        return Normalized([self.rows[i] for i in indices], [self.refs[i] for i in indices])
+
+
+def plan_format(fmt: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]],
+                responses: tuple[str, ...], label: str) -> Plan:
+    """Decide how to read a dataset, and check that its required columns exist.
+
+    Args:
+        fmt: `data.format`: auto | explicit | conversational | hh | columns.
+        columns: `data.columns`, canonical field -> source column.
+        rows: the dataset's raw rows (bad records left out).
+        responses: the response names to produce.
+        label: the data source, for messages.
+
+    Raises:
+        DataError: `data.columns` names an unknown field, no format matches the columns, or a
+            required column is absent from every row.
+    """
+    columns = dict(columns)
+    _check_column_map(columns, responses)
+    found = {key for row in rows for key in row}
+    plan = Plan(fmt, responses, columns)  # the kind is settled below
+    if set(columns) & {"response_a", "response_b", "preference"}:
+        _check_pairwise(fmt, responses)
+        kind = "pairwise"
+    elif fmt in ("auto", "columns"):
+        if fmt == "columns" and not columns:
+            raise DataError("data.format=columns needs data.columns, e.g. data.columns={prompt: instruction, "
+                            "chosen: good, rejected: bad}")
+        kind = _detect(plan, found, rows, label)
+    elif fmt == "conversational" and _is_sharegpt(plan, found):
+        kind = "sharegpt"
+    else:
+        kind = fmt
+    plan = replace(plan, kind=kind)
+    _check_required(plan, found, label)
+    return plan
+
+
+def _check_column_map(columns: Mapping[str, str], responses: tuple[str, ...]) -> None:
+    """Reject `data.columns` keys that no format reads."""
+    allowed = ("prompt", *responses, "conversations", "response_a", "response_b", "preference")
+    for key, value in columns.items():
+        if key not in allowed:
+            raise DataError(f"data.columns has unknown field {key!r}. Fix: use fields among "
+                            f"{', '.join(allowed)} (canonical field -> your column)")
+        if not isinstance(value, str):
+            raise DataError(f"data.columns.{key} must be a column name, got {value!r}")
+
+
+def _check_pairwise(fmt: str, responses: tuple[str, ...]) -> None:
+    """A pairwise judgement yields exactly one chosen and one rejected response."""
+    if fmt not in ("auto", "columns"):
+        raise DataError(f"data.columns maps pairwise judgement fields, which need data.format=columns "
+                        f"(or auto), not {fmt}")
+    if responses != ("chosen", "rejected"):
+        raise DataError(f"pairwise judgements give only chosen/rejected pairs, but {responses} are "
+                        "needed. Fix: use a dataset with those responses")
+
+
+def _is_sharegpt(plan: Plan, found: set[str]) -> bool:
+    """ShareGPT rows hold their prompt in `conversations` and have no prompt column."""
+    return plan.source("conversations") in found and plan.source("prompt") not in found
+
+
+def _detect(plan: Plan, found: set[str], rows: Sequence[Mapping[str, Any]], label: str) -> str:
+    """The kind of a dataset from its columns and the type of its first response."""
+    if _is_sharegpt(plan, found):
+        return "sharegpt"
+    prompt = plan.source("prompt")
+    first = plan.source(plan.responses[0])
+    value = next((row[first] for row in rows if row.get(first) is not None), None)
+    if isinstance(value, list):
+        return "conversational"
+    if isinstance(value, str):
+        return "explicit" if prompt in found else "hh"
+    raise DataError(f"{label}: cannot tell the data format from the columns found ({_names(found)}). Fix: "
+                    "set data.format=explicit|conversational|hh, or map your columns with "
+                    "data.columns={prompt: ..., chosen: ..., rejected: ...}")
+
+
+def _check_required(plan: Plan, found: set[str], label: str) -> None:
+    """Every required column must appear in at least one row."""
+    for name in plan.required:
+        column = plan.source(name)
+        if column not in found:
+            raise DataError(f"{label}: column {column!r} ({plan.kind} format) is in no row; columns found: "
+                            f"{_names(found)}. Fix: map it with data.columns={{{name}: <your column>}} or "
+                            "set data.format")
+
+
+def _names(found: Iterable[str]) -> str:
+    return ", ".join(sorted(found)) or "none"
+
+
+def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Conversational data is rendered with the tokenizer's chat template, so it needs one.
+
+    Raises:
+        DataError: the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"conversational data needs a chat template, and tokenizer {name!r} has none. Fix: "
+                        "set model.chat_template='...' (a Jinja template) or use a tokenizer that has one")
+
+
+def normalize(records: Iterable[Record], plan: Plan, tokenizer: PreTrainedTokenizerBase) -> Normalized:
+    """Apply `plan` to every record.
+
+    Args:
+        records: the source's records.
+        plan: from `plan_format`.
+        tokenizer: renders conversational rows with its chat template.
+
+    Returns:
+        The usable canonical rows and the bad ones, in source order.
+    """
+    out = Normalized()
+    reader = _READERS[plan.kind]
+    for ref, row in records:
+        if isinstance(row, BadRow):
+            out.bad.append(row)
+            continue
+        try:
+            canonical = reader(row, plan, tokenizer)
+            _check_responses(canonical, plan)
+        except RowProblem as problem:
+            out.bad.append(BadRow(ref, problem.reason, problem.detail))
+            continue
+        out.rows.append(canonical)
+        out.refs.append(ref)
+    return out
+
+
+def _check_responses(row: Mapping[str, str], plan: Plan) -> None:
+    """Shared checks on a canonical row: nothing blank, no two responses alike."""
+    for name in ("prompt", *plan.responses):
+        if not row[name].strip():
+            raise RowProblem(Reason.EMPTY, f"the {name} is empty or whitespace")
+    for i, first in enumerate(plan.responses):
+        for second in plan.responses[i + 1:]:
+            if row[first] == row[second]:
+                raise RowProblem(Reason.IDENTICAL, f"{first} and {second} are identical")
+
+
+# --- field access ---------------------------------------------------------------------------------
+
+
+def _value(row: Mapping[str, Any], plan: Plan, name: str) -> Any:
+    """The value of canonical field `name`; a missing or null field is a `RowProblem`."""
+    value = row.get(plan.source(name))
+    if value is None:
+        raise RowProblem(Reason.MISSING, f"field {plan.label(name)} is missing")
+    return value
+
+
+def _text(row: Mapping[str, Any], plan: Plan, name: str) -> str:
+    """The non-blank string of canonical field `name`."""
+    value = _value(row, plan, name)
+    if not isinstance(value, str):
+        raise RowProblem(Reason.NOT_A_STRING, f"field {plan.label(name)} is a {type(value).__name__}, "
+                                              "expected a string")
+    if not value.strip():
+        raise RowProblem(Reason.EMPTY, f"field {plan.label(name)} is empty or whitespace")
+    return value
+
+
+def _messages(row: Mapping[str, Any], plan: Plan, name: str, *, role_key: str = "role",
+              content_key: str = "content", roles: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """Canonical field `name` as ``[{role, content}]`` messages (a single message is accepted).
+
+    Args:
+        row: the raw row.
+        plan: the dataset's plan.
+        name: the canonical field.
+        role_key: the key that holds the speaker (ShareGPT: ``from``).
+        content_key: the key that holds the text (ShareGPT: ``value``).
+        roles: speaker -> role mapping; None keeps speakers as they are.
+    """
+    value = _value(row, plan, name)
+    items = [value] if isinstance(value, dict) else value
+    shape = f"{{{role_key}: str, {content_key}: str}}"
+    if not isinstance(items, list):
+        raise RowProblem(Reason.BAD_MESSAGES, f"field {plan.label(name)} is a {type(value).__name__}, "
+                                              f"expected a list of {shape} messages")
+    if not items:
+        raise RowProblem(Reason.EMPTY, f"field {plan.label(name)} is an empty list")
+    messages = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and isinstance(item.get(role_key), str)
+                and isinstance(item.get(content_key), str)):
+            raise RowProblem(Reason.BAD_MESSAGES, f"{plan.label(name)}[{i}] is not a {shape} message")
+        role = item[role_key] if roles is None else roles.get(item[role_key])
+        if role is None:
+            expected = ", ".join(roles or ())
+            raise RowProblem(Reason.BAD_MESSAGES, f"{plan.label(name)}[{i}] has unknown speaker "
+                                                  f"{item[role_key]!r}; expected one of {expected}")
+        messages.append({"role": role, "content": item[content_key]})
+    return messages
+
+
+# --- one reader per kind --------------------------------------------------------------------------
+
+
+def _explicit(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
+    return {name: _text(row, plan, name) for name in ("prompt", *plan.responses)}
+
+
+def _hh(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
+    """Split HH transcripts at the first response's last ``"\\n\\nAssistant:"``."""
+    texts = {name: _text(row, plan, name) for name in plan.responses}
+    first = plan.responses[0]
+    cut = texts[first].rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise RowProblem(Reason.HH_MISMATCH, f"field {plan.label(first)} has no '\\n\\nAssistant:' turn")
+    prompt = texts[first][: cut + len(HH_ASSISTANT)]
+    for name, text in texts.items():
+        if not text.startswith(prompt):
+            raise RowProblem(Reason.HH_MISMATCH, f"field {plan.label(name)} does not start with the prompt "
+                                                 f"of {first} (its conversation up to the last "
+                                                 "'\\n\\nAssistant:')")
+    return {"prompt": prompt, **{name: text[len(prompt):] for name, text in texts.items()}}
+
+
+def _pairwise(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
+    """Order a judged pair by its preference (1: response_a wins, 2: response_b wins)."""
+    prompt, a, b = (_text(row, plan, name) for name in ("prompt", "response_a", "response_b"))
+    preference = _value(row, plan, "preference")
+    if isinstance(preference, bool) or preference not in (1, 2):
+        raise RowProblem(Reason.TIE, f"field {plan.label('preference')} is {preference!r}, not 1 "
+                                     "(response_a wins) or 2 (response_b wins)")
+    chosen, rejected = (a, b) if preference == 1 else (b, a)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _conversational(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
+    """Render message lists; without a prompt column, the prompt is the responses' shared prefix."""
+    conversations = {name: _messages(row, plan, name) for name in plan.responses}
+    if row.get(plan.source("prompt")) is not None:
+        prompt = _messages(row, plan, "prompt")
+    else:
+        prompt, conversations = _shared_prefix(conversations, plan.responses)
+    return render_chat(prompt, conversations, tokenizer)
+
+
+def _sharegpt(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
+    """Render a ShareGPT row: `conversations` is the prompt, each response one `{from, value}`."""
+    sharegpt = {"role_key": "from", "content_key": "value", "roles": SHAREGPT_ROLES}
+    prompt = _messages(row, plan, "conversations", **sharegpt)
+    system = row.get("system")  # LLaMA-Factory's optional system column
+    if isinstance(system, str) and system.strip():
+        prompt = [{"role": "system", "content": system}, *prompt]
+    responses = {name: _messages(row, plan, name, **sharegpt) for name in plan.responses}
+    return render_chat(prompt, responses, tokenizer)
+
+
+_READERS = {"explicit": _explicit, "hh": _hh, "pairwise": _pairwise, "conversational": _conversational,
+            "sharegpt": _sharegpt}
+
+
+# --- chat rendering -------------------------------------------------------------------------------
+
+
+def _shared_prefix(conversations: Mapping[str, list[dict[str, str]]], responses: tuple[str, ...]
+                   ) -> tuple[list[dict[str, str]], dict[str, list[dict[str, str]]]]:
+    """Split full conversations into the prompt they share and what follows (`trl.extract_prompt`)."""
+    from trl.data_utils import extract_prompt
+
+    first = conversations[responses[0]]
+    for name in responses[1:]:
+        if conversations[name] == first:
+            raise RowProblem(Reason.IDENTICAL, f"{responses[0]} and {name} are identical conversations")
+    size = min((len(extract_prompt({"chosen": first, "rejected": conversations[name]})["prompt"])
+                for name in responses[1:]), default=len(first) - 1)
+    if size == 0:
+        raise RowProblem(Reason.EMPTY, "the prompt is empty: the conversations share no leading message "
+                                       "(give a prompt column, or full conversations)")
+    return first[:size], {name: messages[size:] for name, messages in conversations.items()}
+
+
+def render_chat(prompt: list[dict[str, str]], responses: Mapping[str, list[dict[str, str]]],
+                tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """Render a prompt and its responses to strings with the tokenizer's chat template.
+
+    Each response is rendered as a prompt-completion pair by `trl.data_utils.apply_chat_template`
+    (generation prompt after a user turn); the prompt is the longest rendered prompt common to all
+    responses, and each response is the rest of its full rendering.
+
+    Args:
+        prompt: the prompt messages.
+        responses: response name -> its messages.
+        tokenizer: a tokenizer with a chat template.
+
+    Returns:
+        ``{prompt: str, <response>: str, ...}``.
+    """
+    from trl.data_utils import apply_chat_template
+
+    for name, messages in {"prompt": prompt, **responses}.items():
+        if not any(message["content"].strip() for message in messages):
+            raise RowProblem(Reason.EMPTY, f"the {name} has no non-empty message")
+    rendered = {}
+    for name, messages in responses.items():
+        try:
+            rendered[name] = apply_chat_template({"prompt": prompt, "completion": messages}, tokenizer)
+        except Exception as e:  # templates raise anything (jinja errors, raise_exception, bad roles)
+            raise RowProblem(Reason.BAD_MESSAGES, f"the chat template rejected the {name} conversation "
+                                                  f"({type(e).__name__}: {str(e).strip()[:200]!r})") from e
+    # Usually all rendered prompts are equal; a template that renders a prompt differently per
+    # completion (see trl's DeepSeek-R1 note) leaves the differing tail to the responses.
+    prompt_text = os.path.commonprefix([r["prompt"] for r in rendered.values()])
+    full = {name: r["prompt"] + r["completion"] for name, r in rendered.items()}
+    return {"prompt": prompt_text, **{name: text[len(prompt_text):] for name, text in full.items()}}

@@ -1,0 +1,292 @@
+"""Where preference rows come from, and how a row and its problems are named.
+
+A source is read into a list of `Record`s: a `RowRef` (file and 0-based row index, so that every
+message can point at the row) and either the raw row (a dict) or a `BadRow` when the row could not
+even be parsed (a corrupt JSON line). Nothing is interpreted here; `formats` turns raw rows into
+prompts and responses.
+
+Supported sources:
+
+* ``builtin:sentiment`` — the embedded synthetic task (`alignlab.builtin.sentiment_pairs`).
+* local files: ``.json`` (a JSON list of objects), ``.jsonl``, ``.json.gz`` / ``.jsonl.gz`` and
+  ``.parquet``; a folder means every such file in it, in sorted order.
+* anything else that is not an existing path: a Hugging Face hub dataset (`datasets.load_dataset`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from alignlab.errors import UserError
+
+
+class DataError(UserError):
+    """A problem with the data or the data config (a `ValueError`, shown by the CLI without traceback).
+
+    The message is one line that names the file, the row or the field, and says how to fix it.
+    """
+
+
+class Reason:
+    """Why a row is bad: the keys of `DataReport.skipped`."""
+
+    MISSING = "missing field"
+    NOT_A_STRING = "non-string field"
+    BAD_MESSAGES = "bad message structure"
+    EMPTY = "empty prompt or response"
+    IDENTICAL = "identical responses"
+    TIE = "tie / no preference"
+    HH_MISMATCH = "HH prompt mismatch"
+    PROMPT_TOO_LONG = "prompt too long"
+    EMPTY_AFTER_TRUNCATION = "response empty after truncation"
+    CORRUPT_JSON = "corrupt JSON line"
+    NOT_AN_OBJECT = "row is not a JSON object"
+
+
+#: how to fix a row that is bad for each reason.
+FIXES: dict[str, str] = {
+    Reason.MISSING: "add the field to the row, or map it from another column with "
+    "data.columns={field: column}",
+    Reason.NOT_A_STRING: "make the field a string (rows of {role, content} message lists need "
+    "data.format=conversational)",
+    Reason.BAD_MESSAGES: "give conversations as lists of {role: str, content: str} messages (ShareGPT: "
+    "{from, value} with from = human, gpt or system)",
+    Reason.EMPTY: "fill in the text or remove the row",
+    Reason.IDENTICAL: "remove the row: identical responses express no preference",
+    Reason.TIE: "remove the row: a tie gives no chosen/rejected pair",
+    Reason.HH_MISMATCH: "both transcripts must share the conversation up to and including the last "
+    "'\\n\\nAssistant:'",
+    Reason.PROMPT_TOO_LONG: "raise data.max_prompt_length or set data.prompt_truncation=keep_end",
+    Reason.EMPTY_AFTER_TRUNCATION: "raise data.max_length or lower data.max_prompt_length",
+    Reason.CORRUPT_JSON: "repair or delete the line",
+    Reason.NOT_AN_OBJECT: "make every row a JSON object such as {\"prompt\": ..., \"chosen\": ..., "
+    "\"rejected\": ...}",
+}
+
+#: file suffixes read from a local path or folder.
+SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
+#: the rows of `builtin:sentiment`'s training split.
+BUILTIN_SIZE = 2400
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """Where a row comes from.
+
+    Attributes:
+        source: the file (as the user named it), ``builtin:...`` or ``hub NAME[split]``.
+        index: 0-based row index in that source (for JSON lines: the 0-based line index).
+    """
+
+    source: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.source} row {self.index}"
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that cannot be used, with a one-line description.
+
+    Attributes:
+        ref: which row.
+        reason: one of the `Reason` constants.
+        detail: what is wrong, naming the field.
+    """
+
+    ref: RowRef
+    reason: str
+    detail: str
+
+    def message(self) -> str:
+        """One line: row, problem, reason and fix."""
+        return f"{self.ref}: {self.detail} ({self.reason}). Fix: {FIXES[self.reason]}"
+
+
+#: one row of a source: the raw row, or why it could not be read.
+Record = tuple[RowRef, dict[str, Any] | BadRow]
+
+
+def read_source(path: str, *, name: str | None = None, split: str = "train",
+                limit: int | None = None) -> list[Record]:
+    """Read the rows of a data source.
+
+    Args:
+        path: ``builtin:NAME``, a local file or folder, or a hub dataset name.
+        name: the hub dataset's configuration name.
+        split: the hub split.
+        limit: read only the first `limit` rows (None: all).
+
+    Returns:
+        One `Record` per row, in source order.
+
+    Raises:
+        DataError: the path does not exist and the hub cannot load it, a file cannot be parsed as
+            a whole, or the source holds no rows.
+    """
+    if limit is not None and limit < 1:
+        raise DataError(f"data.limit must be a positive number of rows or null, got {limit}")
+    if path.startswith("builtin:"):
+        records = builtin_records(path, limit=limit)
+    else:
+        local = Path(path).expanduser()
+        if local.exists():
+            records = _read_local(local, path, limit)
+        elif _looks_local(path):
+            raise DataError(f"data file {path!r} does not exist (relative paths start at {os.getcwd()}). "
+                            "Fix: correct data.path / data.eval_path")
+        else:
+            records = _read_hub(path, name, split, limit)
+    if not records:
+        raise DataError(f"{path} holds no rows. Fix: point data.path at a non-empty dataset")
+    return records
+
+
+def builtin_records(path: str, *, heldout: bool = False, n: int = BUILTIN_SIZE,
+                    limit: int | None = None) -> list[Record]:
+    """The rows of an embedded task, e.g. ``builtin:sentiment``.
+
+    Args:
+        path: ``builtin:NAME``.
+        heldout: the held-out generator (unseen subjects), used for evaluation.
+        n: number of rows to generate.
+        limit: keep only the first `limit` rows.
+    """
+    from alignlab.builtin import sentiment_pairs
+
+    generators: dict[str, Callable[..., list[dict[str, str]]]] = {"builtin:sentiment": sentiment_pairs}
+    if path not in generators:
+        raise DataError(f"unknown built-in dataset {path!r}. Fix: use one of {', '.join(generators)}")
+    rows = generators[path](n=n, seed=0, heldout=heldout)[:limit]
+    label = f"{path} (held-out)" if heldout else path
+    return [(RowRef(label, i), row) for i, row in enumerate(rows)]
+
+
+def _looks_local(path: str) -> bool:
+    """Whether a missing path was meant as a file: a hub name never looks like this."""
+    return path.startswith(("/", "./", "../", "~")) or path.endswith(SUFFIXES)
+
+
+def _read_local(path: Path, label: str, limit: int | None) -> list[Record]:
+    """Rows of one file, or of every supported file in a folder (sorted), up to `limit`."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SUFFIXES))
+        if not files:
+            raise DataError(f"folder {label!r} holds no {', '.join(SUFFIXES)} files. Fix: correct data.path")
+        labels = [os.path.join(label, p.name) for p in files]
+    elif path.name.endswith(SUFFIXES):
+        files, labels = [path], [label]
+    else:
+        raise DataError(f"{label}: unsupported file type. Fix: use one of {', '.join(SUFFIXES)} "
+                        "or a folder of such files")
+    rows = (record for file, name in zip(files, labels, strict=True) for record in _read_file(file, name))
+    return list(islice(rows, limit))
+
+
+def _read_file(path: Path, label: str) -> Iterator[Record]:
+    """Records of one local file, chosen by suffix."""
+    if path.name.endswith(".parquet"):
+        yield from _read_parquet(path, label)
+    elif path.name.endswith((".jsonl", ".jsonl.gz")):
+        yield from _read_jsonl(_read_text(path, label).splitlines(), label)
+    else:
+        yield from _read_json(_read_text(path, label), label)
+
+
+def _read_text(path: Path, label: str) -> str:
+    """The whole text of a (possibly gzipped) UTF-8 file."""
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
+        return path.read_text(encoding="utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{label}: cannot read the file ({e}). Fix: check that it is UTF-8 "
+                        "JSON and, for .gz, a complete gzip file") from None
+
+
+def _read_json(text: str, label: str) -> Iterator[Record]:
+    """Rows of a .json file: a JSON list of objects (JSON lines are accepted too)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON lines under a .json name
+            yield from _read_jsonl(text.splitlines(), label)
+            return
+        raise DataError(f"{label}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}). Fix: repair "
+                        "the file; a .json file holds one list of row objects (use .jsonl for one "
+                        "object per line)") from None
+    if not isinstance(data, list):
+        raise DataError(f"{label}: expected a JSON list of row objects, found a {type(data).__name__}. "
+                        "Fix: store the rows as [{...}, {...}] or as .jsonl")
+    for i, row in enumerate(data):
+        yield RowRef(label, i), _object(row, RowRef(label, i))
+
+
+def _read_jsonl(lines: list[str], label: str) -> Iterator[Record]:
+    """Rows of JSON lines; blank lines are ignored, a corrupt line becomes a `BadRow`."""
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        ref = RowRef(label, i)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield ref, BadRow(ref, Reason.CORRUPT_JSON, f"line {i + 1} is not valid JSON ({e.msg} at "
+                                                        f"column {e.colno})")
+            continue
+        yield ref, _object(row, ref)
+
+
+def _object(row: Any, ref: RowRef) -> dict[str, Any] | BadRow:
+    """`row` if it is a JSON object, else a `BadRow`."""
+    if isinstance(row, dict):
+        return row
+    return BadRow(ref, Reason.NOT_AN_OBJECT, f"the row is a {type(row).__name__}, not an object")
+
+
+def _read_parquet(path: Path, label: str) -> Iterator[Record]:
+    """Rows of a Parquet file, read in batches."""
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield RowRef(label, index), row
+                index += 1
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for unreadable files
+        raise DataError(f"{label}: cannot read the Parquet file ({type(e).__name__}: "
+                        f"{_first_line(e)}). Fix: re-export it, or convert it to .jsonl") from e
+
+
+def _read_hub(path: str, name: str | None, split: str, limit: int | None) -> list[Record]:
+    """Rows of a hub dataset's split."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(path, name, split=split)
+    except Exception as e:  # the hub raises many types: connection, not found, bad config or split
+        raise DataError(f"data.path={path!r} is not an existing local file or folder (relative paths start "
+                        f"at {os.getcwd()}), and the Hugging Face hub could not load it "
+                        f"({type(e).__name__}: {_first_line(e)}). Fix: correct the path, or the hub name, "
+                        "data.name and data.split") from e
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    label = f"hub {path}[{split}]"
+    return [(RowRef(label, i), row) for i, row in enumerate(dataset.to_list())]
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,249 @@
+"""Tokenization of canonical rows, with length limits, and its on-disk cache.
+
+Each canonical row ``{prompt, <response>...}`` becomes ``prompt_ids`` and one ``<response>_ids``
+column per response (response tokens + EOS), fitted so that ``len(prompt_ids) + len(<r>_ids) <=
+max_length``. Rows that cannot be fitted are not dropped here: they are flagged in metadata
+columns (`META_COLUMNS`) together with truncation counts, so that the cached result does not
+depend on `data.on_bad_row` and a cache hit reports exactly what a fresh run would.
+
+The tokenized dataset is cached under a sha256 fingerprint of the rows, the tokenizer and the
+settings (`fingerprint`), written to a temporary folder and renamed into place, so an interrupted
+run never leaves a partial cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from alignlab.data.sources import Reason
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+#: bump when the tokenized output changes for the same inputs, to invalidate old caches.
+CACHE_VERSION = 1
+BAD_REASON = "_bad_reason"
+BAD_DETAIL = "_bad_detail"
+PROMPT_TRUNCATED = "_prompt_truncated"
+RESPONSES_TRUNCATED = "_responses_truncated"
+META_COLUMNS = (BAD_REASON, BAD_DETAIL, PROMPT_TRUNCATED, RESPONSES_TRUNCATED)
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Everything besides rows and tokenizer that decides the tokenized output.
+
+    Attributes:
+        max_length: prompt + response tokens at most.
+        max_prompt_length: prompt tokens at most.
+        prompt_truncation: error | keep_end | keep_start, for prompts over `max_prompt_length`.
+        format: the format plan's kind (recorded in the fingerprint).
+        chat: rows were rendered by a chat template: no special tokens are added to the prompt, and
+            EOS is appended to a response only when the template did not put it there.
+        responses: the response names, e.g. ("chosen", "rejected").
+    """
+
+    max_length: int
+    max_prompt_length: int
+    prompt_truncation: str
+    format: str
+    chat: bool
+    responses: tuple[str, ...]
+
+
+@dataclass
+class Fitted:
+    """One row's token ids after EOS and length limits.
+
+    Attributes:
+        prompt_ids: the (possibly truncated) prompt.
+        response_ids: one list per response, EOS included unless truncated away.
+        prompt_truncated: whether the prompt was cut.
+        responses_truncated: how many responses were cut.
+        reason: a `Reason` when the row cannot be used, else "".
+        detail: what is wrong with it.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[list[int]] = field(default_factory=list)
+    prompt_truncated: bool = False
+    responses_truncated: int = 0
+    reason: str = ""
+    detail: str = ""
+
+    @classmethod
+    def bad(cls, reason: str, detail: str, settings: TokenizeSettings) -> Fitted:
+        """A row that cannot be used: empty ids, and why."""
+        return cls([], [[] for _ in settings.responses], reason=reason, detail=detail)
+
+
+def fit(prompt_ids: list[int], response_ids: Sequence[list[int]], eos_token_id: int,
+        settings: TokenizeSettings) -> Fitted:
+    """Append EOS to each response and apply the length limits.
+
+    A prompt over `max_prompt_length` is a bad row (`prompt_truncation=error`) or keeps its last
+    (`keep_end`) or first (`keep_start`) tokens. Responses are then cut on the right to fit
+    `max_length`, losing their EOS; a response left with no token makes the row bad.
+
+    Args:
+        prompt_ids: the tokenized prompt.
+        response_ids: the tokenized responses, in `settings.responses` order, without EOS.
+        eos_token_id: the tokenizer's EOS id.
+        settings: the limits.
+    """
+    out = Fitted(prompt_ids)
+    if len(prompt_ids) > settings.max_prompt_length:
+        if settings.prompt_truncation == "error":
+            return Fitted.bad(Reason.PROMPT_TOO_LONG, f"the prompt has {len(prompt_ids)} tokens, more than "
+                              f"data.max_prompt_length={settings.max_prompt_length}", settings)
+        keep = settings.max_prompt_length
+        out.prompt_ids = prompt_ids[-keep:] if settings.prompt_truncation == "keep_end" else prompt_ids[:keep]
+        out.prompt_truncated = True
+    budget = settings.max_length - len(out.prompt_ids)
+    for name, ids in zip(settings.responses, response_ids, strict=True):
+        ids = _with_eos(ids, eos_token_id, settings.chat)
+        if len(ids) > budget:
+            ids = ids[:max(budget, 0)]
+            out.responses_truncated += 1
+        if not ids:
+            detail = (f"the {name} response has no token left after a {len(out.prompt_ids)}-token prompt "
+                      f"within data.max_length={settings.max_length}")
+            return Fitted.bad(Reason.EMPTY_AFTER_TRUNCATION, detail, settings)
+        out.response_ids.append(ids)
+    return out
+
+
+def _with_eos(ids: list[int], eos_token_id: int, chat: bool) -> list[int]:
+    """`ids` followed by EOS, unless already there.
+
+    A chat template closes a turn with its own end token, often followed by a newline (e.g.
+    ``<|im_end|>\\n``), so for rendered conversations any EOS in the response counts.
+    """
+    present = eos_token_id in ids if chat else bool(ids) and ids[-1] == eos_token_id
+    return list(ids) if present else [*ids, eos_token_id]
+
+
+def encode_batch(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings,
+                 eos_token_id: int) -> dict[str, list[Any]]:
+    """`datasets.Dataset.map` function (batched): canonical strings -> fitted ids and metadata."""
+    prompts = tokenizer(batch["prompt"], add_special_tokens=not settings.chat)["input_ids"]
+    responses = [tokenizer(batch[name], add_special_tokens=False)["input_ids"] for name in settings.responses]
+    out: dict[str, list[Any]] = {column: [] for column in output_columns(settings)}
+    for i, prompt in enumerate(prompts):
+        row = fit(prompt, [ids[i] for ids in responses], eos_token_id, settings)
+        out["prompt_ids"].append(row.prompt_ids)
+        for name, ids in zip(settings.responses, row.response_ids, strict=True):
+            out[f"{name}_ids"].append(ids)
+        out[BAD_REASON].append(row.reason)
+        out[BAD_DETAIL].append(row.detail)
+        out[PROMPT_TRUNCATED].append(row.prompt_truncated)
+        out[RESPONSES_TRUNCATED].append(row.responses_truncated)
+    return out
+
+
+def output_columns(settings: TokenizeSettings) -> list[str]:
+    """The token columns, then the metadata columns."""
+    return ["prompt_ids", *(f"{name}_ids" for name in settings.responses), *META_COLUMNS]
+
+
+def _features(settings: TokenizeSettings) -> datasets.Features:
+    """Explicit column types, so a batch of only bad (empty) rows still types as int lists."""
+    from datasets import Features, List, Value
+
+    ids = {column: List(Value("int32")) for column in output_columns(settings)[: 1 + len(settings.responses)]}
+    return Features({**ids, BAD_REASON: Value("string"), BAD_DETAIL: Value("string"),
+                     PROMPT_TRUNCATED: Value("bool"), RESPONSES_TRUNCATED: Value("int32")})
+
+
+def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What identifies a tokenizer's behaviour, for the cache fingerprint."""
+    if getattr(tokenizer, "is_fast", False):
+        backend = tokenizer.backend_tokenizer.to_str()
+    else:  # slow tokenizers have no serialisation; their vocabulary is the next best thing
+        backend = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {
+        "class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": len(tokenizer),
+        "backend_sha256": hashlib.sha256(backend.encode()).hexdigest(),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special_ids": {name: getattr(tokenizer, f"{name}_token_id", None)
+                        for name in ("bos", "eos", "pad", "unk")},
+    }
+
+
+def fingerprint(rows: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+                settings: TokenizeSettings) -> str:
+    """sha256 over the rows' content, the tokenizer and the settings."""
+    digest = hashlib.sha256()
+    header = {"version": CACHE_VERSION, "settings": asdict(settings),
+              "tokenizer": tokenizer_signature(tokenizer)}
+    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    for row in rows:
+        digest.update(b"\n")
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``~/.cache/alignlab/tokenized``."""
+    return Path.home() / ".cache" / "alignlab" / "tokenized"
+
+
+def tokenize_rows(rows: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+                  settings: TokenizeSettings, *, eos_token_id: int, cache_dir: str | Path | None = None,
+                  num_proc: int = 1, desc: str = "Tokenizing") -> tuple[datasets.Dataset, bool]:
+    """Tokenize canonical rows, or load the result of an identical earlier call.
+
+    Args:
+        rows: canonical rows (at least one).
+        tokenizer: the model's tokenizer.
+        settings: length limits and format.
+        eos_token_id: appended to every response.
+        cache_dir: where tokenized datasets are kept; None: `default_cache_dir()`.
+        num_proc: worker processes for `Dataset.map` (1: none).
+        desc: progress-bar label.
+
+    Returns:
+        The dataset (token columns and `META_COLUMNS`, one row per input row, same order) and
+        whether it came from the cache.
+    """
+    import datasets
+
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    key = fingerprint(rows, tokenizer, settings)
+    target = root / key
+    if target.is_dir():
+        return datasets.load_from_disk(str(target)), True
+    table = datasets.Dataset.from_list(list(rows))
+    tokenized = table.map(
+        encode_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=table.column_names, features=_features(settings),
+        new_fingerprint=key[:32], desc=desc,  # datasets caps fingerprints at 64 characters
+        fn_kwargs={"tokenizer": tokenizer, "settings": settings, "eos_token_id": eos_token_id},
+    )
+    _save_atomically(tokenized, root, key)
+    return datasets.load_from_disk(str(target)), False
+
+
+def _save_atomically(dataset: datasets.Dataset, root: Path, key: str) -> None:
+    """Save to a temporary folder, then rename it to `root/key` in one step."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{key}-{uuid.uuid4().hex}"
+    try:
+        dataset.save_to_disk(str(tmp))
+        os.rename(tmp, root / key)
+    except OSError:
+        if not (root / key).is_dir():  # not a lost race with an identical writer: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
