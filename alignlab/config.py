@@ -53,6 +53,9 @@ class DataConfig:
     #: canonical field -> source column, e.g. {prompt: instruction, response_a: output_1,
     #: response_b: output_2, preference: preference} for AlpacaEval.
     columns: Dict[str, str] = field(default_factory=dict)
+    #: the retain set of unlearning losses (NPO+RT, NPO+KL): a source like `path`, read with the
+    #: same format and columns; each example pairs a row of `path` with a retain row.
+    retain: Optional[str] = None
     #: a separate held-out file or hub split; otherwise `eval_size` rows are held out of `path`.
     eval_path: Optional[str] = None
     eval_split: Optional[str] = None

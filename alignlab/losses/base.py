@@ -25,10 +25,14 @@ class Needs:
             losses (ASFT, TPO, SimPO) set False and no reference model is ever loaded.
         full_logits: keep full-vocabulary logits `(B, T, V)` for every response (TDPO, SparsePO,
             AlignDistil). Sequence-level losses leave it False and only get per-token log-probs.
-        responses: the response columns each example carries, e.g. ("chosen", "rejected") for
-            pairs, ("gold", "chosen", "rejected") for TPO triples. The data pipeline serves exactly
-            these; every response shares the example's prompt.
-        fields: extra per-example scalar columns passed through to the loss (e.g. margin scores).
+        responses: the responses each example carries; the data pipeline serves exactly these.
+            Each name is a column of the data rows, sharing the row's prompt: ("chosen", "rejected")
+            for pairs, ("gold", "chosen", "rejected") for TPO triples, ("completion",) for
+            unpaired feedback (paired data is unpaired into one row per response). The name
+            "retain" is special: it is the completion of a row drawn from `data.retain`, with that
+            row's own prompt (NPO's retain set).
+        fields: extra per-example scalar columns passed through to the loss as `(B,)` tensors,
+            e.g. ("label",) for unpaired feedback (True = desirable).
     """
 
     reference: bool = True
