@@ -17,6 +17,9 @@ Both are deterministic functions of a seed.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 SUBJECTS_TRAIN = ["film", "movie", "show", "book", "play", "album", "series", "novel", "story", "song"]
 SUBJECTS_HELDOUT = ["game", "musical", "comic", "documentary"]
@@ -77,19 +80,19 @@ def build_model(vocab_size: int, seed: int):
         return LlamaForCausalLM(config)
 
 
-def _completion(rng: random.Random) -> tuple[str, str]:
-    """One completion skeleton with 2–3 sentiment slots, filled twice.
+def _completion(rng: random.Random) -> tuple[str, str, str]:
+    """One completion skeleton with 2–3 sentiment slots, filled three times: gold, chosen, rejected.
 
-    Both fillings share every word except the sentiment slots; the chosen one has strictly more
-    positive words than the rejected one (e.g. 2 of 3 against 1 of 3), so the task rewards
-    preferring positive words, not recognising a fixed phrase.
+    The fillings share every word except the sentiment slots. Gold is all positive; the chosen one
+    has fewer positive words than gold but strictly more than the rejected one (e.g. 2 of 3 against
+    1 of 3), so the task rewards preferring positive words, not recognising a fixed phrase.
     """
     n_links = rng.randint(1, 2)
     fillers = [rng.choice(FILLER) for _ in range(n_links + 1)]
     links = [rng.choice(LINKS).format(a=rng.choice(ASPECTS)) for _ in range(n_links)]
     pos = [rng.choice(POSITIVE) for _ in range(n_links + 1)]
     neg = [rng.choice(NEGATIVE) for _ in range(n_links + 1)]
-    n_chosen = rng.randint(1, n_links + 1)
+    n_chosen = rng.randint(1, n_links)
     n_rejected = rng.randint(0, n_chosen - 1)
     slots = list(range(n_links + 1))
 
@@ -102,17 +105,61 @@ def _completion(rng: random.Random) -> tuple[str, str]:
         return " ".join(parts + [end])
 
     end = rng.choice([".", "!"])
-    return render(n_chosen), render(n_rejected)
+    return render(n_links + 1), render(n_chosen), render(n_rejected)
 
 
 def sentiment_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> list[dict[str, str]]:
-    """`n` explicit `{prompt, chosen, rejected}` pairs; `heldout` uses unseen subjects and openings."""
+    """`n` explicit `{prompt, gold, chosen, rejected}` rows; `heldout` uses unseen subjects and openings.
+
+    Pair losses read `chosen`/`rejected`; TPO also reads the all-positive `gold` response.
+    """
     rng = random.Random(f"alignlab-sentiment-{seed}-{heldout}")
     subjects = SUBJECTS_HELDOUT if heldout else SUBJECTS_TRAIN
     openings = OPENINGS_HELDOUT if heldout else OPENINGS_TRAIN
     rows = []
     for _ in range(n):
         prompt = rng.choice(openings).format(s=rng.choice(subjects))
-        chosen, rejected = _completion(rng)
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        gold, chosen, rejected = _completion(rng)
+        rows.append({"prompt": prompt, "gold": gold, "chosen": chosen, "rejected": rejected})
     return rows
+
+
+#: the subject whose reviews `builtin:sentiment-forget` holds (and `builtin:sentiment-retain` lacks).
+FORGET_SUBJECT = "film"
+
+
+def sentiment_completions(split: str, n: int = 600, seed: int = 0, heldout: bool = False) -> list[dict[str, str]]:
+    """`{prompt, completion}` reviews for unlearning: `forget` = reviews of the film, `retain` = the rest.
+
+    Completions are the task's responses (gold, chosen or rejected at random), so the forget set
+    differs from the retain set only in its subject: unlearning must be specific to it.
+    """
+    if split not in ("forget", "retain"):
+        raise ValueError(f"split must be forget or retain, got {split!r}")
+    rows = []
+    for row in sentiment_pairs(n * 12, seed=seed, heldout=heldout):
+        about = f" {FORGET_SUBJECT} " in f" {row['prompt']} "
+        if about == (split == "forget"):
+            key = ("gold", "chosen", "rejected")[len(rows) % 3]
+            rows.append({"prompt": row["prompt"], "completion": row[key]})
+            if len(rows) == n:
+                break
+    return rows
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A generator `(n, seed, heldout) -> rows`, its default size, and whether its evaluation rows
+    come from the held-out generator (unseen subjects) rather than a random hold-out."""
+
+    generate: Callable[..., list[dict[str, str]]]
+    size: int
+    heldout_eval: bool
+
+
+#: `builtin:<name>` data sources.
+DATASETS = {
+    "sentiment": BuiltinDataset(sentiment_pairs, 2400, heldout_eval=True),
+    "sentiment-forget": BuiltinDataset(partial(sentiment_completions, "forget"), 600, heldout_eval=False),
+    "sentiment-retain": BuiltinDataset(partial(sentiment_completions, "retain"), 600, heldout_eval=False),
+}

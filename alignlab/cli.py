@@ -40,11 +40,11 @@ def _train(argv: list[str]) -> None:
 
 def _list() -> None:
     from alignlab.config import recipe_names
-    from alignlab.losses import REGISTRY
+    from alignlab.losses import REGISTRY, build
 
-    print("losses:")
+    print("losses (needs shown for the default config):")
     for name, entry in sorted(REGISTRY.items()):
-        n = entry.loss.needs
+        n = build(entry.config()).needs
         needs = f"reference={'yes' if n.reference else 'no'}, full_logits={'yes' if n.full_logits else 'no'}, " \
                 f"responses={'/'.join(n.responses)}"
         print(f"  {name:<12} {entry.loss.summary}\n  {'':<12} needs: {needs}")

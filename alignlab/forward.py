@@ -49,12 +49,11 @@ def concatenated_forward(
     with torch.no_grad():
         counts = mask.sum(-1).clamp(min=1) * logits.shape[-1]
         mean_logit = (logits.float().sum(-1) * mask).sum(-1) / counts
-    out = {}
-    for i, (r_logps, r_mask, r_mean, r_logits) in enumerate(
-        zip(logps.chunk(len(responses)), mask.chunk(len(responses)), mean_logit.chunk(len(responses)),
-            logits.chunk(len(responses)))
-    ):
-        out[responses[i]] = SequenceLogps(
-            token_logps=r_logps, mask=r_mask, mean_logit=r_mean, logits=r_logits.float() if full_logits else None
-        )
-    return out
+    n = len(responses)
+    parts = zip(logps.chunk(n), mask.chunk(n), mean_logit.chunk(n), logits.chunk(n),
+                attention_mask[:, :-1].bool().chunk(n))
+    return {
+        name: SequenceLogps(token_logps=r_logps, mask=r_mask, mean_logit=r_mean, input_mask=r_input,
+                            logits=r_logits.float() if full_logits else None)
+        for name, (r_logps, r_mask, r_mean, r_logits, r_input) in zip(responses, parts)
+    }

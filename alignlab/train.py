@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab import losses
 from alignlab.config import AlignConfig, TrainerConfig
 from alignlab.errors import ConfigError
+from alignlab.losses.base import Needs, PrepareContext
 
 log = logging.getLogger("alignlab")
 
@@ -35,6 +36,18 @@ def to_typed(cfg: DictConfig) -> AlignConfig:
     except ValueError as err:  # a __post_init__ check, which names the field
         raise ConfigError(str(err).splitlines()[0]) from None
     return typed
+
+
+def check_combination(cfg: AlignConfig, needs: Needs) -> None:
+    """Refuse a config whose loss, model and data do not fit together, before any model loads."""
+    from alignlab.data import check_data_needs
+
+    if cfg.model.reference and not needs.reference:
+        raise ConfigError(
+            f"loss {cfg.loss.name!r} is reference-free, but model.reference={cfg.model.reference!r} is set; "
+            "remove model.reference (it would never be used) or pick a loss that uses a reference"
+        )
+    check_data_needs(cfg.data, needs.responses, needs.fields)
 
 
 def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: bool, report_to: list[str]):
@@ -105,15 +118,19 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     set_seed(typed.seed)
     loss_fn = losses.build(typed.loss)
     needs = loss_fn.needs
+    check_combination(typed, needs)  # config vs data vs needs, before anything heavy loads
     resume = _resolve_checkpoint(typed.trainer.resume_from_checkpoint, output_dir)
 
     tokenizer = load_tokenizer(typed.model)
-    data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed)
+    data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields)
     print(data.report.summary())
     (output_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
 
     policy = load_policy(typed.model, tokenizer, typed.seed)
     reference = load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
+    ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
+                         device=policy.device, seed=typed.seed)
+    loss_fn.prepare(ctx)
 
     if "wandb" in typed.logger.report_to:
         _setup_wandb(typed, output_dir)
@@ -124,16 +141,17 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     trainer = AlignTrainer(
         model=policy,
         args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses),
+        train_dataset=ctx.train,
+        eval_dataset=ctx.eval,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses,
+                                         fields=(*needs.fields, *needs.prepared_fields)),
         processing_class=tokenizer,
         loss_fn=loss_fn,
         reference=reference,
         callbacks=[MetricsFileCallback(metrics_file)],
     )
     trainer.train(resume_from_checkpoint=resume)
-    eval_metrics = trainer.evaluate() if data.eval is not None else {}
+    eval_metrics = trainer.evaluate() if ctx.eval is not None else {}
 
     model_dir = output_dir / "model"
     trainer.save_model(str(model_dir))
@@ -148,13 +166,22 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     return result
 
 
+#: eval figures worth a line in the end-of-run summary, when the loss logs them.
+HEADLINE = {
+    "eval_rewards/accuracies": "held-out accuracy {:.3f} (chance 0.5)",
+    "eval_rewards/margins": "held-out margin   {:.3f}",
+    "eval_delta": "reward shift δ    {:.4f}",
+    "eval_forget/logps": "forget log-lik.   {:.3f}",
+    "eval_retain/nll": "retain NLL        {:.3f}",
+}
+
+
 def summary_text(result: RunResult) -> str:
     lines = ["", "alignlab: run finished in %.0f s" % result.wall_seconds]
     if result.train_losses:
         lines.append(f"  train loss        {result.train_losses[0]:.4f} (first log) -> {result.train_losses[-1]:.4f} (last)")
-    acc = result.eval_metrics.get("eval_rewards/accuracies")
-    if acc is not None:
-        lines.append(f"  held-out accuracy {acc:.3f} (chance 0.5), margin {result.eval_metrics.get('eval_rewards/margins', 0):.3f}")
+    lines += [f"  {text.format(result.eval_metrics[key])}" for key, text in HEADLINE.items()
+              if key in result.eval_metrics]
     lines += [f"  model + tokenizer {result.model_dir}", f"  metrics           {result.metrics_file}",
               f"  run directory     {result.output_dir}"]
     return "\n".join(lines)

@@ -13,11 +13,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from alignlab.forward import concatenated_forward
 from alignlab.losses.base import Loss, LossInputs
+
+
+#: the loss module's buffers and parameters inside a checkpoint folder.
+LOSS_STATE = "loss_state.safetensors"
 
 
 def reduce_loss(losses: torch.Tensor) -> torch.Tensor:
@@ -57,7 +62,7 @@ class AlignTrainer(Trainer):
         if self.needs.reference:
             with torch.no_grad():
                 reference = concatenated_forward(self.reference, inputs, responses, full)
-        fields = {name: inputs[name] for name in self.needs.fields}
+        fields = {name: inputs[name] for name in (*self.needs.fields, *self.needs.prepared_fields)}
         return LossInputs(policy=policy, reference=reference, fields=fields, training=model.training)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -73,6 +78,25 @@ class AlignTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # -- state the loss owns (BCO's δ, fitted classifiers, mask heads) travels with every checkpoint --
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = self.loss_fn.state_dict()
+        if state and self.args.should_save:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(output_dir) / LOSS_STATE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self.loss_fn.state_dict():
+            return
+        path = Path(resume_from_checkpoint) / LOSS_STATE
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {LOSS_STATE}: the loss {self.loss_fn.registry_name!r} keeps state "
+                "(e.g. a running reward mean) that resuming without it would silently reset"
+            )
+        self.loss_fn.load_state_dict(load_file(path, device=str(self.args.device)))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Merge the loss's metrics, averaged since the last log and across processes, into `logs`."""

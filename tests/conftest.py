@@ -42,6 +42,31 @@ def compose_run():
     return _compose_run
 
 
+@pytest.fixture
+def run_and_resume(tmp_path):
+    """`run_and_resume(recipe, steps, save_every)`: train `steps` steps, then replay an interruption.
+
+    Returns `(full, resumed)`: the uninterrupted run, and a run that found only the first
+    checkpoint (`checkpoint-<save_every>`) of the full run and resumed from it to the same step.
+    """
+    import shutil
+
+    from alignlab.train import run
+
+    def go(recipe: str, steps: int, save_every: int, *overrides: str):
+        common = (f"+recipe={recipe}", f"trainer.max_steps={steps}", f"trainer.save_steps={save_every}",
+                  "trainer.logging_steps=1", "trainer.eval_steps=0", "data.eval_size=0",
+                  f"data.cache_dir={tmp_path / 'cache'}", *overrides)
+        full = run(_compose_run(*common), output_dir=tmp_path / "full")
+        checkpoint = f"checkpoint-{save_every}"
+        (tmp_path / "resumed").mkdir()
+        shutil.copytree(full.output_dir / checkpoint, tmp_path / "resumed" / checkpoint)
+        resumed = run(_compose_run(*common, "trainer.resume_from_checkpoint=latest"), output_dir=tmp_path / "resumed")
+        return full, resumed
+
+    return go
+
+
 def _compose_run(*overrides: str):
     """The composed (untyped) run config for `alignlab train <overrides>`."""
     from hydra import compose, initialize_config_dir

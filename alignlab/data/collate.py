@@ -14,25 +14,33 @@ IGNORE_INDEX = -100
 
 
 class PreferenceCollator:
-    """Pad examples ``{prompt_ids, <r>_ids...}`` into one batch per response.
+    """Pad examples ``{prompt_ids, <r>_ids..., <field>...}`` into one batch per response.
 
     For each response ``r`` the batch holds ``r_input_ids`` (prompt + response), ``r_attention_mask``
     and ``r_labels`` (the input ids with `IGNORE_INDEX` on prompt and padding positions), each
-    `(B, T)` long tensors, right-padded. Every response of a batch is padded to the same `T` (the
-    longest prompt + response over all of them), so the trainer can concatenate the responses along
-    the batch dimension and run one forward pass.
+    `(B, T)` long tensors, right-padded. The prompt of ``r`` is the example's ``r_prompt_ids`` when
+    it has that column (a response with its own prompt, e.g. NPO's ``retain``), else the shared
+    ``prompt_ids``. Every response of a batch is padded to the same `T` (the longest prompt +
+    response over all of them), so the trainer can concatenate the responses along the batch
+    dimension and run one forward pass.
+
+    Each name in `fields` becomes a `(B,)` tensor of the examples' scalar values: bool when every
+    value is a bool, float32 when any is a float, else long.
 
     Args:
         pad_token_id: the id that fills padding positions of `*_input_ids`.
         responses: the response names to collate, e.g. ("chosen", "rejected").
+        fields: the scalar columns to pass through, e.g. ("label",).
     """
 
-    def __init__(self, pad_token_id: int, responses: Sequence[str] = ("chosen", "rejected")) -> None:
+    def __init__(self, pad_token_id: int, responses: Sequence[str] = ("chosen", "rejected"),
+                 fields: Sequence[str] = ()) -> None:
         if pad_token_id is None:
             raise DataError("the collator needs a pad token id and the tokenizer has none. Fix: set "
                             "tokenizer.pad_token (for example to its eos_token) before building the collator")
         self.pad_token_id = int(pad_token_id)
         self.responses = tuple(responses)
+        self.fields = tuple(fields)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate `examples` into ``{r_input_ids, r_attention_mask, r_labels}`` for every response.
@@ -41,11 +49,11 @@ class PreferenceCollator:
             examples: rows of a tokenized dataset (lists or tensors of ids).
 
         Returns:
-            `(B, T)` long tensors, `T` shared by all responses.
+            `(B, T)` long tensors, `T` shared by all responses, and one `(B,)` tensor per field.
         """
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
-        pairs = {name: [(_ids(ex, "prompt_ids"), _ids(ex, f"{name}_ids")) for ex in examples]
+        pairs = {name: [(_ids(ex, _prompt_column(ex, name)), _ids(ex, f"{name}_ids")) for ex in examples]
                  for name in self.responses}
         length = max(len(prompt) + len(response) for rows in pairs.values() for prompt, response in rows)
         batch: dict[str, torch.Tensor] = {}
@@ -61,7 +69,15 @@ class PreferenceCollator:
             batch[f"{name}_input_ids"] = input_ids
             batch[f"{name}_attention_mask"] = attention_mask
             batch[f"{name}_labels"] = labels
+        for name in self.fields:
+            batch[name] = _field(examples, name)
         return batch
+
+
+def _prompt_column(example: Mapping[str, Any], response: str) -> str:
+    """The response's own prompt column if the example has one, else the shared ``prompt_ids``."""
+    own = f"{response}_prompt_ids"
+    return own if own in example else "prompt_ids"
 
 
 def _ids(example: Mapping[str, Any], column: str) -> list[int]:
@@ -71,3 +87,22 @@ def _ids(example: Mapping[str, Any], column: str) -> list[int]:
                         "dataset with build_datasets(..., responses=...) for the responses the loss needs")
     value = example[column]
     return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def _field(examples: Sequence[Mapping[str, Any]], name: str) -> torch.Tensor:
+    """Scalar column `name` of every example as a `(B,)` tensor (bool, float32 or long)."""
+    values = []
+    for i, example in enumerate(examples):
+        if name not in example:
+            raise DataError(f"example {i} has no {name!r} column (it has {', '.join(example)}). Fix: build "
+                            "the dataset with build_datasets(..., fields=...) for the fields the loss needs")
+        value = example[name]
+        value = value.item() if hasattr(value, "item") else value  # 0-d tensors and numpy scalars
+        if not isinstance(value, (bool, int, float)):
+            raise DataError(f"example {i} has {name}={value!r}; a field must be a bool or a number")
+        values.append(value)
+    if all(isinstance(value, bool) for value in values):
+        return torch.tensor(values, dtype=torch.bool)
+    if any(isinstance(value, float) for value in values):
+        return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.long)

@@ -1,4 +1,5 @@
-"""Preference formats: from raw rows to one canonical shape, ``{prompt: str, <response>: str, ...}``.
+"""Preference formats: from raw rows to one canonical shape, ``{prompt: str, <response>: str, ...}``
+(plus one scalar per requested field, e.g. ``label: bool``).
 
 `plan_format` decides once per dataset how its rows are read (the `Plan`); `normalize` applies
 the plan to every row and sorts rows into usable ones and `BadRow`s. Kinds of plan:
@@ -12,6 +13,14 @@ the plan to every row and sorts rows into usable ones and `BadRow`s. Kinds of pl
   implicit one (the leading messages the responses share), rendered with the chat template.
 * ``sharegpt`` — ``{conversations: [{from, value}], chosen: {from, value}, rejected: {...}}``, as in
   LLaMA-Factory, rendered with the chat template.
+* ``messages`` — one ``{role, content}`` conversation per row whose last message is the assistant's
+  completion, the earlier ones its prompt (LLaMA-Factory's KTO data); only for the single response
+  ``completion``.
+
+Unpaired feedback (responses ``("completion",)`` with the field ``label``) is read from rows
+``{prompt, completion, label}`` (strings or message lists) or ``{messages, label}``; paired data of
+any kind is read as pairs and then unpaired (`unpair`): each pair gives ``(prompt, chosen,
+label=True)`` and ``(prompt, rejected, label=False)``. `Plan.unpair` says so.
 
 `data.columns` (canonical field -> source column) renames fields for any kind; it is also how the
 pairwise kind is selected. Conversational rows are rendered to strings here, so the tokenizer
@@ -20,6 +29,7 @@ only ever sees strings (`Plan.chat` tells it not to add special tokens to a rend
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,9 +40,16 @@ from alignlab.data.sources import BadRow, DataError, Reason, Record, RowRef
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-KINDS = ("explicit", "hh", "pairwise", "conversational", "sharegpt")
-CHAT_KINDS = ("conversational", "sharegpt")
+KINDS = ("explicit", "hh", "pairwise", "conversational", "sharegpt", "messages")
+CHAT_KINDS = ("conversational", "sharegpt", "messages")
 PAIRWISE_FIELDS = ("prompt", "response_a", "response_b", "preference")
+#: the data.columns keys that select the pairwise kind.
+PAIRWISE_KEYS = ("response_a", "response_b", "preference")
+PAIR = ("chosen", "rejected")
+#: the single response of unpaired feedback and of forget sets.
+UNPAIRED = ("completion",)
+#: the field of unpaired feedback: True = desirable.
+LABEL = "label"
 HH_ASSISTANT = "\n\nAssistant:"
 #: ShareGPT speaker -> chat-template role.
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -55,11 +72,16 @@ class Plan:
         kind: one of `KINDS`.
         responses: the response names to produce, e.g. ("chosen", "rejected").
         columns: canonical field -> source column, for renamed fields only.
+        fields: scalar fields read from every row besides the texts, e.g. ("label",).
+        unpair: the rows are pairs (`responses` is ("chosen", "rejected")) to be unpaired into
+            labelled single completions after reading (see `unpair`).
     """
 
     kind: str
     responses: tuple[str, ...]
     columns: Mapping[str, str] = field(default_factory=dict)
+    fields: tuple[str, ...] = ()
+    unpair: bool = False
 
     @property
     def chat(self) -> bool:
@@ -79,12 +101,14 @@ class Plan:
     def required(self) -> tuple[str, ...]:
         """Canonical fields every dataset of this kind must have somewhere."""
         if self.kind == "pairwise":
-            return PAIRWISE_FIELDS
+            return (*PAIRWISE_FIELDS, *self.fields)
         if self.kind == "explicit":
-            return ("prompt", *self.responses)
+            return ("prompt", *self.responses, *self.fields)
         if self.kind == "sharegpt":
-            return ("conversations", *self.responses)
-        return self.responses
+            return ("conversations", *self.responses, *self.fields)
+        if self.kind == "messages":
+            return ("messages", *self.fields)
+        return (*self.responses, *self.fields)
 
 
 @dataclass
@@ -92,12 +116,13 @@ class Normalized:
     """The outcome of `normalize`: usable rows (with where they came from) and bad rows.
 
     Attributes:
-        rows: canonical rows ``{prompt, <response>...}`` of strings.
+        rows: canonical rows ``{prompt, <response>..., <field>...}``: strings, and one bool or number
+            per field.
         refs: `refs[i]` is where `rows[i]` came from.
         bad: the rows that could not be used.
     """
 
-    rows: list[dict[str, str]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
     refs: list[RowRef] = field(default_factory=list)
     bad: list[BadRow] = field(default_factory=list)
 
@@ -106,9 +131,33 @@ class Normalized:
         return Normalized([self.rows[i] for i in indices], [self.refs[i] for i in indices])
 
 
+def unpairs(responses: tuple[str, ...], fields: tuple[str, ...]) -> bool:
+    """Whether paired data is unpaired for these needs: one labelled completion per example."""
+    return tuple(responses) == UNPAIRED and LABEL in fields
+
+
+def check_columns(fmt: str, columns: Mapping[str, str], responses: tuple[str, ...],
+                  fields: tuple[str, ...] = ()) -> None:
+    """The checks of `data.format` and `data.columns` that need no data (see `plan_format`).
+
+    Raises:
+        DataError: `data.columns` names an unknown field or maps pairwise fields for a format or
+            responses that cannot use them, or data.format=columns comes without data.columns.
+    """
+    _check_column_map(columns, responses, fields)
+    if set(columns) & set(PAIRWISE_KEYS):
+        _check_pairwise(fmt, responses, fields)
+    elif fmt == "columns" and not columns:
+        raise DataError("data.format=columns needs data.columns, e.g. data.columns={prompt: instruction, "
+                        "chosen: good, rejected: bad}")
+
+
 def plan_format(fmt: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]],
-                responses: tuple[str, ...], label: str) -> Plan:
+                responses: tuple[str, ...], label: str, fields: tuple[str, ...] = ()) -> Plan:
     """Decide how to read a dataset, and check that its required columns exist.
+
+    With responses ("completion",) and the field "label", rows without a completion (or messages)
+    column but with chosen/rejected pairs of any kind are planned as pairs with `Plan.unpair` set.
 
     Args:
         fmt: `data.format`: auto | explicit | conversational | hh | columns.
@@ -116,25 +165,29 @@ def plan_format(fmt: str, columns: Mapping[str, str], rows: Sequence[Mapping[str
         rows: the dataset's raw rows (bad records left out).
         responses: the response names to produce.
         label: the data source, for messages.
+        fields: the scalar fields to read from every row.
 
     Raises:
         DataError: `data.columns` names an unknown field, no format matches the columns, or a
             required column is absent from every row.
     """
-    columns = dict(columns)
-    _check_column_map(columns, responses)
+    columns, fields = dict(columns), tuple(fields)
+    check_columns(fmt, columns, responses, fields)
     found = {key for row in rows for key in row}
-    plan = Plan(fmt, responses, columns)  # the kind is settled below
-    if set(columns) & {"response_a", "response_b", "preference"}:
-        _check_pairwise(fmt, responses)
+    plan = Plan(fmt, responses, columns, fields)  # the kind is settled below
+    if unpairs(responses, fields) and _looks_paired(plan, found):
+        pair_columns = {key: value for key, value in columns.items()
+                        if key not in (LABEL, *UNPAIRED, "messages")}
+        other_fields = tuple(name for name in fields if name != LABEL)
+        return replace(plan_format(fmt, pair_columns, rows, PAIR, label, other_fields), unpair=True)
+    if set(columns) & set(PAIRWISE_KEYS):
         kind = "pairwise"
     elif fmt in ("auto", "columns"):
-        if fmt == "columns" and not columns:
-            raise DataError("data.format=columns needs data.columns, e.g. data.columns={prompt: instruction, "
-                            "chosen: good, rejected: bad}")
         kind = _detect(plan, found, rows, label)
     elif fmt == "conversational" and _is_sharegpt(plan, found):
         kind = "sharegpt"
+    elif fmt == "conversational" and _is_messages(plan, found):
+        kind = "messages"
     else:
         kind = fmt
     plan = replace(plan, kind=kind)
@@ -142,9 +195,23 @@ def plan_format(fmt: str, columns: Mapping[str, str], rows: Sequence[Mapping[str
     return plan
 
 
-def _check_column_map(columns: Mapping[str, str], responses: tuple[str, ...]) -> None:
+def _looks_paired(plan: Plan, found: set[str]) -> bool:
+    """Rows to unpair: pairwise judgements, or chosen/rejected columns and no completion column."""
+    if set(plan.columns) & set(PAIRWISE_KEYS):
+        return True
+    if plan.source("completion") in found or plan.source("messages") in found:
+        return False
+    return any(plan.source(name) in found for name in PAIR)
+
+
+def _check_column_map(columns: Mapping[str, str], responses: tuple[str, ...],
+                      fields: tuple[str, ...]) -> None:
     """Reject `data.columns` keys that no format reads."""
-    allowed = ("prompt", *responses, "conversations", "response_a", "response_b", "preference")
+    allowed = ("prompt", *responses, *fields, "conversations", "response_a", "response_b", "preference")
+    if tuple(responses) == UNPAIRED:
+        allowed += ("messages",)
+    if unpairs(responses, fields):
+        allowed += PAIR
     for key, value in columns.items():
         if key not in allowed:
             raise DataError(f"data.columns has unknown field {key!r}. Fix: use fields among "
@@ -153,12 +220,12 @@ def _check_column_map(columns: Mapping[str, str], responses: tuple[str, ...]) ->
             raise DataError(f"data.columns.{key} must be a column name, got {value!r}")
 
 
-def _check_pairwise(fmt: str, responses: tuple[str, ...]) -> None:
-    """A pairwise judgement yields exactly one chosen and one rejected response."""
+def _check_pairwise(fmt: str, responses: tuple[str, ...], fields: tuple[str, ...]) -> None:
+    """A pairwise judgement yields exactly one chosen and one rejected response (or their unpairing)."""
     if fmt not in ("auto", "columns"):
         raise DataError(f"data.columns maps pairwise judgement fields, which need data.format=columns "
                         f"(or auto), not {fmt}")
-    if responses != ("chosen", "rejected"):
+    if tuple(responses) != PAIR and not unpairs(responses, fields):
         raise DataError(f"pairwise judgements give only chosen/rejected pairs, but {responses} are "
                         "needed. Fix: use a dataset with those responses")
 
@@ -168,20 +235,32 @@ def _is_sharegpt(plan: Plan, found: set[str]) -> bool:
     return plan.source("conversations") in found and plan.source("prompt") not in found
 
 
+def _is_messages(plan: Plan, found: set[str]) -> bool:
+    """One conversation per row (`messages`) whose last message is the single response."""
+    return (plan.responses == UNPAIRED and plan.source("messages") in found
+            and plan.source(plan.responses[0]) not in found)
+
+
 def _detect(plan: Plan, found: set[str], rows: Sequence[Mapping[str, Any]], label: str) -> str:
-    """The kind of a dataset from its columns and the type of its first response."""
+    """The kind of a dataset from its columns and the type of its first response present."""
     if _is_sharegpt(plan, found):
         return "sharegpt"
+    if _is_messages(plan, found):
+        return "messages"
     prompt = plan.source("prompt")
-    first = plan.source(plan.responses[0])
-    value = next((row[first] for row in rows if row.get(first) is not None), None)
+    # the first response present decides (a response absent from every row is reported later)
+    value = next((row[column] for column in map(plan.source, plan.responses) for row in rows
+                  if row.get(column) is not None), None)
     if isinstance(value, list):
         return "conversational"
-    if isinstance(value, str):
-        return "explicit" if prompt in found else "hh"
+    if isinstance(value, str):  # a prompt mapped in data.columns means explicit rows, missing or not
+        return "explicit" if prompt in found or "prompt" in plan.columns else "hh"
+    if value is None and prompt in found:  # no response column at all: say which one is missing
+        return "explicit"
+    example = ", ".join(f"{name}: ..." for name in ("prompt", *plan.responses))
     raise DataError(f"{label}: cannot tell the data format from the columns found ({_names(found)}). Fix: "
                     "set data.format=explicit|conversational|hh, or map your columns with "
-                    "data.columns={prompt: ..., chosen: ..., rejected: ...}")
+                    f"data.columns={{{example}}}")
 
 
 def _check_required(plan: Plan, found: set[str], label: str) -> None:
@@ -189,9 +268,13 @@ def _check_required(plan: Plan, found: set[str], label: str) -> None:
     for name in plan.required:
         column = plan.source(name)
         if column not in found:
+            hint = ""
+            if unpairs(plan.responses, plan.fields):
+                hint = (" (unpaired feedback is read from {prompt, completion, label} or {messages, label} "
+                        "rows, or unpaired from chosen/rejected pairs)")
             raise DataError(f"{label}: column {column!r} ({plan.kind} format) is in no row; columns found: "
                             f"{_names(found)}. Fix: map it with data.columns={{{name}: <your column>}} or "
-                            "set data.format")
+                            f"set data.format{hint}")
 
 
 def _names(found: Iterable[str]) -> str:
@@ -230,11 +313,27 @@ def normalize(records: Iterable[Record], plan: Plan, tokenizer: PreTrainedTokeni
         try:
             canonical = reader(row, plan, tokenizer)
             _check_responses(canonical, plan)
+            canonical.update({name: _field(row, plan, name) for name in plan.fields})
         except RowProblem as problem:
             out.bad.append(BadRow(ref, problem.reason, problem.detail))
             continue
         out.rows.append(canonical)
         out.refs.append(ref)
+    return out
+
+
+def unpair(rows: Normalized) -> Normalized:
+    """Unpair canonical pairs: each ``{prompt, chosen, rejected, ...}`` becomes two examples.
+
+    ``{prompt, completion: chosen, label: True, ...}`` then ``{prompt, completion: rejected,
+    label: False, ...}``, both with the pair's row reference; other fields are copied to both.
+    """
+    out = Normalized(bad=list(rows.bad))
+    for row, ref in zip(rows.rows, rows.refs, strict=True):
+        other = {key: value for key, value in row.items() if key not in ("prompt", *PAIR)}
+        for name, label in zip(PAIR, (True, False), strict=True):
+            out.rows.append({"prompt": row["prompt"], UNPAIRED[0]: row[name], **other, LABEL: label})
+            out.refs.append(ref)
     return out
 
 
@@ -269,6 +368,21 @@ def _text(row: Mapping[str, Any], plan: Plan, name: str) -> str:
     if not value.strip():
         raise RowProblem(Reason.EMPTY, f"field {plan.label(name)} is empty or whitespace")
     return value
+
+
+def _field(row: Mapping[str, Any], plan: Plan, name: str) -> bool | int | float:
+    """Scalar field `name`: the label is a bool (true/false or 1/0), any other field a number."""
+    value = _value(row, plan, name)
+    if name == LABEL:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise RowProblem(Reason.BAD_LABEL, f"field {plan.label(name)} is {value!r}, not true or false "
+                                           "(or 1 or 0)")
+    if isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    raise RowProblem(Reason.BAD_FIELD, f"field {plan.label(name)} is {value!r}, expected a number")
 
 
 def _messages(row: Mapping[str, Any], plan: Plan, name: str, *, role_key: str = "role",
@@ -340,13 +454,38 @@ def _pairwise(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, s
 
 
 def _conversational(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
-    """Render message lists; without a prompt column, the prompt is the responses' shared prefix."""
+    """Render message lists; without a prompt column, the prompt is the responses' shared prefix.
+
+    A single response without a prompt column is one whole conversation, as in the messages kind.
+    """
     conversations = {name: _messages(row, plan, name) for name in plan.responses}
     if row.get(plan.source("prompt")) is not None:
         prompt = _messages(row, plan, "prompt")
+    elif len(plan.responses) == 1:
+        name = plan.responses[0]
+        prompt, last = _split_last(conversations[name], plan, name)
+        conversations = {name: last}
     else:
         prompt, conversations = _shared_prefix(conversations, plan.responses)
     return render_chat(prompt, conversations, tokenizer)
+
+
+def _messages_kind(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
+    """Render a ``{messages}`` row: the last message is the completion, the earlier ones its prompt."""
+    prompt, last = _split_last(_messages(row, plan, "messages"), plan, "messages")
+    return render_chat(prompt, {plan.responses[0]: last}, tokenizer)
+
+
+def _split_last(messages: list[dict[str, str]], plan: Plan, name: str
+                ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """A conversation split into its prompt and its last message, which must be the assistant's."""
+    if len(messages) < 2:
+        raise RowProblem(Reason.BAD_MESSAGES, f"field {plan.label(name)} has a single message; expected "
+                                              "prompt messages followed by the assistant's completion")
+    if messages[-1]["role"] != "assistant":
+        raise RowProblem(Reason.BAD_MESSAGES, f"the last message of {plan.label(name)} is from "
+                                              f"{messages[-1]['role']!r}, not the assistant's completion")
+    return messages[:-1], messages[-1:]
 
 
 def _sharegpt(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
@@ -361,7 +500,7 @@ def _sharegpt(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, s
 
 
 _READERS = {"explicit": _explicit, "hh": _hh, "pairwise": _pairwise, "conversational": _conversational,
-            "sharegpt": _sharegpt}
+            "sharegpt": _sharegpt, "messages": _messages_kind}
 
 
 # --- chat rendering -------------------------------------------------------------------------------

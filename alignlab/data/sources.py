@@ -48,6 +48,8 @@ class Reason:
     EMPTY_AFTER_TRUNCATION = "response empty after truncation"
     CORRUPT_JSON = "corrupt JSON line"
     NOT_AN_OBJECT = "row is not a JSON object"
+    BAD_LABEL = "bad label"
+    BAD_FIELD = "bad field value"
 
 
 #: how to fix a row that is bad for each reason.
@@ -57,7 +59,8 @@ FIXES: dict[str, str] = {
     Reason.NOT_A_STRING: "make the field a string (rows of {role, content} message lists need "
     "data.format=conversational)",
     Reason.BAD_MESSAGES: "give conversations as lists of {role: str, content: str} messages (ShareGPT: "
-    "{from, value} with from = human, gpt or system)",
+    "{from, value} with from = human, gpt or system; a messages column ends with the assistant's "
+    "completion after at least one prompt message)",
     Reason.EMPTY: "fill in the text or remove the row",
     Reason.IDENTICAL: "remove the row: identical responses express no preference",
     Reason.TIE: "remove the row: a tie gives no chosen/rejected pair",
@@ -68,12 +71,13 @@ FIXES: dict[str, str] = {
     Reason.CORRUPT_JSON: "repair or delete the line",
     Reason.NOT_AN_OBJECT: "make every row a JSON object such as {\"prompt\": ..., \"chosen\": ..., "
     "\"rejected\": ...}",
+    Reason.BAD_LABEL: "make the label a JSON boolean, true (desirable) or false (undesirable); 1 and 0 "
+    "are accepted too",
+    Reason.BAD_FIELD: "make the field a number (true/false, an integer or a finite float)",
 }
 
 #: file suffixes read from a local path or folder.
 SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
-#: the rows of `builtin:sentiment`'s training split.
-BUILTIN_SIZE = 2400
 
 
 @dataclass(frozen=True)
@@ -150,22 +154,24 @@ def read_source(path: str, *, name: str | None = None, split: str = "train",
     return records
 
 
-def builtin_records(path: str, *, heldout: bool = False, n: int = BUILTIN_SIZE,
+def builtin_records(path: str, *, heldout: bool = False, n: int | None = None,
                     limit: int | None = None) -> list[Record]:
-    """The rows of an embedded task, e.g. ``builtin:sentiment``.
+    """The rows of an embedded task, e.g. ``builtin:sentiment`` (see `alignlab.builtin.DATASETS`).
 
     Args:
         path: ``builtin:NAME``.
         heldout: the held-out generator (unseen subjects), used for evaluation.
-        n: number of rows to generate.
+        n: number of rows to generate (default: the dataset's size).
         limit: keep only the first `limit` rows.
     """
-    from alignlab.builtin import sentiment_pairs
+    from alignlab.builtin import DATASETS
 
-    generators: dict[str, Callable[..., list[dict[str, str]]]] = {"builtin:sentiment": sentiment_pairs}
-    if path not in generators:
-        raise DataError(f"unknown built-in dataset {path!r}. Fix: use one of {', '.join(generators)}")
-    rows = generators[path](n=n, seed=0, heldout=heldout)[:limit]
+    name = path.removeprefix("builtin:")
+    if name not in DATASETS:
+        known = ", ".join(f"builtin:{k}" for k in DATASETS)
+        raise DataError(f"unknown built-in dataset {path!r}. Fix: use one of {known}")
+    spec = DATASETS[name]
+    rows = spec.generate(n=n or spec.size, seed=0, heldout=heldout)[:limit]
     label = f"{path} (held-out)" if heldout else path
     return [(RowRef(label, i), row) for i, row in enumerate(rows)]
 

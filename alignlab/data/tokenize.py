@@ -2,9 +2,10 @@
 
 Each canonical row ``{prompt, <response>...}`` becomes ``prompt_ids`` and one ``<response>_ids``
 column per response (response tokens + EOS), fitted so that ``len(prompt_ids) + len(<r>_ids) <=
-max_length``. Rows that cannot be fitted are not dropped here: they are flagged in metadata
-columns (`META_COLUMNS`) together with truncation counts, so that the cached result does not
-depend on `data.on_bad_row` and a cache hit reports exactly what a fresh run would.
+max_length``; requested scalar fields (e.g. ``label``) are passed through as typed columns. Rows
+that cannot be fitted are not dropped here: they are flagged in metadata columns (`META_COLUMNS`)
+together with truncation counts, so that the cached result does not depend on `data.on_bad_row`
+and a cache hit reports exactly what a fresh run would.
 
 The tokenized dataset is cached under a sha256 fingerprint of the rows, the tokenizer and the
 settings (`fingerprint`), written to a temporary folder and renamed into place, so an interrupted
@@ -30,12 +31,23 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 #: bump when the tokenized output changes for the same inputs, to invalidate old caches.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 BAD_REASON = "_bad_reason"
 BAD_DETAIL = "_bad_detail"
 PROMPT_TRUNCATED = "_prompt_truncated"
 RESPONSES_TRUNCATED = "_responses_truncated"
 META_COLUMNS = (BAD_REASON, BAD_DETAIL, PROMPT_TRUNCATED, RESPONSES_TRUNCATED)
+#: the `datasets` value types of scalar fields.
+FIELD_DTYPES = ("bool", "int64", "float64")
+
+
+def field_dtype(values: Sequence[Any]) -> str:
+    """The column type of one field's values: bool if all are bools, float64 if any is a float, else int64."""
+    if all(isinstance(value, bool) for value in values):
+        return "bool"
+    if any(isinstance(value, float) for value in values):
+        return "float64"
+    return "int64"
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class TokenizeSettings:
         chat: rows were rendered by a chat template: no special tokens are added to the prompt, and
             EOS is appended to a response only when the template did not put it there.
         responses: the response names, e.g. ("chosen", "rejected").
+        fields: ``(name, dtype)`` of the scalar columns passed through, dtype one of `FIELD_DTYPES`.
     """
 
     max_length: int
@@ -58,6 +71,7 @@ class TokenizeSettings:
     format: str
     chat: bool
     responses: tuple[str, ...]
+    fields: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -143,6 +157,8 @@ def encode_batch(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase
         out["prompt_ids"].append(row.prompt_ids)
         for name, ids in zip(settings.responses, row.response_ids, strict=True):
             out[f"{name}_ids"].append(ids)
+        for name, _ in settings.fields:
+            out[name].append(batch[name][i])
         out[BAD_REASON].append(row.reason)
         out[BAD_DETAIL].append(row.detail)
         out[PROMPT_TRUNCATED].append(row.prompt_truncated)
@@ -151,8 +167,9 @@ def encode_batch(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase
 
 
 def output_columns(settings: TokenizeSettings) -> list[str]:
-    """The token columns, then the metadata columns."""
-    return ["prompt_ids", *(f"{name}_ids" for name in settings.responses), *META_COLUMNS]
+    """The token columns, the field columns, then the metadata columns."""
+    return ["prompt_ids", *(f"{name}_ids" for name in settings.responses),
+            *(name for name, _ in settings.fields), *META_COLUMNS]
 
 
 def _features(settings: TokenizeSettings) -> datasets.Features:
@@ -160,7 +177,8 @@ def _features(settings: TokenizeSettings) -> datasets.Features:
     from datasets import Features, List, Value
 
     ids = {column: List(Value("int32")) for column in output_columns(settings)[: 1 + len(settings.responses)]}
-    return Features({**ids, BAD_REASON: Value("string"), BAD_DETAIL: Value("string"),
+    fields = {name: Value(dtype) for name, dtype in settings.fields}
+    return Features({**ids, **fields, BAD_REASON: Value("string"), BAD_DETAIL: Value("string"),
                      PROMPT_TRUNCATED: Value("bool"), RESPONSES_TRUNCATED: Value("int32")})
 
 
@@ -181,7 +199,7 @@ def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     }
 
 
-def fingerprint(rows: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+def fingerprint(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
                 settings: TokenizeSettings) -> str:
     """sha256 over the rows' content, the tokenizer and the settings."""
     digest = hashlib.sha256()
@@ -199,7 +217,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "alignlab" / "tokenized"
 
 
-def tokenize_rows(rows: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
                   settings: TokenizeSettings, *, eos_token_id: int, cache_dir: str | Path | None = None,
                   num_proc: int = 1, desc: str = "Tokenizing") -> tuple[datasets.Dataset, bool]:
     """Tokenize canonical rows, or load the result of an identical earlier call.

@@ -31,14 +31,17 @@ class Needs:
             unpaired feedback (paired data is unpaired into one row per response). The name
             "retain" is special: it is the completion of a row drawn from `data.retain`, with that
             row's own prompt (NPO's retain set).
-        fields: extra per-example scalar columns passed through to the loss as `(B,)` tensors,
-            e.g. ("label",) for unpaired feedback (True = desirable).
+        fields: extra per-example scalar columns of the data, passed through to the loss as `(B,)`
+            tensors, e.g. ("label",) for unpaired feedback (True = desirable).
+        prepared_fields: per-example columns the loss adds itself in `Loss.prepare` (e.g. BCO's
+            density-ratio weights); collated like `fields`, but not looked for in the data.
     """
 
     reference: bool = True
     full_logits: bool = False
     responses: tuple[str, ...] = ("chosen", "rejected")
     fields: tuple[str, ...] = ()
+    prepared_fields: tuple[str, ...] = ()
 
 
 @dataclass
@@ -50,12 +53,16 @@ class SequenceLogps:
         mask: `(B, T)` bool, True on response tokens (prompt and padding are False).
         logits: `(B, T, V)` fp32 logits aligned with `token_logps`, only when `Needs.full_logits`.
         mean_logit: `(B,)` mean logit over response tokens and vocabulary, detached; for metrics.
+        input_mask: `(B, T)` bool, True at every non-padding position (prompt and response), i.e.
+            where `logits` is the prediction after a real token. For sequence-wide terms such as
+            NPO's retain KL.
     """
 
     token_logps: torch.Tensor
     mask: torch.Tensor
     logits: torch.Tensor | None = None
     mean_logit: torch.Tensor | None = None
+    input_mask: torch.Tensor | None = None
 
     @property
     def logps(self) -> torch.Tensor:
@@ -100,12 +107,29 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class PrepareContext:
+    """What `Loss.prepare` may use before training starts (after data and models are loaded).
+
+    A loss may replace `train` / `eval` with datasets that carry extra columns it declared in
+    `Needs.fields` (e.g. BCO's density-ratio weights).
+    """
+
+    reference: nn.Module | None
+    tokenizer: object
+    train: object
+    eval: object | None
+    device: torch.device
+    seed: int
+
+
 class Loss(nn.Module):
     """Base class of every registered loss.
 
-    A subclass sets `needs`, takes its config dataclass in `__init__`, and implements `forward`.
-    State a loss owns (running means, learned heads) lives in its buffers and parameters so that it
-    is checkpointed with the run.
+    A subclass sets `needs` (a class attribute, or a property when it depends on the config), takes
+    its config dataclass in `__init__`, and implements `forward`. State a loss owns (running means,
+    fitted classifiers, learned heads) lives in its buffers and parameters: the trainer saves it in
+    every checkpoint and restores it on resume.
     """
 
     needs: ClassVar[Needs] = Needs()
@@ -116,8 +140,23 @@ class Loss(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    def prepare(self, ctx: PrepareContext) -> None:
+        """Optional one-off work before training (fit a classifier, add columns). Default: nothing."""
+
     def forward(self, batch: LossInputs) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def batch_token_mean_nll(seq: SequenceLogps) -> torch.Tensor:
+    """Per-example shares of the batch's token-mean NLL, `(B,)`.
+
+    Some official codes add one cross-entropy averaged over *all* response tokens of the micro-batch
+    (HF `outputs.loss`; TPO's gold NLL, NPO's retain NLL). Written per example as
+    `B · Σ_t nll_{i,t} / N_tokens`, its mean over the batch is exactly that token mean, so it goes
+    through the one batch-mean reduction like every other term.
+    """
+    n_tokens = seq.mask.sum().clamp(min=1)
+    return -seq.logps * seq.mask.shape[0] / n_tokens
 
 
 def preference_metrics(

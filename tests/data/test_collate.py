@@ -63,3 +63,48 @@ def test_on_a_built_dataset(make_cfg, tokenizer, ids, pairs):
     assert batch["chosen_input_ids"][0].tolist() == prompt + ids("really great .") + [EOS]
     assert batch["chosen_labels"][0].tolist() == [M] * 3 + ids("really great .") + [EOS]
     assert batch["rejected_input_ids"][0].tolist() == prompt + ids("very dull .") + [EOS]
+
+
+# --- own prompts and scalar fields ----------------------------------------------------------------
+
+
+def test_a_response_with_its_own_prompt_uses_it():
+    examples = [{"prompt_ids": [10, 11], "completion_ids": [20, EOS], "retain_prompt_ids": [30, 31, 32, 33],
+                 "retain_ids": [40, EOS]}]
+    batch = PreferenceCollator(PAD, responses=("completion", "retain"))(examples)
+    assert batch["completion_input_ids"].tolist() == [[10, 11, 20, EOS, PAD, PAD]]
+    assert batch["completion_labels"].tolist() == [[M, M, 20, EOS, M, M]]
+    assert batch["retain_input_ids"].tolist() == [[30, 31, 32, 33, 40, EOS]]
+    assert batch["retain_labels"].tolist() == [[M, M, M, M, 40, EOS]]
+    assert batch["retain_attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [
+        ([True, False], torch.bool),
+        ([1, 0], torch.long),  # ints stay ints (a bool-typed column arrives as Python bools)
+        ([0.5, 2], torch.float32),  # any float makes the column float
+        ([torch.tensor(True), torch.tensor(False)], torch.bool),  # a dataset in torch format
+        ([torch.tensor(0.25), torch.tensor(1.5)], torch.float32),
+    ],
+)
+def test_fields_become_1d_tensors(values, dtype):
+    examples = [{"prompt_ids": [3], "completion_ids": [4, EOS], "label": value} for value in values]
+    batch = PreferenceCollator(PAD, responses=("completion",), fields=("label",))(examples)
+    assert batch["label"].dtype == dtype and batch["label"].shape == (2,)
+    assert batch["label"].tolist() == [v.item() if hasattr(v, "item") else v for v in values]
+
+
+def test_fields_are_not_collated_unless_asked():
+    examples = [{"prompt_ids": [3], "completion_ids": [4], "label": True}]
+    assert "label" not in PreferenceCollator(PAD, responses=("completion",))(examples)
+
+
+def test_missing_or_non_scalar_field():
+    collate = PreferenceCollator(PAD, responses=("completion",), fields=("label",))
+    with pytest.raises(DataError, match=r"example 1 has no 'label' column .*fields=\.\.\."):
+        collate([{"prompt_ids": [3], "completion_ids": [4], "label": True},
+                 {"prompt_ids": [3], "completion_ids": [4]}])
+    with pytest.raises(DataError, match=r"example 0 has label='yes'"):
+        collate([{"prompt_ids": [3], "completion_ids": [4], "label": "yes"}])

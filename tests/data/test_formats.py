@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignlab.data import DataError, build_datasets
+from alignlab.data import DataError, PreferenceCollator, build_datasets
 from alignlab.data.formats import Plan, normalize, plan_format
 from alignlab.data.sources import RowRef
 
@@ -245,3 +245,67 @@ def test_pairwise_needs_pair_responses(make_cfg, tokenizer):
 def test_bad_response_names(make_cfg, tokenizer, pairs, responses):
     with pytest.raises(DataError, match="responses must be distinct"):
         build_datasets(make_cfg(pairs(2)), tokenizer, responses=responses)
+
+
+# --- triples (TPO: gold, chosen, rejected) --------------------------------------------------------
+
+TRIPLE = ("gold", "chosen", "rejected")
+
+
+def test_triples_explicit_ids_and_collated_batch(make_cfg, tokenizer, ids):
+    rows = [{"prompt": "the film was", "gold": "truly superb !", "chosen": "really great .",
+             "rejected": "dull ."},
+            {"prompt": "the show was", "gold": "brilliant !", "chosen": "fresh .",
+             "rejected": "very bland ."}]
+    prepared = build_datasets(make_cfg(rows), tokenizer, responses=TRIPLE)
+    assert prepared.train.column_names == ["prompt_ids", "gold_ids", "chosen_ids", "rejected_ids"]
+    assert prepared.train["gold_ids"] == [ids("truly superb !") + [1], ids("brilliant !") + [1]]
+    assert prepared.train["rejected_ids"] == [ids("dull .") + [1], ids("very bland .") + [1]]
+    batch = PreferenceCollator(tokenizer.pad_token_id, responses=TRIPLE)(list(prepared.train))
+    # T = 3 + 4 (the longest: prompt + "truly superb !" + eos)
+    assert {tuple(batch[f"{r}_labels"].shape) for r in TRIPLE} == {(2, 7)}
+    assert batch["gold_labels"].tolist() == [[-100] * 3 + ids("truly superb !") + [1],
+                                             [-100] * 3 + ids("brilliant !") + [1, -100]]
+    assert batch["chosen_input_ids"][1].tolist() == ids("the show was fresh .") + [1, 0]
+
+
+def test_triples_conversational_implicit_prompt(tokenizer):
+    user = msg("user", "the film was")
+    rows = [{name: [user, msg("assistant", text)] for name, text in
+             zip(TRIPLE, ("superb !", "great .", "dull ."), strict=True)}]
+    [row] = canonical(rows, "conversational", tokenizer, responses=TRIPLE)
+    assert row == {"prompt": "<|user|> the film was <|assistant|> ", "gold": "superb ! <eos> ",
+                   "chosen": "great . <eos> ", "rejected": "dull . <eos> "}
+
+
+def test_triples_conversational_explicit_prompt_end_to_end(make_cfg, tokenizer, ids):
+    rows = [{"prompt": [msg("user", "the film was")], "gold": [msg("assistant", "superb !")],
+             "chosen": [msg("assistant", "great .")], "rejected": [msg("assistant", "dull .")]}]
+    prepared = build_datasets(make_cfg(rows), tokenizer, responses=TRIPLE)
+    assert prepared.report.format == "conversational"
+    row = prepared.train[0]
+    assert row["prompt_ids"] == ids("<|user|> the film was <|assistant|>")
+    assert row["gold_ids"] == ids("superb ! <eos>")
+
+
+def test_triples_missing_gold_column_names_it(make_cfg, tokenizer, pairs):
+    with pytest.raises(DataError) as error:
+        build_datasets(make_cfg(pairs(2)), tokenizer, responses=TRIPLE)
+    text = str(error.value)
+    assert "column 'gold'" in text and "data.columns={gold: <your column>}" in text
+
+
+def test_triples_gold_mapped_from_another_column(make_cfg, tokenizer, ids):
+    rows = [{"prompt": "the film was", "best": "superb !", "chosen": "great .", "rejected": "dull ."}]
+    prepared = build_datasets(make_cfg(rows, columns={"gold": "best"}), tokenizer, responses=TRIPLE)
+    assert prepared.train[0]["gold_ids"] == ids("superb !") + [1]
+
+
+def test_triples_gold_equal_to_chosen_is_a_bad_row(make_cfg, tokenizer, tmp_path):
+    rows = [{"prompt": "the film was", "gold": "superb !", "chosen": "great .", "rejected": "dull ."},
+            {"prompt": "the show was", "gold": "great .", "chosen": "great .", "rejected": "dull ."}]
+    with pytest.raises(DataError, match=r"data.jsonl row 1: gold and chosen are identical"):
+        build_datasets(make_cfg(rows), tokenizer, responses=TRIPLE)
+    report = build_datasets(make_cfg(rows, on_bad_row="skip"), tokenizer, responses=TRIPLE).report
+    assert report.skipped["identical responses"].examples == [f"{tmp_path / 'data.jsonl'} row 1"]
+    assert report.train_rows == 1

@@ -80,3 +80,69 @@ def test_llamafactory_sharegpt_dpo(shared, make_cfg, tokenizer):
     complete = [ids for ids in prepared.train["chosen_ids"] if len(ids) < room]
     assert complete and all(ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
                             for ids in complete)
+
+
+def test_llamafactory_kto_messages(shared, make_cfg, tokenizer):
+    path = shared / "data" / "llamafactory" / "kto_en_demo.json"
+    raw = json.loads(path.read_text())
+    desirable = sum(row["label"] is True for row in raw)
+    undesirable = sum(row["label"] is False for row in raw)
+    assert (len(raw), desirable, undesirable) == (300, 150, 150)
+    cfg = make_cfg(path=str(path), prompt_truncation="keep_end")
+    prepared = build_datasets(cfg, tokenizer, responses=("completion",), fields=("label",))
+    report = prepared.report
+    assert (report.format, report.rows_read, report.train_rows) == ("messages", 300, 300)
+    assert (report.desirable_rows, report.undesirable_rows) == (150, 150)
+    assert list(prepared.train["label"]) == [row["label"] for row in raw]
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    assert all(ids[-1] == assistant for ids in prepared.train["prompt_ids"])
+
+
+def test_llamafactory_kto_held_out(shared, make_cfg, tokenizer):
+    path = shared / "data" / "llamafactory" / "kto_en_demo.json"
+    cfg = make_cfg(path=str(path), prompt_truncation="keep_end", eval_size=0.1)
+    prepared = build_datasets(cfg, tokenizer, responses=("completion",), fields=("label",))
+    assert (len(prepared.train), len(prepared.eval)) == (270, 30)
+    assert prepared.report.desirable_rows + prepared.report.undesirable_rows == 300
+
+
+def test_llamafactory_dpo_pairs_unpaired(shared, make_cfg, tokenizer):
+    path = shared / "data" / "llamafactory" / "dpo_en_demo.json"
+    raw = json.loads(path.read_text())
+    cfg = make_cfg(path=str(path), prompt_truncation="keep_end")
+    prepared = build_datasets(cfg, tokenizer, responses=("completion",), fields=("label",))
+    report = prepared.report
+    assert (report.format, report.unpaired_from_pairs, report.pairs_unpaired) == ("sharegpt", True, len(raw))
+    assert list(prepared.train["label"]) == [True, False] * len(raw)
+    assert prepared.train["prompt_ids"][0] == prepared.train["prompt_ids"][1]
+
+
+def test_tofu_forget_with_retain(shared, make_cfg, tokenizer, ids):
+    forget = json.loads((shared / "data" / "tofu" / "forget10.json").read_text())[:20]
+    retain = json.loads((shared / "data" / "tofu" / "retain90.json").read_text())
+    cfg = make_cfg(path=str(shared / "data" / "tofu" / "forget10.json"),
+                   retain=str(shared / "data" / "tofu" / "retain90.json"),
+                   columns={"prompt": "question", "completion": "answer"}, limit=20)
+    prepared = build_datasets(cfg, tokenizer, responses=("completion", "retain"))
+    report = prepared.report
+    assert (report.rows_read, report.train_rows, report.retain_rows_read) == (20, 20, len(retain))
+    assert report.retain_rows_used == 20
+    eos = tokenizer.eos_token_id
+    assert list(prepared.train["prompt_ids"]) == [ids(row["question"]) for row in forget]
+    assert list(prepared.train["completion_ids"]) == [ids(row["answer"]) + [eos] for row in forget]
+    # every partner is a real retain row, with its own question as its prompt
+    questions: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+    for row in retain:
+        questions.setdefault(tuple(ids(row["answer"]) + [eos]), set()).add(tuple(ids(row["question"])))
+    for prompt, answer in zip(prepared.train["retain_prompt_ids"], prepared.train["retain_ids"], strict=True):
+        assert tuple(prompt) in questions[tuple(answer)]
+
+
+def test_tofu_npo_alone_refuses_retain(shared, make_cfg, tokenizer):
+    cfg = make_cfg(path=str(shared / "data" / "tofu" / "forget10.json"),
+                   retain=str(shared / "data" / "tofu" / "retain90.json"),
+                   columns={"prompt": "question", "completion": "answer"}, limit=20)
+    with pytest.raises(ValueError, match="does not use a retain set"):
+        build_datasets(cfg, tokenizer, responses=("completion",))
+    cfg.retain = None
+    assert len(build_datasets(cfg, tokenizer, responses=("completion",)).train) == 20

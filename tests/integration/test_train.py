@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -44,16 +43,9 @@ def test_dpo_learns_on_embedded_default(tmp_path, compose_run):
     assert (result.output_dir / "config.yaml").exists() and (result.output_dir / "data_report.json").exists()
 
 
-def test_resume_continues_from_the_saved_step(tmp_path, compose_run):
-    common = ("+recipe=dpo", "trainer.max_steps=8", "trainer.save_steps=4", "trainer.logging_steps=1",
-              "trainer.eval_steps=0", "data.eval_size=0", f"data.cache_dir={tmp_path / 'cache'}")
-    full = run(compose_run(*common), output_dir=tmp_path / "full")
-
-    # A run that was interrupted after its step-4 checkpoint: only that checkpoint survives.
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copytree(full.output_dir / "checkpoint-4", resumed_dir / "checkpoint-4")
-    resumed = run(compose_run(*common, "trainer.resume_from_checkpoint=latest"), output_dir=resumed_dir)
+def test_resume_continues_from_the_saved_step(run_and_resume):
+    # A run interrupted after its step-4 checkpoint resumes and reaches step 8 like the full run.
+    full, resumed = run_and_resume("dpo", steps=8, save_every=4)
 
     steps = [r["step"] for r in _records(resumed.metrics_file) if "loss" in r]
     assert steps == [5, 6, 7, 8]  # continues from the saved step, not from 0

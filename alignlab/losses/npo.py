@@ -1,0 +1,102 @@
+"""NPO — Zhang, Lin, Bai & Mei 2024, "Negative Preference Optimization: From Catastrophic Collapse to
+Effective Unlearning", arXiv:2404.05868, eq. 3 and §5 (spec/losses.md §5); official code
+licong-lin/negative-preference-optimization @1207bbe (`npo`, `npo_grad_diff`, `npo_KL`).
+
+Unlearning a forget set: with ρ(y) = logπθ(y|x) − logπref(y|x) summed over answer tokens,
+
+    L_NPO = (2/β)·E_forget[softplus(β·ρ)] = −(2/β)·E_forget[log σ(−β·ρ)]
+
+As β → 0 it tends to gradient ascent, (2/β)·log 2 + ρ. Variants (``variant``):
+
+* ``npo``:    L_NPO alone.
+* ``npo_rt``: c_npo·L_NPO + c_rt·NLL_retain, NLL_retain the token-mean cross-entropy over the retain
+  answers of the micro-batch (HF ``outputs.loss``).
+* ``npo_kl``: c_npo·L_NPO + c_kl·KL_retain, KL_retain = KL(πref‖πθ) summed over the vocabulary and
+  averaged over positions. The official code averages over *every* position of the padded retain
+  batch; here padding positions are excluded (prompt and answer positions count, as in the official
+  code), so the term does not depend on how a batch happens to be padded.
+
+The reference is the model before unlearning. Forget answers are masked to the answer (+EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from alignlab.losses import register
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, SequenceLogps, batch_token_mean_nll
+
+VARIANTS = ("npo", "npo_rt", "npo_kl")
+
+
+@dataclass
+class NPOConfig:
+    name: str = "npo"
+    #: the official TOFU config: β = 0.1 (note NPO.__init__ in open-unlearning defaults to 1.0).
+    beta: float = 0.1
+    #: npo | npo_rt (retain NLL) | npo_kl (retain KL to the reference).
+    variant: str = "npo"
+    #: weights of the forget, retain-NLL and retain-KL terms (official: all 1.0).
+    c_npo: float = 1.0
+    c_rt: float = 1.0
+    c_kl: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"loss.beta must be > 0, got {self.beta}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"loss.variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+        for key in ("c_npo", "c_rt", "c_kl"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def retain_kl(policy: SequenceLogps, reference: SequenceLogps) -> torch.Tensor:
+    """Per-example shares `(B,)` of KL(πref‖πθ) averaged over all non-padding positions of the batch."""
+    log_p = _at_least_fp32(policy.logits).log_softmax(-1)
+    log_q = _at_least_fp32(reference.logits).log_softmax(-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1) * policy.input_mask  # (B, T)
+    return kl.sum(-1) * policy.input_mask.shape[0] / policy.input_mask.sum().clamp(min=1)
+
+
+@register("npo", NPOConfig)
+class NPO(Loss):
+    """Negative preference optimisation for unlearning, with retain terms (module docstring)."""
+
+    summary = "negative preference optimisation for unlearning; NPO+RT, NPO+KL (Zhang et al. 2024)"
+
+    @property
+    def needs(self) -> Needs:
+        if self.cfg.variant == "npo":
+            return Needs(reference=True, responses=("completion",))
+        return Needs(reference=True, responses=("completion", "retain"), full_logits=self.cfg.variant == "npo_kl")
+
+    def forward(self, batch: LossInputs) -> LossOutput:
+        cfg = self.cfg
+        forget = batch.policy["completion"]
+        ratio = forget.logps - batch.reference["completion"].logps
+        npo = 2 / cfg.beta * F.softplus(cfg.beta * ratio)
+        losses = cfg.c_npo * npo
+        metrics = {
+            "loss/npo": npo.detach().mean(),
+            "forget/logps": forget.logps.detach().mean(),
+            "forget/logratio": ratio.detach().mean(),
+        }
+        if cfg.variant != "npo":
+            retain = batch.policy["retain"]
+            nll = batch_token_mean_nll(retain)
+            metrics["retain/nll"] = nll.detach().mean()
+            if cfg.variant == "npo_rt":
+                losses = losses + cfg.c_rt * nll
+            else:
+                kl = retain_kl(retain, batch.reference["retain"])
+                metrics["retain/kl"] = kl.detach().mean()
+                losses = losses + cfg.c_kl * kl
+        return LossOutput(losses, metrics)

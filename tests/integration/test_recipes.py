@@ -1,0 +1,103 @@
+"""Every loss's recipe trains on the embedded tiny model: the loss falls and the method's own
+metric moves the way the method intends. Impossible combinations are refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+import alignlab.models
+from alignlab.errors import UserError
+from alignlab.train import run
+
+pytestmark = pytest.mark.slow
+
+
+def _records(result):
+    return [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+
+
+def _series(result, key):
+    return [r[key] for r in _records(result) if key in r and "eval_loss" not in r]
+
+
+def _train(compose_run, tmp_path, recipe, *overrides, steps=40):
+    """Train `recipe` for `steps` steps (None: the recipe's own), logging every step, evaluating at the end."""
+    length = [f"trainer.max_steps={steps}"] if steps else []
+    cfg = compose_run(f"+recipe={recipe}", *length, "trainer.logging_steps=1", "trainer.eval_steps=0",
+                      f"data.cache_dir={tmp_path / 'cache'}", *overrides)
+    return run(cfg, output_dir=tmp_path / "run")
+
+
+def _falls(values, k=5):
+    return sum(values[-k:]) / k < sum(values[:k]) / k
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "rdpo", "rpo", "asft", "tpo"])
+def test_pair_losses_learn(recipe, tmp_path, compose_run):
+    result = _train(compose_run, tmp_path, recipe, steps=None)  # the recipe as a user runs it
+    assert _falls(_series(result, "loss"))
+    assert result.eval_metrics["eval_rewards/accuracies"] > 0.8  # chance 0.5
+
+
+@pytest.mark.parametrize("recipe", ["asft", "tpo"])
+def test_reference_free_losses_never_load_a_reference(recipe, tmp_path, compose_run, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reference model was loaded for a reference-free loss")
+
+    monkeypatch.setattr(alignlab.models, "load_reference", refuse)
+    _train(compose_run, tmp_path, recipe, steps=3)
+
+
+def test_bco_tracks_delta_and_separates_labels(tmp_path, compose_run):
+    result = _train(compose_run, tmp_path, "bco")
+    assert _falls(_series(result, "loss"))
+    delta = _series(result, "delta")
+    assert len(delta) == 40 and len(set(delta)) > 1  # δ is tracked and moves
+    assert result.eval_metrics["eval_rewards/margins"] > 0  # desirable rewards above undesirable
+    assert (result.output_dir / "data_report.json").exists()
+    report = json.loads((result.output_dir / "data_report.json").read_text())
+    assert report["unpaired_from_pairs"] is True
+
+
+def test_npo_lowers_forget_likelihood(tmp_path, compose_run):
+    result = _train(compose_run, tmp_path, "npo")
+    forget = _series(result, "forget/logps")
+    assert _falls(forget) and forget[-1] < forget[0] - 5  # the forget set becomes much less likely
+    assert _falls(_series(result, "loss"))
+    assert result.eval_metrics["eval_retain/nll"] < 10  # retain NLL stays bounded (random init: ln 81 ≈ 4.4)
+
+
+def test_bco_state_survives_resume(run_and_resume):
+    full, resumed = run_and_resume("bco", steps=6, save_every=3)
+    a = load_file(full.output_dir / "checkpoint-6" / "loss_state.safetensors")
+    b = load_file(resumed.output_dir / "checkpoint-6" / "loss_state.safetensors")
+    assert a["running_count"].item() == pytest.approx(6 * 32)  # δ pooled every reward of 6 batches
+    for key in a:
+        assert a[key].tolist() == pytest.approx(b[key].tolist(), rel=1e-9, abs=1e-12), key
+
+
+def test_resume_refuses_checkpoint_without_loss_state(tmp_path, compose_run):
+    common = ("+recipe=bco", "trainer.max_steps=4", "trainer.save_steps=2", "trainer.eval_steps=0",
+              "data.eval_size=0", f"data.cache_dir={tmp_path / 'cache'}")
+    full = run(compose_run(*common), output_dir=tmp_path / "full")
+    (full.output_dir / "checkpoint-2" / "loss_state.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="loss_state"):
+        run(compose_run(*common, f"trainer.resume_from_checkpoint={full.output_dir / 'checkpoint-2'}"),
+            output_dir=tmp_path / "again")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("+recipe=npo", "data.retain=null"), "needs a retain set: set data.retain="),
+    (("+recipe=dpo", "data.retain=builtin:sentiment-retain"), "data.retain"),
+    (("+recipe=asft", "model.reference=builtin:tiny"), "reference-free"),
+])
+def test_impossible_combinations_refused_before_models_load(overrides, message, tmp_path, compose_run, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the combination was checked")
+
+    monkeypatch.setattr(alignlab.models, "load_policy", refuse)
+    with pytest.raises(UserError, match=message):
+        run(compose_run(*overrides, f"data.cache_dir={tmp_path / 'cache'}"), output_dir=tmp_path / "run")
