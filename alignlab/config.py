@@ -56,6 +56,8 @@ class DataConfig:
     #: the retain set of unlearning losses (NPO+RT, NPO+KL): a source like `path`, read with the
     #: same format and columns; each example pairs a row of `path` with a retain row.
     retain: Optional[str] = None
+    #: swap chosen and rejected in every pair (e.g. to train AlignDistil's reverse-DPO teacher).
+    swap_pairs: bool = False
     #: a separate held-out file or hub split; otherwise `eval_size` rows are held out of `path`.
     eval_path: Optional[str] = None
     eval_split: Optional[str] = None
@@ -137,6 +139,9 @@ class AlignConfig:
     seed: int = 42
     #: the run directory; defaults to Hydra's output directory (runs/<loss>/<time>).
     output_dir: Optional[str] = None
+    #: earlier stages of a multi-stage recipe, in order: name -> overrides of this config for that
+    #: stage. Each runs in <run>/stages/<name>; `${stage:NAME}` is its output directory.
+    stages: Dict[str, List[str]] = field(default_factory=dict)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

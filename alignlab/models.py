@@ -94,13 +94,23 @@ def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
 def load_reference(cfg: ModelConfig, policy: nn.Module, tokenizer, seed: int) -> nn.Module:
     """A frozen reference: `model.reference` if set, else a copy of the initial policy."""
     if cfg.reference:
-        reference = load_policy(ModelConfig(**{**vars(cfg), "name_or_path": cfg.reference,
-                                               "gradient_checkpointing": False}), tokenizer, seed)
-    else:
-        reference = copy.deepcopy(policy)
-    reference.eval()
-    reference.requires_grad_(False)
-    return reference
+        return load_frozen(cfg.reference, cfg, tokenizer, seed)
+    return freeze(copy.deepcopy(policy))
+
+
+def load_frozen(name_or_path: str, cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
+    """Any extra frozen model (reference, teacher, margin reward model) through the policy's loading
+    path: same dtype, attention implementation, pad-token handling and trust settings."""
+    frozen = load_policy(ModelConfig(**{**vars(cfg), "name_or_path": name_or_path, "gradient_checkpointing": False}),
+                         tokenizer, seed)
+    return freeze(frozen)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def disable_dropout(model: nn.Module) -> None:

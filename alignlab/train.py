@@ -155,6 +155,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
 
     model_dir = output_dir / "model"
     trainer.save_model(str(model_dir))
+    trainer.save_loss_state(model_dir)  # e.g. BCO's δ and UDM classifier, beside the final model
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     train_losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
     result = RunResult(output_dir, model_dir, metrics_file, train_losses, eval_metrics, time.time() - start)

@@ -80,11 +80,16 @@ class AlignTrainer(Trainer):
         return loss.detach(), None, None
 
     # -- state the loss owns (BCO's δ, fitted classifiers, mask heads) travels with every checkpoint --
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+    def save_loss_state(self, output_dir: str | Path) -> None:
+        """Write the loss module's state (if it has any) as `loss_state.safetensors` in `output_dir`."""
         state = self.loss_fn.state_dict()
         if state and self.args.should_save:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(output_dir) / LOSS_STATE)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        self.save_loss_state(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

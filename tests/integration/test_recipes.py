@@ -60,6 +60,8 @@ def test_bco_tracks_delta_and_separates_labels(tmp_path, compose_run):
     assert (result.output_dir / "data_report.json").exists()
     report = json.loads((result.output_dir / "data_report.json").read_text())
     assert report["unpaired_from_pairs"] is True
+    state = load_file(result.model_dir / "loss_state.safetensors")  # δ and the UDM classifier, saved with the run
+    assert state["running_mean"].item() == pytest.approx(delta[-1], abs=1e-5) and state["udm_coef"].numel() == 64
 
 
 def test_npo_lowers_forget_likelihood(tmp_path, compose_run):
