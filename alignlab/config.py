@@ -39,6 +39,9 @@ class ModelConfig:
     chat_template: Optional[str] = None
     #: zero the dropout probabilities of the policy, as TRL does for DPO (the reference is in eval mode).
     disable_dropout: bool = True
+    #: compute logits this many positions at a time, never materialising (B, T, V) fp32 logits
+    #: (docs/performance.md); 0 uses the model's own dense logits.
+    logit_chunk_size: int = 128
 
 
 @dataclass

@@ -112,7 +112,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     from transformers import set_seed
 
     from alignlab.data import PreferenceCollator, build_datasets
-    from alignlab.models import load_policy, load_reference, load_tokenizer
+    from alignlab.models import load_frozen, load_policy, load_reference, load_tokenizer
     from alignlab.trainer import AlignTrainer, MetricsFileCallback
 
     set_seed(typed.seed)
@@ -128,6 +128,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
 
     policy = load_policy(typed.model, tokenizer, typed.seed)
     reference = load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
+    teachers = {name: load_frozen(path, typed.model, tokenizer, typed.seed) for name, path in needs.teachers}
     ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
                          device=policy.device, seed=typed.seed)
     loss_fn.prepare(ctx)
@@ -148,6 +149,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         processing_class=tokenizer,
         loss_fn=loss_fn,
         reference=reference,
+        teachers=teachers,
+        logit_chunk_size=typed.model.logit_chunk_size,
         callbacks=[MetricsFileCallback(metrics_file)],
     )
     trainer.train(resume_from_checkpoint=resume)

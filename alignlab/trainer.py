@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from alignlab.forward import concatenated_forward
+from alignlab.forward import Forward
 from alignlab.losses.base import Loss, LossInputs
 
 
@@ -40,30 +40,37 @@ class AlignTrainer(Trainer):
     Args:
         loss_fn: the registered loss module.
         reference: the frozen reference model, or None for reference-free losses.
+        teachers: frozen teacher models by name (`Needs.teachers`), e.g. AlignDistil's.
+        logit_chunk_size: positions per logits chunk (`model.logit_chunk_size`); 0 for dense logits.
         **kwargs: everything `transformers.Trainer` takes.
     """
 
     # compute_loss returns a per-batch mean; HF Trainer scales it for gradient accumulation.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *, loss_fn: Loss, reference: nn.Module | None = None, **kwargs) -> None:
+    def __init__(self, *, loss_fn: Loss, reference: nn.Module | None = None,
+                 teachers: dict[str, nn.Module] | None = None, logit_chunk_size: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.loss_fn = loss_fn.to(self.args.device)
         self.needs = loss_fn.needs
         if self.needs.reference and reference is None:
             raise ValueError(f"loss {loss_fn.registry_name!r} needs a reference model and none was given")
         self.reference = reference.to(self.args.device) if reference is not None else None
+        self.teachers = {name: m.to(self.args.device) for name, m in (teachers or {}).items()}
+        self.forward = Forward(logit_chunk_size)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
+    def _run(self, model: nn.Module, head_of: nn.Module, inputs) -> dict:
+        return self.forward(model, head_of.get_output_embeddings(), inputs, self.needs.responses, self.needs.full_logits)
+
     def _loss_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LossInputs:
-        responses, full = self.needs.responses, self.needs.full_logits
-        policy = concatenated_forward(model, inputs, responses, full)
-        reference = None
-        if self.needs.reference:
-            with torch.no_grad():
-                reference = concatenated_forward(self.reference, inputs, responses, full)
+        policy = self._run(model, self.accelerator.unwrap_model(model), inputs)
+        with torch.no_grad():
+            reference = self._run(self.reference, self.reference, inputs) if self.needs.reference else None
+            teachers = {name: self._run(m, m, inputs) for name, m in self.teachers.items()}
         fields = {name: inputs[name] for name in (*self.needs.fields, *self.needs.prepared_fields)}
-        return LossInputs(policy=policy, reference=reference, fields=fields, training=model.training)
+        return LossInputs(policy=policy, reference=reference, teachers=teachers, fields=fields,
+                          training=model.training)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.loss_fn(self._loss_inputs(model, inputs))

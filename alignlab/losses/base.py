@@ -35,6 +35,9 @@ class Needs:
             tensors, e.g. ("label",) for unpaired feedback (True = desirable).
         prepared_fields: per-example columns the loss adds itself in `Loss.prepare` (e.g. BCO's
             density-ratio weights); collated like `fields`, but not looked for in the data.
+        teachers: extra frozen models run on every response like the reference, as
+            (name, path) pairs (AlignDistil's DPO and reverse-DPO teachers). Loaded through the
+            reference's loading path; their outputs arrive in `LossInputs.teachers[name]`.
     """
 
     reference: bool = True
@@ -42,6 +45,7 @@ class Needs:
     responses: tuple[str, ...] = ("chosen", "rejected")
     fields: tuple[str, ...] = ()
     prepared_fields: tuple[str, ...] = ()
+    teachers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -51,7 +55,9 @@ class SequenceLogps:
     Attributes:
         token_logps: `(B, T)` log p(y_t | x, y_<t), zero where `mask` is False. Always fp32.
         mask: `(B, T)` bool, True on response tokens (prompt and padding are False).
-        logits: `(B, T, V)` fp32 logits aligned with `token_logps`, only when `Needs.full_logits`.
+        logits: `(B, T, V)` logits aligned with `token_logps`, only when `Needs.full_logits`: a
+            dense tensor, or `alignlab.chunked.LazyLogits` computed a chunk of positions at a time.
+            Use `alignlab.chunked.per_token` / `token_kl` to work with either.
         mean_logit: `(B,)` mean logit over response tokens and vocabulary, detached; for metrics.
         input_mask: `(B, T)` bool, True at every non-padding position (prompt and response), i.e.
             where `logits` is the prediction after a real token. For sequence-wide terms such as
@@ -91,12 +97,15 @@ class LossInputs:
         fields: extra per-example tensors named in `Needs.fields`, each `(B,)`.
         training: True during training steps, False in evaluation (stateful losses such as BCO
             update running statistics only in training).
+        teachers: teacher name -> response name -> `SequenceLogps` (no gradient), for
+            `Needs.teachers`.
     """
 
     policy: dict[str, SequenceLogps]
     reference: dict[str, SequenceLogps] | None = None
     fields: dict[str, torch.Tensor] = field(default_factory=dict)
     training: bool = True
+    teachers: dict[str, dict[str, SequenceLogps]] = field(default_factory=dict)
 
 
 @dataclass

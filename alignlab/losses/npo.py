@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alignlab.chunked import token_kl
 from alignlab.losses import register
 from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, SequenceLogps, batch_token_mean_nll
 
@@ -54,15 +55,9 @@ class NPOConfig:
                 raise ValueError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def retain_kl(policy: SequenceLogps, reference: SequenceLogps) -> torch.Tensor:
     """Per-example shares `(B,)` of KL(πref‖πθ) averaged over all non-padding positions of the batch."""
-    log_p = _at_least_fp32(policy.logits).log_softmax(-1)
-    log_q = _at_least_fp32(reference.logits).log_softmax(-1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1) * policy.input_mask  # (B, T)
+    kl = token_kl(reference.logits, policy.logits) * policy.input_mask  # (B, T)
     return kl.sum(-1) * policy.input_mask.shape[0] / policy.input_mask.sum().clamp(min=1)
 
 
