@@ -47,6 +47,10 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
             f"loss {cfg.loss.name!r} is reference-free, but model.reference={cfg.model.reference!r} is set; "
             "remove model.reference (it would never be used) or pick a loss that uses a reference"
         )
+    for name, path in needs.teachers:
+        if not path or "${" in path:
+            raise ConfigError(f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
+                              f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it")
     check_data_needs(cfg.data, needs.responses, needs.fields)
 
 

@@ -28,8 +28,11 @@ def _random_inputs(needs: Needs, leaves: list, batch: int = 3, width: int = 5, v
             out[name] = SequenceLogps(logps, mask, logits if needs.full_logits else None, logits.detach().mean((1, 2)))
         return out
 
-    fields = {f: torch.randn(batch, generator=gen, dtype=torch.float64) for f in needs.fields}
-    return LossInputs(policy=seqs(True), reference=seqs(False) if needs.reference else None, fields=fields)
+    fields = {f: torch.randn(batch, generator=gen, dtype=torch.float64)
+              for f in (*needs.fields, *needs.prepared_fields)}
+    teachers = {name: seqs(False) for name, _ in needs.teachers}
+    return LossInputs(policy=seqs(True), reference=seqs(False) if needs.reference else None, fields=fields,
+                      teachers=teachers)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
