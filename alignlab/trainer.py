@@ -86,6 +86,15 @@ class AlignTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def create_optimizer(self, model=None):
+        """HF's optimizer, plus the loss's own trainable parameters (e.g. SparsePO's mask heads)."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh:
+            for group in self.loss_fn.param_groups():
+                optimizer.add_param_group({"lr": self.args.learning_rate, **group})
+        return optimizer
+
     # -- state the loss owns (BCO's δ, fitted classifiers, mask heads) travels with every checkpoint --
     def save_loss_state(self, output_dir: str | Path) -> None:
         """Write the loss module's state (if it has any) as `loss_state.safetensors` in `output_dir`."""

@@ -152,6 +152,10 @@ class Loss(nn.Module):
     def prepare(self, ctx: PrepareContext) -> None:
         """Optional one-off work before training (fit a classifier, add columns). Default: nothing."""
 
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups for the loss's own trainable parameters (e.g. mask heads). Default: none."""
+        return []
+
     def forward(self, batch: LossInputs) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

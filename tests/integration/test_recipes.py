@@ -35,7 +35,7 @@ def _falls(values, k=5):
     return sum(values[-k:]) / k < sum(values[:k]) / k
 
 
-@pytest.mark.parametrize("recipe", ["dpo", "rdpo", "rpo", "asft", "tpo", "tdpo"])
+@pytest.mark.parametrize("recipe", ["dpo", "rdpo", "rpo", "asft", "tpo", "tdpo", "sparsepo"])
 def test_pair_losses_learn(recipe, tmp_path, compose_run):
     result = _train(compose_run, tmp_path, recipe, steps=None)  # the recipe as a user runs it
     assert _falls(_series(result, "loss"))

@@ -39,6 +39,8 @@ def _random_inputs(needs: Needs, leaves: list, batch: int = 3, width: int = 5, v
 def test_contract(name):
     entry = REGISTRY[name]
     loss = build(entry.config())
+    if hasattr(loss, "attach"):
+        pytest.skip("reads the reference model's activations through hooks: see tests/losses/test_sparsepo.py")
     leaves: list[torch.Tensor] = []
     out = loss(_random_inputs(loss.needs, leaves))
     assert out.losses.shape == (3,) and torch.isfinite(out.losses).all()
