@@ -7,6 +7,12 @@ with no hub and no downloaded files. This module provides:
   prompt ("review : the film was") and two completions of the same shape that differ only in
   their sentiment words; the chosen one has more positive words (e.g. 2 of 3 against 1 of 3). The held-out split uses subjects and openings that
   training never shows, so accuracy there measures generalisation, not memorisation.
+* ``builtin:sentiment-understated`` — a second objective on the same prompts, for multi-objective
+  recipes (MODPO): a reviewer who distrusts hype prefers the completion with fewer hype words
+  (`HYPE`: wonderful, great, brilliant, ...), whatever else it says. Its pairs differ only in hype
+  words against plain ones (mild praise or criticism), so on the sentiment pairs it disagrees with
+  sentiment where the extra praise is hype and is indifferent where it is mild: a real trade-off.
+  (Brevity would not be one: the two completions of a sentiment pair always have the same length.)
 * ``builtin:tiny`` — a small Llama (two layers, hidden 64) over the task's word-level vocabulary,
   randomly initialised from the run's seed, with a word-level tokenizer that has a pad token,
   an EOS token and a minimal chat template.
@@ -30,6 +36,10 @@ NEGATIVE = ["awful", "dull", "boring", "clumsy", "tedious", "weak", "bland", "me
 ASPECTS = ["acting", "plot", "music", "writing", "ending", "pacing", "cast", "dialogue"]
 LINKS = ["and the {a} was", "with {a} that felt", ", its {a} simply", "but the {a} stayed"]
 FILLER = ["really", "quite", "very", "truly", "rather", "so", "just", "always", "mostly"]
+#: the positive words `builtin:sentiment-understated` counts against a completion.
+HYPE = ["wonderful", "great", "brilliant", "superb", "delightful"]
+#: everything else a sentiment slot may hold: mild praise and criticism.
+PLAIN = [w for w in POSITIVE if w not in HYPE] + NEGATIVE
 
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHAT_TEMPLATE = (
@@ -56,7 +66,9 @@ def build_tokenizer():
     vocab = {tok: i for i, tok in enumerate(SPECIAL + _words())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##")  # joins word pieces with single spaces
+    # joins words with single spaces and nothing else ("great ." stays "great ."), so decoding and
+    # encoding again gives back the same ids
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
         additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
@@ -80,18 +92,20 @@ def build_model(vocab_size: int, seed: int):
         return LlamaForCausalLM(config)
 
 
-def _completion(rng: random.Random) -> tuple[str, str, str]:
-    """One completion skeleton with 2–3 sentiment slots, filled three times: gold, chosen, rejected.
+def _completion(rng: random.Random, good: list[str] = POSITIVE,
+                bad: list[str] = NEGATIVE) -> tuple[str, str, str]:
+    """One completion skeleton with 2–3 word slots, filled three times: gold, chosen, rejected.
 
-    The fillings share every word except the sentiment slots. Gold is all positive; the chosen one
-    has fewer positive words than gold but strictly more than the rejected one (e.g. 2 of 3 against
-    1 of 3), so the task rewards preferring positive words, not recognising a fixed phrase.
+    The fillings share every word except the slots, each of which holds a `good` or a `bad` word.
+    Gold is all good; the chosen one has fewer good words than gold but strictly more than the
+    rejected one (e.g. 2 of 3 against 1 of 3), so the task rewards preferring good words, not
+    recognising a fixed phrase. Sentiment: good = positive words, bad = negative ones.
     """
     n_links = rng.randint(1, 2)
     fillers = [rng.choice(FILLER) for _ in range(n_links + 1)]
     links = [rng.choice(LINKS).format(a=rng.choice(ASPECTS)) for _ in range(n_links)]
-    pos = [rng.choice(POSITIVE) for _ in range(n_links + 1)]
-    neg = [rng.choice(NEGATIVE) for _ in range(n_links + 1)]
+    pos = [rng.choice(good) for _ in range(n_links + 1)]
+    neg = [rng.choice(bad) for _ in range(n_links + 1)]
     n_chosen = rng.randint(1, n_links)
     n_rejected = rng.randint(0, n_chosen - 1)
     slots = list(range(n_links + 1))
@@ -113,13 +127,28 @@ def sentiment_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> list
 
     Pair losses read `chosen`/`rejected`; TPO also reads the all-positive `gold` response.
     """
-    rng = random.Random(f"alignlab-sentiment-{seed}-{heldout}")
+    return _review_pairs("sentiment", POSITIVE, NEGATIVE, n, seed, heldout)
+
+
+def understated_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> list[dict[str, str]]:
+    """Like `sentiment_pairs`, but the chosen completion has fewer `HYPE` words than the rejected one.
+
+    The non-hype slots hold `PLAIN` words (mild praise or criticism), so the objective is "no hype",
+    not "negative"; gold has no hype word at all.
+    """
+    return _review_pairs("understated", PLAIN, HYPE, n, seed, heldout)
+
+
+def _review_pairs(task: str, good: list[str], bad: list[str], n: int, seed: int,
+                  heldout: bool) -> list[dict[str, str]]:
+    """`n` review rows whose chosen completion has more `good` slot words than the rejected one."""
+    rng = random.Random(f"alignlab-{task}-{seed}-{heldout}")
     subjects = SUBJECTS_HELDOUT if heldout else SUBJECTS_TRAIN
     openings = OPENINGS_HELDOUT if heldout else OPENINGS_TRAIN
     rows = []
     for _ in range(n):
         prompt = rng.choice(openings).format(s=rng.choice(subjects))
-        gold, chosen, rejected = _completion(rng)
+        gold, chosen, rejected = _completion(rng, good, bad)
         rows.append({"prompt": prompt, "gold": gold, "chosen": chosen, "rejected": rejected})
     return rows
 
@@ -160,6 +189,7 @@ class BuiltinDataset:
 #: `builtin:<name>` data sources.
 DATASETS = {
     "sentiment": BuiltinDataset(sentiment_pairs, 2400, heldout_eval=True),
+    "sentiment-understated": BuiltinDataset(understated_pairs, 2400, heldout_eval=True),
     "sentiment-forget": BuiltinDataset(partial(sentiment_completions, "forget"), 600, heldout_eval=False),
     "sentiment-retain": BuiltinDataset(partial(sentiment_completions, "retain"), 600, heldout_eval=False),
 }

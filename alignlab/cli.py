@@ -12,6 +12,8 @@ commands:
                         alignlab train +recipe=dpo model=stories260k data=hh_rlhf loss.beta=0.5
                         alignlab train +recipe=dpo --cfg job      (print the composed config)
                         alignlab train -m +recipe=dpo loss.beta=0.05,0.1,0.5   (a sweep)
+                      a recipe with `stages` trains them first (once; see alignlab.stages), e.g.
+                        alignlab train -m +recipe=modpo loss.weights='[0.1,0.9]','[0.5,0.5]','[0.9,0.1]'
   list                every loss with its needs, and every recipe
 """
 
@@ -26,9 +28,11 @@ def _train(argv: list[str]) -> None:
     @hydra.main(version_base=None, config_path=str(resource_dir("configs")), config_name="config")
     def _main(cfg) -> None:
         from alignlab.errors import UserError
+        from alignlab.stages import run_stages
         from alignlab.train import run
 
         try:
+            run_stages(cfg)  # earlier stages of a multi-stage recipe (none for most recipes)
             run(cfg)
         except UserError as err:  # the message says what to change; a traceback would only bury it
             print(f"alignlab: error: {err}", file=sys.stderr)

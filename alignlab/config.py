@@ -143,8 +143,12 @@ class AlignConfig:
     #: the run directory; defaults to Hydra's output directory (runs/<loss>/<time>).
     output_dir: Optional[str] = None
     #: earlier stages of a multi-stage recipe, in order: name -> overrides of this config for that
-    #: stage. Each runs in <run>/stages/<name>; `${stage:NAME}` is its output directory.
+    #: stage, e.g. {margin: [loss=dpo, data.path=...]}. `alignlab train` trains each (once: see
+    #: `stages_dir`) before this run; `${stage:NAME}` is its output directory (alignlab.stages).
     stages: Dict[str, List[str]] = field(default_factory=dict)
+    #: where stages run, each in <stages_dir>/<name>-<hash of its config>, so an identical stage is
+    #: trained once and reused by later runs and by every member of a sweep.
+    stages_dir: str = "runs/stages"
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -176,7 +180,9 @@ def register_configs() -> None:
     from omegaconf import OmegaConf
 
     from alignlab.losses import REGISTRY
+    from alignlab.stages import register_resolver
 
+    register_resolver()  # ${stage:NAME}
     cs = ConfigStore.instance()
     cs.store(name="alignlab_schema", node=AlignConfig)
     cs.store(group="model", name="schema", node=ModelConfig)

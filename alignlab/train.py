@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab import losses
 from alignlab.config import AlignConfig, TrainerConfig
-from alignlab.errors import ConfigError
+from alignlab.errors import ConfigError, user_error_behind
 from alignlab.losses.base import Needs, PrepareContext
 
 log = logging.getLogger("alignlab")
@@ -34,6 +34,9 @@ def to_typed(cfg: DictConfig) -> AlignConfig:
     try:
         typed: AlignConfig = OmegaConf.to_object(cfg)
     except ValueError as err:  # a __post_init__ check, which names the field
+        cause = user_error_behind(err)  # raised by a resolver, e.g. ${stage:NAME}
+        if cause is not None:
+            raise cause from None
         raise ConfigError(str(err).splitlines()[0]) from None
     return typed
 
@@ -110,6 +113,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     """Train one composed config end to end; returns where everything went and the headline figures."""
     start = time.time()
     typed = to_typed(cfg)
+    if typed.stages:  # a multi-stage config: its stages must have been trained (alignlab.stages)
+        from alignlab.stages import require_finished
+
+        require_finished(cfg)
     output_dir = Path(output_dir or typed.output_dir or _hydra_output_dir()).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -134,7 +141,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     reference = load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
     teachers = {name: load_frozen(path, typed.model, tokenizer, typed.seed) for name, path in needs.teachers}
     ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
-                         device=policy.device, seed=typed.seed)
+                         device=policy.device, seed=typed.seed, model=typed.model)
     loss_fn.prepare(ctx)
 
     if "wandb" in typed.logger.report_to:

@@ -1,6 +1,6 @@
 """The preference-data pipeline: from `DataConfig` to tokenized train and eval datasets.
 
-    check needs -> read (sources) -> normalize (formats) -> hold out eval -> [unpair pairs]
+    check needs -> read (sources) -> normalize (formats) -> hold out eval -> [swap or unpair pairs]
     -> tokenize + cache (tokenize) -> bad rows: raise or drop and count -> [pair with retain rows]
     -> PreparedData(train, eval, report)
 
@@ -38,12 +38,14 @@ from typing import TYPE_CHECKING, Any
 from alignlab.data.collate import PreferenceCollator
 from alignlab.data.formats import (
     LABEL,
+    PAIR,
     UNPAIRED,
     Normalized,
     check_columns,
     normalize,
     plan_format,
     require_chat_template,
+    swap,
     unpair,
 )
 from alignlab.data.sources import (
@@ -108,6 +110,8 @@ class DataReport:
             so each pair became a desirable (chosen) and an undesirable (rejected) example.
         pairs_unpaired: how many usable pairs were unpaired (train and eval), giving twice as many
             examples before tokenization.
+        pairs_swapped: how many usable pairs (train and eval) had their chosen and rejected
+            swapped (``data.swap_pairs``).
         desirable_rows: kept examples (train and eval) labelled True, when the loss needs ``label``.
         undesirable_rows: kept examples (train and eval) labelled False.
         retain_source: `data.retain`, when the loss has a retain response.
@@ -128,6 +132,7 @@ class DataReport:
     cache_hit: bool = False
     unpaired_from_pairs: bool = False
     pairs_unpaired: int = 0
+    pairs_swapped: int = 0
     desirable_rows: int = 0
     undesirable_rows: int = 0
     retain_source: str | None = None
@@ -164,6 +169,8 @@ class DataReport:
         if self.unpaired_from_pairs:
             lines.append(f"  unpaired {self.pairs_unpaired} pairs into single completions: chosen labelled "
                          "True (desirable), rejected False (undesirable)")
+        if self.pairs_swapped:
+            lines.append(f"  swapped chosen and rejected in {self.pairs_swapped} pairs (data.swap_pairs)")
         if self.desirable_rows or self.undesirable_rows:
             lines.append(f"  labels: {self.desirable_rows} desirable, {self.undesirable_rows} undesirable")
         if self.retain_source is not None:
@@ -217,8 +224,9 @@ def check_data_needs(cfg: DataConfig, responses: Sequence[str], fields: Sequence
 
     Raises:
         DataError: bad response or field names; a retain response without `data.retain`, or
-            `data.retain` for a loss without a retain response; a combination the pipeline does
-            not serve; `data.columns` / `data.format` that cannot work for these responses.
+            `data.retain` for a loss without a retain response; `data.swap_pairs` for a loss whose
+            responses are not pairs; a combination the pipeline does not serve; `data.columns` /
+            `data.format` that cannot work for these responses.
     """
     _check_needs(cfg, responses, fields)
 
@@ -242,6 +250,9 @@ def _check_needs(cfg: DataConfig, responses: Sequence[str],
         raise DataError(f"data.retain={cfg.retain!r} is set, but this loss does not use a retain set (it "
                         f"needs the responses {responses}). Fix: remove data.retain, or pick a loss variant "
                         "that trains on a retain set")
+    if cfg.swap_pairs and responses != PAIR:
+        raise DataError(f"data.swap_pairs=true swaps chosen and rejected of pairs, but this loss needs the "
+                        f"responses {responses}, not {PAIR}. Fix: remove data.swap_pairs")
     if LABEL in fields and responses != UNPAIRED:
         raise DataError(f"the field 'label' (unpaired binary feedback) is served only with the single "
                         f"response 'completion', but the loss needs the responses {responses}")
@@ -290,6 +301,9 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
         train, held_out = _hold_out(train, cfg, seed)  # pairs are held out whole, before unpairing
     else:
         held_out = _settle(normalize(eval_records, plan, tokenizer), cfg, report)
+    if cfg.swap_pairs:  # after the hold-out, so both settings split the same pairs
+        report.pairs_swapped = len(train.rows) + (len(held_out.rows) if held_out is not None else 0)
+        train, held_out = swap(train), swap(held_out) if held_out is not None else None
     if plan.unpair:
         report.unpaired_from_pairs = True
         report.pairs_unpaired = len(train.rows) + (len(held_out.rows) if held_out is not None else 0)

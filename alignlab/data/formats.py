@@ -22,6 +22,8 @@ Unpaired feedback (responses ``("completion",)`` with the field ``label``) is re
 any kind is read as pairs and then unpaired (`unpair`): each pair gives ``(prompt, chosen,
 label=True)`` and ``(prompt, rejected, label=False)``. `Plan.unpair` says so.
 
+With ``data.swap_pairs`` every canonical pair has its chosen and rejected swapped (`swap`).
+
 `data.columns` (canonical field -> source column) renames fields for any kind; it is also how the
 pairwise kind is selected. Conversational rows are rendered to strings here, so the tokenizer
 only ever sees strings (`Plan.chat` tells it not to add special tokens to a rendered prompt).
@@ -334,6 +336,23 @@ def unpair(rows: Normalized) -> Normalized:
         for name, label in zip(PAIR, (True, False), strict=True):
             out.rows.append({"prompt": row["prompt"], UNPAIRED[0]: row[name], **other, LABEL: label})
             out.refs.append(ref)
+    return out
+
+
+def swap(rows: Normalized) -> Normalized:
+    """Swap chosen and rejected in every canonical pair (``data.swap_pairs``).
+
+    A per-response field travels with its response: ``<x>_chosen`` and ``<x>_rejected`` (e.g.
+    MODPO's margin scores) are swapped too when a row has both.
+    """
+    out = Normalized(refs=list(rows.refs), bad=list(rows.bad))
+    for row in rows.rows:
+        swapped = dict(row)
+        for key in row:
+            partner = key.removesuffix(PAIR[0]) + PAIR[1]
+            if key.endswith(PAIR[0]) and partner in row:
+                swapped[key], swapped[partner] = row[partner], row[key]
+        out.rows.append(swapped)
     return out
 
 

@@ -24,7 +24,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from alignlab.errors import UserError
+from alignlab.errors import UserError, first_line
 
 
 class DataError(UserError):
@@ -272,7 +272,7 @@ def _read_parquet(path: Path, label: str) -> Iterator[Record]:
                 index += 1
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for unreadable files
         raise DataError(f"{label}: cannot read the Parquet file ({type(e).__name__}: "
-                        f"{_first_line(e)}). Fix: re-export it, or convert it to .jsonl") from e
+                        f"{first_line(e)}). Fix: re-export it, or convert it to .jsonl") from e
 
 
 def _read_hub(path: str, name: str | None, split: str, limit: int | None) -> list[Record]:
@@ -284,15 +284,9 @@ def _read_hub(path: str, name: str | None, split: str, limit: int | None) -> lis
     except Exception as e:  # the hub raises many types: connection, not found, bad config or split
         raise DataError(f"data.path={path!r} is not an existing local file or folder (relative paths start "
                         f"at {os.getcwd()}), and the Hugging Face hub could not load it "
-                        f"({type(e).__name__}: {_first_line(e)}). Fix: correct the path, or the hub name, "
+                        f"({type(e).__name__}: {first_line(e)}). Fix: correct the path, or the hub name, "
                         "data.name and data.split") from e
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     label = f"hub {path}[{split}]"
     return [(RowRef(label, i), row) for i, row in enumerate(dataset.to_list())]
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -130,6 +130,8 @@ class PrepareContext:
     eval: object | None
     device: torch.device
     seed: int
+    #: the run's `ModelConfig`: extra models a loss loads (e.g. MODPO's margin models) use its settings.
+    model: object = None
 
 
 class Loss(nn.Module):

@@ -70,11 +70,12 @@ def test_wandb_logs_offline(tmp_path, monkeypatch, compose_run):
     assert runs, "no offline W&B run was written"
 
 
-def test_stories260k_on_hh_rlhf(tmp_path, compose_run, shared_path):
-    """A real pretrained model on real human preferences: the loss falls."""
+@pytest.mark.parametrize("recipe", ["dpo_stories260k_hh", "modpo_length"])
+def test_stories260k_on_hh_rlhf(recipe, tmp_path, compose_run, shared_path):
+    """A real pretrained model on real human preferences (MODPO: with a length penalty): the loss falls."""
     shared_path("models", "stories260k")
     shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
-    cfg = compose_run("+recipe=dpo_stories260k_hh", "trainer.max_steps=30", "trainer.logging_steps=5",
+    cfg = compose_run(f"+recipe={recipe}", "trainer.max_steps=30", "trainer.logging_steps=5",
                       "trainer.eval_steps=0", "data.limit=400", f"data.cache_dir={tmp_path / 'cache'}")
     result = run(cfg, output_dir=tmp_path / "run")
     assert result.train_losses[-1] < result.train_losses[0]
