@@ -18,6 +18,7 @@ from omegaconf import MISSING
 BAD_ROW_POLICIES = ("error", "skip")
 PROMPT_TRUNCATION = ("error", "keep_end", "keep_start")
 FORMATS = ("auto", "explicit", "conversational", "hh", "columns")
+REFERENCE_MODES = ("live", "precomputed")
 
 
 @dataclass
@@ -28,6 +29,9 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     #: a separate reference model; defaults to a frozen copy of the initial policy.
     reference: Optional[str] = None
+    #: live (run the reference every step) | precomputed (score the data once before training, cache
+    #: the log-probs on disk, free the reference; not for losses that need its full logits).
+    reference_mode: str = "live"
     #: float32 | bfloat16 | float16 | auto. Log-probs are always computed in fp32.
     dtype: str = "float32"
     gradient_checkpointing: bool = False
@@ -42,6 +46,11 @@ class ModelConfig:
     #: compute logits this many positions at a time, never materialising (B, T, V) fp32 logits
     #: (docs/performance.md); 0 uses the model's own dense logits.
     logit_chunk_size: int = 128
+
+    def __post_init__(self) -> None:
+        _one_of("model.reference_mode", self.reference_mode, REFERENCE_MODES)
+        if self.logit_chunk_size < 0:
+            raise ValueError(f"model.logit_chunk_size must be >= 0, got {self.logit_chunk_size}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -50,11 +51,35 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
             f"loss {cfg.loss.name!r} is reference-free, but model.reference={cfg.model.reference!r} is set; "
             "remove model.reference (it would never be used) or pick a loss that uses a reference"
         )
+    if cfg.model.reference_mode == "precomputed":
+        if not needs.reference:
+            raise ConfigError(f"loss {cfg.loss.name!r} is reference-free: model.reference_mode=precomputed has no "
+                              "reference to precompute; remove it")
+        if needs.full_logits:
+            raise ConfigError(
+                f"loss {cfg.loss.name!r} needs the reference model's full-vocabulary logits at every step, which "
+                "precomputed reference log-probs do not keep; set model.reference_mode=live")
     for name, path in needs.teachers:
         if not path or "${" in path:
             raise ConfigError(f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
                               f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it")
     check_data_needs(cfg.data, needs.responses, needs.fields)
+
+
+def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, collator, batch_size: int, device) -> None:
+    """Replace ctx.train / ctx.eval with copies carrying the reference's per-token log-probs (cached)."""
+    from alignlab.forward import Forward
+    from alignlab.reference import model_identity, precompute
+
+    identity = model_identity(cfg.model.reference or cfg.model.name_or_path, cfg.model.dtype, cfg.seed)
+    cache_dir = Path(cfg.data.cache_dir or Path.home() / ".cache" / "alignlab") / "reference"
+    reference.to(device)
+    score = partial(precompute, reference, collator=collator, forward=Forward(cfg.model.logit_chunk_size),
+                    responses=collator.responses, identity=identity, batch_size=batch_size, device=device,
+                    cache_dir=cache_dir)
+    ctx.train = score(ctx.train)
+    if ctx.eval is not None:
+        ctx.eval = score(ctx.eval)
 
 
 def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: bool, report_to: list[str]):
@@ -124,6 +149,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
 
     from alignlab.data import PreferenceCollator, build_datasets
     from alignlab.models import load_frozen, load_policy, load_reference, load_tokenizer
+    from alignlab.reference import column as reference_column
     from alignlab.trainer import AlignTrainer, MetricsFileCallback
 
     set_seed(typed.seed)
@@ -147,6 +173,13 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     if "wandb" in typed.logger.report_to:
         _setup_wandb(typed, output_dir)
     args = training_arguments(typed.trainer, output_dir, typed.seed, data.eval is not None, typed.logger.report_to)
+    collator = PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses,
+                                  fields=(*needs.fields, *needs.prepared_fields))
+    precomputed = needs.reference and typed.model.reference_mode == "precomputed"
+    if precomputed:  # score the data once with the reference, then free it
+        _precompute_reference(typed, reference, ctx, collator, args.per_device_eval_batch_size, args.device)
+        reference = None
+        collator.sequences = tuple(reference_column(r) for r in needs.responses)
     metrics_file = output_dir / "metrics.jsonl"
     if resume is None and metrics_file.exists():
         metrics_file.unlink()  # a fresh run in an old directory starts a fresh log
@@ -155,11 +188,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         args=args,
         train_dataset=ctx.train,
         eval_dataset=ctx.eval,
-        data_collator=PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses,
-                                         fields=(*needs.fields, *needs.prepared_fields)),
+        data_collator=collator,
         processing_class=tokenizer,
         loss_fn=loss_fn,
         reference=reference,
+        precomputed_reference=precomputed,
         teachers=teachers,
         logit_chunk_size=typed.model.logit_chunk_size,
         callbacks=[MetricsFileCallback(metrics_file)],

@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback
 
 from alignlab.forward import Forward
 from alignlab.losses.base import Loss, LossInputs
+from alignlab.reference import from_columns as reference_from_columns
 
 
 #: the loss module's buffers and parameters inside a checkpoint folder.
@@ -41,6 +42,8 @@ class AlignTrainer(Trainer):
         loss_fn: the registered loss module.
         reference: the frozen reference model, or None for reference-free losses.
         teachers: frozen teacher models by name (`Needs.teachers`), e.g. AlignDistil's.
+        precomputed_reference: the batches carry the reference's log-probs (`alignlab.reference`)
+            instead of a live reference model.
         logit_chunk_size: positions per logits chunk (`model.logit_chunk_size`); 0 for dense logits.
         **kwargs: everything `transformers.Trainer` takes.
     """
@@ -49,11 +52,13 @@ class AlignTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *, loss_fn: Loss, reference: nn.Module | None = None,
-                 teachers: dict[str, nn.Module] | None = None, logit_chunk_size: int = 0, **kwargs) -> None:
+                 teachers: dict[str, nn.Module] | None = None, logit_chunk_size: int = 0,
+                 precomputed_reference: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.loss_fn = loss_fn.to(self.args.device)
         self.needs = loss_fn.needs
-        if self.needs.reference and reference is None:
+        self.precomputed_reference = precomputed_reference
+        if self.needs.reference and reference is None and not precomputed_reference:
             raise ValueError(f"loss {loss_fn.registry_name!r} needs a reference model and none was given")
         self.reference = reference.to(self.args.device) if reference is not None else None
         self.teachers = {name: m.to(self.args.device) for name, m in (teachers or {}).items()}
@@ -66,7 +71,11 @@ class AlignTrainer(Trainer):
     def _loss_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LossInputs:
         policy = self._run(model, self.accelerator.unwrap_model(model), inputs)
         with torch.no_grad():
-            reference = self._run(self.reference, self.reference, inputs) if self.needs.reference else None
+            reference = None
+            if self.precomputed_reference:
+                reference = reference_from_columns(inputs, policy)
+            elif self.needs.reference:
+                reference = self._run(self.reference, self.reference, inputs)
             teachers = {name: self._run(m, m, inputs) for name, m in self.teachers.items()}
         fields = {name: inputs[name] for name in (*self.needs.fields, *self.needs.prepared_fields)}
         return LossInputs(policy=policy, reference=reference, teachers=teachers, fields=fields,

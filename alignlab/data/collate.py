@@ -31,16 +31,19 @@ class PreferenceCollator:
         pad_token_id: the id that fills padding positions of `*_input_ids`.
         responses: the response names to collate, e.g. ("chosen", "rejected").
         fields: the scalar columns to pass through, e.g. ("label",).
+        sequences: float-list columns to pad into `(B, L)` NaN-padded tensors, e.g. precomputed
+            reference log-probs.
     """
 
     def __init__(self, pad_token_id: int, responses: Sequence[str] = ("chosen", "rejected"),
-                 fields: Sequence[str] = ()) -> None:
+                 fields: Sequence[str] = (), sequences: Sequence[str] = ()) -> None:
         if pad_token_id is None:
             raise DataError("the collator needs a pad token id and the tokenizer has none. Fix: set "
                             "tokenizer.pad_token (for example to its eos_token) before building the collator")
         self.pad_token_id = int(pad_token_id)
         self.responses = tuple(responses)
         self.fields = tuple(fields)
+        self.sequences = tuple(sequences)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate `examples` into ``{r_input_ids, r_attention_mask, r_labels}`` for every response.
@@ -71,7 +74,18 @@ class PreferenceCollator:
             batch[f"{name}_labels"] = labels
         for name in self.fields:
             batch[name] = _field(examples, name)
+        for name in self.sequences:
+            batch[name] = _float_sequences(examples, name)
         return batch
+
+
+def _float_sequences(examples: Sequence[Mapping[str, Any]], name: str) -> torch.Tensor:
+    """Variable-length float lists (e.g. precomputed reference log-probs) as `(B, L)` float32, NaN-padded."""
+    rows = [list(ex[name]) for ex in examples]
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), float("nan"), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
 
 
 def _prompt_column(example: Mapping[str, Any], response: str) -> str:

@@ -1,0 +1,94 @@
+"""Precomputed reference log-probs (`model.reference_mode=precomputed`).
+
+The frozen reference gives the same log-probs for an example at every epoch, so they can be computed
+once, before training, and the reference model dropped from memory and from every step. The
+per-token log-probs of each response are stored as a column (`ref_<response>_logps`, response
+tokens only) of the tokenized dataset and cached on disk, keyed by a fingerprint of the dataset,
+the reference model and the forward settings, so reruns and the members of a sweep reuse them.
+
+Losses that need the reference's full-vocabulary logits (TDPO, SparsePO, NPO+KL) cannot use them:
+`alignlab.train.check_combination` refuses that combination before any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from alignlab.losses.base import SequenceLogps
+
+log = logging.getLogger(__name__)
+
+#: bump when the stored values change for the same inputs.
+CACHE_VERSION = 1
+
+
+def column(response: str) -> str:
+    """The dataset column holding a response's reference log-probs."""
+    return f"ref_{response}_logps"
+
+
+def model_identity(name_or_path: str, dtype: str, seed: int) -> str:
+    """What identifies the reference's weights: its files (name, size, mtime) or its name and seed."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+                       if p.suffix in (".safetensors", ".json"))
+        return json.dumps([str(path.resolve()), dtype, files])
+    return json.dumps([name_or_path, dtype, seed])  # hub names and builtin:tiny (seeded random init)
+
+
+@torch.no_grad()
+def precompute(reference, dataset, collator, forward, responses: tuple[str, ...], *, identity: str,
+               batch_size: int, device, cache_dir: Path):
+    """`dataset` with a `ref_<r>_logps` column per response, from the cache when it has it.
+
+    Args:
+        reference: the frozen reference model.
+        dataset: a tokenized dataset (`datasets.Dataset`).
+        collator: the run's `PreferenceCollator`.
+        forward: the run's `alignlab.forward.Forward` (same logits path as live training).
+        responses: the responses to score.
+        identity: `model_identity(...)` of the reference.
+        batch_size: examples per forward pass.
+        device: where the reference runs.
+        cache_dir: where the scored dataset is cached.
+    """
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, dataset._fingerprint, identity, list(responses)]).encode())
+    key = key.hexdigest()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_file = cache_dir / f"reference-{key[:40]}.arrow"
+    hit = cache_file.exists()
+    head = reference.get_output_embeddings()
+
+    def score(rows: dict[str, list]) -> dict[str, list]:
+        examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        batch = {k: v.to(device) for k, v in collator(examples).items()}
+        out = forward(reference, head, batch, responses)
+        return {column(r): [lp[m].tolist() for lp, m in zip(out[r].token_logps.cpu(), out[r].mask.cpu())]
+                for r in responses}
+
+    scored = dataset.map(score, batched=True, batch_size=batch_size, cache_file_name=str(cache_file),
+                         new_fingerprint=key[:32], desc="Reference log-probs")
+    print(f"reference log-probs: {'reused from cache' if hit else 'computed'} for {len(dataset)} examples "
+          f"({cache_file})")
+    return scored
+
+
+def from_columns(inputs: dict[str, torch.Tensor], policy: dict[str, SequenceLogps]) -> dict[str, SequenceLogps]:
+    """Reference `SequenceLogps` rebuilt from a batch's `ref_<r>_logps` columns, on the policy's masks."""
+    out = {}
+    for name, seq in policy.items():
+        values = inputs[column(name)]  # (B, L), NaN-padded
+        valid = ~torch.isnan(values)
+        if not torch.equal(valid.sum(-1), seq.mask.sum(-1)):
+            raise RuntimeError(f"precomputed reference log-probs of {name!r} do not match the batch's response "
+                               "tokens; the cache is stale: delete it (data.cache_dir) and rerun")
+        token = torch.zeros_like(seq.token_logps, dtype=torch.float32)
+        token[seq.mask] = values[valid].float()
+        out[name] = SequenceLogps(token_logps=token.to(seq.token_logps.dtype), mask=seq.mask, input_mask=seq.input_mask)
+    return out
