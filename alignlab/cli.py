@@ -36,10 +36,19 @@ def _train(argv: list[str]) -> None:
             run(cfg)
         except UserError as err:  # the message says what to change; a traceback would only bury it
             print(f"alignlab: error: {err}", file=sys.stderr)
+            if _in_sweep():
+                raise  # Hydra records this member as failed and runs the others
             sys.exit(2)
 
     sys.argv = ["alignlab train", *argv]
     _main()
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _list() -> None:
