@@ -150,6 +150,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     from alignlab.data import PreferenceCollator, build_datasets
     from alignlab.models import load_frozen, load_policy, load_reference, load_tokenizer
     from alignlab.reference import column as reference_column
+    from alignlab.report import environment, plot_curves
     from alignlab.trainer import AlignTrainer, MetricsFileCallback
 
     set_seed(typed.seed)
@@ -204,6 +205,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     trainer.save_model(str(model_dir))
     trainer.save_loss_state(model_dir)  # e.g. BCO's δ and UDM classifier, beside the final model
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    if trainer.is_world_process_zero():
+        (output_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+        plot_curves(metrics_file, output_dir / "curves.png")
     train_losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
     result = RunResult(output_dir, model_dir, metrics_file, train_losses, eval_metrics, time.time() - start)
     (output_dir / "summary.json").write_text(json.dumps(
@@ -230,7 +234,8 @@ def summary_text(result: RunResult) -> str:
         lines.append(f"  train loss        {result.train_losses[0]:.4f} (first log) -> {result.train_losses[-1]:.4f} (last)")
     lines += [f"  {text.format(result.eval_metrics[key])}" for key, text in HEADLINE.items()
               if key in result.eval_metrics]
-    lines += [f"  model + tokenizer {result.model_dir}", f"  metrics           {result.metrics_file}",
+    lines += [f"  model + tokenizer {result.model_dir}",
+              f"  metrics           {result.metrics_file} (curves: {result.output_dir / 'curves.png'})",
               f"  run directory     {result.output_dir}"]
     return "\n".join(lines)
 

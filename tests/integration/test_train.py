@@ -40,7 +40,10 @@ def test_dpo_learns_on_embedded_default(tmp_path, compose_run):
     assert (result.model_dir / "model.safetensors").exists()
     ids = tokenizer("review : the film was", return_tensors="pt").input_ids
     assert model(ids).logits.shape[-1] == len(tokenizer)
-    assert (result.output_dir / "config.yaml").exists() and (result.output_dir / "data_report.json").exists()
+    for name in ("config.yaml", "data_report.json", "environment.json", "curves.png", "summary.json"):
+        assert (result.output_dir / name).exists(), name
+    env = json.loads((result.output_dir / "environment.json").read_text())
+    assert env["packages"]["torch"] and env["git"] and len(env["git"]["commit"]) == 40
 
 
 def test_resume_continues_from_the_saved_step(run_and_resume):
