@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab import losses
+from alignlab import checkpoints, losses
 from alignlab.config import AlignConfig, TrainerConfig
 from alignlab.errors import ConfigError, user_error_behind
 from alignlab.losses.base import Needs, PrepareContext
@@ -109,20 +109,6 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def _resolve_checkpoint(value: str | None, output_dir: Path) -> str | None:
-    if value != "latest":
-        return value
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if last is None:
-        raise ConfigError(
-            f"trainer.resume_from_checkpoint=latest but {output_dir} holds no checkpoint-*; "
-            "pass the run directory with output_dir=... (or hydra.run.dir=...)"
-        )
-    return last
-
-
 def _setup_wandb(cfg, output_dir: Path) -> None:
     os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
     if cfg.logger.entity:
@@ -157,7 +143,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     loss_fn = losses.build(typed.loss)
     needs = loss_fn.needs
     check_combination(typed, needs)  # config vs data vs needs, before anything heavy loads
-    resume = _resolve_checkpoint(typed.trainer.resume_from_checkpoint, output_dir)
+    resume = checkpoints.resolve(typed.trainer.resume_from_checkpoint, output_dir)
 
     tokenizer = load_tokenizer(typed.model)
     data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields)
@@ -184,6 +170,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     metrics_file = output_dir / "metrics.jsonl"
     if resume is None and metrics_file.exists():
         metrics_file.unlink()  # a fresh run in an old directory starts a fresh log
+    preemption = checkpoints.PreemptionCallback()
     trainer = AlignTrainer(
         model=policy,
         args=args,
@@ -196,9 +183,13 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         precomputed_reference=precomputed,
         teachers=teachers,
         logit_chunk_size=typed.model.logit_chunk_size,
-        callbacks=[MetricsFileCallback(metrics_file)],
+        callbacks=[MetricsFileCallback(metrics_file), checkpoints.NonFiniteGradCallback(), preemption],
     )
     trainer.train(resume_from_checkpoint=resume)
+    if preemption.preempted:  # SIGTERM: a checkpoint was saved; no final model, no summary (not finished)
+        print(f"alignlab: stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
+              "Resume with trainer.resume_from_checkpoint=latest and the same run directory")
+        return RunResult(output_dir, output_dir / "model", metrics_file, [], {}, time.time() - start)
     eval_metrics = trainer.evaluate() if ctx.eval is not None else {}
 
     model_dir = output_dir / "model"

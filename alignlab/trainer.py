@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from alignlab.checkpoints import check_finite, mark_complete
 from alignlab.forward import Forward
 from alignlab.losses.base import Loss, LossInputs
 from alignlab.reference import from_columns as reference_from_columns
@@ -84,6 +85,8 @@ class AlignTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.loss_fn(self._loss_inputs(model, inputs))
         loss = reduce_loss(out.losses)
+        if model.training:
+            check_finite(loss.detach(), self.state.global_step)
         split = "train" if model.training else "eval"
         for name, value in out.metrics.items():
             self._metrics[split][name].append(value.detach().float())
@@ -111,6 +114,13 @@ class AlignTrainer(Trainer):
         if state and self.args.should_save:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(output_dir) / LOSS_STATE)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """HF's checkpoint, then the completion marker, written last (see alignlab.checkpoints)."""
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_complete(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

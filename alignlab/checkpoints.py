@@ -1,0 +1,134 @@
+"""Crash-safe checkpoints: complete-or-ignored, preemption-aware, and guarded against NaN.
+
+HF Trainer writes `checkpoint-N/` file by file, so a kill during a save leaves a half-written folder,
+and resuming from the highest-numbered one then fails (or silently starts a fresh optimizer when
+`optimizer.pt` is missing). Here:
+
+* a checkpoint is *complete* only once `alignlab_complete` is written inside it, after everything
+  else; `trainer.resume_from_checkpoint=latest` takes the newest complete one and says which
+  incomplete ones it skipped; a named checkpoint that is incomplete is refused with the reason;
+* SIGTERM (SLURM preemption, `kill`) makes the trainer save a checkpoint at the end of the current
+  step and stop cleanly (`PreemptionCallback`);
+* a non-finite loss or gradient stops the run at once, naming the step, before the optimizer applies
+  it, so the last checkpoint stays the last good state (`NonFiniteError`, `NonFiniteGradCallback`).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from alignlab.errors import UserError
+
+COMPLETE = "alignlab_complete"
+#: files every resumable checkpoint must hold (the model weights are checked separately).
+REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+def problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None if it can."""
+    if not checkpoint.is_dir():
+        return f"{checkpoint} is not a folder"
+    deepspeed = any(checkpoint.glob("global_step*"))  # DeepSpeed keeps optimizer and weights there
+    required = ("trainer_state.json",) if deepspeed else REQUIRED
+    missing = [name for name in required if not (checkpoint / name).exists()]
+    if not deepspeed and not any((checkpoint / name).exists() for name in WEIGHTS):
+        missing.append("model weights")
+    if missing:
+        return f"{checkpoint} lacks {', '.join(missing)}"
+    if not (checkpoint / COMPLETE).exists():
+        return f"{checkpoint} was not finished (no {COMPLETE}: the save was interrupted)"
+    return None
+
+
+def latest_complete(output_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete `checkpoint-N` in `output_dir`, and why each newer one was skipped."""
+    found = sorted((int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    skipped = []
+    for _, path in reversed(found):
+        reason = problem(path)
+        if reason is None:
+            return path, skipped
+        skipped.append(reason)
+    return None, skipped
+
+
+def resolve(value: str | None, output_dir: Path) -> str | None:
+    """`trainer.resume_from_checkpoint`: None, `latest`, or a folder, checked for completeness."""
+    if value is None:
+        return None
+    if value != "latest":
+        reason = problem(Path(value))
+        if reason:
+            raise UserError(f"cannot resume: {reason}. Fix: pass a complete checkpoint, or "
+                            "trainer.resume_from_checkpoint=latest to take the newest complete one")
+        return value
+    path, skipped = latest_complete(output_dir)
+    for reason in skipped:
+        print(f"alignlab: skipping incomplete checkpoint: {reason}")
+    if path is None:
+        raise UserError(f"trainer.resume_from_checkpoint=latest but {output_dir} holds no complete checkpoint-*; "
+                        "pass the run directory with output_dir=... (or hydra.run.dir=...)")
+    print(f"alignlab: resuming from {path}")
+    return str(path)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Raise `NonFiniteError` if the training loss of step `step + 1` is NaN or infinite."""
+    if not torch.isfinite(loss).all():
+        raise NonFiniteError(
+            f"the loss is {loss.item()} at step {step + 1}; stopping before "
+            "the optimizer applies it, so the last checkpoint is the last good state. Lower the learning "
+            "rate or check the data of that batch (and model.dtype: fp16 overflows more easily than bf16)")
+
+
+class NonFiniteGradCallback(TrainerCallback):
+    """Stops the run if any gradient is NaN or infinite, before the optimizer step."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not torch.stack([g.isfinite().all() for g in grads]).all():
+            raise NonFiniteError(f"a gradient is NaN or infinite at step {state.global_step + 1}; stopping before the "
+                                 "optimizer applies it, so the last checkpoint is the last good state")
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM: save a checkpoint at the end of the current step and stop training cleanly."""
+
+    def __init__(self) -> None:
+        self.preempted = False
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.preempted = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.preempted:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """Written last: from now on `checkpoint` may be resumed from."""
+    (Path(checkpoint) / COMPLETE).write_text("complete\n")
