@@ -193,3 +193,16 @@ DATASETS = {
     "sentiment-forget": BuiltinDataset(partial(sentiment_completions, "forget"), 600, heldout_eval=False),
     "sentiment-retain": BuiltinDataset(partial(sentiment_completions, "retain"), 600, heldout_eval=False),
 }
+
+
+def sentiment_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """The embedded task's ground-truth reward: (positive − negative words) / words, in [−1, 1].
+
+    Usable as `alignlab eval RUN --reward alignlab.builtin:sentiment_reward`.
+    """
+    positive, negative = set(POSITIVE), set(NEGATIVE)
+    scores = []
+    for text in completions:
+        words = text.split()
+        scores.append((sum(w in positive for w in words) - sum(w in negative for w in words)) / max(len(words), 1))
+    return scores

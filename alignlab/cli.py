@@ -14,6 +14,9 @@ commands:
                         alignlab train -m +recipe=dpo loss.beta=0.05,0.1,0.5   (a sweep)
                       a recipe with `stages` trains them first (once; see alignlab.stages), e.g.
                         alignlab train -m +recipe=modpo loss.weights='[0.1,0.9]','[0.5,0.5]','[0.9,0.1]'
+  eval RUN_DIR [--reward module:function] [--num-prompts N] [--max-new-tokens N]
+                      evaluate a saved run against its reference: held-out metrics, samples,
+                      KL(policy||reference), reward and win rate, lengths -> RUN_DIR/eval/report.md
   list                every loss with its needs, and every recipe
 """
 
@@ -105,6 +108,31 @@ def explain_overrides(argv: list[str]) -> str | None:
     return "; ".join(lines[:2]) or f"invalid overrides: {' '.join(overrides)}"
 
 
+def _eval(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="alignlab eval", description="Evaluate a saved run against its reference.")
+    parser.add_argument("run_dir", help="a run directory (it holds model/ and config.yaml)")
+    parser.add_argument("--reward", help="module:function(prompts, completions) -> scores, e.g. "
+                                         "alignlab.builtin:sentiment_reward")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from alignlab.errors import UserError
+    from alignlab.evaluate import evaluate
+
+    try:
+        result = evaluate(args.run_dir, args.reward, args.num_prompts, args.max_new_tokens, args.seed)
+    except (UserError, FileNotFoundError, ValueError, AttributeError, ImportError) as err:
+        print(f"alignlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"alignlab eval: report in {args.run_dir}/eval/report.md")
+    for key in ("kl_policy_reference", "reward_policy", "reward_reference", "win_rate"):
+        if key in result:
+            print(f"  {key:<22} {result[key]:.4f}")
+
+
 def _in_sweep() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -137,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         _train(rest)
     elif command == "list":
         _list()
+    elif command == "eval":
+        _eval(rest)
     else:
         print(f"alignlab: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,52 @@
+"""Evaluation metrics on hand-made cases, and the report of a real (tiny) run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignlab import builtin
+from alignlab.evaluate import evaluate, sample, win_rate
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = builtin.build_tokenizer()
+    return tok, builtin.build_model(len(tok), seed=0).eval()
+
+
+def test_kl_of_the_reference_against_itself_is_zero(tiny):
+    tok, model = tiny
+    gen = sample(model, model, tok, ["review : the film was", "verdict : our game looked"], max_new_tokens=8, seed=0)
+    assert torch.equal(gen.logps_self, gen.logps_other)
+    assert float((gen.logps_self - gen.logps_other).mean()) == 0.0
+
+
+def test_a_model_against_itself_wins_half(tiny):
+    tok, model = tiny
+    prompts = ["review : the film was", "my take : this book felt", "in short , the show is"]
+    a = sample(model, model, tok, prompts, max_new_tokens=8, seed=1)
+    b = sample(model, model, tok, prompts, max_new_tokens=8, seed=1)
+    reward = builtin.sentiment_reward
+    assert win_rate(reward(prompts, a.completions), reward(prompts, b.completions)) == 0.5
+
+
+def test_win_rate_by_hand():
+    assert win_rate([1.0, 0.0, 0.5, 2.0], [0.0, 1.0, 0.5, 1.0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+def test_sentiment_reward_by_hand():
+    assert builtin.sentiment_reward([""], ["really great and dull ."]) == [pytest.approx((1 - 1) / 5)]
+    assert builtin.sentiment_reward([""], ["great great"]) == [1.0]
+
+
+@pytest.mark.slow
+def test_eval_of_a_saved_run_writes_its_report(tmp_path, compose_run):
+    from alignlab.train import run
+
+    result = run(compose_run("+recipe=dpo", "trainer.max_steps=20", "trainer.eval_steps=0",
+                             f"data.cache_dir={tmp_path / 'cache'}"), output_dir=tmp_path / "run")
+    figures = evaluate(result.output_dir, reward="alignlab.builtin:sentiment_reward", num_prompts=4, max_new_tokens=6)
+    assert (tmp_path / "run" / "eval" / "report.md").read_text().startswith("# Evaluation of")
+    assert figures["kl_policy_reference"] > 0 and 0 <= figures["win_rate"] <= 1
+    assert figures["held_out"]["eval_rewards/accuracies"] > 0.5
