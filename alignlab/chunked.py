@@ -34,7 +34,9 @@ class LazyLogits:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((*self.hidden.shape[:2], self.head.weight.shape[0]))
+        weight = self.head.weight
+        vocab = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]  # ZeRO-3: partitioned
+        return torch.Size((*self.hidden.shape[:2], vocab))
 
     def dense(self) -> torch.Tensor:
         """All logits at once, fp32 (for tests and small cases)."""

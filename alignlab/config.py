@@ -1,7 +1,7 @@
 """Typed configuration: the dataclass schemas Hydra composes into, and their registration.
 
-`configs/` holds the building blocks (groups model, data, trainer, logger; the loss group comes from
-the loss registry's dataclasses) and `recipes/` holds complete experiments selected with
+`configs/` holds the building blocks (groups model, data, trainer, deepspeed, logger; the loss group
+comes from the loss registry's dataclasses) and `recipes/` holds complete experiments selected with
 `+recipe=NAME`. Every YAML is merged into these schemas, so an unknown key, a wrong type or an
 unknown option fails at compose time with a message that names it.
 """
@@ -19,6 +19,47 @@ BAD_ROW_POLICIES = ("error", "skip")
 PROMPT_TRUNCATION = ("error", "keep_end", "keep_start")
 FORMATS = ("auto", "explicit", "conversational", "hh", "columns")
 REFERENCE_MODES = ("live", "precomputed")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the policy (`model.lora.*`, peft); the names follow TRL's and peft's.
+
+    With an adapter the reference is the policy with its adapters disabled, never a second copy
+    (unless `model.reference` names a separate model). The final `model/` holds the adapter.
+    """
+
+    #: train LoRA adapters instead of every weight.
+    enabled: bool = False
+    #: adapter rank.
+    r: int = 16
+    #: scaling numerator: the update is (alpha / r) · B A.
+    alpha: float = 32.0
+    #: dropout on the adapter's input (the base model's own dropout follows model.disable_dropout).
+    dropout: float = 0.05
+    #: modules to adapt: "all-linear" (every linear layer but the output head), or a list of module
+    #: names such as [q_proj, v_proj], or a regex (peft's `target_modules`).
+    target_modules: Any = "all-linear"
+    #: also write `model_merged/`: the adapter merged into the base weights, a plain transformers model.
+    merge_on_save: bool = False
+    #: QLoRA: load the base model in 4-bit NF4 (bitsandbytes; needs a CUDA GPU).
+    load_in_4bit: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        targets = self.target_modules
+        if not (isinstance(targets, str) and targets) and not (
+                isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)):
+            raise ValueError("model.lora.target_modules must be all-linear, a module name regex, or a list of "
+                             f"module names such as [q_proj,v_proj]; got {targets!r}")
+        if not self.enabled and (self.merge_on_save or self.load_in_4bit):
+            option = "merge_on_save" if self.merge_on_save else "load_in_4bit"
+            raise ValueError(f"model.lora.{option}=true needs an adapter: set model.lora.enabled=true")
 
 
 @dataclass
@@ -46,6 +87,8 @@ class ModelConfig:
     #: compute logits this many positions at a time, never materialising (B, T, V) fp32 logits
     #: (docs/performance.md); 0 uses the model's own dense logits.
     logit_chunk_size: int = 128
+    #: LoRA / QLoRA adapters (peft): `model.lora.enabled=true`.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _one_of("model.reference_mode", self.reference_mode, REFERENCE_MODES)
@@ -131,6 +174,25 @@ class TrainerConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO through HF Trainer (`deepspeed=zero1|zero2|zero3|zero3_offload`; docs/distributed.md).
+
+    "auto" values are filled by HF Trainer from `trainer.*` (batch sizes, gradient accumulation and
+    clipping, bf16/fp16). Everything DeepSpeed-specific lives in `alignlab.distributed`.
+    """
+
+    #: a DeepSpeed JSON config file (e.g. your cluster's); replaces `config` when set.
+    path: Optional[str] = None
+    #: the DeepSpeed config itself; empty (the `none` option) trains without DeepSpeed.
+    config: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run uses DeepSpeed."""
+        return bool(self.path or self.config)
+
+
+@dataclass
 class LoggerConfig:
     #: none | wandb | tensorboard, as HF Trainer's report_to; console and metrics.jsonl always run.
     report_to: List[str] = field(default_factory=list)
@@ -148,6 +210,7 @@ class AlignConfig:
     loss: Any = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
     seed: int = 42
     #: the run directory; defaults to Hydra's output directory (runs/<loss>/<time>).
     output_dir: Optional[str] = None
@@ -198,6 +261,7 @@ def register_configs() -> None:
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="logger", name="schema", node=LoggerConfig)
+    cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
     for name, entry in REGISTRY.items():
         cs.store(group="loss", name=name, node=entry.config)
     # Recipes are complete experiments, `# @package _global_` files with their own defaults list.

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from alignlab.chunked import LazyLogits, label_logps, per_token
+from alignlab.distributed import chunkable_head
 from alignlab.losses.base import SequenceLogps
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Forward:
         Returns:
             response name -> `SequenceLogps` with `(B, T-1)` tensors (position t predicts token t+1).
         """
+        head = chunkable_head(head)
         input_ids = torch.cat([batch[f"{r}_input_ids"] for r in responses])
         attention_mask = torch.cat([batch[f"{r}_attention_mask"] for r in responses])
         labels = torch.cat([batch[f"{r}_labels"] for r in responses])[:, 1:]

@@ -1,16 +1,19 @@
-"""Loading the policy, its tokenizer and (only when a loss needs one) the frozen reference."""
+"""Loading the policy (with LoRA adapters when configured), its tokenizer and (only when a loss needs
+one) the frozen reference: a separate model, a copy of the initial policy, or, with an adapter, the
+policy itself with its adapters disabled."""
 
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from alignlab.config import ModelConfig
-from alignlab.errors import UserError
+from alignlab.config import LoraConfig, ModelConfig
+from alignlab.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,16 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
-    """The trainable causal LM, by hub name, local path, or `builtin:tiny`."""
+    """The trainable causal LM, by hub name, local path, or `builtin:tiny`; a peft `PeftModel` with
+    fresh LoRA adapters when `model.lora.enabled` (QLoRA: on a 4-bit base)."""
+    model = _load_causal_lm(cfg, tokenizer, seed)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg)
+    return model
+
+
+def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
+    """The causal LM of `cfg` without adapters: dtype, dropout, pad token and checkpointing settled."""
     if cfg.name_or_path.startswith(BUILTIN_PREFIX):
         if cfg.name_or_path != f"{BUILTIN_PREFIX}tiny":
             raise ModelError(f"unknown builtin model {cfg.name_or_path!r}; the only one is 'builtin:tiny'")
@@ -70,6 +82,8 @@ def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+        if cfg.lora.load_in_4bit:
+            kwargs["quantization_config"] = _nf4_config(cfg)
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         try:
@@ -79,7 +93,7 @@ def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
                 f"cannot load model {cfg.name_or_path!r}: {err}. Set model.name_or_path to a local folder "
                 "with config.json and *.safetensors, or a hub name on a machine with network access."
             ) from None
-    if cfg.dtype not in ("auto", "float32"):
+    if cfg.dtype not in ("auto", "float32") and not cfg.lora.load_in_4bit:
         model.to(DTYPES[cfg.dtype])
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -92,18 +106,126 @@ def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
 
 
 def load_reference(cfg: ModelConfig, policy: nn.Module, tokenizer, seed: int) -> nn.Module:
-    """A frozen reference: `model.reference` if set, else a copy of the initial policy."""
+    """A frozen reference: `model.reference` if set; else, with LoRA, the policy with its adapters
+    disabled (`AdapterDisabled`, no second copy); else a copy of the initial policy."""
     if cfg.reference:
         return load_frozen(cfg.reference, cfg, tokenizer, seed)
+    if cfg.lora.enabled:
+        return AdapterDisabled(policy)
     return freeze(copy.deepcopy(policy))
 
 
 def load_frozen(name_or_path: str, cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
     """Any extra frozen model (reference, teacher, margin reward model) through the policy's loading
-    path: same dtype, attention implementation, pad-token handling and trust settings."""
-    frozen = load_policy(ModelConfig(**{**vars(cfg), "name_or_path": name_or_path, "gradient_checkpointing": False}),
-                         tokenizer, seed)
+    path: same dtype, attention implementation, pad-token handling and trust settings; no adapter."""
+    frozen = _load_causal_lm(replace(cfg, name_or_path=name_or_path, gradient_checkpointing=False, lora=LoraConfig()),
+                             tokenizer, seed)
     return freeze(frozen)
+
+
+# -- LoRA / QLoRA ---------------------------------------------------------------------------------
+
+def add_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Wrap `model` in a peft `PeftModel` with fresh LoRA adapters (B = 0: it starts as the base)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    lora = cfg.lora
+    if lora.load_in_4bit:  # fp32 norms and head, input grads for checkpointing (the QLoRA recipe)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:  # e.g. target modules not found in the model
+        raise ConfigError(f"model.lora.target_modules={lora.target_modules!r}: {str(err).splitlines()[0]}") from None
+
+
+def _nf4_config(cfg: ModelConfig):
+    """bitsandbytes 4-bit NF4 with double quantisation; computes in model.dtype (bf16 for float32/auto)."""
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES[cfg.dtype] if cfg.dtype in ("bfloat16", "float16") else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def check_lora(cfg: ModelConfig, has_gpu: bool) -> None:
+    """Refuse what cannot run here (QLoRA without a CUDA GPU or bitsandbytes), before anything loads."""
+    if not cfg.lora.load_in_4bit:
+        return
+    if not has_gpu:
+        raise ConfigError("model.lora.load_in_4bit=true (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit kernels) and "
+                          "this machine has none; set model.lora.load_in_4bit=false to train LoRA on the "
+                          "full-precision base")
+    if cfg.name_or_path.startswith(BUILTIN_PREFIX):
+        raise ConfigError(f"model.lora.load_in_4bit=true quantises weights loaded with from_pretrained; "
+                          f"{cfg.name_or_path!r} is built in memory: set model.name_or_path to a real model")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.lora.load_in_4bit=true (QLoRA) needs bitsandbytes: pip install bitsandbytes") from None
+
+
+class AdapterDisabled(nn.Module):
+    """The reference as a view of a LoRA policy: its forward runs the policy with adapters disabled.
+
+    No second copy of the weights exists: the view registers nothing (no parameters, no submodules),
+    so moving, freezing or counting it never touches the policy. It runs the policy in eval mode and
+    without gradient, whatever the policy's own mode. Its `get_output_embeddings()` is the base head
+    (the adapter's base layer if LoRA targets the head), so chunked logits computed later, outside
+    the forward, are the base model's too.
+
+    Args:
+        policy: a peft `PeftModel` (the unwrapped policy; DeepSpeed / DDP wrap the same module).
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "policy", policy)  # not a submodule: see the class docstring
+        self.eval()
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def get_output_embeddings(self) -> nn.Module:
+        head = self.policy.get_output_embeddings()
+        return head.get_base_layer() if hasattr(head, "get_base_layer") else head
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                return self.policy(*args, **kwargs)
+        finally:
+            self.policy.train(was_training)
+
+
+def save_merged(cfg: ModelConfig, tokenizer, seed: int, adapter_dir: Path, out_dir: Path) -> None:
+    """Write `out_dir`: the adapter of `adapter_dir` merged into a freshly loaded full-precision base.
+
+    The base is reloaded (unquantised even after QLoRA, as peft recommends for merging) rather than
+    merged in place, so the trained model, possibly partitioned by ZeRO-3, is left untouched. The
+    result loads with plain `AutoModelForCausalLM.from_pretrained`.
+    """
+    from peft import PeftModel
+
+    from alignlab.distributed import unpartitioned_loading
+
+    with unpartitioned_loading():
+        base = _load_causal_lm(replace(cfg, gradient_checkpointing=False, lora=LoraConfig()), tokenizer, seed)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
 
 
 def freeze(model: nn.Module) -> nn.Module:

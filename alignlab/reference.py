@@ -6,6 +6,10 @@ per-token log-probs of each response are stored as a column (`ref_<response>_log
 tokens only) of the tokenized dataset and cached on disk, keyed by a fingerprint of the dataset,
 the reference model and the forward settings, so reruns and the members of a sweep reuse them.
 
+Several processes (torchrun, DeepSpeed) each score the whole dataset, in step (a ZeRO-3 reference
+is partitioned across them, so every forward needs all of them), and get the same values; only
+process 0 writes the cache file, the others keep theirs in memory.
+
 Losses that need the reference's full-vocabulary logits (TDPO, SparsePO, NPO+KL) cannot use them:
 `alignlab.train.check_combination` refuses that combination before any model loads.
 """
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from alignlab.distributed import all_true, barrier, is_main_process
 from alignlab.losses.base import SequenceLogps
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,8 @@ def precompute(reference, dataset, collator, forward, responses: tuple[str, ...]
     key = key.hexdigest()
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"reference-{key[:40]}.arrow"
-    hit = cache_file.exists()
+    hit = all_true(cache_file.exists())  # all processes read the cache, or all score (in step)
+    on_disk = hit or is_main_process()  # the others keep their (identical) scores in memory
     head = reference.get_output_embeddings()
 
     def score(rows: dict[str, list]) -> dict[str, list]:
@@ -72,10 +78,13 @@ def precompute(reference, dataset, collator, forward, responses: tuple[str, ...]
         return {column(r): [lp[m].tolist() for lp, m in zip(out[r].token_logps.cpu(), out[r].mask.cpu())]
                 for r in responses}
 
-    scored = dataset.map(score, batched=True, batch_size=batch_size, cache_file_name=str(cache_file),
-                         new_fingerprint=key[:32], desc="Reference log-probs")
-    print(f"reference log-probs: {'reused from cache' if hit else 'computed'} for {len(dataset)} examples "
-          f"({cache_file})")
+    scored = dataset.map(score, batched=True, batch_size=batch_size, new_fingerprint=key[:32],
+                         cache_file_name=str(cache_file) if on_disk else None, keep_in_memory=not on_disk,
+                         desc="Reference log-probs")
+    barrier()  # the cache file is complete before any process goes on
+    if is_main_process():
+        print(f"reference log-probs: {'reused from cache' if hit else 'computed'} for {len(dataset)} examples "
+              f"({cache_file})")
     return scored
 
 

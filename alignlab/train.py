@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab import checkpoints, losses
+from alignlab import checkpoints, distributed, losses
 from alignlab.config import AlignConfig, TrainerConfig
 from alignlab.errors import ConfigError, user_error_behind
 from alignlab.losses.base import Needs, PrepareContext
@@ -28,6 +28,10 @@ class RunResult:
     train_losses: list[float]
     eval_metrics: dict[str, float]
     wall_seconds: float
+    #: `model_merged/` (the LoRA adapter merged into the base), when `model.lora.merge_on_save`.
+    merged_dir: Path | None = None
+    #: `model_dir` holds a LoRA adapter (peft) rather than full weights.
+    adapter: bool = False
 
 
 def to_typed(cfg: DictConfig) -> AlignConfig:
@@ -64,6 +68,9 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
             raise ConfigError(f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
                               f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it")
     check_data_needs(cfg.data, needs.responses, needs.fields)
+    from alignlab.models import check_lora
+
+    check_lora(cfg.model, _has_accelerator())
 
 
 def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, collator, batch_size: int, device) -> None:
@@ -71,9 +78,10 @@ def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, coll
     from alignlab.forward import Forward
     from alignlab.reference import model_identity, precompute
 
-    identity = model_identity(cfg.model.reference or cfg.model.name_or_path, cfg.model.dtype, cfg.seed)
+    quantized = cfg.model.lora.load_in_4bit and not cfg.model.reference  # the reference is the 4-bit base
+    identity = model_identity(cfg.model.reference or cfg.model.name_or_path,
+                              cfg.model.dtype + ("+nf4" if quantized else ""), cfg.seed)
     cache_dir = Path(cfg.data.cache_dir or Path.home() / ".cache" / "alignlab") / "reference"
-    reference.to(device)
     score = partial(precompute, reference, collator=collator, forward=Forward(cfg.model.logit_chunk_size),
                     responses=collator.responses, identity=identity, batch_size=batch_size, device=device,
                     cache_dir=cache_dir)
@@ -82,7 +90,10 @@ def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, coll
         ctx.eval = score(ctx.eval)
 
 
-def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: bool, report_to: list[str]):
+def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: bool, report_to: list[str],
+                       deepspeed: dict | None = None):
+    """HF `TrainingArguments` from `trainer.*`; `deepspeed` is a DeepSpeed config dict (its "auto"
+    values are filled from these arguments by HF Trainer)."""
     from transformers import TrainingArguments
 
     known = {k: v for k, v in asdict(t).items() if k not in ("eval_steps", "save_steps", "resume_from_checkpoint", "extra")}
@@ -99,6 +110,7 @@ def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: 
         remove_unused_columns=False,  # the collator needs prompt_ids / <response>_ids
         label_names=[],
         use_cpu=not _has_accelerator(),
+        deepspeed=deepspeed,
         **t.extra,
     )
 
@@ -128,13 +140,17 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         from alignlab.stages import require_finished
 
         require_finished(cfg)
+    distributed.init_processes()  # under torchrun / the deepspeed launcher: every process runs this
+    # one run directory for all processes (Hydra's default is named after each process's clock)
     output_dir = Path(output_dir or typed.output_dir or _hydra_output_dir()).resolve()
+    output_dir = Path(distributed.same_on_all(str(output_dir)))
+    main = distributed.is_main_process()  # writes the run's files and prints; HF Trainer does the same
     output_dir.mkdir(parents=True, exist_ok=True)
 
     from transformers import set_seed
 
     from alignlab.data import PreferenceCollator, build_datasets
-    from alignlab.models import load_frozen, load_policy, load_reference, load_tokenizer
+    from alignlab.models import load_frozen, load_policy, load_reference, load_tokenizer, save_merged
     from alignlab.reference import column as reference_column
     from alignlab.report import environment, plot_curves
     from alignlab.trainer import AlignTrainer, MetricsFileCallback
@@ -143,12 +159,15 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     loss_fn = losses.build(typed.loss)
     needs = loss_fn.needs
     check_combination(typed, needs)  # config vs data vs needs, before anything heavy loads
+    distributed.check(typed)
     resume = checkpoints.resolve(typed.trainer.resume_from_checkpoint, output_dir)
 
     tokenizer = load_tokenizer(typed.model)
-    data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields)
-    print(data.report.summary())
-    (output_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+    with distributed.main_process_first():  # one process fills the tokenized cache, the others read it
+        data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields)
+    if main:
+        print(data.report.summary())
+        (output_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
 
     policy = load_policy(typed.model, tokenizer, typed.seed)
     reference = load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
@@ -156,19 +175,26 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
                          device=policy.device, seed=typed.seed, model=typed.model)
     loss_fn.prepare(ctx)
+    distributed.check_loss_parameters(typed, loss_fn)
 
     if "wandb" in typed.logger.report_to:
         _setup_wandb(typed, output_dir)
-    args = training_arguments(typed.trainer, output_dir, typed.seed, data.eval is not None, typed.logger.report_to)
+    args = training_arguments(typed.trainer, output_dir, typed.seed, data.eval is not None, typed.logger.report_to,
+                              distributed.deepspeed_config(typed.deepspeed))
+    # on the device; under ZeRO-3 partitioned inference engines (models were loaded whole: the loss's
+    # prepare() above may use the reference before any engine exists)
+    reference = distributed.prepare_frozen(reference, args)
+    teachers = {name: distributed.prepare_frozen(m, args) for name, m in teachers.items()}
     collator = PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses,
                                   fields=(*needs.fields, *needs.prepared_fields))
     precomputed = needs.reference and typed.model.reference_mode == "precomputed"
     if precomputed:  # score the data once with the reference, then free it
         _precompute_reference(typed, reference, ctx, collator, args.per_device_eval_batch_size, args.device)
+        distributed.release(reference)
         reference = None
         collator.sequences = tuple(reference_column(r) for r in needs.responses)
     metrics_file = output_dir / "metrics.jsonl"
-    if resume is None and metrics_file.exists():
+    if main and resume is None and metrics_file.exists():
         metrics_file.unlink()  # a fresh run in an old directory starts a fresh log
     preemption = checkpoints.PreemptionCallback()
     trainer = AlignTrainer(
@@ -195,17 +221,23 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     model_dir = output_dir / "model"
     trainer.save_model(str(model_dir))
     trainer.save_loss_state(model_dir)  # e.g. BCO's δ and UDM classifier, beside the final model
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    merged_dir = output_dir / "model_merged" if typed.model.lora.merge_on_save else None
+    if merged_dir is not None and main:
+        save_merged(typed.model, tokenizer, typed.seed, model_dir, merged_dir)
+    if main:
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     if trainer.is_world_process_zero():
         (output_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
         plot_curves(metrics_file, output_dir / "curves.png")
     train_losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
-    result = RunResult(output_dir, model_dir, metrics_file, train_losses, eval_metrics, time.time() - start)
-    (output_dir / "summary.json").write_text(json.dumps(
-        {"train_losses": train_losses, "eval": eval_metrics, "wall_seconds": result.wall_seconds,
-         "model_dir": str(model_dir)}, indent=2))
-    if trainer.is_world_process_zero():
+    result = RunResult(output_dir, model_dir, metrics_file, train_losses, eval_metrics, time.time() - start,
+                       merged_dir, typed.model.lora.enabled)
+    if main:
+        (output_dir / "summary.json").write_text(json.dumps(
+            {"train_losses": train_losses, "eval": eval_metrics, "wall_seconds": result.wall_seconds,
+             "model_dir": str(model_dir), "merged_model_dir": str(merged_dir) if merged_dir else None}, indent=2))
         print(summary_text(result))
+    distributed.barrier()  # the run's files are written before any process returns
     return result
 
 
@@ -225,8 +257,10 @@ def summary_text(result: RunResult) -> str:
         lines.append(f"  train loss        {result.train_losses[0]:.4f} (first log) -> {result.train_losses[-1]:.4f} (last)")
     lines += [f"  {text.format(result.eval_metrics[key])}" for key, text in HEADLINE.items()
               if key in result.eval_metrics]
-    lines += [f"  model + tokenizer {result.model_dir}",
-              f"  metrics           {result.metrics_file} (curves: {result.output_dir / 'curves.png'})",
+    lines.append(f"  {'adapter' if result.adapter else 'model'} + tokenizer {result.model_dir}")
+    if result.merged_dir is not None:
+        lines.append(f"  merged model      {result.merged_dir}")
+    lines += [f"  metrics           {result.metrics_file} (curves: {result.output_dir / 'curves.png'})",
               f"  run directory     {result.output_dir}"]
     return "\n".join(lines)
 

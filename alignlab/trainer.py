@@ -18,6 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from alignlab.checkpoints import check_finite, mark_complete
+from alignlab.distributed import average_gradients, prepare_frozen
 from alignlab.forward import Forward
 from alignlab.losses.base import Loss, LossInputs
 from alignlab.reference import from_columns as reference_from_columns
@@ -61,8 +62,9 @@ class AlignTrainer(Trainer):
         self.precomputed_reference = precomputed_reference
         if self.needs.reference and reference is None and not precomputed_reference:
             raise ValueError(f"loss {loss_fn.registry_name!r} needs a reference model and none was given")
-        self.reference = reference.to(self.args.device) if reference is not None else None
-        self.teachers = {name: m.to(self.args.device) for name, m in (teachers or {}).items()}
+        # on the device, or under ZeRO-3 partitioned inference engines (alignlab.distributed)
+        self.reference = prepare_frozen(reference, self.args)
+        self.teachers = {name: prepare_frozen(m, self.args) for name, m in (teachers or {}).items()}
         self.forward = Forward(logit_chunk_size)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
@@ -91,6 +93,13 @@ class AlignTrainer(Trainer):
         for name, value in out.metrics.items():
             self._metrics[split][name].append(value.detach().float())
         return (loss, out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """HF's step; then the loss's own parameters (not in the model, so not synced by DDP) get the
+        gradient averaged over processes, like the model's."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        average_gradients(self.loss_fn.parameters())
+        return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -126,28 +135,48 @@ class AlignTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         self.save_loss_state(output_dir)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not self.loss_fn.state_dict():
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # The counterpart of _save_optimizer_and_scheduler, on every resume path (HF skips
+        # _load_from_checkpoint under DeepSpeed, whose engine loads the weights itself).
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.loss_fn.state_dict():
             return
-        path = Path(resume_from_checkpoint) / LOSS_STATE
+        path = Path(checkpoint) / LOSS_STATE
         if not path.exists():
             raise FileNotFoundError(
-                f"{resume_from_checkpoint} has no {LOSS_STATE}: the loss {self.loss_fn.registry_name!r} keeps state "
+                f"{checkpoint} has no {LOSS_STATE}: the loss {self.loss_fn.registry_name!r} keeps state "
                 "(e.g. a running reward mean) that resuming without it would silently reset"
             )
-        self.loss_fn.load_state_dict(load_file(path, device=str(self.args.device)))
+        self.loss_fn.load_state_dict(load_file(path))  # copied onto the buffers' device (safetensors rejects "cpu:0")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Merge the loss's metrics, averaged since the last log and across processes, into `logs`."""
         split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if split == "eval" else ""
-        for name, values in self._metrics[split].items():
-            if values:
-                value = self.accelerator.reduce(torch.stack(values).mean().to(self.args.device), "mean")
-                logs[prefix + name] = round(value.item(), 6)
+        for name, value in self._reduced_metrics(split).items():
+            logs[prefix + name] = round(value, 6)
         self._metrics[split].clear()
         super().log(logs, start_time)
+
+    def _reduced_metrics(self, split: str) -> dict[str, float]:
+        """Each metric's mean over the steps since the last log, pooled over processes.
+
+        A process may lack a metric another one has (e.g. BCO's `rewards/chosen` when its batches
+        held no desirable example), so the names are agreed first and every process reduces the
+        same tensor: per name, the sum of its step values and their count.
+        """
+        mine = {name: values for name, values in self._metrics[split].items() if values}
+        names = sorted(mine)
+        if self.accelerator.num_processes > 1:
+            gathered = [None] * self.accelerator.num_processes
+            torch.distributed.all_gather_object(gathered, names)
+            names = sorted(set().union(*gathered))
+        if not names:
+            return {}
+        sums = torch.tensor([[torch.stack(mine[n]).sum().item(), len(mine[n])] if n in mine else [0.0, 0.0]
+                             for n in names], dtype=torch.float64, device=self.args.device)
+        sums = self.accelerator.reduce(sums, "sum")
+        return {name: (total / count).item() for name, (total, count) in zip(names, sums) if count > 0}
 
 
 class MetricsFileCallback(TrainerCallback):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab.chunked import token_kl
+from alignlab.errors import ConfigError
 from alignlab.losses import register
 from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics
 
@@ -140,6 +141,10 @@ class SparsePO(Loss):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if next(reference.children(), None) is None:  # e.g. alignlab.models.AdapterDisabled
+            raise ConfigError("sparsepo reads the reference model's activations through hooks, but this reference "
+                              "has no modules of its own (with model.lora.enabled it is the policy with adapters "
+                              "disabled); set model.reference to the base model (e.g. model.reference=builtin:tiny)")
         if self.cfg.mask == "activation":
             patterns = {kind: re.compile(p) for kind, p in ACTIVATION_HOOKS.items()}
             for name, module in reference.named_modules():

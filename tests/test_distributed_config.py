@@ -1,0 +1,95 @@
+"""alignlab.distributed in one process: the DeepSpeed configs compose into the dict HF Trainer takes,
+unworkable setups are refused naming the fix, and the multi-process helpers are no-ops here.
+(Two-process runs: tests/integration/test_distributed.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignlab import distributed
+from alignlab.config import DeepSpeedConfig
+from alignlab.errors import ConfigError
+from alignlab.train import to_typed
+
+OPTIONS = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+
+
+@pytest.mark.parametrize("option, stage", OPTIONS.items())
+def test_options_become_deepspeed_configs(option, stage, compose_run):
+    typed = to_typed(compose_run("+recipe=dpo", f"deepspeed={option}"))
+    ds = distributed.deepspeed_config(typed.deepspeed)
+    assert typed.deepspeed.enabled and ds["zero_optimization"]["stage"] == stage
+    # "auto": HF Trainer fills batch sizes, accumulation, clipping and precision from trainer.*
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert ds[key] == "auto"
+    assert ds["bf16"] == {"enabled": "auto"} and ds["fp16"] == {"enabled": "auto"}
+    json.dumps(ds)  # plain data, as TrainingArguments(deepspeed=...) takes it
+    assert ds is not distributed.deepspeed_config(typed.deepspeed)  # a fresh copy: HF fills it in place
+
+
+def test_none_is_the_default_and_override_and_path_work(compose_run, tmp_path):
+    assert distributed.deepspeed_config(to_typed(compose_run("+recipe=dpo")).deepspeed) is None
+    typed = to_typed(compose_run("+recipe=dpo", "deepspeed=zero2",
+                                 "deepspeed.config.zero_optimization.overlap_comm=false"))
+    assert distributed.deepspeed_config(typed.deepspeed)["zero_optimization"]["overlap_comm"] is False
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    typed = to_typed(compose_run("+recipe=dpo", f"deepspeed.path={own}"))
+    assert distributed.deepspeed_config(typed.deepspeed)["zero_optimization"]["stage"] == 3
+
+
+def test_unknown_deepspeed_keys_and_options_fail_at_compose_time(compose_run):
+    with pytest.raises(Exception, match="deepspeed.cofnig"):
+        compose_run("+recipe=dpo", "deepspeed.cofnig.x=1")
+    with pytest.raises(Exception, match="deepspeed/zero4"):
+        compose_run("+recipe=dpo", "deepspeed=zero4")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("deepspeed.path=/nonexistent/ds.json",), "deepspeed.path='/nonexistent/ds.json' is not a readable"),
+    (("deepspeed=zero2", "+trainer.extra.deepspeed=ds.json"), "remove trainer.extra.deepspeed"),
+    (("deepspeed=zero3", "model.lora.enabled=true", "model.lora.load_in_4bit=true"), "QLoRA.* ZeRO-3"),
+])
+def test_unworkable_setups_are_refused(overrides, message, compose_run):
+    with pytest.raises(ConfigError, match=message):
+        distributed.check(to_typed(compose_run("+recipe=dpo", *overrides)))
+
+
+def test_a_loss_with_its_own_parameters_is_refused_under_deepspeed(compose_run):
+    class Heads(torch.nn.Module):
+        def param_groups(self):
+            return [{"params": [torch.nn.Parameter(torch.zeros(1))]}]
+
+    with pytest.raises(ConfigError, match="deepspeed=none"):
+        distributed.check_loss_parameters(to_typed(compose_run("+recipe=sparsepo", "deepspeed=zero2")), Heads())
+    distributed.check_loss_parameters(to_typed(compose_run("+recipe=sparsepo")), Heads())  # fine without DeepSpeed
+
+
+def test_frozen_models_without_deepspeed_are_placed_on_the_device():
+    class Args:
+        deepspeed = None
+        device = torch.device("cpu")
+
+    model = torch.nn.Linear(2, 2)
+    assert distributed.prepare_frozen(model, Args()) is model and model.weight.device.type == "cpu"
+    assert distributed.prepare_frozen(None, Args()) is None
+    view = torch.nn.Module()  # a module with no weights of its own (the adapter-disabled view) is left alone
+    assert distributed.prepare_frozen(view, Args()) is view
+    assert distributed.chunkable_head(model) is model  # only ZeRO-3-partitioned frozen heads are wrapped
+
+
+def test_process_helpers_are_no_ops_in_one_process(tmp_path):
+    assert distributed.is_main_process() and not distributed.launched_multiprocess()
+    assert distributed.same_on_all("x") == "x" and distributed.all_true(True) and not distributed.all_true(False)
+    with distributed.main_process_first():
+        (tmp_path / "ran").touch()
+    assert (tmp_path / "ran").exists()
+    distributed.barrier()
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.full((2,), 3.0)
+    distributed.average_gradients([param])
+    assert torch.equal(param.grad, torch.full((2,), 3.0))
+    assert not DeepSpeedConfig().enabled and DeepSpeedConfig(path="x.json").enabled
