@@ -5,7 +5,6 @@ policy itself with its adapters disabled."""
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from torch import nn
 from alignlab.config import LoraConfig, ModelConfig
 from alignlab.errors import ConfigError, UserError
 
-log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}

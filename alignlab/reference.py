@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -26,7 +25,6 @@ import torch
 from alignlab.distributed import all_true, barrier, is_main_process
 from alignlab.losses.base import SequenceLogps
 
-log = logging.getLogger(__name__)
 
 #: bump when the stored values change for the same inputs.
 CACHE_VERSION = 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +16,6 @@ from alignlab.config import AlignConfig, TrainerConfig
 from alignlab.errors import ConfigError, user_error_behind
 from alignlab.losses.base import Needs, PrepareContext
 
-log = logging.getLogger("alignlab")
 
 
 @dataclass

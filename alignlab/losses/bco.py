@@ -27,7 +27,6 @@ Unpaired BCO averages over 2B items, so its scale is half that of paired BCO (a 
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass
 
 import torch
