@@ -204,6 +204,27 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`alignlab eval` at the end of training (alignlab/evaluate.py), written to <run>/eval/."""
+
+    #: sample from the policy and the reference on held-out prompts after training (KL, reward, lengths).
+    generate: bool = True
+    #: "module:function" scoring (prompts, completions) -> floats; "auto": alignlab.builtin:sentiment_reward
+    #: when data.path is builtin:sentiment, else none; null: no reward.
+    reward: Optional[str] = "auto"
+    num_prompts: int = 8
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"eval.num_prompts and eval.max_new_tokens must be >= 1, got {self.num_prompts} and "
+                             f"{self.max_new_tokens}; set eval.generate=false to skip sampling")
+        if self.reward not in (None, "auto") and ":" not in self.reward:
+            raise ValueError(f"eval.reward must be module:function, 'auto' or null, got {self.reward!r} "
+                             "(e.g. eval.reward=alignlab.sentiment:vader_reward)")
+
+
+@dataclass
 class AlignConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -211,6 +232,8 @@ class AlignConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
+    #: evaluation at the end of training.
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
     #: the run directory; defaults to Hydra's output directory (runs/<loss>/<time>).
     output_dir: Optional[str] = None

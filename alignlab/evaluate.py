@@ -32,6 +32,8 @@ class Generations:
     logps_self: torch.Tensor
     logps_other: torch.Tensor
     lengths: list[int]
+    #: (prompt ids, completion ids) of each sample, EOS included when sampled
+    ids: list[tuple[list[int], list[int]]] = dataclasses.field(default_factory=list)
 
 
 def load_reward(spec: str | None):
@@ -45,28 +47,51 @@ def load_reward(spec: str | None):
 
 
 @torch.no_grad()
-def sample(model, other, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> Generations:
-    """Sample one completion per prompt from `model`; score it under `model` and `other` (summed log-probs)."""
+def sample(model, other, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+           batch_size: int = 64) -> Generations:
+    """Sample one completion per prompt from `model` (ancestral: top_k=0, top_p=1, temperature 1), in
+    left-padded batches of `batch_size`; score each under `model` and `other` (summed log-probs of the
+    completion tokens, EOS included when sampled). The generator is seeded once with `seed`, so two
+    models with the same weights draw the same completions (a model against itself ties exactly)."""
     from alignlab.forward import concatenated_forward
 
-    completions, self_lp, other_lp, lengths = [], [], [], []
-    for i, prompt in enumerate(prompts):
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)
-        torch.manual_seed(seed + i)  # the same draws for every model: a model against itself ties exactly
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                             top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = out[0, ids.shape[1]:]
-        if tokenizer.eos_token_id in new.tolist():  # keep the EOS, drop anything after it
-            new = new[: new.tolist().index(tokenizer.eos_token_id) + 1]
-        labels = torch.cat([torch.full_like(ids[0], -100), new])[None]
-        full = torch.cat([ids[0], new])[None]
-        batch = {"x_input_ids": full, "x_attention_mask": torch.ones_like(full), "x_labels": labels}
-        self_lp.append(concatenated_forward(model, batch, ("x",))["x"].logps.item())
-        other_lp.append(concatenated_forward(other, batch, ("x",))["x"].logps.item())
-        completions.append(tokenizer.decode(new, skip_special_tokens=True))
-        lengths.append(int(new.numel()))
-    return Generations(prompts, completions, torch.tensor(self_lp), torch.tensor(other_lp), lengths)
+    completions, self_lp, other_lp, lengths, all_ids = [], [], [], [], []
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    torch.manual_seed(seed)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            out = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            rows = []
+            for ids, mask, new in zip(enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:]):
+                new = new.tolist()
+                if tokenizer.eos_token_id in new:  # keep the EOS, drop anything after it
+                    new = new[: new.index(tokenizer.eos_token_id) + 1]
+                rows.append((ids[mask.bool()].tolist(), new))
+                completions.append(tokenizer.decode(new, skip_special_tokens=True))
+                lengths.append(len(new))
+            all_ids += rows
+            batch = _right_padded(rows, tokenizer.pad_token_id, model.device)
+            self_lp += concatenated_forward(model, batch, ("x",))["x"].logps.tolist()
+            other_lp += concatenated_forward(other, batch, ("x",))["x"].logps.tolist()
+    finally:
+        tokenizer.padding_side = side
+    return Generations(prompts, completions, torch.tensor(self_lp), torch.tensor(other_lp), lengths, all_ids)
+
+
+def _right_padded(rows: list[tuple[list[int], list[int]]], pad: int, device) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) rows -> a collated batch "x" whose labels are the completion."""
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, c) in enumerate(rows):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        mask[i, : len(p) + len(c)] = 1
+        labels[i, len(p): len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+    return {"x_input_ids": ids.to(device), "x_attention_mask": mask.to(device), "x_labels": labels.to(device)}
 
 
 def win_rate(policy_rewards: list[float], reference_rewards: list[float]) -> float:
@@ -106,23 +131,59 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
     if prompts:
         pol = sample(policy, reference, tokenizer, prompts, max_new_tokens, seed)
         ref = sample(reference, policy, tokenizer, prompts, max_new_tokens, seed)
-        result["kl_policy_reference"] = float((pol.logps_self - pol.logps_other).mean())
+        logratios = pol.logps_self - pol.logps_other
+        result["kl_policy_reference"] = float(logratios.mean())
+        result["logratios"] = [round(float(x), 4) for x in logratios]
         result["length_policy"] = {"mean": statistics.fmean(pol.lengths), "median": statistics.median(pol.lengths)}
         result["length_reference"] = {"mean": statistics.fmean(ref.lengths), "median": statistics.median(ref.lengths)}
         scorer = load_reward(reward)
         if scorer is not None:
             pr, rr = list(map(float, scorer(prompts, pol.completions))), list(map(float, scorer(prompts, ref.completions)))
             result.update(reward=reward, reward_policy=statistics.fmean(pr), reward_reference=statistics.fmean(rr),
-                          win_rate=win_rate(pr, rr))
+                          win_rate=win_rate(pr, rr), rewards_policy=pr, rewards_reference=rr)
         result["samples"] = [{"prompt": p, "policy": a, "reference": b}
                              for p, a, b in list(zip(prompts, pol.completions, ref.completions))[:5]]
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     result["held_out"] = summary.get("eval", {})
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
+    if prompts:
+        result["plot"] = str(plot_eval(result, out / "reward_kl.png"))
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(report_markdown(result))
     return result
+
+
+def plot_eval(result: dict, out: Path) -> Path:
+    """`eval/reward_kl.png`: the per-sample log-ratios log π/π_ref of the policy's samples (their mean
+    is the KL estimate) and, with a reward, the reward distributions of policy and reference samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if "rewards_policy" in result else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.hist(result["logratios"], bins=20, color="tab:blue", alpha=0.8)
+    ax.axvline(result["kl_policy_reference"], color="k", ls="--",
+               label=f"mean = KL estimate {result['kl_policy_reference']:.3f}")
+    ax.set(xlabel="log π(y|x) − log π_ref(y|x), y ~ π", ylabel="samples", title="KL(π‖π_ref) from samples")
+    ax.legend(fontsize=8)
+    if panels == 2:
+        ax = axes[0][1]
+        lo = min(result["rewards_policy"] + result["rewards_reference"])
+        hi = max(result["rewards_policy"] + result["rewards_reference"])
+        bins = [lo + (hi - lo) * i / 20 for i in range(21)] if hi > lo else 10
+        ax.hist(result["rewards_reference"], bins=bins, alpha=0.6, label=f"reference (mean {result['reward_reference']:.3f})")
+        ax.hist(result["rewards_policy"], bins=bins, alpha=0.6, label=f"policy (mean {result['reward_policy']:.3f})")
+        ax.set(xlabel=f"reward ({result['reward']})", ylabel="samples",
+               title=f"reward; policy win rate {result['win_rate']:.3f}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def load_run_config(path: Path):
@@ -183,6 +244,8 @@ def report_markdown(result: dict) -> str:
         if "win_rate" in result:
             lines += [f"| mean reward ({result['reward']}) | {result['reward_policy']:.4f} | {result['reward_reference']:.4f} |",
                       f"| win rate against the reference | {result['win_rate']:.3f} | 0.5 |"]
+        if result.get("plot"):
+            lines += ["", f"![reward and KL]({Path(result['plot']).name})"]
         lines += ["", "Samples:", ""]
         lines += [f"- *{s['prompt']}* → policy: {s['policy']!r}; reference: {s['reference']!r}" for s in result["samples"]]
     return "\n".join(lines) + "\n"

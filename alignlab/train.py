@@ -235,7 +235,27 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
             {"train_losses": train_losses, "eval": eval_metrics, "wall_seconds": result.wall_seconds,
              "model_dir": str(model_dir), "merged_model_dir": str(merged_dir) if merged_dir else None}, indent=2))
         print(summary_text(result))
+        if typed.eval.generate:
+            end_of_training_eval(typed, output_dir)
     distributed.barrier()  # the run's files are written before any process returns
+    return result
+
+
+def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:
+    """`alignlab eval` on the finished run, as configured by `eval.*`; prints its headline figures."""
+    from alignlab.evaluate import evaluate
+
+    reward = cfg.eval.reward
+    if reward == "auto":
+        reward = "alignlab.builtin:sentiment_reward" if cfg.data.path == "builtin:sentiment" else None
+    result = evaluate(output_dir, reward=reward, num_prompts=cfg.eval.num_prompts,
+                      max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
+    if result.get("num_prompts"):
+        line = f"  eval: KL(policy||ref) {result['kl_policy_reference']:.3f} on {result['num_prompts']} prompts"
+        if "win_rate" in result:
+            line += (f", reward {result['reward_policy']:.3f} (reference {result['reward_reference']:.3f}), "
+                     f"win rate {result['win_rate']:.3f}")
+        print(line + f"; {output_dir / 'eval' / 'report.md'}")
     return result
 
 
