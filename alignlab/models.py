@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from alignlab.config import LoraConfig, ModelConfig
-from alignlab.errors import ConfigError, UserError
+from alignlab.errors import ConfigError, UserError, first_line
 
 
 BUILTIN_PREFIX = "builtin:"
@@ -29,6 +29,13 @@ def _source(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+def _bare_bpe(folder: Path) -> bool:
+    """A folder holding only a byte-level BPE vocabulary (vocab.json + merges.txt), which AutoTokenizer
+    cannot place without a tokenizer config."""
+    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and not any(
+        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "config.json"))
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer, with a pad token guaranteed (models such as Llama ship none)."""
     name = cfg.tokenizer or cfg.name_or_path
@@ -37,15 +44,21 @@ def load_tokenizer(cfg: ModelConfig):
 
         tokenizer = build_tokenizer()
     else:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, GPT2Tokenizer
 
+        source = _source(name)
+        # a bare byte-level BPE folder (vocab.json + merges.txt, no tokenizer config), e.g. GPT-2's files
+        loader = GPT2Tokenizer if _bare_bpe(Path(source)) else AutoTokenizer
         try:
-            tokenizer = AutoTokenizer.from_pretrained(_source(name), trust_remote_code=cfg.trust_remote_code)
+            tokenizer = loader.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         except OSError as err:
             raise ModelError(
                 f"cannot load tokenizer {name!r}: it is neither a local folder nor reachable on the hub ({err}). "
                 "Set model.name_or_path (or model.tokenizer) to a folder with tokenizer files."
             ) from None
+        except (ValueError, ImportError) as err:
+            raise ModelError(f"cannot load tokenizer {name!r}: {first_line(err)}. Fix: point model.tokenizer at a "
+                             "folder with tokenizer.json (or tokenizer_config.json + its vocabulary files)") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(
@@ -91,6 +104,11 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
                 f"cannot load model {cfg.name_or_path!r}: {err}. Set model.name_or_path to a local folder "
                 "with config.json and *.safetensors, or a hub name on a machine with network access."
             ) from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(
+            f"the tokenizer has {len(tokenizer)} tokens but model {cfg.name_or_path!r} embeds only {rows}: they do "
+            "not belong together. Fix: set model.tokenizer to the model's own tokenizer (or leave it unset)")
     if cfg.dtype not in ("auto", "float32") and not cfg.lora.load_in_4bit:
         model.to(DTYPES[cfg.dtype])
     if model.config.pad_token_id is None:

@@ -219,6 +219,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     model_dir = output_dir / "model"
     trainer.save_model(str(model_dir))
     trainer.save_loss_state(model_dir)  # e.g. BCO's δ and UDM classifier, beside the final model
+    if main:  # HF's pickled TrainingArguments: no pickles in a model others load; config.yaml has the settings
+        (model_dir / "training_args.bin").unlink(missing_ok=True)
     merged_dir = output_dir / "model_merged" if typed.model.lora.merge_on_save else None
     if merged_dir is not None and main:
         save_merged(typed.model, tokenizer, typed.seed, model_dir, merged_dir)

@@ -1,0 +1,115 @@
+"""The bad-input suite, end to end through `alignlab train`: every case of the issue gets one line on
+stderr that names the row or field and the fix, exit status 2 and no traceback; or, where the config
+allows it, a counted and reported filter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+GOOD = [{"prompt": f"Write about item {i}.", "chosen": f" A fine item {i}.", "rejected": f" A bad item {i}."}
+        for i in range(16)]
+
+
+def _jsonl(path, rows, insert: dict[int, str] | None = None):
+    lines = [json.dumps(row) for row in rows]
+    for index, raw in sorted((insert or {}).items()):
+        lines.insert(index, raw)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _with_row(index: int, row: dict) -> list[dict]:
+    return GOOD[:index] + [row] + GOOD[index:]
+
+
+def _train(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "alignlab.cli", "train", *overrides, "trainer.max_steps=2",
+           f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("alignlab: error: ")]
+    assert len(errors) == 1, out.stderr[-2000:]
+    return errors[0]
+
+
+def _data(tmp_path, name: str, rows, insert=None) -> str:
+    return f"data.path={_jsonl(tmp_path / name, rows, insert)}"
+
+
+CASES = {
+    # case: (files to write -> overrides, substrings the one line must contain)
+    "corrupted JSONL line": (
+        lambda d: ["+recipe=dpo", _data(d, "x.jsonl", GOOD, {3: '{"prompt": "cut off'})],
+        ["row 3", "not valid JSON", "Fix:", "data.on_bad_row=skip"]),
+    "wrong type": (
+        lambda d: ["+recipe=dpo", _data(d, "x.jsonl", _with_row(2, {"prompt": "p", "chosen": 5, "rejected": "r"}))],
+        ["row 2", "'chosen'", "expected a string", "Fix:"]),
+    "empty string": (
+        lambda d: ["+recipe=dpo", _data(d, "x.jsonl", _with_row(4, {"prompt": "p", "chosen": " ", "rejected": "r"}))],
+        ["row 4", "'chosen'", "empty", "Fix:"]),
+    "column missing for the loss (TPO's gold)": (
+        lambda d: ["+recipe=tpo", _data(d, "x.jsonl", GOOD)],
+        ["column 'gold'", "data.columns"]),
+    "column missing in every row": (
+        lambda d: ["+recipe=dpo", _data(d, "x.jsonl", [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in GOOD])],
+        ["column 'rejected'", "Fix:"]),
+    "prompt longer than max_prompt_length": (
+        lambda d: ["+recipe=dpo", "data.max_length=64", "data.max_prompt_length=32",
+                   _data(d, "x.jsonl", _with_row(1, {"prompt": "word " * 200, "chosen": "a", "rejected": "b"}))],
+        ["row 1", "more than data.max_prompt_length=32", "data.prompt_truncation=keep_end"]),
+    "conversational data, tokenizer without a chat template": (
+        lambda d: ["+recipe=dpo", f"model.name_or_path={d / 'stories260k'}", _data(d, "x.jsonl", [
+            {"prompt": [{"role": "user", "content": f"Say {i}"}], "chosen": [{"role": "assistant", "content": "yes"}],
+             "rejected": [{"role": "assistant", "content": "no"}]} for i in range(16)])],
+        ["needs a chat template", "model.chat_template"]),
+    "tokenizer that does not match the model": (
+        lambda d: ["+recipe=dpo", f"model.name_or_path={d / 'stories260k'}", f"model.tokenizer={d / 'gpt2'}"],
+        ["tokens but model", "model.tokenizer"]),
+    "unknown recipe": (lambda d: ["+recipe=dpx"], ["unknown recipe 'dpx'", "Did you mean +recipe=dpo?"]),
+    "unknown loss": (lambda d: ["loss=tdop"], ["unknown loss 'tdop'", "Did you mean loss=tdpo?"]),
+    "unknown key": (lambda d: ["+recipe=dpo", "loss.bta=1"], ["unknown key 'loss.bta'", "Did you mean loss.beta?"]),
+    "precomputed reference with TDPO": (
+        lambda d: ["+recipe=tdpo", "model.reference_mode=precomputed"],
+        ["full-vocabulary logits", "model.reference_mode=live"]),
+    "a reference-free loss given a reference": (
+        lambda d: ["+recipe=asft", "model.reference=builtin:tiny"], ["reference-free", "remove model.reference"]),
+    "an out-of-range setting": (lambda d: ["+recipe=dpo", "loss.beta=-1"], ["beta", "-1"]),
+}
+
+
+STORIES, GPT2 = ("stories260k", "models", "stories260k"), ("gpt2", "tokenizers", "gpt2")
+#: case -> links (name in tmp_path, path under ../shared) it needs
+NEEDS_SHARED = {
+    "conversational data, tokenizer without a chat template": [STORIES],
+    "tokenizer that does not match the model": [STORIES, GPT2],  # 50,257 tokens for a 512-token model
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_bad_input_gets_one_actionable_line(tmp_path, case, request):
+    overrides, expected = CASES[case]
+    for name, *parts in NEEDS_SHARED.get(case, []):  # skips this case alone when ../shared is absent
+        (tmp_path / name).symlink_to(request.getfixturevalue("shared_path")(*parts))
+    line = _one_line_error(_train(tmp_path, *overrides(tmp_path)))
+    for text in expected:
+        assert text in line, line
+
+
+def test_bad_rows_can_be_skipped_counted_and_reported(tmp_path):
+    rows = _with_row(3, {"prompt": "p", "chosen": "", "rejected": "r"})
+    out = _train(tmp_path, "+recipe=dpo", _data(tmp_path, "x.jsonl", rows, {6: "{not json"}), "data.on_bad_row=skip",
+                 "data.eval_size=0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = out.stdout + out.stderr
+    assert "skipped 2" in report, report[-3000:]  # the data report: counted, with the rows named
+    assert "skipped 1 x corrupt JSON line" in report and "skipped 1 x empty prompt or response" in report
