@@ -1,0 +1,765 @@
+"""Speed and memory side by side with TRL's DPOTrainer (issue #8), and alignlab's own switches.
+
+Every measurement runs in a fresh subprocess (clean peak RSS, no warm caches), and the two frameworks
+alternate A/B/B/A... so that the load of this shared machine hits both alike. Both train through
+their HF Trainer subclass exactly as a user's run would (alignlab: `alignlab.train.run` on a composed
+config; TRL: `DPOTrainer(...).train()`), on the same model files, the same token ids (rows whose
+tokenisation would differ between the two are dropped and counted), the same data order (HF's
+`train_sampling_strategy=sequential`), batch, max length, AdamW (`adamw_torch`, same lr, linear
+schedule, no warmup, clip 1.0) and steps. Logging, evaluation and checkpointing are off.
+
+One probe does the measuring in both: a `TrainerCallback` records step ends (step time = interval
+between consecutive step ends, so data loading and collation count), the first training loss and
+the loss's metrics of that batch (`logps/chosen|rejected`), tokens and padding per batch, and the
+peak RSS (VmHWM, reset after the imports) at the end of training. The precompute pass of the
+reference log-probs is timed by wrapping the function that does it.
+
+    python scripts/bench_trl.py                          # everything, ~25 min on the 2-core CPU box
+    python scripts/bench_trl.py --workloads w1 --sections trl
+    python scripts/bench_trl.py --quick --out /tmp/b    # a tiny end-to-end run (~1 min)
+
+Workloads (issue #8):
+  W1: ../shared/models/stories260k, 500 VADER-scored pairs sampled from it (alignlab.sentiment),
+      batch 16, max_length 64, fp32, 2 threads.
+  W2: a Llama from config (hidden 512, 4 layers, 8 heads, intermediate 1376, tied, GPT-2 tokenizer,
+      38.4M params; seeded init saved once and loaded by both), HH-RLHF harmless-base pairs with
+      prompt and each response 32-256 tokens, batch 4, TRL's defaults (gradient checkpointing on).
+
+Writes <out>/results.json (every record) and <out>/results.md (the tables of docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260k"
+HH = SHARED / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+GPT2 = SHARED / "tokenizers" / "gpt2"
+
+#: the eleven registered losses, with the overrides and data each needs on the pair workloads.
+LOSSES = ("dpo", "tdpo", "sparsepo", "rdpo", "npo", "asft", "tpo", "modpo", "bco", "rpo", "aligndistil")
+#: alignlab's optimisation switches (`model.<field>`: value), each flipped alone from the defaults;
+#: fields ModelConfig does not have (yet) are skipped and named in the table.
+SWITCHES = {
+    "reference cache (reference_mode=precomputed)": ("reference_mode", "precomputed"),
+    "dense logits (logit_chunk_size=0)": ("logit_chunk_size", 0),
+    "head on every position (skip_unused_logits=false)": ("skip_unused_logits", False),
+    "padding-free packing (padding_free=true)": ("padding_free", True),
+    "prefix sharing (prefix_sharing=true)": ("prefix_sharing", True),
+    #: flips the workload's own setting (W1: off -> on; W2: on -> off)
+    "gradient checkpointing flipped": ("gradient_checkpointing", None),
+}
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    batch: int
+    max_length: int
+    max_prompt_length: int
+    n_pairs: int
+    warmup: int
+    steps: int
+    repeats: int
+    #: TRL's default (on) unless told; alignlab's own setting per workload below.
+    trl_gradient_checkpointing: bool = True
+    alignlab_gradient_checkpointing: bool = False
+    learning_rate: float = 1e-6
+    #: the data each run keeps: all pairs (W1) or only what its steps consume (W2).
+    consume_only: bool = False
+
+
+def workloads(quick: bool) -> dict[str, Workload]:
+    if quick:
+        return {"w1": Workload("w1", batch=4, max_length=64, max_prompt_length=48, n_pairs=24, warmup=1, steps=2,
+                               repeats=1),
+                "w2": Workload("w2", batch=2, max_length=1024, max_prompt_length=512, n_pairs=4, warmup=1, steps=1,
+                               repeats=1, consume_only=True)}
+    return {"w1": Workload("w1", batch=16, max_length=64, max_prompt_length=48, n_pairs=500, warmup=3, steps=25,
+                           repeats=3),
+            "w2": Workload("w2", batch=4, max_length=1024, max_prompt_length=512, n_pairs=256, warmup=1, steps=3,
+                           repeats=2, consume_only=True)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preparing a workload: the model folder and the data files both frameworks read.
+# ----------------------------------------------------------------------------------------------------
+
+def _split_hh(text_chosen: str, text_rejected: str) -> tuple[str, str, str] | None:
+    """HH transcripts -> (prompt up to and including the last "\\n\\nAssistant:", chosen, rejected)."""
+    marker = "\n\nAssistant:"
+    cut = text_chosen.rfind(marker)
+    if cut < 0:
+        return None
+    prompt = text_chosen[: cut + len(marker)]
+    if not text_rejected.startswith(prompt):
+        return None
+    return prompt, text_chosen[len(prompt):], text_rejected[len(prompt):]
+
+
+def _hh_rows(tokenizer, n: int, low: int, high: int) -> list[dict]:
+    """The first `n` HH pairs whose prompt and both responses are `low`-`high` tokens."""
+    rows = []
+    with gzip.open(HH, "rt") as f:
+        for line in f:
+            rec = json.loads(line)
+            split = _split_hh(rec["chosen"], rec["rejected"])
+            if split is None:
+                continue
+            prompt, chosen, rejected = split
+            if chosen == rejected or not chosen.strip() or not rejected.strip():
+                continue
+            lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in split]
+            if all(low <= k <= high for k in lengths):
+                rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+                if len(rows) == n:
+                    break
+    return rows
+
+
+def _sentiment_rows(n: int, cache_dir: Path) -> tuple[list[dict], str]:
+    """W1's pairs: VADER-scored samples of stories260k (alignlab.sentiment); HH pairs if it is absent."""
+    try:
+        from alignlab.sentiment import pairs_file
+    except ImportError:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(STORIES))
+        rows = _hh_rows(tok, n, 1, 20)
+        return rows, f"HH-RLHF pairs (alignlab.sentiment absent), {len(rows)} rows"
+    path = pairs_file(STORIES, n, seed=0, cache_dir=cache_dir)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows, f"VADER-scored stories260k samples, alignlab.sentiment.pairs_file(n_pairs={n}, seed=0)"
+
+
+def _ids_alignlab(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """How alignlab.data.tokenize encodes a plain-text row: prompt with special tokens, response
+    without, then EOS."""
+    return tok(prompt)["input_ids"], tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def _ids_trl(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """How TRL 1.16 DPOTrainer._prepare_dataset encodes it: prompt and prompt+response+EOS text,
+    the completion starting where the two diverge."""
+    p = tok(prompt)["input_ids"]
+    full = tok(prompt + response + tok.eos_token)["input_ids"]
+    k = 0
+    while k < min(len(p), len(full)) and p[k] == full[k]:
+        k += 1
+    return p[:k], full[k:]
+
+
+def prepare(workload: Workload, work: Path) -> dict:
+    """Write `work/pairs.jsonl` (+ the files other losses read) and, for W2, the model folder.
+
+    Keeps only rows that both frameworks tokenise to the same ids within max_length, so the two
+    runs see identical tokens. Returns a description for the report.
+    """
+    from transformers import AutoTokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    if workload.name == "w1":
+        model_dir = STORIES
+        tok = AutoTokenizer.from_pretrained(str(STORIES))
+        rows, source = _sentiment_rows(workload.n_pairs, work / "sentiment")
+        sep = " "  # make_pairs strips completions; TRL joins prompt and completion as strings
+    else:
+        model_dir = work / "model"
+        tok = _w2_model(model_dir)
+        rows = _hh_rows(tok, workload.n_pairs, 32, 256)
+        source = f"HH-RLHF harmless-base test, first {len(rows)} pairs with prompt and responses 32-256 tokens"
+        sep = ""  # HH responses start with their own space
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    kept, dropped = [], 0
+    for row in rows:
+        ok = True
+        for r in ("chosen", "rejected"):
+            a = _ids_alignlab(tok, row["prompt"], row[r])
+            b = _ids_trl(tok, row["prompt"], sep + row[r])
+            if a != b or len(a[0]) + len(a[1]) > workload.max_length or len(a[0]) > workload.max_prompt_length:
+                ok = False
+        if ok:
+            kept.append(row)
+        else:
+            dropped += 1
+    if workload.consume_only:
+        kept = kept[: workload.batch * (workload.warmup + workload.steps)]
+    _write_files(kept, work, sep)
+    return {"model": str(model_dir), "source": source, "rows": len(kept), "dropped_tokenisation": dropped,
+            "sep": sep}
+
+
+def _write_files(rows: list[dict], work: Path, sep: str) -> None:
+    def dump(name: str, records: list[dict]) -> None:
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    score = lambda row, r: float(row.get(f"{r}_score", 1.0 if r == "chosen" else 0.0))
+    dump("pairs.jsonl", [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+                          "vader_chosen": score(r, "chosen"), "vader_rejected": score(r, "rejected")} for r in rows])
+    dump("trl.jsonl", [{"prompt": r["prompt"], "chosen": sep + r["chosen"], "rejected": sep + r["rejected"]}
+                       for r in rows])
+    # TPO's triples: gold = the chosen response, chosen = the rejected one, rejected = the next row's
+    # rejected response (off-prompt, so the worst): three distinct responses of this workload's lengths
+    dump("triples.jsonl", [{"prompt": r["prompt"], "gold": r["chosen"], "chosen": r["rejected"],
+                            "rejected": rows[(i + 1) % len(rows)]["rejected"]} for i, r in enumerate(rows)
+                           if len({r["chosen"], r["rejected"], rows[(i + 1) % len(rows)]["rejected"]}) == 3])
+    # NPO: forget the rejected responses, retain the chosen ones
+    dump("forget.jsonl", [{"prompt": r["prompt"], "completion": r["rejected"]} for r in rows])
+    dump("retain.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+
+
+def _w2_model(model_dir: Path):
+    """W2's Llama from config and the GPT-2 fast tokenizer, saved once (seed 0) for both frameworks."""
+    import torch
+    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    tok = GPT2TokenizerFast(vocab=str(GPT2 / "vocab.json"), merges=str(GPT2 / "merges.txt"))
+    tok.pad_token = tok.eos_token
+    if len(tok) != 50257:
+        raise RuntimeError(f"the GPT-2 tokenizer built from {GPT2} has {len(tok)} tokens, expected 50257")
+    if not (model_dir / "config.json").exists():
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                             intermediate_size=1376, vocab_size=len(tok), max_position_embeddings=1024,
+                             tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.eos_token_id)
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# One measurement, in its own process.
+# ----------------------------------------------------------------------------------------------------
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Probe:
+    """Step ends, first loss and metrics, tokens, padding and peak memory of one training run."""
+
+    def __init__(self) -> None:
+        self.step_ends: list[float] = []
+        self.first_loss: float | None = None
+        self.first_metrics: dict[str, float] = {}
+        self.tokens: list[int] = []
+        self.slots: list[int] = []
+        self.peak_mib: float | None = None
+        self.cuda_peak_mib: float | None = None
+        self.train_begin: float | None = None
+        self.precompute_s = 0.0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                probe.train_begin = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                probe.step_ends.append(time.perf_counter())
+
+            def on_train_end(self, args, state, control, **kwargs):
+                probe.peak_mib = _status_mib("VmHWM")
+                import torch
+
+                if torch.cuda.is_available():
+                    probe.cuda_peak_mib = torch.cuda.max_memory_allocated() / 2**20
+
+        return _Callback()
+
+    def instrument(self, trainer_cls) -> None:
+        """Wrap `trainer_cls.compute_loss` (the framework's own) to record what each batch held."""
+        original = trainer_cls.compute_loss
+        probe = self
+
+        def compute_loss(trainer, model, inputs, *args, **kwargs):
+            out = original(trainer, model, inputs, *args, **kwargs)
+            if model.training:
+                masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and hasattr(v, "sum")]
+                if not masks:  # packed inputs carry no mask: every position is a token
+                    masks = [v for k, v in inputs.items() if k.endswith("input_ids") and hasattr(v, "numel")]
+                    probe.tokens.append(sum(int(m.numel()) for m in masks))
+                else:
+                    probe.tokens.append(sum(int(m.sum()) for m in masks))
+                probe.slots.append(sum(int(m.numel()) for m in masks))
+                if probe.first_loss is None:
+                    loss = out[0] if isinstance(out, tuple) else out
+                    probe.first_loss = float(loss.detach().double())
+                    probe.first_metrics = {k: float(v[-1]) for k, v in trainer._metrics["train"].items() if v}
+            return out
+
+        trainer_cls.compute_loss = compute_loss
+
+    def timed(self, fn):
+        probe = self
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                probe.precompute_s += time.perf_counter() - start
+
+        return wrapper
+
+    def result(self, warmup: int, baseline: float) -> dict:
+        steps = [b - a for a, b in zip(self.step_ends[warmup - 1:], self.step_ends[warmup:])]
+        tokens = self.tokens[warmup: warmup + len(steps)]
+        return {"step_times": steps, "tokens": tokens, "pad_fraction": 1 - sum(self.tokens) / max(1, sum(self.slots)),
+                "tokens_per_s": sum(tokens) / sum(steps) if steps else None,
+                "first_loss": self.first_loss, "first_metrics": self.first_metrics,
+                "peak_mib": None if self.peak_mib is None else round(self.peak_mib - baseline, 1),
+                "cuda_peak_mib": self.cuda_peak_mib, "precompute_s": round(self.precompute_s, 2)}
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def measure(spec: dict) -> dict:
+    """Run one training in this process (spec: see `_spec`) and return its figures."""
+    t0 = time.perf_counter()
+    _threads(spec["threads"])
+    if spec["framework"] == "trl":
+        import datasets
+        import transformers
+        from trl import DPOConfig, DPOTrainer
+
+        trainer_cls = DPOTrainer
+    else:
+        import datasets  # noqa: F401
+        import transformers  # noqa: F401
+
+        import alignlab.data
+        import alignlab.models
+        import alignlab.reference
+        import alignlab.report  # noqa: F401
+        import alignlab.train as train_module
+        from alignlab.trainer import AlignTrainer
+
+        trainer_cls = AlignTrainer
+    imports_s = time.perf_counter() - t0
+    probe = Probe()
+    probe.instrument(trainer_cls)
+    baseline_rss = _status_mib("VmRSS")
+    exact_peak = _reset_peak()
+    baseline = baseline_rss if exact_peak else _status_mib("VmHWM")
+    work = Path(spec["work"])
+    steps = spec["warmup"] + spec["steps"]
+    scratch = Path(tempfile.mkdtemp(prefix="bench_trl_"))  # fresh caches: nothing is reused between runs
+    if spec["framework"] == "trl":
+        import torch
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        DPOTrainer._precompute_ref_logps = probe.timed(DPOTrainer._precompute_ref_logps)
+        tok = AutoTokenizer.from_pretrained(spec["model"])
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+        rows = [json.loads(line) for line in (work / "trl.jsonl").read_text().splitlines()]
+        args = DPOConfig(output_dir=str(scratch / "out"), per_device_train_batch_size=spec["batch"],
+                         per_device_eval_batch_size=spec["batch"], max_length=spec["max_length"],
+                         learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+                         max_grad_norm=1.0, optim="adamw_torch", max_steps=steps, bf16=False, fp16=False,
+                         gradient_checkpointing=spec["gradient_checkpointing"],
+                         precompute_ref_log_probs=spec["reference_mode"] == "precomputed",
+                         train_sampling_strategy="sequential", logging_steps=10**6, save_strategy="no",
+                         eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+                         disable_tqdm=True, seed=spec["seed"], dataset_num_proc=None)
+        os.environ["HF_DATASETS_CACHE"] = str(scratch / "datasets")
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             callbacks=[probe.callback()])
+        trainer.train()
+    else:
+        train_module._precompute_reference = probe.timed(train_module._precompute_reference)
+        original_init = AlignTrainer.__init__
+
+        def init(self, *args, callbacks=None, **kwargs):
+            original_init(self, *args, callbacks=[*(callbacks or []), probe.callback()], **kwargs)
+
+        AlignTrainer.__init__ = init
+        cfg = _compose(_alignlab_overrides(spec, scratch))
+        train_module.run(cfg, output_dir=scratch / "run")
+    out = probe.result(spec["warmup"], baseline)
+    out.update(imports_s=round(imports_s, 2), baseline_rss_mib=round(baseline_rss, 1), exact_peak=exact_peak,
+               setup_s=round((probe.train_begin or t0) - t0 - imports_s, 2))
+    return out
+
+
+def _alignlab_overrides(spec: dict, scratch: Path) -> list[str]:
+    from alignlab.config import AlignConfig
+
+    work = Path(spec["work"])
+    data = {"pairs": work / "pairs.jsonl", "triples": work / "triples.jsonl", "forget": work / "forget.jsonl"}
+    overrides = [
+        f"loss={spec['loss']}", f"model.name_or_path={spec['model']}", f"data.path={data[spec['data']]}",
+        "data.format=explicit", "data.eval_size=0", f"data.max_length={spec['max_length']}",
+        f"data.max_prompt_length={spec['max_prompt_length']}", f"data.cache_dir={scratch / 'cache'}",
+        f"trainer.per_device_train_batch_size={spec['batch']}", f"trainer.per_device_eval_batch_size={spec['batch']}",
+        f"trainer.max_steps={steps_of(spec)}", f"trainer.learning_rate={spec['lr']}", "trainer.warmup_steps=0",
+        "trainer.optim=adamw_torch", "trainer.lr_scheduler_type=linear", "trainer.max_grad_norm=1.0",
+        "trainer.logging_steps=1000000", "trainer.eval_steps=0", "trainer.save_steps=0",
+        "+trainer.extra.train_sampling_strategy=sequential", "+trainer.extra.disable_tqdm=true",
+        f"seed={spec['seed']}", f"model.reference_mode={spec['reference_mode']}",
+        f"model.gradient_checkpointing={str(spec['gradient_checkpointing']).lower()}",
+    ]
+    overrides += [f"model.{k}={_yaml(v)}" for k, v in spec.get("switches", {}).items()
+                  if k not in ("reference_mode", "gradient_checkpointing")]
+    overrides += LOSS_OVERRIDES.get(spec["loss"], [])
+    if "eval" in {f.name for f in dataclasses.fields(AlignConfig)}:
+        overrides.append("eval.generate=false")  # no sampling after training
+    if spec["loss"] == "npo":
+        overrides.append(f"data.retain={work / 'retain.jsonl'}")
+    if spec["loss"] == "aligndistil":  # minimal valid teachers: the initial model itself, twice
+        overrides += [f"loss.dpo_teacher={spec['model']}", f"loss.reverse_teacher={spec['model']}"]
+    return overrides
+
+
+#: loss settings (the recipes' values) and the data file each loss reads.
+LOSS_OVERRIDES = {
+    "tdpo": ["loss.variant=tdpo2", "loss.alpha=0.5"],
+    "sparsepo": ["loss.mask=learned"],
+    "rdpo": ["loss.epsilon=0.1"],
+    "npo": ["loss.variant=npo_rt"],
+    "modpo": ["loss.weights=[0.5,0.5]", "loss.margins=[{kind:column,column:vader}]"],
+    "rpo": ["loss.eta=0.005"],
+}
+LOSS_DATA = {"tpo": "triples", "npo": "forget"}
+
+
+def steps_of(spec: dict) -> int:
+    return spec["warmup"] + spec["steps"]
+
+
+def _yaml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from alignlab.config import register_configs, resource_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The driver: alternating runs, statistics, tables.
+# ----------------------------------------------------------------------------------------------------
+
+def _spec(w: Workload, info: dict, work: Path, framework: str, reference_mode: str = "live", loss: str = "dpo",
+          switches: dict | None = None, threads: int = 2) -> dict:
+    switches = dict(switches or {})
+    gc = w.trl_gradient_checkpointing if framework == "trl" else switches.get(
+        "gradient_checkpointing", w.alignlab_gradient_checkpointing)
+    return {"framework": framework, "workload": w.name, "work": str(work), "model": info["model"],
+            "batch": w.batch, "max_length": w.max_length, "max_prompt_length": w.max_prompt_length,
+            "warmup": w.warmup, "steps": w.steps, "lr": w.learning_rate, "seed": 42, "threads": threads,
+            "reference_mode": switches.get("reference_mode", reference_mode), "loss": loss,
+            "data": LOSS_DATA.get(loss, "pairs"), "gradient_checkpointing": gc, "switches": switches}
+
+
+def run_child(spec: dict, log: Path) -> dict:
+    """`measure(spec)` in a fresh interpreter; its output goes to `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TQDM_DISABLE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.time()
+    with log.open("a") as f:
+        f.write(f"\n### {json.dumps(spec)}\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=f, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {**spec, "error": f"exit {proc.returncode}; see {log}", "wall_s": round(time.time() - start, 1)}
+    return {**spec, **json.loads(lines[-1]), "wall_s": round(time.time() - start, 1)}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        gpu = None
+    return {"nproc": os.cpu_count(), "cpu": cpu, "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+            "gpu": gpu, "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def available_switches() -> dict[str, tuple[str, object]]:
+    from alignlab.config import ModelConfig
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {label: sw for label, sw in SWITCHES.items() if sw[0] in names}
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarise(records: list[dict]) -> dict:
+    """Median step time, its spread (min-max over every timed step of every repeat), tokens/s, memory."""
+    ok = [r for r in records if "error" not in r]
+    steps = [s for r in ok for s in r["step_times"]]
+    tps = [r["tokens_per_s"] for r in ok if r.get("tokens_per_s")]
+    return {"n": len(ok), "errors": [r["error"] for r in records if "error" in r],
+            "step_s": _median(steps), "step_min": min(steps, default=float("nan")),
+            "step_max": max(steps, default=float("nan")),
+            "tokens_per_s": _median(tps), "tps_min": min(tps, default=float("nan")), "tps_max": max(tps, default=float("nan")),
+            "peak_mib": _median([r["peak_mib"] for r in ok if r.get("peak_mib") is not None]),
+            "cuda_peak_mib": _median([r["cuda_peak_mib"] for r in ok if r.get("cuda_peak_mib") is not None]),
+            "pad_fraction": _median([r["pad_fraction"] for r in ok]),
+            "precompute_s": _median([r["precompute_s"] for r in ok]),
+            "first_loss": ok[0]["first_loss"] if ok else None,
+            "first_metrics": ok[0]["first_metrics"] if ok else {}}
+
+
+def trl_section(w: Workload, info: dict, work: Path, log: Path, modes: tuple[str, ...]) -> list[dict]:
+    """alignlab and TRL, alternating: repeat r runs (A, B) for even r and (B, A) for odd r, per mode."""
+    records = []
+    for rep in range(w.repeats):
+        for mode in modes:
+            order = ("alignlab", "trl") if rep % 2 == 0 else ("trl", "alignlab")
+            for fw in order:
+                rec = run_child(_spec(w, info, work, fw, mode), log)
+                rec.update(section="trl", repeat=rep)
+                records.append(rec)
+                _progress(rec)
+    return records
+
+
+def _progress(rec: dict) -> None:
+    if "error" in rec:
+        print(f"  {rec['workload']} {rec['framework']} {rec['loss']} {rec['reference_mode']} {rec.get('label', '')}: "
+              f"FAILED {rec['error']}", file=sys.stderr)
+        return
+    st = rec["step_times"]
+    print(f"  {rec['workload']} {rec['framework']:8} {rec['loss']:11} {rec['reference_mode']:11} "
+          f"{rec.get('label', ''):22} step {_median(st):.3f}s tok/s {rec['tokens_per_s'] or 0:.0f} "
+          f"peak {rec['peak_mib']} MiB loss0 {rec['first_loss']!r} ({rec['wall_s']} s)", file=sys.stderr)
+
+
+def fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[list[str], dict]:
+    lines = [(f"| {name} | reference | framework | step time, s (median [min–max]) | tokens/s (median [min–max]) | "
+             "peak memory above imports, MiB | padding | precompute pass, s | step-0 loss | step-0 logps/chosen |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = {}
+    for mode in modes:
+        s = {fw: summarise([r for r in records if r["reference_mode"] == mode and r["framework"] == fw])
+             for fw in ("alignlab", "trl")}
+        for fw in ("alignlab", "trl"):
+            x = s[fw]
+            mem = x["peak_mib"] if math.isnan(x["cuda_peak_mib"]) else x["cuda_peak_mib"]
+            lines.append(f"| | {mode} | {fw} | {fmt(x['step_s'])} [{fmt(x['step_min'])}–{fmt(x['step_max'])}] | "
+                         f"{fmt(x['tokens_per_s'], 0)} [{fmt(x['tps_min'], 0)}–{fmt(x['tps_max'], 0)}] | {fmt(mem, 0)} | "
+                         f"{fmt(x['pad_fraction'], 2)} | {fmt(x['precompute_s'], 1) if mode == 'precomputed' else '—'} | "
+                         f"{fmt(x['first_loss'], 7)} | {fmt(x['first_metrics'].get('logps/chosen'), 4)} |")
+        a, t = s["alignlab"], s["trl"]
+        agree = (a["first_loss"] is not None and t["first_loss"] is not None
+                 and abs(a["first_loss"] - t["first_loss"]) <= 1e-5)
+        paired = []  # alignlab / TRL tokens/s of each repeat: the two ran back to back under the same load
+        for rep in sorted({r["repeat"] for r in records}):
+            pair = {r["framework"]: r.get("tokens_per_s") for r in records
+                    if r["repeat"] == rep and r["reference_mode"] == mode and "error" not in r}
+            if pair.get("alignlab") and pair.get("trl"):
+                paired.append(pair["alignlab"] / pair["trl"])
+        ratios[mode] = {
+            "tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"] if t["tokens_per_s"] else None,
+            "tokens_per_s_paired": paired,
+            "step_time": t["step_s"] / a["step_s"] if a["step_s"] else None,
+            "peak_memory": a["peak_mib"] / t["peak_mib"] if t["peak_mib"] else None,
+            "loss0_diff": (abs(a["first_loss"] - t["first_loss"])
+                           if a["first_loss"] is not None and t["first_loss"] is not None else None),
+            "logps_chosen0_diff": _diff(a["first_metrics"], t["first_metrics"], "logps/chosen"),
+            "logps_rejected0_diff": _diff(a["first_metrics"], t["first_metrics"], "logps/rejected"),
+            "loss0_agree": agree,
+            "errors": a["errors"] + t["errors"],
+        }
+    lines.append("")
+    lines.append(f"| {name}: alignlab / TRL | tokens/s (of medians) | tokens/s, per A/B pair [min–max] | peak memory | "
+                 "step-0 loss |Δ| | step-0 logps/chosen |Δ| | step-0 logps/rejected |Δ| |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for mode, r in ratios.items():
+        p = r["tokens_per_s_paired"]
+        lines.append(f"| {mode} reference | {fmt(r['tokens_per_s'], 2)}× | {fmt(_median(p), 2)}× "
+                     f"[{fmt(min(p, default=None), 2)}–{fmt(max(p, default=None), 2)}] | {fmt(r['peak_memory'], 2)}× | "
+                     f"{_sci(r['loss0_diff'])} | {_sci(r['logps_chosen0_diff'])} | {_sci(r['logps_rejected0_diff'])} |")
+    return lines, ratios
+
+
+def _diff(a: dict, b: dict, key: str):
+    return abs(a[key] - b[key]) if key in a and key in b else None
+
+
+def _sci(x) -> str:
+    return "—" if x is None else f"{x:.1e}"
+
+
+def relative_table(name: str, records: list[dict], key: str, base_label: str) -> list[str]:
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r[key], []).append(r)
+    base = summarise(groups.get(base_label, []))
+    lines = [(f"| {name} | step time, s (median [min–max]) | tokens/s | × {base_label} tokens/s | peak memory, MiB | "
+             f"× {base_label} memory | padding | step-0 loss |"), "|---|---|---|---|---|---|---|---|"]
+    for label, recs in groups.items():
+        s = summarise(recs)
+        if not s["n"]:
+            lines.append(f"| {label} | failed: {s['errors'][0][:80]} | | | | | | |")
+            continue
+        rt = s["tokens_per_s"] / base["tokens_per_s"] if base["n"] else float("nan")
+        rm = s["peak_mib"] / base["peak_mib"] if base["n"] and base["peak_mib"] else float("nan")
+        lines.append(f"| {label} | {fmt(s['step_s'])} [{fmt(s['step_min'])}–{fmt(s['step_max'])}] | "
+                     f"{fmt(s['tokens_per_s'], 0)} | {fmt(rt, 2)}× | {fmt(s['peak_mib'], 0)} | {fmt(rm, 2)}× | "
+                     f"{fmt(s['pad_fraction'], 2)} | {fmt(s['first_loss'], 5)} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="tiny workloads and steps: an end-to-end check")
+    parser.add_argument("--workloads", default="w1,w2")
+    parser.add_argument("--sections", default="trl,losses,switches")
+    parser.add_argument("--modes", default="live,precomputed", help="reference modes of the TRL comparison")
+    parser.add_argument("--losses", default=",".join(LOSSES), help="losses of the W1 loss table")
+    parser.add_argument("--w2-losses", default="dpo,tdpo,aligndistil", help="losses of the W2 loss table")
+    parser.add_argument("--repeats", type=int, help="override the workloads' repeats")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_trl")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one))))
+        return
+
+    if not SHARED.exists():
+        sys.exit(f"bench_trl: needs {SHARED} (models and data); it is absent")
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "children.log"
+    modes = tuple(args.modes.split(","))
+    sections = set(args.sections.split(","))
+    all_w = workloads(args.quick)
+    results = {"machine_start": machine(), "command": " ".join(sys.argv), "workloads": {}, "records": []}
+    md = []
+    for name in args.workloads.split(","):
+        w = all_w[name]
+        if args.repeats:
+            w.repeats = args.repeats
+        work = args.out / "work" / name
+        info = prepare(w, work)
+        results["workloads"][name] = {**dataclasses.asdict(w), **info}
+        print(f"{name}: {info}", file=sys.stderr)
+        md.append(f"### {name.upper()}: {info['source']}; {info['rows']} pairs kept "
+                  f"({info['dropped_tokenisation']} dropped: tokenised differently or too long); batch {w.batch}, "
+                  f"max_length {w.max_length}, {w.warmup} warm-up + {w.steps} timed steps × {w.repeats} repeats; "
+                  f"gradient checkpointing TRL {'on' if w.trl_gradient_checkpointing else 'off'}, "
+                  f"alignlab {'on' if w.alignlab_gradient_checkpointing else 'off'}")
+        md.append("")
+        alignlab_runs: dict[str, list[dict]] = {}  # the TRL comparison's alignlab runs, reused below
+        if "trl" in sections:
+            recs = trl_section(w, info, work, log, modes)
+            results["records"] += recs
+            lines, ratios = trl_table(name.upper(), recs, modes)
+            results["workloads"][name]["ratios"] = ratios
+            md += lines + [""]
+            for mode in modes:
+                alignlab_runs[mode] = [r for r in recs if r["framework"] == "alignlab" and r["reference_mode"] == mode]
+        repeats = 1 if name == "w2" else max(1, w.repeats - 1)
+        if "losses" in sections:
+            names = args.losses.split(",") if name == "w1" else args.w2_losses.split(",")
+            recs = [{**r, "section": "losses"} for r in alignlab_runs.get("live", []) if "dpo" in names]
+            todo = [n for n in names if not (n == "dpo" and recs)]
+            for rep in range(repeats):
+                for loss in (todo if rep % 2 == 0 else todo[::-1]):
+                    rec = run_child(_spec(w, info, work, "alignlab", loss=loss), log)
+                    rec.update(section="losses", repeat=rep)
+                    recs.append(rec)
+                    _progress(rec)
+            results["records"] += [r for r in recs if r.get("section") == "losses"]
+            md += relative_table(f"{name.upper()} loss", recs, "loss", "dpo") + [""]
+        if "switches" in sections:
+            switches = available_switches()
+            missing = [label for label in SWITCHES if label not in switches]
+            recs = [{**r, "label": "plain"} for r in alignlab_runs.get("live", [])]
+            label_cache = next(iter(SWITCHES))
+            recs += [{**r, "label": label_cache} for r in alignlab_runs.get("precomputed", [])]
+            reused = {r["label"] for r in recs}
+            for rep in range(repeats):
+                for label, (key, value) in [("plain", (None, None)), *switches.items()]:
+                    if label in reused:
+                        continue
+                    if key == "gradient_checkpointing":
+                        value = not w.alignlab_gradient_checkpointing
+                    rec = run_child(_spec(w, info, work, "alignlab", switches={key: value} if key else None), log)
+                    rec.update(section="switches", repeat=rep, label=label)
+                    recs.append(rec)
+                    _progress(rec)
+            results["records"] += [r for r in recs if r.get("section") == "switches"]
+            md += relative_table(f"{name.upper()} alignlab switch (DPO)", recs, "label", "plain") + [""]
+            if missing:
+                md += [f"Not measured (no such `model.*` field yet): {', '.join(missing)}.", ""]
+        write(results, md, args.out)  # after each workload: a cut-short run keeps what it measured
+    print(write(results, md, args.out))
+
+
+def write(results: dict, md: list[str], out: Path) -> str:
+    """results.json and results.md in `out`; returns the markdown."""
+    results["machine_end"] = machine()
+    m0, m1 = results["machine_start"], results["machine_end"]
+    header = [(f"Machine: {m0['nproc']} CPUs, {m0['cpu']}; GPU: {m0['gpu'] or 'none'}; load average (1, 5, 15 min) "
+              f"{' '.join(m0['loadavg'])} at the start ({m0['time_utc']}), {' '.join(m1['loadavg'])} at the end "
+              f"({m1['time_utc']})."), "", f"Command: `python {results['command']}`", ""]
+    text = "\n".join(header + md) + "\n"
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

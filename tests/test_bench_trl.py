@@ -1,0 +1,70 @@
+"""scripts/bench_trl.py: the timing arithmetic, the HH split, and an end-to-end --quick run against TRL."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_trl.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_trl", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_times_are_intervals_between_step_ends_after_warmup():
+    probe = _bench().Probe()
+    probe.step_ends = [10.0, 11.0, 13.0, 16.0]  # four steps ended at these times
+    probe.tokens = [100, 200, 300, 400]
+    probe.slots = [100, 250, 300, 500]
+    out = probe.result(warmup=2, baseline=0.0)
+    # steps 2 and 3 are timed: 13-11 = 2 s and 16-13 = 3 s, holding 300 + 400 tokens
+    assert out["step_times"] == [2.0, 3.0]
+    assert out["tokens_per_s"] == pytest.approx(700 / 5)
+    assert out["pad_fraction"] == pytest.approx(1 - 1000 / 1150)
+
+
+def test_hh_split_takes_the_prompt_up_to_the_last_assistant_turn():
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this"
+    rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: no"
+    prompt, c, r = _bench()._split_hh(chosen, rejected)
+    assert prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:"
+    assert (c, r) == (" like this", " no")
+    assert _bench()._split_hh("no turns here", "x") is None
+
+
+@pytest.mark.slow
+def test_quick_run_against_trl_agrees_at_step_0_and_writes_the_table(shared_path, tmp_path):
+    pytest.importorskip("trl")
+    shared_path("models", "stories260k")
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workloads", "w1", "--sections", "trl",
+                           "--modes", "live", "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    records = [r for r in results["records"] if r["section"] == "trl"]
+    assert {r["framework"] for r in records} == {"alignlab", "trl"}
+    for r in records:
+        assert "error" not in r, r["error"]
+        assert len(r["step_times"]) == 2 and all(t > 0 for t in r["step_times"])
+        # policy = reference at step 0: the DPO loss is -log σ(0) = ln 2 in both frameworks
+        assert r["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    a, t = sorted(records, key=lambda r: r["framework"])
+    assert abs(a["first_loss"] - t["first_loss"]) <= 1e-5
+    # the same tokens: the policy's summed log-probs of the first batch agree (ln 2 alone would not show it)
+    for key in ("logps/chosen", "logps/rejected"):
+        assert a["first_metrics"][key] == pytest.approx(t["first_metrics"][key], abs=1e-4)
+    ratios = results["workloads"]["w1"]["ratios"]["live"]
+    assert ratios["loss0_agree"] is True
+    table = (out / "results.md").read_text()
+    assert "| W1: alignlab / TRL | tokens/s (of medians) |" in table and "| live reference |" in table
