@@ -104,6 +104,7 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
              seed: int = 0) -> dict:
     """Evaluate the saved run in `run_dir`; writes `run_dir/eval/` and returns the figures."""
     from alignlab.data import build_datasets
+    from alignlab.losses import build
     from alignlab.models import freeze, load_policy, load_tokenizer
 
     run_dir = Path(run_dir).resolve()
@@ -124,8 +125,8 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
     else:
         policy = freeze(load_policy(replace(base, name_or_path=str(saved), tokenizer=None), tokenizer, cfg.seed))
 
-    data = build_datasets(cfg.data, tokenizer, responses=("chosen", "rejected"), seed=cfg.seed) \
-        if _pairs(cfg) else None
+    needs = build(cfg.loss).needs  # the held-out prompts of the run's own data, whatever its kind
+    data = build_datasets(cfg.data, tokenizer, responses=needs.responses, seed=cfg.seed, fields=needs.fields)
     prompts = _prompts(data, tokenizer, num_prompts) if data is not None and data.eval is not None else []
     result: dict = {"run": str(run_dir), "num_prompts": len(prompts), "max_new_tokens": max_new_tokens}
     if prompts:
@@ -209,12 +210,6 @@ def _without_adapter(model_cfg):
     """The run's model config with LoRA switched off (the adapter, if any, is loaded from the run)."""
     lora = getattr(model_cfg, "lora", None)
     return replace(model_cfg, lora=replace(lora, enabled=False, merge_on_save=False)) if lora is not None else model_cfg
-
-
-def _pairs(cfg) -> bool:
-    from alignlab.losses import build
-
-    return build(cfg.loss).needs.responses[-2:] == ("chosen", "rejected")
 
 
 def _prompts(data, tokenizer, n: int) -> list[str]:

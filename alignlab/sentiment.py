@@ -127,6 +127,32 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return out
 
 
+def sample_groups(model_path: str | os.PathLike, prompts: list[str], samples_per_prompt: int = 4, seed: int = 0,
+                  max_new_tokens: int = 24, batch_size: int = 256, temperature: float = 1.0,
+                  whole_sentences: bool = False) -> list[dict]:
+    """`samples_per_prompt` samples of the model for every prompt, VADER-scored: rows
+    ``{prompt, completions: [...], scores: [...]}`` in prompt order. Deterministic for a seed. Pairs,
+    triples and thumbs-up/down labels can all be cut from the same groups. `whole_sentences` cuts
+    each sample after its last full sentence (".", "!" or "?"), when it has one, so that lengths vary."""
+    import torch
+
+    model, tokenizer = load_model(model_path)
+    torch.manual_seed(seed)
+    texts = generate(model, tokenizer, [p for p in prompts for _ in range(samples_per_prompt)], max_new_tokens,
+                     batch_size, temperature)
+    if whole_sentences:
+        texts = [_whole_sentences(t) for t in texts]
+    scores = vader(texts)
+    k = samples_per_prompt
+    return [{"prompt": p, "completions": texts[i * k:(i + 1) * k], "scores": scores[i * k:(i + 1) * k]}
+            for i, p in enumerate(prompts)]
+
+
+def _whole_sentences(text: str) -> str:
+    end = max(text.rfind(c) for c in ".!?")
+    return text[: end + 1] if end > 0 else text
+
+
 def make_pairs(model_path: str | os.PathLike, n_pairs: int, seed: int = 0, samples_per_prompt: int = 4,
                max_new_tokens: int = 24, split: str = "train", prompts: list[str] | None = None,
                batch_size: int = 256, temperature: float = 1.0) -> list[dict]:
