@@ -47,6 +47,8 @@ class AlignTrainer(Trainer):
         precomputed_reference: the batches carry the reference's log-probs (`alignlab.reference`)
             instead of a live reference model.
         logit_chunk_size: positions per logits chunk (`model.logit_chunk_size`); 0 for dense logits.
+        skip_unused_logits: the head only where the loss reads logits (`model.skip_unused_logits`).
+        padding_free: pack batches without padding (`model.padding_free`).
         **kwargs: everything `transformers.Trainer` takes.
     """
 
@@ -55,7 +57,8 @@ class AlignTrainer(Trainer):
 
     def __init__(self, *, loss_fn: Loss, reference: nn.Module | None = None,
                  teachers: dict[str, nn.Module] | None = None, logit_chunk_size: int = 0,
-                 precomputed_reference: bool = False, **kwargs) -> None:
+                 precomputed_reference: bool = False, skip_unused_logits: bool = True,
+                 padding_free: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.loss_fn = loss_fn.to(self.args.device)
         self.needs = loss_fn.needs
@@ -65,11 +68,12 @@ class AlignTrainer(Trainer):
         # on the device, or under ZeRO-3 partitioned inference engines (alignlab.distributed)
         self.reference = prepare_frozen(reference, self.args)
         self.teachers = {name: prepare_frozen(m, self.args) for name, m in (teachers or {}).items()}
-        self.forward = Forward(logit_chunk_size)
+        self.forward = Forward(logit_chunk_size, skip_unused_logits, padding_free)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _run(self, model: nn.Module, head_of: nn.Module, inputs) -> dict:
-        return self.forward(model, head_of.get_output_embeddings(), inputs, self.needs.responses, self.needs.full_logits)
+        return self.forward(model, head_of.get_output_embeddings(), inputs, self.needs.responses,
+                            self.needs.full_logits, self.needs.logits_on_prompt)
 
     def _loss_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LossInputs:
         policy = self._run(model, self.accelerator.unwrap_model(model), inputs)

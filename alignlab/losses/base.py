@@ -25,6 +25,9 @@ class Needs:
             losses (ASFT, TPO, SimPO) set False and no reference model is ever loaded.
         full_logits: keep full-vocabulary logits `(B, T, V)` for every response (TDPO, SparsePO,
             AlignDistil). Sequence-level losses leave it False and only get per-token log-probs.
+        logits_on_prompt: the full logits are read at prompt positions too (`SequenceLogps.input_mask`,
+            e.g. NPO+KL's retain KL). Otherwise they are computed at response positions only
+            (`model.skip_unused_logits`) and read as zeros elsewhere.
         responses: the responses each example carries; the data pipeline serves exactly these.
             Each name is a column of the data rows, sharing the row's prompt: ("chosen", "rejected")
             for pairs, ("gold", "chosen", "rejected") for TPO triples, ("completion",) for
@@ -42,6 +45,7 @@ class Needs:
 
     reference: bool = True
     full_logits: bool = False
+    logits_on_prompt: bool = False
     responses: tuple[str, ...] = ("chosen", "rejected")
     fields: tuple[str, ...] = ()
     prepared_fields: tuple[str, ...] = ()

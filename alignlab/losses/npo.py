@@ -71,7 +71,8 @@ class NPO(Loss):
     def needs(self) -> Needs:
         if self.cfg.variant == "npo":
             return Needs(reference=True, responses=("completion",))
-        return Needs(reference=True, responses=("completion", "retain"), full_logits=self.cfg.variant == "npo_kl")
+        kl = self.cfg.variant == "npo_kl"  # the retain KL reads every non-padding position
+        return Needs(reference=True, responses=("completion", "retain"), full_logits=kl, logits_on_prompt=kl)
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

@@ -1,0 +1,115 @@
+"""Time of one DPO training step (policy forward + backward, reference forward) per forward switch.
+
+The switches of `alignlab.forward.Forward` measured on their own and together, on random batches
+shaped like the issue-#8 workloads:
+
+* W2: a 38M Llama (hidden 512, 4 layers, 8 heads, intermediate 1376, 50,257 vocabulary, tied
+  embeddings), 4 pairs per batch, prompt and each response 32–256 tokens (uniform).
+* W1: stories260k (../shared, or a random model of its shape), 16 pairs per batch, max_length 64
+  (prompt 8–32, responses 8–32 tokens).
+
+    python scripts/bench_forward.py                       # both workloads, every variant
+    python scripts/bench_forward.py --workload w2 --steps 6
+
+Reports the median step time over `--steps` steps (after one warm-up step), policy tokens/s
+(real, non-padding tokens of the policy forward per second) and the padding share of the batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO.parent / "shared" / "models" / "stories260k"
+VARIANTS = {  # name -> (skip_unused_logits, padding_free)
+    "plain": (False, False),
+    "skip_unused_logits": (True, False),
+    "padding_free": (False, True),
+    "both": (True, True),
+}
+
+
+def _model(workload: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if workload == "w1":
+        if STORIES.exists():
+            return AutoModelForCausalLM.from_pretrained(STORIES, attn_implementation="sdpa")
+        config = LlamaConfig(hidden_size=64, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=4,
+                             intermediate_size=172, vocab_size=512, tie_word_embeddings=True)
+    else:
+        config = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                             intermediate_size=1376, vocab_size=50257, max_position_embeddings=1024,
+                             tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
+
+
+def _batches(workload: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
+    from alignlab.data.collate import PreferenceCollator
+
+    gen = torch.Generator().manual_seed(seed)
+    size, lo, hi, bsz = {"w1": (None, 8, 32, 16), "w2": (None, 32, 256, 4)}[workload]
+
+    def ids(lo_, hi_):
+        return torch.randint(3, vocab, (int(torch.randint(lo_, hi_ + 1, (1,), generator=gen)),), generator=gen).tolist()
+
+    collate = PreferenceCollator(pad_token_id=0)
+    return [collate([{"prompt_ids": ids(lo, hi), "chosen_ids": ids(lo, hi), "rejected_ids": ids(lo, hi)}
+                     for _ in range(bsz)]) for _ in range(n)]
+
+
+def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
+    import copy
+
+    from alignlab.forward import Forward
+
+    policy = _model(workload)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy.train()
+    batches = _batches(workload, steps + 1, policy.config.vocab_size)
+    pairs = ("chosen", "rejected")
+    real = [sum(int(b[f"{r}_attention_mask"].sum()) for r in pairs) for b in batches[1:]]
+    total = [sum(b[f"{r}_attention_mask"].numel() for r in pairs) for b in batches[1:]]
+    print(f"{workload}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
+          f"padding {1 - sum(real) / sum(total):.0%} of batch positions, {statistics.mean(real):.0f} real tokens/batch, "
+          f"threads {torch.get_num_threads()}", flush=True)
+    for name in variants:
+        skip, packed = VARIANTS[name]
+        forward = Forward(chunk, skip, packed)
+        times = []
+        for i, batch in enumerate(batches):
+            start = time.perf_counter()
+            pol = forward(policy, policy.get_output_embeddings(), batch, pairs)
+            with torch.no_grad():
+                ref = forward(reference, reference.get_output_embeddings(), batch, pairs)
+            u = (pol["chosen"].logps - ref["chosen"].logps) - (pol["rejected"].logps - ref["rejected"].logps)
+            F.softplus(-0.1 * u).mean().backward()
+            policy.zero_grad(set_to_none=True)
+            if i:  # the first step warms up (and runs the one-off checks)
+                times.append(time.perf_counter() - start)
+        step = statistics.median(times)
+        tokens = statistics.mean(real) / step
+        print(f"  {name:20s} step {step * 1000:7.0f} ms   policy tokens/s {tokens:8.0f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("w1", "w2", "both"), default="both")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=128, help="model.logit_chunk_size")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    for workload in ("w1", "w2") if args.workload == "both" else (args.workload,):
+        run(workload, args.steps, args.chunk, args.variants.split(","))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The forward's speed switches (`skip_unused_logits`, `padding_free`) change nothing but speed.
+
+Every switch is compared with the plain path (dense logits, padded batch, head on every position):
+per-token log-probs, losses and parameter gradients agree to 1e-5 in fp64, on batches of uneven
+lengths, for 2 and 3 responses, a response with its own prompt (NPO's retain), and token-level
+losses that read full-vocabulary logits (TDPO; NPO+KL at prompt positions too).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from alignlab import losses
+from alignlab.chunked import LazyLogits, per_token, token_kl
+from alignlab.data.collate import PreferenceCollator
+from alignlab.forward import Forward, Packing
+from alignlab.losses.base import LossInputs
+
+VOCAB = 97
+#: name -> Forward arguments (chunk_size, skip_unused_logits, padding_free)
+SWITCHES = {
+    "skip_unused_logits": (5, True, False),
+    "padding_free": (5, False, True),
+    "padding_free_dense": (0, False, True),
+    "both": (5, True, True),
+}
+PLAIN = (0, False, False)
+
+
+def _model(seed: int, attn: str = "sdpa") -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=0, attn_implementation=attn)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).double()
+
+
+def _batch(responses, seed=0, b=3, own_prompt=()):
+    """Random ids, lengths drawn per example and response (uneven: padding everywhere but one row)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(3, VOCAB, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen).tolist()
+
+    rows = []
+    for _ in range(b):
+        row = {"prompt_ids": ids(1, 6), **{f"{r}_ids": ids(1, 7) for r in responses}}
+        row.update({f"{r}_prompt_ids": ids(2, 5) for r in own_prompt})
+        rows.append(row)
+    return PreferenceCollator(pad_token_id=0, responses=responses)(rows)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run_loss(args, loss, policy, reference, batch):
+    """Loss value, per-response outputs and policy gradients through `Forward(*args)`."""
+    needs = loss.needs
+    forward = Forward(*args)
+    policy.zero_grad()
+    pol = forward(policy, policy.get_output_embeddings(), batch, needs.responses, needs.full_logits,
+                  needs.logits_on_prompt)
+    ref = None
+    if needs.reference:
+        with torch.no_grad():
+            ref = forward(reference, reference.get_output_embeddings(), batch, needs.responses, needs.full_logits,
+                          needs.logits_on_prompt)
+    out = loss(LossInputs(policy=pol, reference=ref))
+    out.losses.mean().backward()
+    if forward.padding_free:  # packing was used, not refused by the one-off check
+        assert forward._packing_checked[id(policy)] is True
+    return out.losses.detach(), pol, _grads(policy)
+
+
+def _loss(name, **kwargs):
+    entry = losses.get(name)
+    return losses.build(entry.config(**kwargs))
+
+
+CASES = {  # name -> (loss, extra responses with their own prompt)
+    "dpo": (lambda: _loss("dpo"), ()),
+    "tpo_3_responses": (lambda: _loss("tpo"), ()),
+    "tdpo_full_logits": (lambda: _loss("tdpo"), ()),
+    "npo_kl_retain_prompt_logits": (lambda: _loss("npo", variant="npo_kl"), ("retain",)),
+}
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+@pytest.mark.parametrize("case", CASES)
+def test_switch_gives_the_plain_losses_log_probs_and_gradients(switch, case):
+    make, own_prompt = CASES[case]
+    loss = make()
+    policy, reference = _model(0), _model(1)
+    batch = _batch(loss.needs.responses, seed=len(case), own_prompt=own_prompt)
+    assert (batch[f"{loss.needs.responses[0]}_attention_mask"] == 0).any()  # the batch is padded
+    want_loss, want, want_grads = _run_loss(PLAIN, loss, policy, reference, batch)
+    got_loss, got, got_grads = _run_loss(SWITCHES[switch], loss, policy, reference, batch)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
+    for r in loss.needs.responses:
+        torch.testing.assert_close(got[r].token_logps.detach(), want[r].token_logps.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[r].mean_logit, want[r].mean_logit, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[r].mask, want[r].mask) and torch.equal(got[r].input_mask, want[r].input_mask)
+    assert got_grads.keys() == want_grads.keys() and want_grads
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_log_probs_equal_padded_ones_under_each_attention(attn):
+    model = _model(2, attn)
+    batch = _batch(("chosen", "rejected"), seed=7, b=5)
+    with torch.no_grad():
+        want = Forward(*PLAIN)(model, model.get_output_embeddings(), batch, ("chosen", "rejected"))
+        forward = Forward(4, True, True)
+        got = forward(model, model.get_output_embeddings(), batch, ("chosen", "rejected"))
+    assert forward._packing_checked[id(model)] is True
+    for r in ("chosen", "rejected"):
+        torch.testing.assert_close(got[r].token_logps, want[r].token_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_layout_first_fit_decreasing_by_hand():
+    # lengths 5, 2, 3, 1 in T = 5: rows [0], [2, 1], [3] (+ a tail of its own)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    packing = Packing.of(mask)
+    assert packing.index.tolist() == [[0, 1, 2, 3, 4], [10, 11, 12, 5, 6], [15, 0, 0, 0, 0]]
+    assert packing.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert packing.saves
+    values = torch.arange(15.0).view(3, 5)  # the packed slots' own flat index
+    unpacked = packing.unpack(values)
+    assert unpacked.tolist() == [[0, 1, 2, 3, 4], [8, 9, 0, 0, 0], [5, 6, 7, 0, 0], [10, 0, 0, 0, 0]]
+    assert not Packing.of(torch.ones(2, 4, dtype=torch.long)).saves
+
+
+def test_padding_free_refuses_left_padding():
+    with pytest.raises(ValueError, match="right-padded"):
+        Packing.of(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+
+
+def test_model_that_ignores_packed_positions_falls_back_to_padding(caplog):
+    """A model that drops position_ids would let packed sequences attend to each other: detected."""
+    inner = _model(3)
+
+    class NoPositions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, position_ids=None, **kwargs):
+            return self.inner(**kwargs)
+
+    model = NoPositions()
+    batch = _batch(("chosen", "rejected"), seed=4, b=4)
+    forward = Forward(4, True, True)
+    with caplog.at_level(logging.WARNING):
+        got = forward(model, inner.get_output_embeddings(), batch, ("chosen", "rejected"))
+    assert forward._packing_checked[id(model)] is False
+    assert "packed sequences attend to each other" in caplog.text
+    want = Forward(*PLAIN)(inner, inner.get_output_embeddings(), batch, ("chosen", "rejected"))
+    torch.testing.assert_close(got["chosen"].token_logps, want["chosen"].token_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_selected_logits_are_the_dense_ones_at_the_selected_positions():
+    torch.manual_seed(0)
+    head_a, head_b = torch.nn.Linear(6, 11).double(), torch.nn.Linear(6, 11).double()
+    hidden = torch.randn(3, 7, 6, dtype=torch.float64)
+    where = torch.rand(3, 7) > 0.4
+    a, b = LazyLogits(hidden, head_a, 2).select(where), LazyLogits(hidden, head_b, 2).select(where)
+    assert a.shape == (3, 7, 11)
+    want = (torch.softmax(head_a(hidden), -1) * (head_a(hidden).log_softmax(-1) - head_b(hidden).log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(token_kl(a, b), want * where, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(a.dense(), head_a(hidden) * where.unsqueeze(-1))
+    parts = a.split(3)
+    assert [p.hidden.shape[0] for p in parts] == [int(w.sum()) for w in where]
+    other = LazyLogits(hidden, head_b, 2).select(~where)
+    with pytest.raises(ValueError, match="different positions"):
+        per_token(lambda x, y: x.sum(-1), a, other)
