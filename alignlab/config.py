@@ -87,6 +87,14 @@ class ModelConfig:
     #: compute logits this many positions at a time, never materialising (B, T, V) fp32 logits
     #: (docs/performance.md); 0 uses the model's own dense logits.
     logit_chunk_size: int = 128
+    #: run the output head only at the positions the loss reads (response tokens; prompts too for
+    #: `Needs.logits_on_prompt`), not on prompt and padding: exact, and the head dominates small models
+    #: with large vocabularies (docs/architecture.md, "Forward pass"). Chunked logits only.
+    skip_unused_logits: bool = True
+    #: pack each batch's sequences without padding (position ids restart per sequence, block-diagonal
+    #: causal attention built by transformers); exact, checked once per model, which falls back to
+    #: padding if it ignores packed position ids. Off by default: see docs/architecture.md.
+    padding_free: bool = False
     #: LoRA / QLoRA adapters (peft): `model.lora.enabled=true`.
     lora: LoraConfig = field(default_factory=LoraConfig)
 
