@@ -1,0 +1,69 @@
+"""scripts/bench_sentiment.py: how the scored samples are cut into data, and the --tiny benchmark end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_sentiment.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_sentiment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+GROUPS = [
+    {"prompt": "p1", "completions": ["a", "b", "c", "d"], "scores": [0.5, -0.2, 0.9, 0.0]},
+    {"prompt": "p2", "completions": ["e", "f", "g", "h"], "scores": [0.0, 0.0, 0.0, 0.0]},  # all tie
+    {"prompt": "p3", "completions": ["i", "i", "j", "j"], "scores": [0.3, 0.3, -0.4, -0.4]},  # two distinct
+]
+
+
+def test_pairs_take_best_against_worst_and_skip_ties():
+    assert _bench().pairs_of(GROUPS) == [
+        {"prompt": "p1", "chosen": "c", "rejected": "b", "chosen_score": 0.9, "rejected_score": -0.2},
+        {"prompt": "p3", "chosen": "i", "rejected": "j", "chosen_score": 0.3, "rejected_score": -0.4}]
+
+
+def test_triples_gold_second_worst():
+    bench = _bench()
+    assert bench.triples_of(GROUPS) == [{"prompt": "p1", "gold": "c", "chosen": "a", "rejected": "b"}]
+
+
+def test_unpaired_labels_split_at_the_median():
+    rows, median = _bench().unpaired_of(GROUPS)
+    assert median == 0.0  # the 12 scores sorted: -0.4 -0.4 -0.2 0 0 0 0 0 0.3 0.3 0.5 0.9
+    assert [(r["completion"], r["label"]) for r in rows] == [
+        ("a", True), ("b", False), ("c", True), ("i", True), ("i", True), ("j", False), ("j", False)]
+
+
+def test_flips_swap_the_requested_fraction():
+    rows = [{"prompt": str(i), "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(10)]
+    out = _bench().flipped(rows, 0.4, seed=0)
+    assert sum(r["chosen"].startswith("r") for r in out) == 4
+    assert all({r["chosen"], r["rejected"]} == {f"c{r['prompt']}", f"r{r['prompt']}"} for r in out)
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_writes_its_report_and_figures(shared_path, tmp_path):
+    shared_path("models", "stories260k")
+    out = tmp_path / "docs" / "benchmarks.md"
+    assert _bench().main(["--tiny", "--out", str(out), "--runs", str(tmp_path / "runs"),
+                          "--cache", str(tmp_path / "cache")]) == 0
+    text = out.read_text()
+    for section in ("## 1. Reward against KL", "## 2. DPO against rDPO", "## 3. BCO", "## 4. MODPO",
+                    "## 5. NPO against gradient ascent", "## 6. AlignDistil", "## 7. TDPO"):
+        assert section in text
+    assert "python scripts/bench_sentiment.py --tiny" in text and "## Failed runs" not in text
+    for png in ("frontier.png", "modpo_front.png", "unlearning.png"):
+        assert (tmp_path / "docs" / "benchmarks" / png).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert {"s1-dpo-b0.1", "s2-rdpo-flip0.4", "s3-bco-unpaired", "s1-aligndistil-b0.1"} <= set(results["results"])
