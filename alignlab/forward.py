@@ -20,12 +20,19 @@ Two optional savings, each exact (tests/test_forward_speed.py):
   (`masking_utils.find_packed_sequence_indices`), so no sequence attends to another. The hidden
   states are unpacked to the padded layout before the head. Checked once per model against the
   padded forward: a model that ignores packed position ids falls back to padding, with a warning.
+* `prefix_sharing`: one row per example, its prompt once and then each response, all responses
+  continuing the prompt's position ids; a 4D attention mask (transformers passes 4D masks through
+  unchanged) lets each response attend to the prompt and to itself, never to another response. The
+  hidden states of the prompt serve every response when unpacked to the padded layout (the last
+  prompt position predicts each response's first token). Exact, with sdpa or eager attention; checked
+  once per model like `padding_free`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -44,12 +51,16 @@ class Forward:
         chunk_size: positions per logits chunk; 0 for dense logits.
         skip_unused_logits: evaluate the head only at the positions the loss reads (chunked path).
         padding_free: pack the sequences of a batch without padding (module docstring).
+        prefix_sharing: run each example's shared prompt once for all its responses (module docstring);
+            takes precedence over `padding_free`.
     """
 
-    def __init__(self, chunk_size: int, skip_unused_logits: bool = True, padding_free: bool = False) -> None:
+    def __init__(self, chunk_size: int, skip_unused_logits: bool = True, padding_free: bool = False,
+                 prefix_sharing: bool = False) -> None:
         self.chunk_size = chunk_size
         self.skip_unused_logits = skip_unused_logits
         self.padding_free = padding_free
+        self.prefix_sharing = prefix_sharing
         self._checked: dict[int, bool] = {}
         self._packing_checked: dict[int, bool] = {}
 
@@ -78,14 +89,20 @@ class Forward:
         labels = torch.cat([batch[f"{r}_labels"] for r in responses])[:, 1:]
         mask = labels != -100
         input_mask = attention_mask[:, :-1].bool()
-        logits = self._logits(model, head, input_ids, attention_mask)
+        n = len(responses)
+        layout = None
+        if self.prefix_sharing:
+            full_labels = torch.cat([batch[f"{r}_labels"] for r in responses])
+            layout = partial(Packing.shared_prompts, input_ids=input_ids, labels=full_labels, n_responses=n)
+        elif self.padding_free:
+            layout = Packing.of
+        logits = self._logits(model, head, input_ids, attention_mask, layout)
         if self.skip_unused_logits and isinstance(logits, LazyLogits):
             logits = logits.select(mask | input_mask if full_logits and logits_on_prompt else mask)
         # one pass of the head gives both the label log-probs and (detached) each position's mean logit
         both = per_token(_logps_and_mean_logit, logits, extras=(labels,))
         token_logps = both[..., 0] * mask
         mean_logit = (both[..., 1].detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        n = len(responses)
         parts = zip(token_logps.chunk(n), mask.chunk(n), mean_logit.chunk(n), input_mask.chunk(n),
                     logits.split(n) if isinstance(logits, LazyLogits) else logits.chunk(n))
         return {
@@ -94,10 +111,10 @@ class Forward:
             for name, (r_logps, r_mask, r_mean, r_input, r_logits) in zip(responses, parts)
         }
 
-    def _logits(self, model, head, input_ids, attention_mask):
+    def _logits(self, model, head, input_ids, attention_mask, layout):
         if not self.chunk_size or head is None or self._checked.get(id(model)) is False:
-            return self._run(model, input_ids, attention_mask, hidden=False)[:, :-1]
-        hidden, last_logits, last_hidden = self._run(model, input_ids, attention_mask, hidden=True)
+            return self._run(model, input_ids, attention_mask, layout, hidden=False)[:, :-1]
+        hidden, last_logits, last_hidden = self._run(model, input_ids, attention_mask, layout, hidden=True)
         if id(model) not in self._checked:
             # The chunked path assumes logits == head(last hidden state). Check it once on the one
             # position the model did compute; models with soft-capping or scaling fall back to dense.
@@ -106,23 +123,26 @@ class Forward:
             self._checked[id(model)] = ok
             if not ok:
                 log.warning("%s: logits are not head(last hidden state); using dense logits", type(model).__name__)
-                return self._logits(model, head, input_ids, attention_mask)
+                return self._logits(model, head, input_ids, attention_mask, layout)
         return LazyLogits(hidden[:, :-1], head, self.chunk_size)
 
-    def _run(self, model, input_ids, attention_mask, hidden: bool):
+    def _run(self, model, input_ids, attention_mask, layout, hidden: bool):
         """The model's `(B, T, V)` logits, or (`hidden`) its `(B, T, H)` final hidden states plus the
-        logits and hidden state of the one position it computed logits for (to check the head)."""
+        logits and hidden state of the one position it computed logits for (to check the head).
+
+        `layout(attention_mask)` gives the `Packing` to run the batch in; None runs the padded batch.
+        """
         kwargs = {"use_cache": False}
         if hidden:
             kwargs.update(output_hidden_states=True, logits_to_keep=1)
         checked = self._packing_checked.get(id(model))
-        packing = Packing.of(attention_mask) if self.padding_free and checked is not False else None
+        packing = layout(attention_mask) if layout is not None and checked is not False else None
         if packing is not None and checked and not packing.saves:
             packing = None  # no padding to drop (checked models only: see below)
         if packing is None:
             return self._outputs(model(input_ids=input_ids, attention_mask=attention_mask, **kwargs), hidden)
         out = model(input_ids=input_ids.flatten()[packing.index], position_ids=packing.position_ids,
-                    attention_mask=None, **kwargs)
+                    attention_mask=packing.mask_for(_attn_implementation(model)), **kwargs)
         result = self._outputs(out, hidden, unpack=packing.unpack)
         if checked is None:
             # Packing relies on the model building its attention mask from position_ids: check it once,
@@ -148,6 +168,27 @@ class Forward:
         return unpack(out.hidden_states[-1]), out.logits[:, -1:], out.hidden_states[-1][:, -1:]
 
 
+def _right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask as bool, refused unless every row is 1s then 0s (packing assumes it)."""
+    real = attention_mask.bool()
+    if not torch.equal(real, torch.arange(real.shape[1], device=real.device) < real.sum(-1, keepdim=True)):
+        raise ValueError("model.padding_free / model.prefix_sharing need right-padded batches (1s then 0s in every "
+                         "attention mask row); set them to false for this collator")
+    return real
+
+
+def _attn_implementation(model: nn.Module) -> str | None:
+    """The attention implementation of a (possibly wrapped: DDP, DeepSpeed, PEFT) transformers model."""
+    for _ in range(4):
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            return config._attn_implementation
+        model = getattr(model, "module", None)
+        if model is None:
+            return None
+    return None
+
+
 def _logps_and_mean_logit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """`(…, 2)`: log p(label) and the mean logit over the vocabulary (no gradient) at each position."""
     return torch.stack([label_logps(logits, labels), logits.detach().mean(-1)], -1)
@@ -169,6 +210,10 @@ class Packing:
             reads slot 0; the caller ignores padding positions, and unpacked padding is zero).
         real: `(B, T)` bool, the non-padding positions.
         saves: the packing has fewer rows than the batch.
+        owner: `(R, L)` for layouts that need their own attention mask (`shared_prompts`): the
+            sequence each slot belongs to (its row in the batch), -1 for the row's shared prompt, -2
+            for the tail; None for plain packing (transformers builds the mask from the position ids).
+        shares: `(R, L)` bool, the slot's sequence attends to the row's shared prompt.
     """
 
     index: torch.Tensor
@@ -176,16 +221,87 @@ class Packing:
     source: torch.Tensor
     real: torch.Tensor
     saves: bool
+    owner: torch.Tensor | None = None
+    shares: torch.Tensor | None = None
+
+    def mask_for(self, attn_implementation: str | None) -> torch.Tensor | None:
+        """The 4D attention mask `(R, 1, L, L)` to give the model, or None (plain packing).
+
+        A slot attends to the earlier slots of its own sequence and, for a response that shares the
+        row's prompt, to that prompt. sdpa takes it as bool (True: attend); eager adds it, so there it
+        is additive fp32 (0 or the fp32 minimum), which bf16/fp16 scores are promoted to.
+        """
+        if self.owner is None:
+            return None
+        if attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"model.prefix_sharing needs a 4D attention mask, which attn_implementation "
+                             f"{attn_implementation!r} does not take; set model.attn_implementation=sdpa (or eager) "
+                             "or model.prefix_sharing=false")
+        q, kv = self.owner.unsqueeze(-1), self.owner.unsqueeze(-2)
+        prompt = (kv == -1) & self.shares.unsqueeze(-1)
+        causal = self.position_ids.unsqueeze(-2) <= self.position_ids.unsqueeze(-1)
+        allowed = (((q == kv) | prompt) & causal).unsqueeze(1)
+        if attn_implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+    @classmethod
+    def shared_prompts(cls, attention_mask: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                       n_responses: int) -> Packing:
+        """One row per example: its prompt once, then each of its responses (prefix sharing).
+
+        Rows `r·B + i` of the concatenated batch are response r of example i; a prompt is the
+        positions before the first label. The responses whose prompt is the same ids as the first
+        response's share one copy of it: they continue its position ids and attend to it, never to
+        each other. A response with a prompt of its own (NPO's retain) is a whole sequence in the row.
+        """
+        real = _right_padded(attention_mask)
+        rows, t = real.shape
+        b = rows // n_responses
+        lengths = real.sum(-1).tolist()
+        labelled = labels != -100
+        prompts = torch.where(labelled.any(-1), labelled.int().argmax(-1), real.sum(-1)).tolist()
+        plan = []  # per example: [(batch row, slot where its own tokens start, first own token, shares)]
+        for i in range(b):
+            p = prompts[i]
+            start, members = p, []
+            for r in range(n_responses):
+                k = r * b + i
+                shares = prompts[k] == p and torch.equal(input_ids[k, :p], input_ids[i, :p])
+                first = p if shares else 0
+                members.append((k, start, first, shares))
+                start += lengths[k] - first
+            plan.append((p, start, members))
+        width = max(used for _, used, _ in plan)
+        index = torch.zeros(b, width, dtype=torch.long)
+        positions = torch.zeros(b, width, dtype=torch.long)
+        owner = torch.full((b, width), -2, dtype=torch.long)
+        shares_prompt = torch.zeros(b, width, dtype=torch.bool)
+        source = torch.zeros(rows, t, dtype=torch.long)
+        for i, (p, used, members) in enumerate(plan):
+            index[i, :p] = i * t + torch.arange(p)
+            positions[i, :p] = torch.arange(p)
+            owner[i, :p] = -1
+            for k, start, first, shares in members:
+                n = lengths[k] - first
+                index[i, start:start + n] = k * t + torch.arange(first, lengths[k])
+                positions[i, start:start + n] = torch.arange(first, lengths[k])
+                owner[i, start:start + n] = k
+                shares_prompt[i, start:start + n] = shares
+                if shares:
+                    source[k, :p] = i * width + torch.arange(p)
+                source[k, first:lengths[k]] = i * width + start + torch.arange(n)
+            positions[i, used:] = torch.arange(width - used)
+        device = attention_mask.device
+        return cls(index.to(device), positions.to(device), source.to(device), real, b * width < rows * t,
+                   owner.to(device), shares_prompt.to(device))
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> Packing:
         """The packing of a right-padded batch."""
-        real = attention_mask.bool()
+        real = _right_padded(attention_mask)
         b, t = real.shape
         lengths = real.sum(-1).tolist()
-        if not torch.equal(real, torch.arange(t, device=real.device) < real.sum(-1, keepdim=True)):
-            raise ValueError("padding_free needs right-padded batches (1s then 0s in every attention mask row); "
-                             "set model.padding_free=false for this collator")
         rows: list[list[int]] = []  # the batch rows each packed row holds
         room: list[int] = []
         for i in sorted(range(b), key=lambda i: -lengths[i]):

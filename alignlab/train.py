@@ -80,7 +80,8 @@ def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, coll
     identity = model_identity(cfg.model.reference or cfg.model.name_or_path,
                               cfg.model.dtype + ("+nf4" if quantized else ""), cfg.seed)
     cache_dir = Path(cfg.data.cache_dir or Path.home() / ".cache" / "alignlab") / "reference"
-    forward = Forward(cfg.model.logit_chunk_size, cfg.model.skip_unused_logits, cfg.model.padding_free)
+    forward = Forward(cfg.model.logit_chunk_size, cfg.model.skip_unused_logits, cfg.model.padding_free,
+                      cfg.model.prefix_sharing)
     score = partial(precompute, reference, collator=collator, forward=forward,
                     responses=collator.responses, identity=identity, batch_size=batch_size, device=device,
                     cache_dir=cache_dir)
@@ -210,6 +211,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         logit_chunk_size=typed.model.logit_chunk_size,
         skip_unused_logits=typed.model.skip_unused_logits,
         padding_free=typed.model.padding_free,
+        prefix_sharing=typed.model.prefix_sharing,
         callbacks=[MetricsFileCallback(metrics_file), checkpoints.NonFiniteGradCallback(), preemption],
     )
     trainer.train(resume_from_checkpoint=resume)

@@ -49,6 +49,7 @@ class AlignTrainer(Trainer):
         logit_chunk_size: positions per logits chunk (`model.logit_chunk_size`); 0 for dense logits.
         skip_unused_logits: the head only where the loss reads logits (`model.skip_unused_logits`).
         padding_free: pack batches without padding (`model.padding_free`).
+        prefix_sharing: run each example's prompt once for all its responses (`model.prefix_sharing`).
         **kwargs: everything `transformers.Trainer` takes.
     """
 
@@ -58,7 +59,7 @@ class AlignTrainer(Trainer):
     def __init__(self, *, loss_fn: Loss, reference: nn.Module | None = None,
                  teachers: dict[str, nn.Module] | None = None, logit_chunk_size: int = 0,
                  precomputed_reference: bool = False, skip_unused_logits: bool = True,
-                 padding_free: bool = False, **kwargs) -> None:
+                 padding_free: bool = False, prefix_sharing: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.loss_fn = loss_fn.to(self.args.device)
         self.needs = loss_fn.needs
@@ -68,7 +69,7 @@ class AlignTrainer(Trainer):
         # on the device, or under ZeRO-3 partitioned inference engines (alignlab.distributed)
         self.reference = prepare_frozen(reference, self.args)
         self.teachers = {name: prepare_frozen(m, self.args) for name, m in (teachers or {}).items()}
-        self.forward = Forward(logit_chunk_size, skip_unused_logits, padding_free)
+        self.forward = Forward(logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _run(self, model: nn.Module, head_of: nn.Module, inputs) -> dict:

@@ -11,6 +11,7 @@ shaped like the issue-#8 workloads:
     python scripts/bench_forward.py                       # both workloads, every variant
     python scripts/bench_forward.py --workload w2 --steps 6
 
+Variants run round-robin, one step each in turn, so that all see the same machine load.
 Reports the median step time over `--steps` steps (after one warm-up step), policy tokens/s
 (real, non-padding tokens of the policy forward per second) and the padding share of the batches.
 """
@@ -27,11 +28,12 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "models" / "stories260k"
-VARIANTS = {  # name -> (skip_unused_logits, padding_free)
-    "plain": (False, False),
-    "skip_unused_logits": (True, False),
-    "padding_free": (False, True),
-    "both": (True, True),
+VARIANTS = {  # name -> (skip_unused_logits, padding_free, prefix_sharing)
+    "plain": (False, False, False),
+    "skip_unused_logits": (True, False, False),
+    "padding_free": (False, True, False),
+    "skip+padding_free": (True, True, False),
+    "skip+prefix_sharing": (True, False, True),
 }
 
 
@@ -81,12 +83,12 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
     print(f"{workload}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
           f"padding {1 - sum(real) / sum(total):.0%} of batch positions, {statistics.mean(real):.0f} real tokens/batch, "
           f"threads {torch.get_num_threads()}", flush=True)
-    for name in variants:
-        skip, packed = VARIANTS[name]
-        forward = Forward(chunk, skip, packed)
-        times = []
-        for i, batch in enumerate(batches):
+    forwards = {name: Forward(chunk, *VARIANTS[name]) for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i, batch in enumerate(batches):
+        for name in variants:  # round-robin, so that every variant sees the same machine load
             start = time.perf_counter()
+            forward = forwards[name]
             pol = forward(policy, policy.get_output_embeddings(), batch, pairs)
             with torch.no_grad():
                 ref = forward(reference, reference.get_output_embeddings(), batch, pairs)
@@ -94,10 +96,12 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
             F.softplus(-0.1 * u).mean().backward()
             policy.zero_grad(set_to_none=True)
             if i:  # the first step warms up (and runs the one-off checks)
-                times.append(time.perf_counter() - start)
-        step = statistics.median(times)
-        tokens = statistics.mean(real) / step
-        print(f"  {name:20s} step {step * 1000:7.0f} ms   policy tokens/s {tokens:8.0f}", flush=True)
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times[variants[0]])
+    for name in variants:
+        step = statistics.median(times[name])
+        print(f"  {name:20s} step {step * 1000:7.0f} ms   policy tokens/s {statistics.mean(real) / step:8.0f}   "
+              f"x{base / step:.2f} vs {variants[0]}", flush=True)
 
 
 def main() -> None:

@@ -21,14 +21,16 @@ from alignlab.forward import Forward, Packing
 from alignlab.losses.base import LossInputs
 
 VOCAB = 97
-#: name -> Forward arguments (chunk_size, skip_unused_logits, padding_free)
+#: name -> Forward arguments (chunk_size, skip_unused_logits, padding_free, prefix_sharing)
 SWITCHES = {
-    "skip_unused_logits": (5, True, False),
-    "padding_free": (5, False, True),
-    "padding_free_dense": (0, False, True),
-    "both": (5, True, True),
+    "skip_unused_logits": (5, True, False, False),
+    "padding_free": (5, False, True, False),
+    "padding_free_dense": (0, False, True, False),
+    "skip_and_padding_free": (5, True, True, False),
+    "prefix_sharing": (5, True, False, True),
+    "prefix_sharing_dense": (0, False, False, True),
 }
-PLAIN = (0, False, False)
+PLAIN = (0, False, False, False)
 
 
 def _model(seed: int, attn: str = "sdpa") -> LlamaForCausalLM:
@@ -72,7 +74,7 @@ def _run_loss(args, loss, policy, reference, batch):
                           needs.logits_on_prompt)
     out = loss(LossInputs(policy=pol, reference=ref))
     out.losses.mean().backward()
-    if forward.padding_free:  # packing was used, not refused by the one-off check
+    if forward.padding_free or forward.prefix_sharing:  # packing was used, not refused by the one-off check
         assert forward._packing_checked[id(policy)] is True
     return out.losses.detach(), pol, _grads(policy)
 
@@ -111,12 +113,13 @@ def test_switch_gives_the_plain_losses_log_probs_and_gradients(switch, case):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padding_free_log_probs_equal_padded_ones_under_each_attention(attn):
+@pytest.mark.parametrize("switch", ["padding_free", "prefix_sharing"])
+def test_packed_log_probs_equal_padded_ones_under_each_attention(attn, switch):
     model = _model(2, attn)
     batch = _batch(("chosen", "rejected"), seed=7, b=5)
     with torch.no_grad():
         want = Forward(*PLAIN)(model, model.get_output_embeddings(), batch, ("chosen", "rejected"))
-        forward = Forward(4, True, True)
+        forward = Forward(*SWITCHES[switch])
         got = forward(model, model.get_output_embeddings(), batch, ("chosen", "rejected"))
     assert forward._packing_checked[id(model)] is True
     for r in ("chosen", "rejected"):
@@ -139,6 +142,30 @@ def test_packing_layout_first_fit_decreasing_by_hand():
 def test_padding_free_refuses_left_padding():
     with pytest.raises(ValueError, match="right-padded"):
         Packing.of(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+
+
+def test_shared_prompt_layout_and_mask_by_hand():
+    # example 0: prompt [5, 6], chosen [7], rejected [8, 9]; example 1: prompt [4], chosen [3, 3], rejected [2]
+    ids = torch.tensor([[5, 6, 7, 0], [4, 3, 3, 0], [5, 6, 8, 9], [4, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, -100], [-100, 3, 3, -100], [-100, -100, 8, 9], [-100, 2, -100, -100]])
+    packing = Packing.shared_prompts(mask, input_ids=ids, labels=labels, n_responses=2)
+    assert ids.flatten()[packing.index].tolist() == [[5, 6, 7, 8, 9], [4, 3, 3, 2, 5]]  # (the last is the tail)
+    assert packing.position_ids.tolist() == [[0, 1, 2, 2, 3], [0, 1, 2, 1, 0]]
+    assert packing.owner.tolist() == [[-1, -1, 0, 2, 2], [-1, 1, 1, 3, -2]]
+    allowed = packing.mask_for("sdpa")[0, 0].int().tolist()
+    assert allowed == [[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [1, 1, 1, 0, 0],   # chosen: prompt + itself
+                       [1, 1, 0, 1, 0],   # rejected: prompt + itself, not chosen
+                       [1, 1, 0, 1, 1]]
+    eager = packing.mask_for("eager")
+    assert eager.dtype == torch.float32 and (eager == 0).equal(packing.mask_for("sdpa"))
+    with pytest.raises(ValueError, match="prefix_sharing"):
+        packing.mask_for("flash_attention_2")
+    # the padded rows read the shared prompt's slots: rejected of example 0 at position 1 -> slot 1
+    hidden = torch.arange(10.0).view(2, 5)
+    assert packing.unpack(hidden).tolist() == [[0, 1, 2, 0], [5, 6, 7, 0], [0, 1, 3, 4], [5, 8, 0, 0]]
 
 
 def test_model_that_ignores_packed_positions_falls_back_to_padding(caplog):
