@@ -95,6 +95,10 @@ class ModelConfig:
     #: causal attention built by transformers); exact, checked once per model, which falls back to
     #: padding if it ignores packed position ids. Off by default: see docs/architecture.md.
     padding_free: bool = False
+    #: run each example's prompt once for all its responses (one row: prompt, then every response,
+    #: each attending to the prompt and itself via a 4D mask); exact, sdpa or eager attention only,
+    #: checked once per model; takes precedence over padding_free. Off by default: see docs/architecture.md.
+    prefix_sharing: bool = False
     #: LoRA / QLoRA adapters (peft): `model.lora.enabled=true`.
     lora: LoraConfig = field(default_factory=LoraConfig)
 
