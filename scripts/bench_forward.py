@@ -12,8 +12,10 @@ shaped like the issue-#8 workloads:
     python scripts/bench_forward.py --workload w2 --steps 6
 
 Variants run round-robin, one step each in turn, so that all see the same machine load.
-Reports the median step time over `--steps` steps (after one warm-up step), policy tokens/s
-(real, non-padding tokens of the policy forward per second) and the padding share of the batches.
+Reports the median CPU time of a step over `--steps` steps (after one warm-up step; one torch
+thread by default, so that the figure does not depend on what else the machine runs; wall time
+alongside), policy tokens per CPU-second (real, non-padding tokens of the policy forward) and the
+padding share of the batches.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i, batch in enumerate(batches):
         for name in variants:  # round-robin, so that every variant sees the same machine load
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             forward = forwards[name]
             pol = forward(policy, policy.get_output_embeddings(), batch, pairs)
             with torch.no_grad():
@@ -96,12 +98,13 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
             F.softplus(-0.1 * u).mean().backward()
             policy.zero_grad(set_to_none=True)
             if i:  # the first step warms up (and runs the one-off checks)
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times[variants[0]])
+                times[name].append((time.process_time() - cpu, time.perf_counter() - start))
+    base = statistics.median(t[0] for t in times[variants[0]])
     for name in variants:
-        step = statistics.median(times[name])
-        print(f"  {name:20s} step {step * 1000:7.0f} ms   policy tokens/s {statistics.mean(real) / step:8.0f}   "
-              f"x{base / step:.2f} vs {variants[0]}", flush=True)
+        step = statistics.median(t[0] for t in times[name])
+        wall = statistics.median(t[1] for t in times[name])
+        print(f"  {name:20s} CPU {step * 1000:7.0f} ms/step (wall {wall * 1000:7.0f} ms)   policy tokens/CPU-s "
+              f"{statistics.mean(real) / step:8.0f}   x{base / step:.2f} vs {variants[0]}", flush=True)
 
 
 def main() -> None:
@@ -110,7 +113,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=128, help="model.logit_chunk_size")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 makes the CPU time a stable measure on a shared machine")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     for workload in ("w1", "w2") if args.workload == "both" else (args.workload,):
         run(workload, args.steps, args.chunk, args.variants.split(","))
 
