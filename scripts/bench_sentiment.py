@@ -495,12 +495,13 @@ def report(b: Bench, unlearning: list[dict], stats: dict, wall: float, command: 
                               for rate, dd, dr in drops) + ".", ""]
     # study 3
     paired, unp = R.get(f"s1-bco-b{mid}"), R.get("s3-bco-unpaired")
-    if paired and unp:
+    if unp:
         lines += ["## 3. BCO on unpaired thumbs-up / down", "",
-                  "| data | reward | KL | win rate |", "|---|---|---|---|",
-                  f"| pairs, unpaired (chosen = up, rejected = down) | {paired['reward']:.3f} ± {se(paired['run']):.3f} | "
-                  f"{paired['kl']:.2f} | {paired['win_rate']:.3f} |",
-                  f"| every sample labelled by the median score | {unp['reward']:.3f} ± {se(unp['run']):.3f} | "
+                  "| data | reward | KL | win rate |", "|---|---|---|---|"]
+        if paired:
+            lines.append(f"| pairs, unpaired (chosen = up, rejected = down) | {paired['reward']:.3f} ± "
+                         f"{se(paired['run']):.3f} | {paired['kl']:.2f} | {paired['win_rate']:.3f} |")
+        lines += [f"| every sample labelled by the median score | {unp['reward']:.3f} ± {se(unp['run']):.3f} | "
                   f"{unp['kl']:.2f} | {unp['win_rate']:.3f} |", "",
                   "BCO at β = 0.1. " + ("Thumbs-up/down labels alone improve the reward over the reference "
                                         f"({unp['reward']:.3f} against {unp['reference_reward']:.3f})"
