@@ -114,13 +114,33 @@ def _chunked(fn, sources, extras, chunk: int) -> torch.Tensor:
         return fn(*(_fp32(head(h)) for head, h in zip(heads, hidden)), *rest)
 
     out = []
-    for start in range(0, length, chunk):
+    n_chunks = _agreed_chunk_count(heads, -(-length // chunk))
+    for start in range(0, n_chunks * chunk, chunk):
         parts = [t[:, start:start + chunk] for t in (*(s.hidden for s in sources), *extras)]
         if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
             out.append(checkpoint(on_chunk, *parts, use_reentrant=False))
         else:
             out.append(on_chunk(*parts))
     return torch.cat(out, dim=1)
+
+
+def _agreed_chunk_count(heads: list[nn.Module], n_chunks: int) -> int:
+    """The most chunks any process needs, where a head is ZeRO-3-partitioned, else `n_chunks`.
+
+    Each call of a partitioned head gathers its weight collectively (in the forward, and again in the
+    checkpointed recomputation), so every process must call it equally often, whatever its own batch's
+    length or number of selected positions. The processes with fewer chunks run empty ones.
+    """
+    if not any(hasattr(getattr(h, "weight", None), "ds_id") for h in heads):
+        return n_chunks
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n_chunks
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    count = torch.tensor([n_chunks], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def _fp32(logits: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,24 @@ def _leader_first(leader: bool) -> Iterator[None]:
 
 # -- DeepSpeed ------------------------------------------------------------------------------------
 
+@contextmanager
+def outside_zero3() -> Iterator[None]:
+    """Models loaded in the block are whole, ordinary models, even after a ZeRO-3 run.
+
+    transformers loads every model under `deepspeed.zero.Init` (partitioned, with a collective per
+    parameter) while a ZeRO-3 `TrainingArguments` is alive. Work done by one process after training
+    (the end-of-training eval on process 0) must not do that: the other processes are not loading.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def deepspeed_config(cfg: DeepSpeedConfig) -> dict | None:
     """The DeepSpeed config dict for `TrainingArguments.deepspeed` (a fresh copy), or None without DeepSpeed."""
     if cfg.path:

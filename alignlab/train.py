@@ -255,8 +255,9 @@ def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:
     reward = cfg.eval.reward
     if reward == "auto":
         reward = "alignlab.builtin:sentiment_reward" if cfg.data.path == "builtin:sentiment" else None
-    result = evaluate(output_dir, reward=reward, num_prompts=cfg.eval.num_prompts,
-                      max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
+    with distributed.outside_zero3():  # process 0 alone loads the models
+        result = evaluate(output_dir, reward=reward, num_prompts=cfg.eval.num_prompts,
+                          max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
     if result.get("num_prompts"):
         line = f"  eval: KL(policy||ref) {result['kl_policy_reference']:.3f} on {result['num_prompts']} prompts"
         if "win_rate" in result:

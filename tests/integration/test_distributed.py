@@ -85,6 +85,9 @@ CASES = {
     # teachers as partitioned inference engines, their full logits chunked through gathered frozen heads
     "zero3-aligndistil": ("zero3", ("+recipe=dpo", "loss=aligndistil", "loss.dpo_teacher=builtin:tiny",
                                     "loss.reverse_teacher=builtin:tiny"), ()),
+    # one logit position per chunk: the processes' batches need different numbers of chunks (lengths and
+    # response positions differ), and each chunk gathers the partitioned head collectively
+    "zero3-tdpo-small-chunks": ("zero3", ("+recipe=tdpo", "model.logit_chunk_size=1"), ()),
     # DDP without DeepSpeed; SparsePO's own mask heads get their gradients averaged too
     "ddp-sparsepo": ("none", ("+recipe=sparsepo",), ()),
 }
