@@ -52,6 +52,16 @@ def test_flips_swap_the_requested_fraction():
     assert all({r["chosen"], r["rejected"]} == {f"c{r['prompt']}", f"r{r['prompt']}"} for r in out)
 
 
+def test_retain_nll_is_interpolated_at_equal_forgetting():
+    trajectory = [{"forget_nll": 1.0, "retain_nll": 1.0},   # the reference
+                  {"forget_nll": 3.0, "retain_nll": 2.0},   # after some steps
+                  {"forget_nll": 5.0, "retain_nll": 6.0}]
+    retain_at = _bench().retain_at
+    assert retain_at(trajectory, 2.0) == pytest.approx(1.5)
+    assert retain_at(trajectory, 4.0) == pytest.approx(4.0)
+    assert retain_at(trajectory, 5.5) is None  # beyond the forgetting the method reached
+
+
 @pytest.mark.slow
 def test_tiny_benchmark_writes_its_report_and_figures(shared_path, tmp_path):
     shared_path("models", "stories260k")
@@ -67,3 +77,6 @@ def test_tiny_benchmark_writes_its_report_and_figures(shared_path, tmp_path):
         assert (tmp_path / "docs" / "benchmarks" / png).read_bytes()[:4] == b"\x89PNG"
     results = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert {"s1-dpo-b0.1", "s2-rdpo-flip0.4", "s3-bco-unpaired", "s1-aligndistil-b0.1"} <= set(results["results"])
+    # study 5: the reference, then each method's checkpoints (steps 1 and 2 of the tiny run): a trajectory
+    assert [(r["method"].split()[0], r.get("steps", 0)) for r in results["unlearning"]] == [
+        ("reference", 0), ("NPO", 1), ("NPO", 2), ("GA", 1), ("GA", 2)]
