@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 
 USAGE = """usage: alignlab <command> [args]
@@ -17,7 +19,7 @@ commands:
   eval RUN_DIR [--reward module:function] [--num-prompts N] [--max-new-tokens N]
                       evaluate a saved run against its reference: held-out metrics, samples,
                       KL(policy||reference), reward and win rate, lengths -> RUN_DIR/eval/report.md
-  list                every loss with its needs, and every recipe
+  list                every loss (what it optimises, its paper, what it needs), and every recipe
 """
 
 
@@ -144,15 +146,99 @@ def _list() -> None:
     from alignlab.config import recipe_names
     from alignlab.losses import REGISTRY, build
 
-    print("losses (needs shown for the default config):")
+    print("losses: what each optimises [its paper]\n"
+          "        needs: what you supply for the default config; then what a loss.OPTION=VALUE changes")
     for name, entry in sorted(REGISTRY.items()):
-        n = build(entry.config()).needs
-        needs = f"reference={'yes' if n.reference else 'no'}, full_logits={'yes' if n.full_logits else 'no'}, " \
-                f"responses={'/'.join(n.responses)}"
-        print(f"  {name:<12} {entry.loss.summary}\n  {'':<12} needs: {needs}")
+        cfg = entry.config()
+        items = _need_items(build(cfg).needs, cfg)
+        changes = [f"{option}: {change}" for option, change in _needs_by_option(entry, items)]
+        print(f"  {name:<12} {loss_description(entry)} [{loss_paper(entry)}]\n"
+              f"  {'':<12} needs: {', '.join(items)}" + "".join(f"; {c}" for c in changes))
     print("recipes (alignlab train +recipe=NAME):")
     for name in recipe_names():
         print(f"  {name}")
+
+
+#: an author-year citation in parentheses, e.g. "(Rafailov et al. 2023)".
+_CITATION = re.compile(r"\s*\(([^()]*\b(?:19|20)\d\d)\)")
+
+
+def loss_paper(entry) -> str:
+    """The paper of a registered loss, e.g. "Rafailov et al. 2023, arXiv:2305.18290".
+
+    Read from the loss module's docstring, which opens "NAME — Authors Year, "Title", arXiv:ID";
+    the authors fall back to the citation in `Loss.summary`.
+    """
+    doc = " ".join((sys.modules[entry.loss.__module__].__doc__ or "").split("\n\n")[0].split())
+    authors = re.search(r"—\s*(.+?\b(?:19|20)\d\d)\b", doc)
+    cited = _CITATION.search(entry.loss.summary)
+    arxiv = re.search(r"arXiv:\s*(\d{4}\.\d{4,5})", doc)
+    parts = [authors.group(1) if authors else cited.group(1) if cited else "paper not declared"]
+    if arxiv:
+        parts.append(f"arXiv:{arxiv.group(1)}")
+    return ", ".join(parts)
+
+
+def loss_description(entry) -> str:
+    """`Loss.summary` without its citation (`alignlab list` shows the paper beside it)."""
+    return " ".join(_CITATION.sub("", entry.loss.summary).split()) or "(no summary)"
+
+
+def _need_items(needs, cfg) -> list[str]:
+    """What a user must supply for `needs` (and what costs memory: full logits), as short phrases."""
+    items = ["reference model" if needs.reference else "no reference"]
+    if needs.full_logits:
+        items.append("full logits" + (" (prompt too)" if needs.logits_on_prompt else ""))
+    responses = [r for r in needs.responses if r != "retain"]
+    items.append("pairs chosen/rejected" if tuple(responses) == ("chosen", "rejected")
+                 else f"response{'s' * (len(responses) > 1)} {'/'.join(responses)}")
+    if "retain" in needs.responses:
+        items.append("retain set (data.retain)")
+    if needs.fields:
+        items.append(f"data column{'s' * (len(needs.fields) > 1)} {'/'.join(needs.fields)}")
+    if needs.teachers:
+        where = {str(getattr(cfg, f.name)): f"loss.{f.name}" for f in dataclasses.fields(cfg)}  # the option
+        teachers = [f"{name} ({where.get(path, path)})" for name, path in needs.teachers]
+        items.append(f"teachers {', '.join(teachers)}")
+    if needs.prepared_fields:  # the loss computes them itself: nothing to supply, but a step to know of
+        items.append(f"{'/'.join(needs.prepared_fields)} (computed before training)")
+    return items
+
+
+def _needs_by_option(entry, default: list[str]) -> list[tuple[str, str]]:
+    """`(loss.OPTION=VALUE, change)` for each enumerable option value that changes the needs.
+
+    Enumerable: booleans, and strings whose default is in a tuple of strings of the loss's module
+    (its `VARIANTS`, `LOSS_TYPES`, ...). One option at a time, from the defaults; invalid
+    combinations are skipped.
+    """
+    module = sys.modules[entry.config.__module__]
+    constants = [v for k, v in vars(module).items()
+                 if k.isupper() and isinstance(v, tuple) and v and all(isinstance(x, str) for x in v)]
+    base = entry.config()
+    changes: dict[tuple[str, str], list[str]] = {}  # (option, change) -> values
+    for f in dataclasses.fields(base):
+        value = getattr(base, f.name)
+        if f.name == "name":
+            continue
+        if isinstance(value, bool):
+            others = [not value]
+        elif isinstance(value, str):
+            others = list(dict.fromkeys(x for c in constants if value in c for x in c if x != value))
+        else:
+            continue
+        for other in others:
+            try:
+                cfg = entry.config(**{f.name: other})
+                items = _need_items(entry.loss(cfg).needs, cfg)
+            except (ValueError, TypeError, KeyError):
+                continue
+            added = [f"+{i}" for i in items if i not in default]
+            removed = [f"-{i}" for i in default if i not in items]
+            if added or removed:
+                changes.setdefault((f.name, ", ".join(added + removed)), []).append(
+                    str(other).lower() if isinstance(other, bool) else other)
+    return [(f"loss.{option}={'|'.join(values)}", change) for (option, change), values in changes.items()]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,7 +98,7 @@ def load_model(model_path: str | os.PathLike):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(str(model_path)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), use_safetensors=True).eval()  # never a .bin
     return model, tokenizer
 
 

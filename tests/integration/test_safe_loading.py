@@ -4,6 +4,7 @@ unless the user turns it on."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -42,6 +43,91 @@ def test_resume_loads_checkpoints_with_weights_only(run_and_resume, monkeypatch)
     assert all(flag is True for flag in calls), calls
     saved = {p.name for p in resumed.model_dir.iterdir()}
     assert "model.safetensors" in saved and not {"pytorch_model.bin", "training_args.bin"} & saved
+
+
+#: receivers of `.from_pretrained` that load no model weights: tokenizers, processors, configs.
+_NOT_WEIGHTS = re.compile(r"(Tokenizer(Fast)?|Processor|FeatureExtractor|Config)$")
+#: peft adapter loaders: they take no use_safetensors, read adapter_model.safetensors (which every
+#: run writes) and fall back only to torch.load(weights_only=True).
+_ADAPTER_LOADERS = re.compile(r"^PeftModel(For\w+)?$")
+
+
+def _receiver(node: ast.expr) -> str:
+    """`AutoModelForCausalLM` of `AutoModelForCausalLM.from_pretrained`, `AutoModel` of
+    `transformers.AutoModel.from_pretrained`, the variable's name otherwise."""
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", ast.dump(node))
+
+
+def _bound_names(tree: ast.Module, variable: str) -> set[str] | None:
+    """The classes a variable of the module is ever assigned from (e.g. `loader = A if c else B`),
+    or None when it is assigned anything else (a call's result, a parameter)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == variable for t in node.targets):
+            value = node.value
+            parts = [value.body, value.orelse] if isinstance(value, ast.IfExp) else [value]
+            for part in parts:
+                if not isinstance(part, (ast.Name, ast.Attribute)):
+                    return None
+                names.add(_receiver(part))
+    return names or None
+
+
+def model_from_pretrained_calls(root: Path) -> list[tuple[str, bool]]:
+    """Every `X.from_pretrained(...)` under `root` that loads model weights, as ("file:line X",
+    passes use_safetensors=True). Tokenizers, processors and configs are left out, as is a variable
+    only ever bound to them; any other receiver counts as a model, so a new loader is audited."""
+    calls = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained"):
+                continue
+            receiver = _receiver(node.func.value)
+            bound = _bound_names(tree, receiver) if isinstance(node.func.value, ast.Name) else None
+            classes = bound or {receiver}
+            if all(_NOT_WEIGHTS.search(c) for c in classes) or all(_ADAPTER_LOADERS.match(c) for c in classes):
+                continue
+            safe = any(k.arg == "use_safetensors" and isinstance(k.value, ast.Constant) and k.value.value is True
+                       for k in node.keywords)
+            calls.append((f"{path.relative_to(root.parent)}:{node.lineno} {receiver}.from_pretrained", safe))
+    return calls
+
+
+def test_every_model_from_pretrained_passes_use_safetensors():
+    calls = model_from_pretrained_calls(REPO / "alignlab")
+    where = [call for call, _ in calls]
+    # the walk finds the loaders we know of (policy/reference, the sentiment sampler, MODPO's reward model)
+    for expected in ("models.py", "sentiment.py", "modpo.py"):
+        assert any(expected in call for call in where), (expected, where)
+    assert not [call for call, safe in calls if not safe], "model weights must load with use_safetensors=True"
+
+
+def test_the_from_pretrained_audit_catches_a_missing_use_safetensors(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text(
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer\n"
+        "loader = GPT2Tokenizer if bare else AutoTokenizer\n"
+        "tok = loader.from_pretrained(path)\n"
+        "tok = AutoTokenizer.from_pretrained(path)\n"
+        "ok = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()\n"
+        "bad = AutoModelForCausalLM.from_pretrained(path).eval()\n"
+        "off = AutoModelForCausalLM.from_pretrained(path, use_safetensors=False)\n")
+    (package / "sub" / "b.py").write_text(
+        "import transformers\n"
+        "cls = pick()\n"
+        "m = transformers.AutoModelForSequenceClassification.from_pretrained(p, num_labels=1)\n"
+        "n = cls.from_pretrained(p, **kwargs)\n")
+    calls = dict(model_from_pretrained_calls(package))
+    assert calls == {
+        "pkg/a.py:5 AutoModelForCausalLM.from_pretrained": True,
+        "pkg/a.py:6 AutoModelForCausalLM.from_pretrained": False,
+        "pkg/a.py:7 AutoModelForCausalLM.from_pretrained": False,
+        "pkg/sub/b.py:3 AutoModelForSequenceClassification.from_pretrained": False,
+        "pkg/sub/b.py:4 cls.from_pretrained": False,
+    }
 
 
 def test_trust_remote_code_is_off_unless_set():
