@@ -9,12 +9,16 @@ and resuming from the highest-numbered one then fails (or silently starts a fres
   incomplete ones it skipped; a named checkpoint that is incomplete is refused with the reason;
 * SIGTERM (SLURM preemption, `kill`) makes the trainer save a checkpoint at the end of the current
   step and stop cleanly (`PreemptionCallback`);
-* a non-finite loss or gradient stops the run at once, naming the step, before the optimizer applies
-  it, so the last checkpoint stays the last good state (`NonFiniteError`, `NonFiniteGradCallback`).
+* a non-finite loss or gradient stops the run at once, naming the step and the micro-batch and saving
+  that batch's tensors, before the optimizer applies it, so the last checkpoint stays the last good
+  state (`NonFiniteError`, `AlignTrainer.training_step`). Under DeepSpeed, whose engine applies the
+  step before alignlab sees its gradients, the non-finite gradient norm stops the run before
+  anything is saved. With fp16 the loss scaler owns overflowing gradients (it skips those steps).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from pathlib import Path
@@ -83,23 +87,48 @@ def resolve(value: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    """Raise `NonFiniteError` if the training loss of step `step + 1` is NaN or infinite."""
-    if not torch.isfinite(loss).all():
-        raise NonFiniteError(
-            f"the loss is {loss.item()} at step {step + 1}; stopping before "
-            "the optimizer applies it, so the last checkpoint is the last good state. Lower the learning "
-            "rate or check the data of that batch (and model.dtype: fp16 overflows more easily than bf16)")
+def grads_finite(parameters) -> bool:
+    """Whether every gradient present among `parameters` is finite (True when none has one)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
-class NonFiniteGradCallback(TrainerCallback):
-    """Stops the run if any gradient is NaN or infinite, before the optimizer step."""
+def save_batch(batch: dict, path: Path) -> Path:
+    """The tensors of a batch as safetensors (to decode the offending rows with the tokenizer)."""
+    from safetensors.torch import save_file
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not torch.stack([g.isfinite().all() for g in grads]).all():
-            raise NonFiniteError(f"a gradient is NaN or infinite at step {state.global_step + 1}; stopping before the "
-                                 "optimizer applies it, so the last checkpoint is the last good state")
+    save_file({k: v.detach().cpu().contiguous() for k, v in batch.items() if isinstance(v, torch.Tensor)}, path)
+    return path
+
+
+def non_finite(what: str, where: str, batch_file: Path | None) -> NonFiniteError:
+    """The error of a NaN or infinite `what` ("the loss is nan", "a gradient is NaN or infinite")."""
+    saved = (f"; the batch is saved in {batch_file} (decode its *_input_ids with the tokenizer to see its rows)"
+             if batch_file is not None else "")
+    return NonFiniteError(
+        f"{what} at {where}{saved}. Stopped before the optimizer applies it: the last checkpoint is the last "
+        "good state. Fix: lower trainer.learning_rate, check that batch's data, or prefer bf16 to fp16")
+
+
+def truncate_log(metrics_file: Path, checkpoint: str | Path) -> None:
+    """Drop the records of `metrics_file` logged after `checkpoint`'s step: the resumed run logs those
+    steps again (after a kill between a checkpoint and the next, they would appear twice)."""
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    lines = metrics_file.read_text().splitlines(keepends=True)
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:  # a line the kill cut short
+            return False
+
+    kept = [line for line in lines if before(line)]
+    if len(kept) < len(lines):
+        tmp = metrics_file.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(metrics_file)
+        print(f"alignlab: {metrics_file.name}: dropped {len(lines) - len(kept)} records logged after step {step}, "
+              "where the run resumes (they are logged again)")
 
 
 class PreemptionCallback(TrainerCallback):

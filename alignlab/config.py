@@ -8,7 +8,7 @@ unknown option fails at compose time with a message that names it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -183,6 +183,23 @@ class TrainerConfig:
     dataloader_num_workers: int = 0
     #: any other transformers.TrainingArguments field, passed through as is.
     extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in sorted(self.extra):
+            if name in {f.name for f in fields(self)}:
+                raise ValueError(f"trainer.extra.{name}: {name} is a trainer setting of its own; set trainer.{name} "
+                                  "instead")
+            if name in TRAINING_ARGUMENTS_SET_BY_ALIGNLAB:
+                raise ValueError(f"trainer.extra.{name}: alignlab sets TrainingArguments.{name} itself "
+                                  f"({TRAINING_ARGUMENTS_SET_BY_ALIGNLAB[name]}); remove trainer.extra.{name}")
+
+
+#: TrainingArguments that alignlab.train.training_arguments derives, and from what.
+TRAINING_ARGUMENTS_SET_BY_ALIGNLAB = {
+    "output_dir": "the run directory", "eval_strategy": "trainer.eval_steps", "save_strategy": "trainer.save_steps",
+    "seed": "seed", "report_to": "logger=", "run_name": "the run directory", "remove_unused_columns": "always false",
+    "label_names": "always empty", "use_cpu": "whether a GPU is present", "deepspeed": "deepspeed=",
+}
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -17,6 +18,31 @@ CURVES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "re
           "forget/logps", "retain/nll", "kl/chosen", "mean_weight")
 
 
+#: config keys whose values are credentials: never written to a run's files.
+SECRET_KEY = re.compile(r"((^|_)(hub_token|hf_token|access_token|auth_token|api_?key|secret(_key)?|password|passwd|"
+                        r"credentials?)|^token)$", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(value):
+    """`value` (config dicts and lists, or `key=value` command-line words) with every credential-like
+    key's value replaced by `REDACTED`, e.g. `trainer.extra.hub_token=...` or `wandb.api_key`."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret(str(k)) and v is not None else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str) and "=" in value:
+        key, _ = value.split("=", 1)
+        if _secret(key):
+            return f"{key}={REDACTED}"
+    return value
+
+
+def _secret(key: str) -> bool:
+    """Whether a config key (or a dotted override key, `+trainer.extra.hub_token`) names a credential."""
+    return bool(SECRET_KEY.search(key.lstrip("+~-").rsplit(".", 1)[-1]))
+
+
 def environment() -> dict:
     """Package versions, Python, platform and the git revision of the code (for reproducibility)."""
     versions = {}
@@ -26,7 +52,7 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "git": _git_revision(), "argv": sys.argv}
+            "git": _git_revision(), "argv": redact(list(sys.argv))}
 
 
 def _git_revision() -> dict | None:

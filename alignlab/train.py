@@ -152,7 +152,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     from alignlab.data import PreferenceCollator, build_datasets
     from alignlab.models import load_frozen, load_policy, load_reference, load_tokenizer, save_merged
     from alignlab.reference import column as reference_column
-    from alignlab.report import environment, plot_curves
+    from alignlab.report import plot_curves
     from alignlab.trainer import AlignTrainer, MetricsFileCallback
 
     set_seed(typed.seed)
@@ -162,6 +162,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     distributed.check(typed)
     resume = checkpoints.resolve(typed.trainer.resume_from_checkpoint, output_dir)
 
+    if main:  # first, so that a run stopped early (SIGTERM, NaN, a crash) still has them
+        save_run_files(cfg, output_dir)
     tokenizer = load_tokenizer(typed.model)
     with distributed.main_process_first():  # one process fills the tokenized cache, the others read it
         data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields)
@@ -196,6 +198,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     metrics_file = output_dir / "metrics.jsonl"
     if main and resume is None and metrics_file.exists():
         metrics_file.unlink()  # a fresh run in an old directory starts a fresh log
+    if main and resume is not None and metrics_file.exists():
+        checkpoints.truncate_log(metrics_file, resume)
     preemption = checkpoints.PreemptionCallback()
     trainer = AlignTrainer(
         model=policy,
@@ -212,7 +216,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         skip_unused_logits=typed.model.skip_unused_logits,
         padding_free=typed.model.padding_free,
         prefix_sharing=typed.model.prefix_sharing,
-        callbacks=[MetricsFileCallback(metrics_file), checkpoints.NonFiniteGradCallback(), preemption],
+        callbacks=[MetricsFileCallback(metrics_file), preemption],
     )
     trainer.train(resume_from_checkpoint=resume)
     if preemption.preempted:  # SIGTERM: a checkpoint was saved; no final model, no summary (not finished)
@@ -229,10 +233,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     merged_dir = output_dir / "model_merged" if typed.model.lora.merge_on_save else None
     if merged_dir is not None and main:
         save_merged(typed.model, tokenizer, typed.seed, model_dir, merged_dir)
-    if main:
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     if trainer.is_world_process_zero():
-        (output_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
         plot_curves(metrics_file, output_dir / "curves.png")
     train_losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
     result = RunResult(output_dir, model_dir, metrics_file, train_losses, eval_metrics, time.time() - start,
@@ -246,6 +247,16 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
             end_of_training_eval(typed, output_dir)
     distributed.barrier()  # the run's files are written before any process returns
     return result
+
+
+def save_run_files(cfg: DictConfig, output_dir: Path) -> None:
+    """`config.yaml` (the resolved config) and `environment.json` (versions, git revision, command
+    line), credentials redacted (`report.redact`)."""
+    from alignlab.report import environment, redact
+
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
+    (output_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
 
 
 def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:

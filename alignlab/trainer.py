@@ -9,6 +9,7 @@ reference when needed), calls the loss, reduces, and keeps the loss's metrics fo
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,9 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 
-from alignlab.checkpoints import check_finite, mark_complete
+from alignlab.checkpoints import COMPLETE, grads_finite, mark_complete, non_finite, save_batch
 from alignlab.distributed import average_gradients, prepare_frozen
+from alignlab.errors import UserError
 from alignlab.forward import Forward
 from alignlab.losses.base import Loss, LossInputs
 from alignlab.reference import from_columns as reference_from_columns
@@ -71,6 +74,8 @@ class AlignTrainer(Trainer):
         self.teachers = {name: prepare_frozen(m, self.args) for name, m in (teachers or {}).items()}
         self.forward = Forward(logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        #: (global step, micro-batches seen in it): names the batch a non-finite loss or gradient came from
+        self._micro = (-1, 0)
 
     def _run(self, model: nn.Module, head_of: nn.Module, inputs) -> dict:
         return self.forward(model, head_of.get_output_embeddings(), inputs, self.needs.responses,
@@ -92,8 +97,8 @@ class AlignTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.loss_fn(self._loss_inputs(model, inputs))
         loss = reduce_loss(out.losses)
-        if model.training:
-            check_finite(loss.detach(), self.state.global_step)
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise non_finite(f"the loss is {loss.item()}", self._where(), self._save_bad_batch(inputs))
         split = "train" if model.training else "eval"
         for name, value in out.metrics.items():
             self._metrics[split][name].append(value.detach().float())
@@ -101,10 +106,38 @@ class AlignTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """HF's step; then the loss's own parameters (not in the model, so not synced by DDP) get the
-        gradient averaged over processes, like the model's."""
+        gradient averaged over processes, like the model's; then every gradient is checked finite
+        (not under DeepSpeed, which keeps gradients in its own buffers: see `_maybe_log_save_evaluate`;
+        not with fp16, whose loss scaler skips overflowing steps by design)."""
+        step, seen = self._micro
+        self._micro = (self.state.global_step, seen + 1 if step == self.state.global_step else 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
         average_gradients(self.loss_fn.parameters())
+        if not self.args.fp16 and not grads_finite([*model.parameters(), *self.loss_fn.parameters()]):
+            raise non_finite("a gradient is NaN or infinite", self._where(), self._save_bad_batch(inputs))
         return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        """After each optimizer step, before any log or save: a non-finite gradient norm stops the run
+        (the check that remains under DeepSpeed, whose engine has applied the step: nothing is saved)."""
+        if grad_norm is not None and not self.args.fp16 and not math.isfinite(float(grad_norm)):
+            raise non_finite(f"the gradient norm is {float(grad_norm)}",
+                             f"step {self.state.global_step} (epoch {self.state.epoch:.2f})", None)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def _where(self) -> str:
+        k, n = self._micro[1], self.args.gradient_accumulation_steps
+        return (f"step {self.state.global_step + 1}, micro-batch {k} of {n} (epoch {self.state.epoch or 0:.2f}"
+                + (f", process {self.args.process_index}" if self.args.world_size > 1 else "") + ")")
+
+    def _save_bad_batch(self, inputs: dict) -> Path | None:
+        """The offending batch in the run directory, named after its step (and process)."""
+        rank = f"-process{self.args.process_index}" if self.args.world_size > 1 else ""
+        path = Path(self.args.output_dir) / f"nonfinite-step{self.state.global_step + 1}{rank}.safetensors"
+        try:
+            return save_batch(inputs, path)
+        except OSError:  # the error still names step and micro-batch
+            return None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -130,11 +163,26 @@ class AlignTrainer(Trainer):
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(output_dir) / LOSS_STATE)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """HF's checkpoint, then the completion marker, written last (see alignlab.checkpoints)."""
-        super()._save_checkpoint(model, trial)
+        """HF's checkpoint, then the completion marker, written last (see alignlab.checkpoints), then
+        the rotation of old checkpoints (`save_total_limit`), so that a complete one always exists."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            (folder / COMPLETE).unlink(missing_ok=True)  # overwriting a checkpoint: incomplete until re-marked
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            mark_complete(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
+            # HF's pickle of TrainingArguments (credentials such as hub_token included); resuming never reads
+            # it, and the run's config.yaml holds the settings
+            (folder / "training_args.bin").unlink(missing_ok=True)
+            mark_complete(folder)
+            if limit:
+                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -148,10 +196,10 @@ class AlignTrainer(Trainer):
             return
         path = Path(checkpoint) / LOSS_STATE
         if not path.exists():
-            raise FileNotFoundError(
-                f"{checkpoint} has no {LOSS_STATE}: the loss {self.loss_fn.registry_name!r} keeps state "
-                "(e.g. a running reward mean) that resuming without it would silently reset"
-            )
+            raise UserError(
+                f"cannot resume: {checkpoint} has no {LOSS_STATE}: the loss {self.loss_fn.registry_name!r} keeps "
+                "state (e.g. a running reward mean) that resuming without it would silently reset. Fix: resume "
+                "from a checkpoint this loss wrote, or start a fresh run")
         self.loss_fn.load_state_dict(load_file(path))  # copied onto the buffers' device (safetensors rejects "cpu:0")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

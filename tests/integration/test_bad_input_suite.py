@@ -84,6 +84,11 @@ CASES = {
     "a reference-free loss given a reference": (
         lambda d: ["+recipe=asft", "model.reference=builtin:tiny"], ["reference-free", "remove model.reference"]),
     "an out-of-range setting": (lambda d: ["+recipe=dpo", "loss.beta=-1"], ["beta", "-1"]),
+    "a trainer setting passed as an extra TrainingArguments field": (
+        lambda d: ["+recipe=dpo", "+trainer.extra.save_total_limit=1"],
+        ["trainer.extra.save_total_limit", "set trainer.save_total_limit instead"]),
+    "a TrainingArguments field alignlab sets": (
+        lambda d: ["+recipe=dpo", "+trainer.extra.seed=3"], ["trainer.extra.seed", "remove trainer.extra.seed"]),
 }
 
 

@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import alignlab.losses.dpo
 from alignlab.checkpoints import COMPLETE, NonFiniteError
@@ -46,23 +48,83 @@ def test_half_written_checkpoint_is_skipped_and_named_one_refused(tmp_path, comp
             output_dir=out)
 
 
-def test_nan_loss_stops_before_the_optimizer_and_keeps_the_last_good_checkpoint(tmp_path, compose_run, monkeypatch):
+def _poison_dpo(monkeypatch, call: int, poison) -> None:
+    """DPO's per-example losses of its `call`-th forward (1-based, training micro-batches) become `poison(losses)`."""
     forward = alignlab.losses.dpo.DPO.forward
     calls = {"n": 0}
 
     def poisoned(self, batch):
         out = forward(self, batch)
         calls["n"] += 1
-        if calls["n"] == 3:  # the third training step
-            out.losses = out.losses * torch.tensor(float("nan"))
+        if calls["n"] == call:
+            out.losses = poison(out.losses)
         return out
 
     monkeypatch.setattr(alignlab.losses.dpo.DPO, "forward", poisoned)
+
+
+def test_nan_loss_stops_before_the_optimizer_and_keeps_the_last_good_checkpoint(tmp_path, compose_run, monkeypatch):
+    _poison_dpo(monkeypatch, 3, lambda losses: losses * torch.tensor(float("nan")))  # the third training step
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteError, match="at step 3"):
+    with pytest.raises(NonFiniteError, match=r"the loss is nan at step 3, micro-batch 1 of 1 \(epoch") as err:
         run(compose_run(*_common(tmp_path, 6)), output_dir=out)
     assert (out / "checkpoint-2" / COMPLETE).exists()
     assert not (out / "checkpoint-4").exists()
+    # the batch is named by its saved tensors: 32 pairs of the third step
+    saved = out / "nonfinite-step3.safetensors"
+    assert str(saved) in str(err.value)
+    assert load_file(saved)["chosen_input_ids"].shape[0] == 32
+    # the run's settings were written when it started, not only by a finished run
+    assert (out / "config.yaml").exists() and (out / "environment.json").exists()
+
+
+def test_nan_gradient_names_its_micro_batch_and_stops_before_the_step(tmp_path, compose_run, monkeypatch):
+    # step 3, second micro-batch: a finite loss whose gradient is NaN (0 * d√x at x = 0)
+    _poison_dpo(monkeypatch, 6, lambda losses: losses + (losses * 0).sqrt())
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="a gradient is NaN or infinite at step 3, micro-batch 2 of 2"):
+        run(compose_run(*_common(tmp_path, 6), "trainer.gradient_accumulation_steps=2",
+                        "trainer.per_device_train_batch_size=16"), output_dir=out)
+    assert (out / "checkpoint-2" / COMPLETE).exists() and not (out / "checkpoint-4").exists()
+    assert (out / "nonfinite-step3.safetensors").exists()
+
+
+def test_old_checkpoints_are_rotated_only_after_the_new_one_is_complete(tmp_path, compose_run, monkeypatch):
+    import alignlab.trainer
+
+    rotate = alignlab.trainer.rotate_checkpoints
+    seen = []
+
+    def checked(output_dir, **kwargs):
+        newest = max(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        seen.append((newest.name, (newest / COMPLETE).exists()))
+        return rotate(output_dir=output_dir, **kwargs)
+
+    monkeypatch.setattr(alignlab.trainer, "rotate_checkpoints", checked)
+    out = tmp_path / "run"
+    run(compose_run(*_common(tmp_path, 6), "trainer.save_total_limit=1"), output_dir=out)
+    assert seen == [("checkpoint-2", True), ("checkpoint-4", True), ("checkpoint-6", True)]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert not (out / "checkpoint-6" / "training_args.bin").exists()  # HF's pickle of the arguments
+
+
+def test_a_checkpoint_being_overwritten_is_incomplete_until_rewritten(tmp_path, compose_run, monkeypatch):
+    from transformers import Trainer
+
+    out = tmp_path / "run"
+    run(compose_run(*_common(tmp_path, 2)), output_dir=out)
+    assert (out / "checkpoint-2" / COMPLETE).exists()
+    save_model = Trainer.save_model
+    marked_while_saving = []
+
+    def watched(self, output_dir=None, _internal_call=False):
+        marked_while_saving.append((Path(output_dir) / COMPLETE).exists())
+        return save_model(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(Trainer, "save_model", watched)
+    run(compose_run(*_common(tmp_path, 2)), output_dir=out)  # a fresh run in the same directory rewrites it
+    assert marked_while_saving[0] is False  # a kill during this save would leave it refused, not trusted
+    assert (out / "checkpoint-2" / COMPLETE).exists()
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,8 +23,21 @@ pytestmark = pytest.mark.slow
 
 
 def _losses(path):
-    return {json.loads(line)["step"]: json.loads(line)["loss"] for line in path.read_text().splitlines()
-            if '"loss"' in line}
+    return {step: loss for step, loss in _loss_records(path)}
+
+
+def _loss_records(path) -> list[tuple[int, float]]:
+    """(step, loss) of every training-loss record, in file order (duplicates kept)."""
+    return [(json.loads(line)["step"], json.loads(line)["loss"]) for line in path.read_text().splitlines()
+            if '"loss"' in line and '"train_runtime"' not in line]
+
+
+def _logged_step(path) -> int:
+    """The last step `metrics.jsonl` has a loss for (0 if none yet, or if its last line is being written)."""
+    try:
+        return max((step for step, _ in _loss_records(path)), default=0)
+    except (OSError, ValueError):
+        return 0
 
 
 def test_same_seed_same_losses(tmp_path, compose_run):
@@ -37,26 +51,33 @@ def test_same_seed_same_losses(tmp_path, compose_run):
 
 
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
+    # batch 64 of 2400 rows: the 40 steps cross an epoch (37.5 steps), so the resumed sampler must too
     cmd = [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "trainer.max_steps=40", "trainer.save_steps=5",
-           "trainer.logging_steps=1", "trainer.eval_steps=0", "data.eval_size=0", f"data.cache_dir={tmp_path / 'cache'}"]
+           "trainer.per_device_train_batch_size=64", "trainer.logging_steps=1", "trainer.eval_steps=0",
+           "data.eval_size=0", "eval.generate=false", f"data.cache_dir={tmp_path / 'cache'}"]
     full = tmp_path / "full"
     subprocess.run([*cmd, f"hydra.run.dir={full}"], check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
+    kill_after = random.Random(os.getpid()).randint(11, 14)  # past checkpoint-10, before checkpoint-15
     proc = subprocess.Popen([*cmd, f"hydra.run.dir={killed}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoint-10" / COMPLETE).exists():
-        time.sleep(0.05)
+    while time.time() < deadline and _logged_step(killed / "metrics.jsonl") < kill_after:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)  # no chance to save or clean up
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    logged = _logged_step(killed / "metrics.jsonl")
+    assert 11 <= logged < 15 and (killed / "checkpoint-10" / COMPLETE).exists(), logged
     done = subprocess.run([*cmd, f"hydra.run.dir={killed}", "trainer.resume_from_checkpoint=latest"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    want, got = _losses(full / "metrics.jsonl"), _losses(killed / "metrics.jsonl")
-    assert sorted(got) == sorted(want) == list(range(1, 41))  # no step skipped or repeated
-    for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert "resuming from" in done.stdout and "checkpoint-10" in done.stdout
+    assert f"dropped {logged - 10} records logged after step 10" in done.stdout
+    want, got = _loss_records(full / "metrics.jsonl"), _loss_records(killed / "metrics.jsonl")
+    assert [step for step, _ in got] == [step for step, _ in want] == list(range(1, 41))  # none skipped or repeated
+    for (step, a), (_, b) in zip(want, got):
+        assert b == pytest.approx(a, abs=1e-6), step
 
 
 def test_log_probs_are_fp32_under_bf16():
@@ -75,8 +96,13 @@ def test_secrets_never_reach_the_run_directory(tmp_path, compose_run, monkeypatc
     secret = "sk-test-DO-NOT-LEAK-1234567890"
     monkeypatch.setenv("WANDB_API_KEY", secret)
     monkeypatch.setenv("HF_TOKEN", secret)
-    result = run(compose_run("+recipe=dpo", "trainer.max_steps=2", "trainer.eval_steps=0",
-                             f"data.cache_dir={tmp_path / 'cache'}"), output_dir=tmp_path / "run")
+    # a credential passed the recommended way (an interpolation of the environment) and resolved into the
+    # config, a checkpoint (HF pickles TrainingArguments into training_args.bin) and the eval
+    result = run(compose_run("+recipe=dpo", "trainer.max_steps=2", "trainer.eval_steps=0", "trainer.save_steps=1",
+                             "+trainer.extra.hub_token=${oc.env:HF_TOKEN}", f"data.cache_dir={tmp_path / 'cache'}"),
+                 output_dir=tmp_path / "run")
+    assert "hub_token: <redacted>" in (result.output_dir / "config.yaml").read_text()
+    assert (result.output_dir / "checkpoint-2").is_dir()
     for path in result.output_dir.rglob("*"):
         if path.is_file() and path.stat().st_size < 5_000_000:
             assert secret.encode() not in path.read_bytes(), path
