@@ -321,7 +321,8 @@ def study_unlearning(b: Bench) -> list[dict]:
                       if not o.startswith(("data.eval_path", "trainer.save_steps"))]
             with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):
                 cfg = compose("config", overrides=[*overrides, *common, "data.eval_size=0", "eval.generate=false",
-                                                   "trainer.learning_rate=1e-3", f"trainer.save_steps={b.s.npo_every}"])
+                                                   "trainer.learning_rate=1e-3", f"trainer.save_steps={b.s.npo_every}",
+                                                   "trainer.save_total_limit=null"])  # every checkpoint is scored
             shutil.rmtree(out, ignore_errors=True)
             train(cfg, output_dir=out)
         seconds = json.loads((out / "summary.json").read_text())["wall_seconds"]
