@@ -45,7 +45,11 @@ def problem(checkpoint: Path) -> str | None:
     deepspeed = any(checkpoint.glob("global_step*"))  # DeepSpeed keeps optimizer and weights there
     required = ("trainer_state.json",) if deepspeed else REQUIRED
     missing = [name for name in required if not (checkpoint / name).exists()]
-    if not deepspeed and not any((checkpoint / name).exists() for name in WEIGHTS):
+    if deepspeed:
+        missing += [f"DeepSpeed {what} (global_step*/*{pattern})" for what, pattern in
+                    (("model states", "model_states.pt"), ("optimizer states", "optim_states.pt"))
+                    if not any(checkpoint.glob(f"global_step*/*{pattern}"))]
+    elif not any((checkpoint / name).exists() for name in WEIGHTS):
         missing.append("model weights")
     if missing:
         return f"{checkpoint} lacks {', '.join(missing)}"

@@ -81,6 +81,28 @@ def test_bco_state_survives_resume(run_and_resume):
         assert a[key].tolist() == pytest.approx(b[key].tolist(), rel=1e-9, abs=1e-12), key
 
 
+def _losses_by_step(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r and "train_runtime" not in r]
+
+
+def test_sparsepo_mask_heads_survive_resume(run_and_resume):
+    # the learned mask heads are the loss's own parameters: their weights and Adam moments must resume
+    full, resumed = run_and_resume("sparsepo", 6, 3, "loss.mask=learned")
+    assert _losses_by_step(resumed.output_dir) == pytest.approx(_losses_by_step(full.output_dir), abs=1e-6)
+    a = load_file(full.output_dir / "checkpoint-6" / "loss_state.safetensors")
+    b = load_file(resumed.output_dir / "checkpoint-6" / "loss_state.safetensors")
+    assert a.keys() == b.keys() and any("weight" in key for key in a)
+    for key in a:
+        assert b[key].tolist() == pytest.approx(a[key].tolist(), abs=1e-6), key
+
+
+def test_precomputed_reference_resumes_from_its_cache(run_and_resume, capsys):
+    full, resumed = run_and_resume("dpo", 6, 3, "model.reference_mode=precomputed")
+    assert "reference log-probs: reused from cache" in capsys.readouterr().out  # the resumed run scored nothing again
+    assert _losses_by_step(resumed.output_dir) == pytest.approx(_losses_by_step(full.output_dir), abs=1e-6)
+
+
 def test_resume_refuses_checkpoint_without_loss_state(tmp_path, compose_run):
     common = ("+recipe=bco", "trainer.max_steps=4", "trainer.save_steps=2", "trainer.eval_steps=0",
               "data.eval_size=0", f"data.cache_dir={tmp_path / 'cache'}")
