@@ -105,12 +105,15 @@ class AlignTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """HF's step; then the loss's own parameters (not in the model, so not synced by DDP) get the
-        gradient averaged over processes, like the model's; then every gradient is checked finite
+        """HF's step; the loss's own parameters (not in the model, so neither zeroed by HF nor synced by
+        DDP) start each step without gradient and get it averaged over processes, like the model's; then every gradient is checked finite
         (not under DeepSpeed, which keeps gradients in its own buffers: see `_maybe_log_save_evaluate`;
         not with fp16, whose loss scaler skips overflowing steps by design)."""
         step, seen = self._micro
         self._micro = (self.state.global_step, seen + 1 if step == self.state.global_step else 1)
+        if self._micro[1] == 1:  # HF zeroes the model's gradients after each step, not the loss's own
+            for p in self.loss_fn.parameters():
+                p.grad = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         average_gradients(self.loss_fn.parameters())
         if not self.args.fp16 and not grads_finite([*model.parameters(), *self.loss_fn.parameters()]):
