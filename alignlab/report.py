@@ -32,10 +32,14 @@ def redact(value):
     if isinstance(value, list):
         return [redact(v) for v in value]
     if isinstance(value, str) and "=" in value:
-        key, _ = value.split("=", 1)
-        if _secret(key):
-            return f"{key}={REDACTED}"
+        if _secret(value.split("=", 1)[0]):  # one command-line word: key=value, the value as typed
+            return f"{value.split('=', 1)[0]}={REDACTED}"
+        # several, e.g. Hydra's override_dirname "a=1,+trainer.extra.hub_token=...,b=2"
+        return _ASSIGNMENT.sub(lambda m: f"{m[1]}={REDACTED}" if _secret(m[1]) else m[0], value)
     return value
+
+
+_ASSIGNMENT = re.compile(r"([+~-]*[\w.]+)=([^,\s]*)")
 
 
 def _secret(key: str) -> bool:

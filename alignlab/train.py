@@ -257,6 +257,10 @@ def save_run_files(cfg: DictConfig, output_dir: Path) -> None:
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
     (output_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):  # Hydra's records of the command line
+        path = output_dir / ".hydra" / name
+        if path.exists():
+            OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.load(path)))), path)
 
 
 def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:

@@ -107,3 +107,18 @@ def test_secrets_never_reach_the_run_directory(tmp_path, compose_run, monkeypatc
         if path.is_file() and path.stat().st_size < 5_000_000:
             assert secret.encode() not in path.read_bytes(), path
     assert os.environ["WANDB_API_KEY"] == secret
+
+
+def test_a_credential_typed_on_the_command_line_stays_out_of_every_file_and_output(tmp_path):
+    secret = "hf_typed-on-the-command-line-0987654321"
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "trainer.max_steps=2",
+                          "trainer.eval_steps=0", "eval.generate=false", f"+trainer.extra.hub_token={secret}",
+                          f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert secret not in out.stdout + out.stderr
+    assert (run_dir / ".hydra" / "overrides.yaml").exists()  # Hydra's record of the command line, redacted
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
