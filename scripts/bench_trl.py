@@ -24,6 +24,11 @@ Workloads (issue #8):
   W2: a Llama from config (hidden 512, 4 layers, 8 heads, intermediate 1376, tied, GPT-2 tokenizer,
       38.4M params; seeded init saved once and loaded by both), HH-RLHF harmless-base pairs with
       prompt and each response 32-256 tokens, batch 4, TRL's defaults (gradient checkpointing on).
+  W3 (GPU only): W2's recipe at 0.53B parameters (hidden 1536, 16 layers, 12 heads, intermediate
+      4096) in bf16, batch 8: model FLOPs utilisation (MFU) of DPO, both frameworks.
+
+On a GPU every run also reports its model FLOP/s and, for bf16 runs on a GPU whose peak is known
+(`PEAK_BF16`, or `--peak-tflops`), its MFU: see `dpo_flops_per_token`.
 
 Writes <out>/results.json (every record) and <out>/results.md (the tables of docs/performance.md).
 """
@@ -65,6 +70,18 @@ SWITCHES = {
 }
 
 
+#: the model shapes built from config (W2, W3), Llama with tied embeddings and the GPT-2 tokenizer.
+SHAPES = {
+    "w2": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 1376},
+    "w3": {"hidden_size": 1536, "num_hidden_layers": 16, "num_attention_heads": 12, "intermediate_size": 4096},
+    "w3-quick": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
+}
+#: dense bf16 peak FLOP/s of a GPU (datasheet, without sparsity), by a substring of its name; the
+#: first match wins.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312e12,
+             "L40S": 362.1e12}
+
+
 @dataclasses.dataclass
 class Workload:
     name: str
@@ -81,6 +98,12 @@ class Workload:
     learning_rate: float = 1e-6
     #: the data each run keeps: all pairs (W1) or only what its steps consume (W2).
     consume_only: bool = False
+    #: float32, or bfloat16: bf16 mixed precision (fp32 weights, `bf16=True`) in both frameworks
+    dtype: str = "float32"
+    #: the model built from config (`SHAPES`); None: stories260k (W1)
+    shape: str | None = None
+    #: refused without a GPU (except in --quick, which checks the plumbing on a tiny model)
+    gpu_only: bool = False
 
 
 def workloads(quick: bool) -> dict[str, Workload]:
@@ -88,11 +111,15 @@ def workloads(quick: bool) -> dict[str, Workload]:
         return {"w1": Workload("w1", batch=4, max_length=64, max_prompt_length=48, n_pairs=24, warmup=1, steps=2,
                                repeats=1),
                 "w2": Workload("w2", batch=2, max_length=1024, max_prompt_length=512, n_pairs=4, warmup=1, steps=1,
-                               repeats=1, consume_only=True)}
+                               repeats=1, consume_only=True, shape="w2"),
+                "w3": Workload("w3", batch=2, max_length=1024, max_prompt_length=512, n_pairs=4, warmup=1, steps=1,
+                               repeats=1, consume_only=True, shape="w3-quick")}
     return {"w1": Workload("w1", batch=16, max_length=64, max_prompt_length=48, n_pairs=500, warmup=3, steps=25,
                            repeats=3),
             "w2": Workload("w2", batch=4, max_length=1024, max_prompt_length=512, n_pairs=256, warmup=1, steps=3,
-                           repeats=2, consume_only=True)}
+                           repeats=2, consume_only=True, shape="w2"),
+            "w3": Workload("w3", batch=8, max_length=1024, max_prompt_length=512, n_pairs=256, warmup=2, steps=10,
+                           repeats=2, consume_only=True, shape="w3", dtype="bfloat16", gpu_only=True)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,8 +205,8 @@ def prepare(workload: Workload, work: Path) -> dict:
         rows, source = _sentiment_rows(workload.n_pairs, work / "sentiment")
         sep = " "  # make_pairs strips completions; TRL joins prompt and completion as strings
     else:
-        model_dir = work / "model"
-        tok = _w2_model(model_dir)
+        model_dir = work / f"model-{workload.shape}"  # one folder per shape: --quick never feeds a full run
+        tok = _config_model(model_dir, SHAPES[workload.shape])
         rows = _hh_rows(tok, workload.n_pairs, 32, 256)
         source = f"HH-RLHF harmless-base test, first {len(rows)} pairs with prompt and responses 32-256 tokens"
         sep = ""  # HH responses start with their own space
@@ -223,8 +250,9 @@ def _write_files(rows: list[dict], work: Path, sep: str) -> None:
     dump("retain.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
 
 
-def _w2_model(model_dir: Path):
-    """W2's Llama from config and the GPT-2 fast tokenizer, saved once (seed 0) for both frameworks."""
+def _config_model(model_dir: Path, shape: dict):
+    """A Llama of `shape` (SHAPES) from config and the GPT-2 fast tokenizer, saved once (seed 0) for
+    both frameworks."""
     import torch
     from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 
@@ -234,8 +262,8 @@ def _w2_model(model_dir: Path):
         raise RuntimeError(f"the GPT-2 tokenizer built from {GPT2} has {len(tok)} tokens, expected 50257")
     if not (model_dir / "config.json").exists():
         torch.manual_seed(0)
-        config = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                             intermediate_size=1376, vocab_size=len(tok), max_position_embeddings=1024,
+        config = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], vocab_size=len(tok),
+                             max_position_embeddings=1024,
                              tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.eos_token_id)
         LlamaForCausalLM(config).save_pretrained(model_dir)
@@ -274,6 +302,8 @@ class Probe:
         self.first_metrics: dict[str, float] = {}
         self.tokens: list[int] = []
         self.slots: list[int] = []
+        #: sequences (rows of every response) per batch
+        self.rows: list[int] = []
         self.peak_mib: float | None = None
         self.cuda_peak_mib: float | None = None
         self.train_begin: float | None = None
@@ -315,6 +345,7 @@ class Probe:
                 else:
                     probe.tokens.append(sum(int(m.sum()) for m in masks))
                 probe.slots.append(sum(int(m.numel()) for m in masks))
+                probe.rows.append(sum(int(m.shape[0]) for m in masks))
                 if probe.first_loss is None:
                     loss = out[0] if isinstance(out, tuple) else out
                     probe.first_loss = float(loss.detach().double())
@@ -335,14 +366,48 @@ class Probe:
 
         return wrapper
 
-    def result(self, warmup: int, baseline: float) -> dict:
+    def result(self, warmup: int, baseline: float, flops_of=None, peak: float | None = None) -> dict:
+        """`flops_of(tokens, mean_length)`: model FLOPs of a step (see `dpo_flops_per_token`); with
+        `peak` (FLOP/s), the MFU of the timed steps."""
         steps = [b - a for a, b in zip(self.step_ends[warmup - 1:], self.step_ends[warmup:])]
         tokens = self.tokens[warmup: warmup + len(steps)]
-        return {"step_times": steps, "tokens": tokens, "pad_fraction": 1 - sum(self.tokens) / max(1, sum(self.slots)),
+        rows = self.rows[warmup: warmup + len(steps)]
+        flops = sum(flops_of(t, t / r) for t, r in zip(tokens, rows)) / sum(steps) if flops_of and steps else None
+        return {"model_tflops_per_s": None if flops is None else flops / 1e12,
+                "mfu": None if flops is None or not peak else flops / peak,"step_times": steps, "tokens": tokens, "pad_fraction": 1 - sum(self.tokens) / max(1, sum(self.slots)),
                 "tokens_per_s": sum(tokens) / sum(steps) if steps else None,
                 "first_loss": self.first_loss, "first_metrics": self.first_metrics,
                 "peak_mib": None if self.peak_mib is None else round(self.peak_mib - baseline, 1),
                 "cuda_peak_mib": self.cuda_peak_mib, "precompute_s": round(self.precompute_s, 2)}
+
+
+def dpo_flops_per_token(config: dict, context: float, live_reference: bool = True) -> float:
+    """Model FLOPs of one DPO training token of a Llama-style decoder (PaLM, Chowdhery et al. 2022,
+    appendix B): a forward pass costs 2 FLOPs per weight of every matmul (attention projections, MLP,
+    output head; the embedding is a lookup) plus 4·L·d_attn·T for attention scores and values over a
+    context of T tokens (the sequence's length, no causal discount); the policy's forward and backward
+    cost 3 forwards, the live reference 1 more. The same count for both frameworks: what a plain
+    implementation computes, without gradient checkpointing's recomputation; alignlab's skipped head
+    positions count as computed, so its savings show as a higher MFU.
+    """
+    d, layers, inter, vocab = (config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                   "vocab_size"))
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or d // heads
+    attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim  # q and o; k and v
+    matmul = layers * (attention + 3 * d * inter) + vocab * d
+    forward = 2 * matmul + 4 * layers * heads * head_dim * context
+    return (3 + live_reference) * forward
+
+
+def peak_flops(gpu: str | None, dtype: str, override_tflops: float | None = None) -> float | None:
+    """The GPU's dense peak FLOP/s for `dtype` (bf16 only: `PEAK_BF16`), or `override_tflops`."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if gpu is None or dtype != "bfloat16":
+        return None
+    return next((peak for name, peak in PEAK_BF16.items() if name in gpu), None)
 
 
 def _threads(n: int) -> None:
@@ -396,7 +461,8 @@ def measure(spec: dict) -> dict:
         args = DPOConfig(output_dir=str(scratch / "out"), per_device_train_batch_size=spec["batch"],
                          per_device_eval_batch_size=spec["batch"], max_length=spec["max_length"],
                          learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                         max_grad_norm=1.0, optim="adamw_torch", max_steps=steps, bf16=False, fp16=False,
+                         max_grad_norm=1.0, optim="adamw_torch", max_steps=steps,
+                         bf16=spec["dtype"] == "bfloat16", fp16=False,
                          gradient_checkpointing=spec["gradient_checkpointing"],
                          precompute_ref_log_probs=spec["reference_mode"] == "precomputed",
                          train_sampling_strategy="sequential", logging_steps=10**6, save_strategy="no",
@@ -416,10 +482,23 @@ def measure(spec: dict) -> dict:
         AlignTrainer.__init__ = init
         cfg = _compose(_alignlab_overrides(spec, scratch))
         train_module.run(cfg, output_dir=scratch / "run")
-    out = probe.result(spec["warmup"], baseline)
+    out = _result(probe, spec, baseline)
     out.update(imports_s=round(imports_s, 2), baseline_rss_mib=round(baseline_rss, 1), exact_peak=exact_peak,
                setup_s=round((probe.train_begin or t0) - t0 - imports_s, 2))
     return out
+
+
+def _result(probe: Probe, spec: dict, baseline: float) -> dict:
+    """The probe's figures, with model FLOP/s on a GPU (DPO only) and MFU where the peak is known."""
+    import torch
+
+    flops_of, peak = None, None
+    if torch.cuda.is_available() and spec["loss"] == "dpo":
+        config = json.loads((Path(spec["model"]) / "config.json").read_text())
+        live = spec["reference_mode"] == "live"
+        flops_of = lambda tokens, length: tokens * dpo_flops_per_token(config, length, live)  # noqa: E731
+        peak = peak_flops(torch.cuda.get_device_name(0), spec["dtype"], spec.get("peak_tflops"))
+    return probe.result(spec["warmup"], baseline, flops_of, peak)
 
 
 def _alignlab_overrides(spec: dict, scratch: Path) -> list[str]:
@@ -438,6 +517,7 @@ def _alignlab_overrides(spec: dict, scratch: Path) -> list[str]:
         "+trainer.extra.train_sampling_strategy=sequential", "+trainer.extra.disable_tqdm=true",
         f"seed={spec['seed']}", f"model.reference_mode={spec['reference_mode']}",
         f"model.gradient_checkpointing={str(spec['gradient_checkpointing']).lower()}",
+        f"trainer.bf16={str(spec['dtype'] == 'bfloat16').lower()}",
     ]
     overrides += [f"model.{k}={_yaml(v)}" for k, v in spec.get("switches", {}).items()
                   if k not in ("reference_mode", "gradient_checkpointing")]
@@ -485,6 +565,10 @@ def _compose(overrides: list[str]):
 # The driver: alternating runs, statistics, tables.
 # ----------------------------------------------------------------------------------------------------
 
+#: `--peak-tflops`: the GPU's peak for the MFU when `PEAK_BF16` does not know it
+PEAK_TFLOPS: float | None = None
+
+
 def _spec(w: Workload, info: dict, work: Path, framework: str, reference_mode: str = "live", loss: str = "dpo",
           switches: dict | None = None, threads: int = 2) -> dict:
     switches = dict(switches or {})
@@ -494,7 +578,8 @@ def _spec(w: Workload, info: dict, work: Path, framework: str, reference_mode: s
             "batch": w.batch, "max_length": w.max_length, "max_prompt_length": w.max_prompt_length,
             "warmup": w.warmup, "steps": w.steps, "lr": w.learning_rate, "seed": 42, "threads": threads,
             "reference_mode": switches.get("reference_mode", reference_mode), "loss": loss,
-            "data": LOSS_DATA.get(loss, "pairs"), "gradient_checkpointing": gc, "switches": switches}
+            "data": LOSS_DATA.get(loss, "pairs"), "gradient_checkpointing": gc, "switches": switches,
+            "dtype": w.dtype, "peak_tflops": PEAK_TFLOPS}
 
 
 def run_child(spec: dict, log: Path) -> dict:
@@ -512,6 +597,12 @@ def run_child(spec: dict, log: Path) -> dict:
     if proc.returncode != 0 or not lines:
         return {**spec, "error": f"exit {proc.returncode}; see {log}", "wall_s": round(time.time() - start, 1)}
     return {**spec, **json.loads(lines[-1]), "wall_s": round(time.time() - start, 1)}
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def machine() -> dict:
@@ -550,6 +641,8 @@ def summarise(records: list[dict]) -> dict:
             "peak_mib": _median([r["peak_mib"] for r in ok if r.get("peak_mib") is not None]),
             "cuda_peak_mib": _median([r["cuda_peak_mib"] for r in ok if r.get("cuda_peak_mib") is not None]),
             "pad_fraction": _median([r["pad_fraction"] for r in ok]),
+            "model_tflops_per_s": _median([r["model_tflops_per_s"] for r in ok if r.get("model_tflops_per_s")]),
+            "mfu": _median([r["mfu"] for r in ok if r.get("mfu")]),
             "precompute_s": _median([r["precompute_s"] for r in ok]),
             "first_loss": ok[0]["first_loss"] if ok else None,
             "first_metrics": ok[0]["first_metrics"] if ok else {}}
@@ -596,7 +689,7 @@ def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[l
              for fw in ("alignlab", "trl")}
         for fw in ("alignlab", "trl"):
             x = s[fw]
-            mem = x["peak_mib"] if math.isnan(x["cuda_peak_mib"]) else x["cuda_peak_mib"]
+            mem = _memory(x)
             lines.append(f"| | {mode} | {fw} | {fmt(x['step_s'])} [{fmt(x['step_min'])}–{fmt(x['step_max'])}] | "
                          f"{fmt(x['tokens_per_s'], 0)} [{fmt(x['tps_min'], 0)}–{fmt(x['tps_max'], 0)}] | {fmt(mem, 0)} | "
                          f"{fmt(x['pad_fraction'], 2)} | {fmt(x['precompute_s'], 1) if mode == 'precomputed' else '—'} | "
@@ -614,7 +707,9 @@ def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[l
             "tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"] if t["tokens_per_s"] else None,
             "tokens_per_s_paired": paired,
             "step_time": t["step_s"] / a["step_s"] if a["step_s"] else None,
-            "peak_memory": a["peak_mib"] / t["peak_mib"] if t["peak_mib"] else None,
+            "peak_memory": _memory(a) / _memory(t) if _memory(t) else None,
+            "mfu": {"alignlab": a["mfu"], "trl": t["mfu"]},
+            "model_tflops_per_s": {"alignlab": a["model_tflops_per_s"], "trl": t["model_tflops_per_s"]},
             "loss0_diff": (abs(a["first_loss"] - t["first_loss"])
                            if a["first_loss"] is not None and t["first_loss"] is not None else None),
             "logps_chosen0_diff": _diff(a["first_metrics"], t["first_metrics"], "logps/chosen"),
@@ -631,7 +726,23 @@ def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[l
         lines.append(f"| {mode} reference | {fmt(r['tokens_per_s'], 2)}× | {fmt(_median(p), 2)}× "
                      f"[{fmt(min(p, default=None), 2)}–{fmt(max(p, default=None), 2)}] | {fmt(r['peak_memory'], 2)}× | "
                      f"{_sci(r['loss0_diff'])} | {_sci(r['logps_chosen0_diff'])} | {_sci(r['logps_rejected0_diff'])} |")
+    if any(not math.isnan(x) for r in ratios.values() for x in r["model_tflops_per_s"].values()):
+        lines += ["", f"| {name}: model FLOPs (`dpo_flops_per_token`) | reference | alignlab TFLOP/s | TRL TFLOP/s | "
+                  "alignlab MFU | TRL MFU |", "|---|---|---|---|---|---|"]
+        for mode, r in ratios.items():
+            f, m = r["model_tflops_per_s"], r["mfu"]
+            lines.append(f"| | {mode} | {fmt(f['alignlab'], 1)} | {fmt(f['trl'], 1)} | {_pct(m['alignlab'])} | "
+                         f"{_pct(m['trl'])} |")
     return lines, ratios
+
+
+def _memory(summary: dict) -> float:
+    """Peak memory of a summary: the GPU's allocated peak on a GPU, else RSS above the imports."""
+    return summary["peak_mib"] if math.isnan(summary["cuda_peak_mib"]) else summary["cuda_peak_mib"]
+
+
+def _pct(x) -> str:
+    return "—" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
 
 
 def _diff(a: dict, b: dict, key: str):
@@ -655,9 +766,9 @@ def relative_table(name: str, records: list[dict], key: str, base_label: str) ->
             lines.append(f"| {label} | failed: {s['errors'][0][:80]} | | | | | | |")
             continue
         rt = s["tokens_per_s"] / base["tokens_per_s"] if base["n"] else float("nan")
-        rm = s["peak_mib"] / base["peak_mib"] if base["n"] and base["peak_mib"] else float("nan")
+        rm = _memory(s) / _memory(base) if base["n"] and _memory(base) else float("nan")
         lines.append(f"| {label} | {fmt(s['step_s'])} [{fmt(s['step_min'])}–{fmt(s['step_max'])}] | "
-                     f"{fmt(s['tokens_per_s'], 0)} | {fmt(rt, 2)}× | {fmt(s['peak_mib'], 0)} | {fmt(rm, 2)}× | "
+                     f"{fmt(s['tokens_per_s'], 0)} | {fmt(rt, 2)}× | {fmt(_memory(s), 0)} | {fmt(rm, 2)}× | "
                      f"{fmt(s['pad_fraction'], 2)} | {fmt(s['first_loss'], 5)} |")
     return lines
 
@@ -673,10 +784,13 @@ def main() -> None:
     parser.add_argument("--w2-losses", default="dpo,tdpo,aligndistil", help="losses of the W2 loss table")
     parser.add_argument("--repeats", type=int, help="override the workloads' repeats")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_trl")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the MFU (default: PEAK_BF16)")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
         return
+    global PEAK_TFLOPS
+    PEAK_TFLOPS = args.peak_tflops
 
     if not SHARED.exists():
         sys.exit(f"bench_trl: needs {SHARED} (models and data); it is absent")
@@ -689,6 +803,8 @@ def main() -> None:
     md = []
     for name in args.workloads.split(","):
         w = all_w[name]
+        if w.gpu_only and not args.quick and not _has_gpu():
+            sys.exit(f"bench_trl: workload {name} measures GPU throughput (bf16, MFU) and needs a GPU; this machine has none")
         if args.repeats:
             w.repeats = args.repeats
         work = args.out / "work" / name
@@ -710,7 +826,7 @@ def main() -> None:
             md += lines + [""]
             for mode in modes:
                 alignlab_runs[mode] = [r for r in recs if r["framework"] == "alignlab" and r["reference_mode"] == mode]
-        repeats = 1 if name == "w2" else max(1, w.repeats - 1)
+        repeats = 1 if name in ("w2", "w3") else max(1, w.repeats - 1)
         if "losses" in sections:
             names = args.losses.split(",") if name == "w1" else args.w2_losses.split(",")
             recs = [{**r, "section": "losses"} for r in alignlab_runs.get("live", []) if "dpo" in names]

@@ -34,6 +34,33 @@ def test_step_times_are_intervals_between_step_ends_after_warmup():
     assert out["pad_fraction"] == pytest.approx(1 - 1000 / 1150)
 
 
+def test_dpo_model_flops_count_every_matmul_and_attention():
+    # d=4, 1 layer, 2 heads of 2 (kv too), MLP 8, vocab 10: q,o 2*(4*4) + k,v 2*(4*4) = 64, MLP 3*4*8 = 96,
+    # head 10*4 = 40 -> 200 weights in matmuls; a forward token: 2*200 + 4*1*4*T, T = 5 -> 480 FLOPs
+    config = {"hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "intermediate_size": 8, "vocab_size": 10}
+    flops = _bench().dpo_flops_per_token
+    assert flops(config, 5, live_reference=True) == 4 * 480  # policy forward + backward (3), reference (1)
+    assert flops(config, 5, live_reference=False) == 3 * 480
+    # grouped-query attention: 1 kv head of 2 -> k,v 2*(4*2) = 16 instead of 32
+    assert flops({**config, "num_key_value_heads": 1}, 5, live_reference=False) == 3 * (480 - 2 * 16)
+
+
+def test_mfu_uses_the_gpu_peak_for_bf16_only():
+    bench = _bench()
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert bench.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "float32") is None
+    assert bench.peak_flops(None, "bfloat16") is None and bench.peak_flops("Some GPU", "bfloat16") is None
+    assert bench.peak_flops("Some GPU", "bfloat16", override_tflops=100) == 100e12
+    probe = bench.Probe()
+    probe.step_ends, probe.tokens, probe.rows = [0.0, 1.0, 3.0], [60, 80, 100], [4, 4, 4]
+    out = probe.result(warmup=1, baseline=0.0, flops_of=lambda tokens, length: tokens * length, peak=100.0)
+    # timed steps 1, 2 (1 s, 2 s): 80 tokens of mean length 20 and 100 of 25 -> (1600 + 2500) / 3 s
+    assert out["model_tflops_per_s"] == pytest.approx(4100 / 3 / 1e12)
+    assert out["mfu"] == pytest.approx(4100 / 3 / 100)
+
+
 def test_hh_split_takes_the_prompt_up_to_the_last_assistant_turn():
     chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this"
     rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: no"
