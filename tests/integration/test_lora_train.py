@@ -48,7 +48,8 @@ def test_lora_trains_reference_unchanged_adapter_saved_and_merged(tmp_path, comp
         return policy
 
     monkeypatch.setattr(alignlab.models, "load_policy", recording_load_policy)
-    cfg = compose_run(*LORA, "trainer.max_steps=40", "model.lora.merge_on_save=true",
+    # no end-of-training eval: it loads models through the load_policy recorded here
+    cfg = compose_run(*LORA, "trainer.max_steps=40", "model.lora.merge_on_save=true", "eval.generate=false",
                       f"data.cache_dir={tmp_path / 'c'}")
     result = run(cfg, output_dir=tmp_path / "run")
 
