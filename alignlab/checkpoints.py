@@ -92,9 +92,10 @@ def resolve(value: str | None, output_dir: Path) -> str | None:
 
 
 def grads_finite(parameters) -> bool:
-    """Whether every gradient present among `parameters` is finite (True when none has one)."""
+    """Whether every gradient present among `parameters` is finite (True when none has one): their
+    total norm, in fused (foreach) kernels and one host sync."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+    return not grads or bool(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False).isfinite())
 
 
 def save_batch(batch: dict, path: Path) -> Path:

@@ -106,9 +106,10 @@ class AlignTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """HF's step; the loss's own parameters (not in the model, so neither zeroed by HF nor synced by
-        DDP) start each step without gradient and get it averaged over processes, like the model's; then every gradient is checked finite
-        (not under DeepSpeed, which keeps gradients in its own buffers: see `_maybe_log_save_evaluate`;
-        not with fp16, whose loss scaler skips overflowing steps by design)."""
+        DDP) start each step without gradient and get it averaged over processes, like the model's;
+        then every gradient is checked finite (not under DeepSpeed, which keeps gradients in its own
+        buffers: see `_maybe_log_save_evaluate`; not with fp16, whose loss scaler skips overflowing
+        steps by design)."""
         step, seen = self._micro
         self._micro = (self.state.global_step, seen + 1 if step == self.state.global_step else 1)
         if self._micro[1] == 1:  # HF zeroes the model's gradients after each step, not the loss's own
@@ -116,14 +117,17 @@ class AlignTrainer(Trainer):
                 p.grad = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         average_gradients(self.loss_fn.parameters())
-        if not self.args.fp16 and not grads_finite([*model.parameters(), *self.loss_fn.parameters()]):
+        if not self.args.fp16 and not self.is_deepspeed_enabled and \
+                not grads_finite([*model.parameters(), *self.loss_fn.parameters()]):
             raise non_finite("a gradient is NaN or infinite", self._where(), self._save_bad_batch(inputs))
         return loss
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
-        """After each optimizer step, before any log or save: a non-finite gradient norm stops the run
-        (the check that remains under DeepSpeed, whose engine has applied the step: nothing is saved)."""
-        if grad_norm is not None and not self.args.fp16 and not math.isfinite(float(grad_norm)):
+        """Under DeepSpeed, whose gradients `training_step` cannot see: after each optimizer step, before
+        any log or save, a non-finite gradient norm stops the run (the engine has applied the step, so
+        nothing is saved: the last checkpoint stays the last good state)."""
+        if (self.is_deepspeed_enabled and grad_norm is not None and not self.args.fp16
+                and not math.isfinite(float(grad_norm))):
             raise non_finite(f"the gradient norm is {float(grad_norm)}",
                              f"step {self.state.global_step} (epoch {self.state.epoch:.2f})", None)
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
