@@ -189,6 +189,8 @@ def _need_items(needs, cfg) -> list[str]:
     items = ["reference model" if needs.reference else "no reference"]
     if needs.full_logits:
         items.append("full logits" + (" (prompt too)" if needs.logits_on_prompt else ""))
+    if needs.activations is not None:
+        items.append("reference " + ("hidden states" if needs.activations.hidden_states else "activations"))
     responses = [r for r in needs.responses if r != "retain"]
     items.append("pairs chosen/rejected" if tuple(responses) == ("chosen", "rejected")
                  else f"response{'s' * (len(responses) > 1)} {'/'.join(responses)}")
@@ -206,38 +208,19 @@ def _need_items(needs, cfg) -> list[str]:
 
 
 def _needs_by_option(entry, default: list[str]) -> list[tuple[str, str]]:
-    """`(loss.OPTION=VALUE, change)` for each enumerable option value that changes the needs.
-
-    Enumerable: booleans, and strings whose default is in a tuple of strings of the loss's module
-    (its `VARIANTS`, `LOSS_TYPES`, ...). One option at a time, from the defaults; invalid
-    combinations are skipped.
-    """
-    module = sys.modules[entry.config.__module__]
-    constants = [v for k, v in vars(module).items()
-                 if k.isupper() and isinstance(v, tuple) and v and all(isinstance(x, str) for x in v)]
-    base = entry.config()
+    """`(loss.OPTION=VALUE, change)` for each enumerable option value (`losses.option_values`) that
+    changes the needs."""
     changes: dict[tuple[str, str], list[str]] = {}  # (option, change) -> values
-    for f in dataclasses.fields(base):
-        value = getattr(base, f.name)
-        if f.name == "name":
-            continue
-        if isinstance(value, bool):
-            others = [not value]
-        elif isinstance(value, str):
-            others = list(dict.fromkeys(x for c in constants if value in c for x in c if x != value))
-        else:
-            continue
-        for other in others:
-            try:
-                cfg = entry.config(**{f.name: other})
-                items = _need_items(entry.loss(cfg).needs, cfg)
-            except (ValueError, TypeError, KeyError):
-                continue
-            added = [f"+{i}" for i in items if i not in default]
-            removed = [f"-{i}" for i in default if i not in items]
-            if added or removed:
-                changes.setdefault((f.name, ", ".join(added + removed)), []).append(
-                    str(other).lower() if isinstance(other, bool) else other)
+    from alignlab.losses import option_values
+
+    for option, other in option_values(entry):
+        cfg = entry.config(**{option: other})
+        items = _need_items(entry.loss(cfg).needs, cfg)
+        added = [f"+{i}" for i in items if i not in default]
+        removed = [f"-{i}" for i in default if i not in items]
+        if added or removed:
+            changes.setdefault((option, ", ".join(added + removed)), []).append(
+                str(other).lower() if isinstance(other, bool) else other)
     return [(f"loss.{option}={'|'.join(values)}", change) for (option, change), values in changes.items()]
 
 

@@ -31,6 +31,8 @@ Two optional savings, each exact (tests/test_forward_speed.py):
 from __future__ import annotations
 
 import logging
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -39,7 +41,7 @@ from torch import nn
 
 from alignlab.chunked import LazyLogits, label_logps, per_token
 from alignlab.distributed import chunkable_head
-from alignlab.losses.base import SequenceLogps
+from alignlab.losses.base import Activations, SequenceLogps
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class Forward:
     def __call__(
         self, model: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor],
         responses: tuple[str, ...], full_logits: bool = False, logits_on_prompt: bool = False,
+        activations: Activations | None = None,
     ) -> dict[str, SequenceLogps]:
         """Run `model` once on all `responses` of `batch` stacked along the batch dimension.
 
@@ -79,6 +82,8 @@ class Forward:
             full_logits: give each `SequenceLogps` its `(B, T-1, V)` logits (lazy when chunked).
             logits_on_prompt: the full logits are read at prompt positions too (`Needs.logits_on_prompt`),
                 not only at response positions.
+            activations: collect these activations of `model` (`Needs.activations`) into
+                `SequenceLogps.activations`, in the padded layout, aligned with the log-probs.
 
         Returns:
             response name -> `SequenceLogps` with `(B, T-1)` tensors (position t predicts token t+1).
@@ -88,7 +93,7 @@ class Forward:
         attention_mask = torch.cat([batch[f"{r}_attention_mask"] for r in responses])
         labels = torch.cat([batch[f"{r}_labels"] for r in responses])[:, 1:]
         mask = labels != -100
-        input_mask = attention_mask[:, :-1].bool()
+        input_mask = attention_mask[:, 1:].bool()  # positions that predict a real token
         n = len(responses)
         layout = None
         if self.prefix_sharing:
@@ -96,7 +101,7 @@ class Forward:
             layout = partial(Packing.shared_prompts, input_ids=input_ids, labels=full_labels, n_responses=n)
         elif self.padding_free:
             layout = Packing.of
-        logits = self._logits(model, head, input_ids, attention_mask, layout)
+        logits, acts = self._logits(model, head, input_ids, attention_mask, layout, activations)
         if self.skip_unused_logits and isinstance(logits, LazyLogits):
             logits = logits.select(mask | input_mask if full_logits and logits_on_prompt else mask)
         # one pass of the head gives both the label log-probs and (detached) each position's mean logit
@@ -105,16 +110,23 @@ class Forward:
         mean_logit = (both[..., 1].detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         parts = zip(token_logps.chunk(n), mask.chunk(n), mean_logit.chunk(n), input_mask.chunk(n),
                     logits.split(n) if isinstance(logits, LazyLogits) else logits.chunk(n))
-        return {
+        out = {
             name: SequenceLogps(token_logps=r_logps, mask=r_mask, mean_logit=r_mean, input_mask=r_input,
                                 logits=r_logits if full_logits else None)
             for name, (r_logps, r_mask, r_mean, r_input, r_logits) in zip(responses, parts)
         }
+        if acts is not None:
+            for i, name in enumerate(responses):
+                out[name].activations = {kind: [t.chunk(n)[i] for t in ts] for kind, ts in acts.items()}
+        return out
 
-    def _logits(self, model, head, input_ids, attention_mask, layout):
+    def _logits(self, model, head, input_ids, attention_mask, layout, activations=None):
+        """(logits, activations): dense `(B, T-1, V)` logits or `LazyLogits`, and the collected activations."""
         if not self.chunk_size or head is None or self._checked.get(id(model)) is False:
-            return self._run(model, input_ids, attention_mask, layout, hidden=False)[:, :-1]
-        hidden, last_logits, last_hidden = self._run(model, input_ids, attention_mask, layout, hidden=True)
+            logits, acts = self._run(model, input_ids, attention_mask, layout, False, activations)
+            return logits[:, :-1], acts
+        (hidden, last_logits, last_hidden), acts = self._run(model, input_ids, attention_mask, layout, True,
+                                                             activations)
         if id(model) not in self._checked:
             # The chunked path assumes logits == head(last hidden state). Check it once on the one
             # position the model did compute; models with soft-capping or scaling fall back to dense.
@@ -123,34 +135,43 @@ class Forward:
             self._checked[id(model)] = ok
             if not ok:
                 log.warning("%s: logits are not head(last hidden state); using dense logits", type(model).__name__)
-                return self._logits(model, head, input_ids, attention_mask, layout)
-        return LazyLogits(hidden[:, :-1], head, self.chunk_size)
+                return self._logits(model, head, input_ids, attention_mask, layout, activations)
+        return LazyLogits(hidden[:, :-1], head, self.chunk_size), acts
 
-    def _run(self, model, input_ids, attention_mask, layout, hidden: bool):
-        """The model's `(B, T, V)` logits, or (`hidden`) its `(B, T, H)` final hidden states plus the
-        logits and hidden state of the one position it computed logits for (to check the head).
+    def _run(self, model, input_ids, attention_mask, layout, hidden: bool, activations=None):
+        """(outputs, activations). The outputs: the model's `(B, T, V)` logits, or (`hidden`) its
+        `(B, T, H)` final hidden states plus the logits and hidden state of the one position it computed
+        logits for (to check the head). The activations (`Activations`, or None) in the padded layout.
 
         `layout(attention_mask)` gives the `Packing` to run the batch in; None runs the padded batch.
         """
         kwargs = {"use_cache": False}
         if hidden:
             kwargs.update(output_hidden_states=True, logits_to_keep=1)
+        if activations is not None and activations.hidden_states:
+            kwargs["output_hidden_states"] = True
+
+        def call(**inputs):
+            captured: dict[str, list[torch.Tensor]] = {}
+            with _capturing(model, activations, captured):
+                return model(**inputs, **kwargs), captured
+
         checked = self._packing_checked.get(id(model))
         packing = layout(attention_mask) if layout is not None and checked is not False else None
         if packing is not None and checked and not packing.saves:
             packing = None  # no padding to drop (checked models only: see below)
         if packing is None:
-            return self._outputs(model(input_ids=input_ids, attention_mask=attention_mask, **kwargs), hidden)
-        out = model(input_ids=input_ids.flatten()[packing.index], position_ids=packing.position_ids,
-                    attention_mask=packing.mask_for(_attn_implementation(model)), **kwargs)
-        result = self._outputs(out, hidden, unpack=packing.unpack)
+            return self._outputs(*call(input_ids=input_ids, attention_mask=attention_mask), hidden, activations)
+        result = self._outputs(*call(input_ids=input_ids.flatten()[packing.index], position_ids=packing.position_ids,
+                                     attention_mask=packing.mask_for(_attn_implementation(model))),
+                               hidden, activations, unpack=packing.unpack)
         if checked is None:
             # Packing relies on the model building its attention mask from position_ids: check it once,
             # on the first batch whatever its padding, so that every process runs the same forwards
             # (ZeRO-3 gathers parameters collectively in each one). The padded run keeps its graph, so a
             # failed check returns it without a third forward.
-            padded = self._outputs(model(input_ids=input_ids, attention_mask=attention_mask, **kwargs), hidden)
-            got, want = (result[0], padded[0]) if hidden else (result, padded)
+            padded = self._outputs(*call(input_ids=input_ids, attention_mask=attention_mask), hidden, activations)
+            got, want = (result[0][0], padded[0][0]) if hidden else (result[0], padded[0])
             real = attention_mask.bool()
             tol = 1e-4 if got.dtype in (torch.float32, torch.float64) else 5e-2  # half precision: kernel noise
             ok = bool(torch.allclose(got[real].detach().float(), want[real].detach().float(), atol=tol, rtol=10 * tol))
@@ -162,10 +183,48 @@ class Forward:
         return result
 
     @staticmethod
-    def _outputs(out, hidden: bool, unpack=lambda x: x):
+    def _outputs(out, captured, hidden: bool, activations, unpack=lambda x: x):
+        acts = None
+        if activations is not None:  # in the padded layout, position t: the one that predicts token t+1
+            acts = {kind: [unpack(t)[:, :-1] for t in tensors] for kind, tensors in captured.items()}
+            if activations.hidden_states:
+                acts["hidden_states"] = [unpack(h)[:, :-1] for h in out.hidden_states[1:]]
         if not hidden:
-            return unpack(out.logits)
-        return unpack(out.hidden_states[-1]), out.logits[:, -1:], out.hidden_states[-1][:, -1:]
+            return unpack(out.logits), acts
+        return (unpack(out.hidden_states[-1]), out.logits[:, -1:], out.hidden_states[-1][:, -1:]), acts
+
+
+@contextmanager
+def _capturing(model: nn.Module, activations: Activations | None, into: dict[str, list[torch.Tensor]]):
+    """While active, the output of each module of `model` matching `activations.modules` is averaged
+    over its last dimension and appended to `into[kind]` (detached). No hooks stay on the model."""
+    if activations is None or not activations.modules:
+        yield
+        return
+    patterns = [(kind, re.compile(pattern)) for kind, pattern in activations.modules]
+
+    def keep(kind, module, args, output):
+        tensor = output[0] if isinstance(output, tuple) else output
+        if torch.is_tensor(tensor) and tensor.dim() == 3:
+            into.setdefault(kind, []).append(tensor.detach().mean(-1))
+
+    hooks = [module.register_forward_hook(partial(keep, kind))
+             for name, module in _modules_of(model).named_modules()
+             for kind, pattern in patterns if pattern.search(name)]
+    if not hooks:
+        raise ValueError(f"{type(model).__name__}: no module name matches the activations the loss reads "
+                         f"({', '.join(p for _, p in activations.modules)})")
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _modules_of(model: nn.Module) -> nn.Module:
+    """The module tree a (wrapped) model runs: a LoRA reference view (`AdapterDisabled`) runs its policy's."""
+    policy = getattr(model, "policy", None)
+    return policy if isinstance(policy, nn.Module) else model
 
 
 def _right_padded(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def from_columns(inputs: dict[str, torch.Tensor], policy: dict[str, SequenceLogp
         if not torch.equal(valid.sum(-1), seq.mask.sum(-1)):
             raise RuntimeError(f"precomputed reference log-probs of {name!r} do not match the batch's response "
                                "tokens; the cache is stale: delete it (data.cache_dir) and rerun")
-        token = torch.zeros_like(seq.token_logps, dtype=torch.float32)
-        token[seq.mask] = values[valid].float()
-        out[name] = SequenceLogps(token_logps=token.to(seq.token_logps.dtype), mask=seq.mask, input_mask=seq.input_mask)
+        token = torch.zeros_like(seq.token_logps)
+        token[seq.mask] = values[valid].to(token.dtype)
+        out[name] = SequenceLogps(token_logps=token, mask=seq.mask, input_mask=seq.input_mask)
     return out

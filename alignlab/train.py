@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab import checkpoints, distributed, losses
-from alignlab.config import AlignConfig, TrainerConfig
+from alignlab.config import AlignConfig, ModelConfig, TrainerConfig
 from alignlab.errors import ConfigError, user_error_behind
 from alignlab.losses.base import Needs, PrepareContext
 
@@ -53,14 +53,7 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
             f"loss {cfg.loss.name!r} is reference-free, but model.reference={cfg.model.reference!r} is set; "
             "remove model.reference (it would never be used) or pick a loss that uses a reference"
         )
-    if cfg.model.reference_mode == "precomputed":
-        if not needs.reference:
-            raise ConfigError(f"loss {cfg.loss.name!r} is reference-free: model.reference_mode=precomputed has no "
-                              "reference to precompute; remove it")
-        if needs.full_logits:
-            raise ConfigError(
-                f"loss {cfg.loss.name!r} needs the reference model's full-vocabulary logits at every step, which "
-                "precomputed reference log-probs do not keep; set model.reference_mode=live")
+    check_forward(cfg.loss.name, cfg.model, needs)
     for name, path in needs.teachers:
         if not path or "${" in path:
             raise ConfigError(f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
@@ -69,6 +62,23 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
     from alignlab.models import check_lora
 
     check_lora(cfg.model, _has_accelerator())
+
+
+def check_forward(loss_name: str, model: ModelConfig, needs: Needs) -> None:
+    """Refuse `model.*` forward settings that cannot give the loss what it needs, before any model loads.
+
+    Every other combination of the forward switches (`logit_chunk_size`, `skip_unused_logits`,
+    `padding_free`, `prefix_sharing`, `reference_mode`) gives every loss the same losses and gradients
+    (tests/losses/test_invariance.py)."""
+    if model.reference_mode == "precomputed":
+        if not needs.reference:
+            raise ConfigError(f"loss {loss_name!r} is reference-free: model.reference_mode=precomputed has no "
+                              "reference to precompute; remove it")
+        if needs.full_logits or needs.activations is not None:
+            what = "full-vocabulary logits" if needs.full_logits else "activations"
+            raise ConfigError(
+                f"loss {loss_name!r} needs the reference model's {what} at every step, which precomputed "
+                "reference log-probs do not keep; set model.reference_mode=live")
 
 
 def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, collator, batch_size: int, device) -> None:
@@ -175,7 +185,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     reference = load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
     teachers = {name: load_frozen(path, typed.model, tokenizer, typed.seed) for name, path in needs.teachers}
     ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
-                         device=policy.device, seed=typed.seed, model=typed.model)
+                         device=policy.device, seed=typed.seed, model=typed.model, architecture=policy.config)
     loss_fn.prepare(ctx)
     distributed.check_loss_parameters(typed, loss_fn)
 

@@ -23,7 +23,7 @@ from alignlab.checkpoints import COMPLETE, grads_finite, mark_complete, non_fini
 from alignlab.distributed import average_gradients, prepare_frozen
 from alignlab.errors import UserError
 from alignlab.forward import Forward
-from alignlab.losses.base import Loss, LossInputs
+from alignlab.losses.base import Loss, LossInputs, Needs, StepTokens
 from alignlab.reference import from_columns as reference_from_columns
 
 
@@ -38,6 +38,30 @@ def reduce_loss(losses: torch.Tensor) -> torch.Tensor:
     so with equal micro-batches the objective is the mean over the global batch whatever the split.
     """
     return losses.mean()
+
+
+def loss_inputs(forward: Forward, needs: Needs, inputs: dict[str, torch.Tensor], policy: nn.Module,
+                policy_unwrapped: nn.Module, *, reference: nn.Module | None = None,
+                teachers: dict[str, nn.Module] | None = None, precomputed_reference: bool = False,
+                training: bool = True, step: StepTokens | None = None) -> LossInputs:
+    """What a loss receives for one collated batch: the policy's forward (with gradient), and without
+    gradient the reference's (live, with the activations the loss declared, or rebuilt from the
+    batch's precomputed columns) and every teacher's, plus the batch's per-example fields."""
+    def run(model, head_of, activations=None):
+        return forward(model, head_of.get_output_embeddings(), inputs, needs.responses, needs.full_logits,
+                       needs.logits_on_prompt, activations)
+
+    policy_out = run(policy, policy_unwrapped)
+    with torch.no_grad():
+        ref = None
+        if precomputed_reference:
+            ref = reference_from_columns(inputs, policy_out)
+        elif needs.reference:
+            ref = run(reference, reference, needs.activations)
+        teacher_out = {name: run(m, m) for name, m in (teachers or {}).items()}
+    fields = {name: inputs[name] for name in (*needs.fields, *needs.prepared_fields)}
+    return LossInputs(policy=policy_out, reference=ref, teachers=teacher_out, fields=fields, training=training,
+                      step=step)
 
 
 class AlignTrainer(Trainer):
@@ -76,23 +100,33 @@ class AlignTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         #: (global step, micro-batches seen in it): names the batch a non-finite loss or gradient came from
         self._micro = (-1, 0)
+        #: token counts of the current optimizer step (`get_batch_samples`), for step-wide token means
+        self._step_tokens: StepTokens | None = None
 
-    def _run(self, model: nn.Module, head_of: nn.Module, inputs) -> dict:
-        return self.forward(model, head_of.get_output_embeddings(), inputs, self.needs.responses,
-                            self.needs.full_logits, self.needs.logits_on_prompt)
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """HF's micro-batches of one optimizer step, and their token counts over every process
+        (`LossInputs.step`): token means over a step's batch (TPO's gold NLL, NPO's retain terms) then
+        give the same objective however the batch is split into micro-batches and processes."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        names = self.needs.responses
+        counts = torch.zeros(2 * len(names), dtype=torch.float64)
+        for batch in batches:
+            for i, r in enumerate(names):
+                counts[i] += (batch[f"{r}_labels"][:, 1:] != -100).sum().item()
+                counts[len(names) + i] += batch[f"{r}_attention_mask"][:, 1:].sum().item()
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts.to(self.args.device), "sum").cpu()
+        values = [int(c) for c in counts.tolist()]
+        self._step_tokens = StepTokens(tokens=dict(zip(names, values[:len(names)])),
+                                       positions=dict(zip(names, values[len(names):])),
+                                       micro_batches=max(len(batches), 1) * self.accelerator.num_processes)
+        return batches, num_items_in_batch
 
     def _loss_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LossInputs:
-        policy = self._run(model, self.accelerator.unwrap_model(model), inputs)
-        with torch.no_grad():
-            reference = None
-            if self.precomputed_reference:
-                reference = reference_from_columns(inputs, policy)
-            elif self.needs.reference:
-                reference = self._run(self.reference, self.reference, inputs)
-            teachers = {name: self._run(m, m, inputs) for name, m in self.teachers.items()}
-        fields = {name: inputs[name] for name in (*self.needs.fields, *self.needs.prepared_fields)}
-        return LossInputs(policy=policy, reference=reference, teachers=teachers, fields=fields,
-                          training=model.training)
+        return loss_inputs(self.forward, self.needs, inputs, model, self.accelerator.unwrap_model(model),
+                           reference=self.reference, teachers=self.teachers,
+                           precomputed_reference=self.precomputed_reference, training=model.training,
+                           step=self._step_tokens if model.training else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.loss_fn(self._loss_inputs(model, inputs))

@@ -80,11 +80,12 @@ class PreferenceCollator:
 
 
 def _float_sequences(examples: Sequence[Mapping[str, Any]], name: str) -> torch.Tensor:
-    """Variable-length float lists (e.g. precomputed reference log-probs) as `(B, L)` float32, NaN-padded."""
+    """Variable-length float lists (e.g. precomputed reference log-probs) as `(B, L)` float64, NaN-padded
+    (the values as stored: the loss casts them to its own precision)."""
     rows = [list(ex[name]) for ex in examples]
-    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), float("nan"), dtype=torch.float32)
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), float("nan"), dtype=torch.float64)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float64)
     return out
 
 

@@ -51,6 +51,40 @@ def get(name: str) -> Entry:
         raise KeyError(f"unknown loss {name!r}.{hint} Known losses: {', '.join(sorted(REGISTRY))}") from None
 
 
+def option_values(entry: Entry) -> list[tuple[str, object]]:
+    """`(option, value)` for each enumerable value of a loss's options other than its default.
+
+    Enumerable: booleans, and strings whose default is in a tuple of strings of the loss's module
+    (its `VARIANTS`, `LOSS_TYPES`, ...). One option at a time, from the defaults; values the config
+    refuses on their own are left out.
+    """
+    import dataclasses
+    import sys
+
+    module = sys.modules[entry.config.__module__]
+    constants = [v for k, v in vars(module).items()
+                 if k.isupper() and isinstance(v, tuple) and v and all(isinstance(x, str) for x in v)]
+    base = entry.config()
+    out = []
+    for f in dataclasses.fields(base):
+        value = getattr(base, f.name)
+        if f.name == "name":
+            continue
+        if isinstance(value, bool):
+            others = [not value]
+        elif isinstance(value, str):
+            others = list(dict.fromkeys(x for c in constants if value in c for x in c if x != value))
+        else:
+            continue
+        for other in others:
+            try:
+                entry.config(**{f.name: other})
+            except (ValueError, TypeError, KeyError):
+                continue
+            out.append((f.name, other))
+    return out
+
+
 def build(cfg) -> Loss:
     """Instantiate the loss for a config object (a registered dataclass or an OmegaConf node)."""
     from omegaconf import OmegaConf
@@ -64,4 +98,5 @@ def build(cfg) -> Loss:
 # One import line per loss file.
 from alignlab.losses import aligndistil, asft, bco, dpo, modpo, npo, rdpo, rpo, sparsepo, tdpo, tpo  # noqa: E402,F401
 
-__all__ = ["REGISTRY", "Loss", "LossInputs", "LossOutput", "Needs", "SequenceLogps", "build", "get", "register"]
+__all__ = ["REGISTRY", "Loss", "LossInputs", "LossOutput", "Needs", "SequenceLogps", "build", "get", "option_values",
+           "register"]

@@ -10,7 +10,8 @@ log-odds o(y) = log P − log(1 − P):
 a binary cross-entropy on the absolute likelihood of each response (not a Bradley–Terry
 difference). With β = 1 (the paper) σ(o) = P, so L = −(1+λ)·log P(y_w|x) − λ·log(1 − P(y_l|x)):
 the align term already contains −log P(y_w), so the effective SFT weight is ce_coef + λ.
-P is clamped to ≤ 1 − 1e-7 so that log(1 − P) stays finite as P → 1.
+P is clamped to ≤ 1 − 1e-7 inside log(1 − P) only, so that it stays finite as P → 1, as in the
+reference code (turbo-alignment `ASFTLoss`): the log P term keeps its gradient at saturation.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ MAX_LOG_P = math.log1p(-1e-7)
 
 
 def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
-    """o = log P − log(1 − P) for log P = `mean_logps` ≤ 0, stable as P → 1 (clamped) and P → 0."""
-    log_p = mean_logps.clamp(max=MAX_LOG_P)
-    return log_p - torch.log1p(-torch.exp(log_p))
+    """o = log P − log(1 − P) for log P = `mean_logps` ≤ 0; P is clamped inside log(1 − P) only."""
+    return mean_logps - torch.log1p(-torch.exp(mean_logps.clamp(max=MAX_LOG_P)))
 
 
 @dataclass

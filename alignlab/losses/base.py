@@ -41,6 +41,8 @@ class Needs:
         teachers: extra frozen models run on every response like the reference, as
             (name, path) pairs (AlignDistil's DPO and reverse-DPO teachers). Loaded through the
             reference's loading path; their outputs arrive in `LossInputs.teachers[name]`.
+        activations: internal activations of the reference model the loss reads (SparsePO's
+            masks), supplied by the forward pass in `SequenceLogps.activations` of the reference.
     """
 
     reference: bool = True
@@ -50,6 +52,28 @@ class Needs:
     fields: tuple[str, ...] = ()
     prepared_fields: tuple[str, ...] = ()
     teachers: tuple[tuple[str, str], ...] = ()
+    activations: Activations | None = None
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Internal activations of the reference model, declared by a loss (`Needs.activations`).
+
+    The forward pass supplies them in the layout of the log-probs: per response, un-packed, position
+    t holding the activation at the position that *predicts* token t+1 (the position whose logits
+    give `token_logps[:, t]`), whatever `model.padding_free` / `model.prefix_sharing` did.
+
+    Attributes:
+        hidden_states: every layer's hidden states as the model returns them with
+            `output_hidden_states=True`, minus the embedding output (`hidden_states[1:]`: L tensors
+            `(B, T, H)`; in HF Llama and GPT-2 the last is taken after the final norm), under the key
+            ``"hidden_states"``.
+        modules: (kind, regular expression on module names) pairs: the output of every module whose
+            name matches, averaged over its last (hidden) dimension, `(B, T)` each, listed under its kind.
+    """
+
+    hidden_states: bool = False
+    modules: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -63,9 +87,12 @@ class SequenceLogps:
             dense tensor, or `alignlab.chunked.LazyLogits` computed a chunk of positions at a time.
             Use `alignlab.chunked.per_token` / `token_kl` to work with either.
         mean_logit: `(B,)` mean logit over response tokens and vocabulary, detached; for metrics.
-        input_mask: `(B, T)` bool, True at every non-padding position (prompt and response), i.e.
-            where `logits` is the prediction after a real token. For sequence-wide terms such as
-            NPO's retain KL.
+        input_mask: `(B, T)` bool, True at every position that predicts a token of the sequence
+            (prompt or response): `attention_mask[:, 1:]`. For sequence-wide terms such as NPO's
+            retain KL; it does not depend on how much padding the batch has.
+        activations: the reference's activations a loss declared in `Needs.activations`, by kind
+            (``"hidden_states"`` or a module kind), each a list of `(B, T, …)` tensors aligned with
+            `token_logps`; None otherwise.
     """
 
     token_logps: torch.Tensor
@@ -73,6 +100,7 @@ class SequenceLogps:
     logits: torch.Tensor | None = None
     mean_logit: torch.Tensor | None = None
     input_mask: torch.Tensor | None = None
+    activations: dict[str, list[torch.Tensor]] | None = None
 
     @property
     def logps(self) -> torch.Tensor:
@@ -103,6 +131,9 @@ class LossInputs:
             update running statistics only in training).
         teachers: teacher name -> response name -> `SequenceLogps` (no gradient), for
             `Needs.teachers`.
+        step: the token counts of the whole optimizer step (`StepTokens`), which batch-wide token
+            means divide by so that k micro-batches or N processes give the objective of one batch;
+            None outside training steps (the means are then over this batch).
     """
 
     policy: dict[str, SequenceLogps]
@@ -110,6 +141,39 @@ class LossInputs:
     fields: dict[str, torch.Tensor] = field(default_factory=dict)
     training: bool = True
     teachers: dict[str, dict[str, SequenceLogps]] = field(default_factory=dict)
+    step: StepTokens | None = None
+
+    def token_mean_share(self, values: torch.Tensor, name: str, positions: bool = False) -> torch.Tensor:
+        """Per-example shares `(B,)` of a mean over every token of the optimizer step's batch.
+
+        `values` `(B,)` holds each example's sum over its tokens of response `name` (or over its
+        `input_mask` positions, with `positions`). The trainer averages per-example losses over
+        each micro-batch, divides by the micro-batches of the step and averages over processes, so
+        an example of a micro-batch of b counts `1 / (b · micro_batches)`; its share
+        `values · b · micro_batches / N`, N the step's token count, makes the objective
+        `Σ values / N` over the whole step, however it is split. Without `step`: this batch's mean.
+        """
+        seq = self.policy[name]
+        mask = seq.input_mask if positions else seq.mask
+        if self.step is None:
+            return values * mask.shape[0] / mask.sum().clamp(min=1)
+        total = (self.step.positions if positions else self.step.tokens)[name]
+        return values * (mask.shape[0] * self.step.micro_batches / max(total, 1))
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """Token counts of one optimizer step (every micro-batch of the accumulation, every process).
+
+    Attributes:
+        tokens: response name -> its response tokens (`SequenceLogps.mask`) in the step.
+        positions: response name -> its `input_mask` positions in the step.
+        micro_batches: micro-batches averaged in the step: accumulation steps × processes.
+    """
+
+    tokens: dict[str, int]
+    positions: dict[str, int]
+    micro_batches: int
 
 
 @dataclass
@@ -136,6 +200,9 @@ class PrepareContext:
     seed: int
     #: the run's `ModelConfig`: extra models a loss loads (e.g. MODPO's margin models) use its settings.
     model: object = None
+    #: the policy's transformers config (`hidden_size`, `num_hidden_layers`), for losses that size
+    #: parameters of their own (SparsePO's mask heads).
+    architecture: object = None
 
 
 class Loss(nn.Module):
@@ -166,16 +233,16 @@ class Loss(nn.Module):
         raise NotImplementedError
 
 
-def batch_token_mean_nll(seq: SequenceLogps) -> torch.Tensor:
-    """Per-example shares of the batch's token-mean NLL, `(B,)`.
+def batch_token_mean_nll(batch: LossInputs, name: str) -> torch.Tensor:
+    """Per-example shares `(B,)` of the token-mean NLL of response `name` over the whole batch.
 
-    Some official codes add one cross-entropy averaged over *all* response tokens of the micro-batch
-    (HF `outputs.loss`; TPO's gold NLL, NPO's retain NLL). Written per example as
-    `B · Σ_t nll_{i,t} / N_tokens`, its mean over the batch is exactly that token mean, so it goes
-    through the one batch-mean reduction like every other term.
+    Some official codes add one cross-entropy averaged over *all* response tokens of the batch
+    (HF `outputs.loss`; TPO's gold NLL, NPO's retain NLL). Written per example (`token_mean_share`),
+    it goes through the one batch-mean reduction like every other term, and its denominator is the
+    token count of the optimizer step, so gradient accumulation and data parallelism give exactly
+    the objective of one large batch (HF Trainer's `num_items_in_batch` does the same for SFT).
     """
-    n_tokens = seq.mask.sum().clamp(min=1)
-    return -seq.logps * seq.mask.shape[0] / n_tokens
+    return batch.token_mean_share(-batch.policy[name].logps, name)
 
 
 def preference_metrics(

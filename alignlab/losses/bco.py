@@ -12,7 +12,7 @@ batch sets it. δ lives in this module's buffers: it is saved in every checkpoin
   over all examples of the batch (so the two counts may differ).
 * UDM (``udm=true``, eq. 10): w(x) = clamp(p/(1 − p + 1e-8), 0.5, 10) for undesirable examples
   (1 for desirable), p = P(desirable | emb(x)) from a logistic regression (sklearn,
-  class_weight="balanced") fitted once before training on up to ``prompt_sample_size`` prompt
+  class_weight="balanced", fitted to convergence) once before training on up to ``prompt_sample_size`` prompt
   embeddings of each class. emb(x) is, by default, the reference model's last hidden state
   mean-pooled over the prompt tokens (``embedding=reference_mean``), or any callable named as
   ``module:function`` taking ``(list of prompt id lists, PrepareContext)`` and returning an `(N, H)`
@@ -158,7 +158,8 @@ class BCO(Loss):
             sample += [idx[i] for i in order.tolist()]
         x = self._embed([prompts[i] for i in sample], ctx).double().cpu().numpy()
         y = [int(labels[i]) for i in sample]
-        clf = LogisticRegression(class_weight="balanced").fit(x, y)
+        # fitted to convergence (a one-off before training): the weights are the fit's, not 1e-4 from it
+        clf = LogisticRegression(class_weight="balanced", tol=1e-12, max_iter=100_000).fit(x, y)
         self.udm_coef = torch.as_tensor(clf.coef_[0], dtype=torch.float64, device=self.running_mean.device)
         self.udm_intercept.fill_(float(clf.intercept_[0]))
         ctx.train = self._with_weights(ctx.train, ctx)

@@ -10,11 +10,14 @@ As β → 0 it tends to gradient ascent, (2/β)·log 2 + ρ. Variants (``variant
 
 * ``npo``:    L_NPO alone.
 * ``npo_rt``: c_npo·L_NPO + c_rt·NLL_retain, NLL_retain the token-mean cross-entropy over the retain
-  answers of the micro-batch (HF ``outputs.loss``).
+  answers of the batch (HF ``outputs.loss``; the mean is over the whole optimizer step's batch, so
+  gradient accumulation and data parallelism do not change it: `LossInputs.step`).
 * ``npo_kl``: c_npo·L_NPO + c_kl·KL_retain, KL_retain = KL(πref‖πθ) summed over the vocabulary and
-  averaged over positions. The official code averages over *every* position of the padded retain
-  batch; here padding positions are excluded (prompt and answer positions count, as in the official
-  code), so the term does not depend on how a batch happens to be padded.
+  averaged over positions. The official code (``F.kl_div(..., reduction="batchmean")`` on the
+  flattened logits) averages over *every* position of the padded retain batch, padding and each
+  row's last position (the prediction after its final token) included. Here the positions are those
+  that predict a token of the retain sequence, prompt and answer (`SequenceLogps.input_mask`), so
+  the term depends neither on how a batch is padded nor on how it is split into micro-batches.
 
 The reference is the model before unlearning. Forget answers are masked to the answer (+EOS).
 """
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 
 from alignlab.chunked import token_kl
 from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, SequenceLogps, batch_token_mean_nll
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll
 
 VARIANTS = ("npo", "npo_rt", "npo_kl")
 
@@ -55,10 +58,11 @@ class NPOConfig:
                 raise ValueError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
 
 
-def retain_kl(policy: SequenceLogps, reference: SequenceLogps) -> torch.Tensor:
-    """Per-example shares `(B,)` of KL(πref‖πθ) averaged over all non-padding positions of the batch."""
+def retain_kl(batch: LossInputs) -> torch.Tensor:
+    """Per-example shares `(B,)` of KL(πref‖πθ) averaged over the retain positions of the batch."""
+    policy, reference = batch.policy["retain"], batch.reference["retain"]
     kl = token_kl(reference.logits, policy.logits) * policy.input_mask  # (B, T)
-    return kl.sum(-1) * policy.input_mask.shape[0] / policy.input_mask.sum().clamp(min=1)
+    return batch.token_mean_share(kl.sum(-1), "retain", positions=True)
 
 
 @register("npo", NPOConfig)
@@ -86,13 +90,12 @@ class NPO(Loss):
             "forget/logratio": ratio.detach().mean(),
         }
         if cfg.variant != "npo":
-            retain = batch.policy["retain"]
-            nll = batch_token_mean_nll(retain)
+            nll = batch_token_mean_nll(batch, "retain")
             metrics["retain/nll"] = nll.detach().mean()
             if cfg.variant == "npo_rt":
                 losses = losses + cfg.c_rt * nll
             else:
-                kl = retain_kl(retain, batch.reference["retain"])
+                kl = retain_kl(batch)
                 metrics["retain/kl"] = kl.detach().mean()
                 losses = losses + cfg.c_kl * kl
         return LossOutput(losses, metrics)

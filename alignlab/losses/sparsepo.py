@@ -10,7 +10,14 @@ U(y) = Σ_t m^u_t·Δ_t and D(y) = Σ_t m^d_t·KL(πref‖πθ)_t (full vocabula
 With all masks equal to 1 this is exactly TDPO₁ (no α, no stop-gradient). When one common mask
 serves both reward and KL the official code halves λ_u and λ_d; so does this one.
 
-Masks (``mask``):
+Masks (``mask``), read from the reference model's activations, which the loss declares
+(`Needs.activations`) and the forward pass supplies, per response and aligned with the log-probs
+under every forward switch (packing, prefix sharing, chunked logits). As in the official code, the
+mask of response token y_t is computed from the activations at the position that *predicts* y_t
+(`mapo_trainer.py::concatenated_forward`, ``actv[:len_chosen, :-1]``; `pipeline_gpt2.py`,
+``mask([x[:, :-1, :] for x in reference_states[1:]], ...)``), the position whose logits give
+log π(y_t|·).
+
 * ``activation`` (MaPO, ``pref_optim=mapo``): one mask from the reference model's activations, no
   learned parameters. Each hooked tensor is averaged over its hidden dimension, z-scored over the
   response tokens, min-max rescaled to [0, 1] over the response, and set to 0 outside it; masks are
@@ -20,16 +27,17 @@ Masks (``mask``):
   models) and the logits (computed in chunks here) are not hooked; a response whose activations are
   constant (or that has one token) gets mask 1 instead of the official code's NaN (0/0).
 * ``learned`` (``pref_optim=sparse``, ``mask_model=simple_all``): heads over the reference model's
-  hidden states of every layer (embedding output excluded): a shared LayerNorm, one Linear(H, 1) +
-  ReLU per layer, their outputs concatenated through Linear(L, 1, no bias) + ReLU. Values are ≥ 0
-  and unbounded above; ReLU's zeros give the sparsity. ``independent_masks=false`` (common) uses
-  one head for both masks, true uses two. The heads are trained by this loss, with their own
-  weight decay (``mask_weight_decay``, 0.01), and saved in checkpoints with the loss state.
+  hidden states of every layer as `output_hidden_states` gives them minus the embedding output
+  (``hidden_states[1:]``; in HF Llama and GPT-2 the last of them is after the final norm): a shared
+  LayerNorm, one Linear(H, 1) + ReLU per layer, their outputs concatenated through Linear(L, 1, no
+  bias) + ReLU. Values are ≥ 0 and unbounded above; ReLU's zeros give the sparsity.
+  ``independent_masks=false`` (common) uses one head for both masks, true uses two. The heads are
+  trained by this loss, with their own weight decay (``mask_weight_decay``, 0.01), and saved in
+  checkpoints with the loss state.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab.chunked import token_kl
-from alignlab.errors import ConfigError
 from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics
+from alignlab.losses.base import Activations, Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics
 
 #: MaPO hook type -> regex on the reference model's module names (Llama family; GPT-2 style names too).
+#: "residual" is each decoder layer's output, "final_norm" the model's last norm.
 ACTIVATION_HOOKS = {
     "mlp": r"\.mlp\.act(_fn)?$",
     "q": r"\.(q_proj|attn\.q)$",
@@ -93,7 +101,11 @@ class MaskHead(nn.Module):
 
     def forward(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
         """`hidden_states`: L tensors `(B, T, H)` -> mask `(B, T)`, ≥ 0."""
-        per_layer = [F.relu(head(self.norm(h.float()))) for head, h in zip(self.per_layer, hidden_states)]
+        if len(hidden_states) != len(self.per_layer):
+            raise ValueError(f"sparsepo: the mask head reads {len(self.per_layer)} layers' hidden states, "
+                             f"the reference gave {len(hidden_states)}")
+        dtype = self.norm.weight.dtype
+        per_layer = [F.relu(head(self.norm(h.to(dtype)))) for head, h in zip(self.per_layer, hidden_states)]
         return F.relu(self.mix(torch.cat(per_layer, -1))).squeeze(-1)
 
 
@@ -101,7 +113,8 @@ def activation_mask(activations: dict[str, list[torch.Tensor]], response: torch.
     """MaPO's mask `(B, T)` from hidden-dimension means `(B, T)` of each hooked tensor, by hook type."""
     maps = []
     for tensors in activations.values():
-        maps.append(torch.stack([_rescale(t.float(), response) for t in tensors]).mean(0))
+        maps.append(torch.stack([_rescale(t if t.dtype == torch.float64 else t.float(), response)
+                                 for t in tensors]).mean(0))
     return torch.stack(maps).mean(0) * response
 
 
@@ -122,55 +135,31 @@ def _rescale(values: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
 class SparsePO(Loss):
     """Preference optimisation with sparse token-level reward and KL masks (module docstring)."""
 
-    needs = Needs(reference=True, full_logits=True)
     summary = "token masks on the reward and the KL: activation (MaPO) or learned sparse masks (Christopoulou et al. 2024)"
 
     def __init__(self, cfg: SparsePOConfig) -> None:
         super().__init__(cfg)
         self.heads = nn.ModuleDict()
-        self._captured: dict[str, list[torch.Tensor]] = {}
-        self._hooks: list = []
+        #: one mask serves both the reward and the KL: the official code then halves λ_u and λ_d
+        self.common = cfg.mask == "activation" or not cfg.independent_masks
 
-    # -- reading the reference model --------------------------------------------------------------
-    def prepare(self, ctx: PrepareContext) -> None:
-        """Hook the reference model; for learned masks, build the heads (trained with the policy)."""
-        self.attach(ctx.reference)
-
-    def attach(self, reference: nn.Module) -> None:
-        """Register forward hooks on `reference` that capture what the masks read on every forward."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        if next(reference.children(), None) is None:  # e.g. alignlab.models.AdapterDisabled
-            raise ConfigError("sparsepo reads the reference model's activations through hooks, but this reference "
-                              "has no modules of its own (with model.lora.enabled it is the policy with adapters "
-                              "disabled); set model.reference to the base model (e.g. model.reference=builtin:tiny)")
+    @property
+    def needs(self) -> Needs:
         if self.cfg.mask == "activation":
-            patterns = {kind: re.compile(p) for kind, p in ACTIVATION_HOOKS.items()}
-            for name, module in reference.named_modules():
-                for kind, pattern in patterns.items():
-                    if pattern.search(name):
-                        self._hooks.append(module.register_forward_hook(self._capture(kind, reduce=True)))
+            activations = Activations(modules=tuple(ACTIVATION_HOOKS.items()))
         else:
-            layers = [m for n, m in reference.named_modules() if re.search(ACTIVATION_HOOKS["residual"], n)]
-            if not layers:
-                raise ValueError("sparsepo: no decoder layers found in the reference model to read hidden states from")
-            for layer in layers:
-                self._hooks.append(layer.register_forward_hook(self._capture("hidden", reduce=False)))
-            if not self.heads:
-                hidden = reference.config.hidden_size
-                names = ("common",) if not self.cfg.independent_masks else ("reward", "kl")
-                for name in names:
-                    self.heads[name] = MaskHead(hidden, len(layers))
-        if not self._hooks:
-            raise ValueError("sparsepo: no reference module matched the activation hooks (ACTIVATION_HOOKS)")
+            activations = Activations(hidden_states=True)
+        return Needs(reference=True, full_logits=True, activations=activations)
 
-    def _capture(self, kind: str, reduce: bool):
-        def hook(module, args, output):
-            tensor = output[0] if isinstance(output, tuple) else output
-            if torch.is_tensor(tensor) and tensor.dim() == 3:
-                self._captured.setdefault(kind, []).append(tensor.detach().mean(-1) if reduce else tensor.detach())
-        return hook
+    def prepare(self, ctx: PrepareContext) -> None:
+        """Learned masks: build the heads (trained with the policy) for the model's hidden size and depth."""
+        if self.cfg.mask == "learned" and not self.heads:
+            self.build_heads(ctx.architecture.hidden_size, ctx.architecture.num_hidden_layers)
+
+    def build_heads(self, hidden: int, layers: int) -> None:
+        """The learned mask heads over `layers` hidden states of width `hidden`."""
+        for name in ("common",) if self.common else ("reward", "kl"):
+            self.heads[name] = MaskHead(hidden, layers)
 
     def param_groups(self) -> list[dict]:
         """The mask heads' optimizer group, with their own weight decay."""
@@ -180,29 +169,26 @@ class SparsePO(Loss):
     # -- the loss -----------------------------------------------------------------------------------
     def _masks(self, batch: LossInputs) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Reward and KL masks per response, `(B, T-1)` aligned with the token log-probs."""
-        captured, self._captured = self._captured, {}
-        names = ("chosen", "rejected")
-        response = torch.cat([batch.policy[n].mask for n in names])
-        if not captured:
-            raise RuntimeError("sparsepo: the reference model's activations were not captured; was prepare() run?")
-        # Hooks saw the full input (N, T); position t of the log-probs predicts token t+1.
-        if self.cfg.mask == "activation":
-            acts = {k: [t[:, 1:] for t in v] for k, v in captured.items()}
-            mask = activation_mask(acts, response)
-            reward = kl = mask
-        else:
-            hidden = [h[:, 1:] for h in captured["hidden"]]
-            reward = self.heads["common" if "common" in self.heads else "reward"](hidden) * response
-            kl = reward if "common" in self.heads else self.heads["kl"](hidden) * response
-        split = lambda m: dict(zip(names, m.chunk(2)))  # noqa: E731
-        return split(reward), split(kl)
+        reward, kl = {}, {}
+        for n in ("chosen", "rejected"):
+            acts, response = batch.reference[n].activations, batch.policy[n].mask
+            if acts is None:
+                raise ValueError("sparsepo: the batch carries no reference activations (Needs.activations)")
+            if self.cfg.mask == "activation":
+                reward[n] = kl[n] = activation_mask(acts, response)
+            elif not self.heads:
+                raise ValueError("sparsepo: the learned mask heads were not built; call prepare() first")
+            else:
+                hidden = acts["hidden_states"]
+                reward[n] = self.heads["common" if self.common else "reward"](hidden) * response
+                kl[n] = reward[n] if self.common else self.heads["kl"](hidden) * response
+        return reward, kl
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg
         m_u, m_d = self._masks(batch)
         u, d, seq_kl, l1 = {}, {}, {}, 0.0
-        common = m_u is m_d or all(m_u[n] is m_d[n] for n in m_u)
-        scale = 0.5 if common else 1.0
+        scale = 0.5 if self.common else 1.0
         for n in ("chosen", "rejected"):
             policy, reference = batch.policy[n], batch.reference[n]
             delta = policy.token_logps - reference.token_logps

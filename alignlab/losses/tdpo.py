@@ -27,6 +27,9 @@ from alignlab.losses import register
 from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, SequenceLogps, preference_metrics
 
 
+VARIANTS = ("tdpo1", "tdpo2")
+
+
 @dataclass
 class TDPOConfig:
     name: str = "tdpo"
@@ -39,7 +42,7 @@ class TDPOConfig:
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"loss.beta must be > 0, got {self.beta}")
-        if self.variant not in ("tdpo1", "tdpo2"):
+        if self.variant not in VARIANTS:
             raise ValueError(f"loss.variant must be one of tdpo1, tdpo2; got {self.variant!r}")
         if self.variant == "tdpo1" and self.alpha != 0.5:
             raise ValueError("loss.alpha is TDPO2's weight; TDPO1 has none: leave it at 0.5 or use loss.variant=tdpo2")

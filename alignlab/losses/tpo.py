@@ -11,8 +11,9 @@ the length-averaged policy log-prob, ΔS = S(y_w) − S(y_l), ΔA = A(y_w) − A
 * ``ipo``:                (ΔA − 1/(2β))² + α·NLL(y_gold)
 
 NLL is the policy's token-mean cross-entropy on the gold response. The official code takes one mean
-over all gold tokens of the micro-batch (``nll_reduction=batch_token_mean``, default), so long gold
-answers weigh more; ``sequence_mean`` averages each gold answer's token mean instead. With α = 0
+over all gold tokens of the batch (``nll_reduction=batch_token_mean``, default), so long gold
+answers weigh more (here over the optimizer step's whole batch, so that gradient accumulation and
+data parallelism do not change the objective: `LossInputs.step`); ``sequence_mean`` averages each gold answer's token mean instead. With α = 0
 the gold response is not needed at all (the official code still runs its forward pass; this one
 asks the data for pairs only).
 """
@@ -93,6 +94,6 @@ class TPO(Loss):
         if cfg.alpha == 0:
             return LossOutput(pref, metrics)
         gold = batch.policy["gold"]
-        nll = batch_token_mean_nll(gold) if cfg.nll_reduction == "batch_token_mean" else -gold.mean_logps
+        nll = batch_token_mean_nll(batch, "gold") if cfg.nll_reduction == "batch_token_mean" else -gold.mean_logps
         metrics["nll_loss"] = nll.detach().mean()
         return LossOutput(pref + cfg.alpha * nll, metrics)

@@ -8,7 +8,21 @@ import pytest
 import torch
 
 from alignlab.losses import REGISTRY, build, get
-from alignlab.losses.base import LossInputs, Needs, SequenceLogps
+from alignlab.losses.base import LossInputs, Needs, PrepareContext, SequenceLogps
+
+#: the transformers config fields a loss may size its own parameters by (`PrepareContext.architecture`)
+HIDDEN, LAYERS = 4, 2
+
+
+def _activations(needs: Needs, gen, batch: int, width: int) -> dict | None:
+    """Random reference activations of the kinds the loss declared (`Needs.activations`)."""
+    if needs.activations is None:
+        return None
+    acts = {kind: [torch.randn(batch, width, generator=gen, dtype=torch.float64)] for kind, _ in needs.activations.modules}
+    if needs.activations.hidden_states:
+        acts["hidden_states"] = [torch.randn(batch, width, HIDDEN, generator=gen, dtype=torch.float64)
+                                 for _ in range(LAYERS)]
+    return acts
 
 
 def _random_inputs(needs: Needs, leaves: list, batch: int = 3, width: int = 5, vocab: int = 7) -> LossInputs:
@@ -25,7 +39,8 @@ def _random_inputs(needs: Needs, leaves: list, batch: int = 3, width: int = 5, v
             if grad:
                 leaves.append(logits)
             logps = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1) * mask
-            out[name] = SequenceLogps(logps, mask, logits if needs.full_logits else None, logits.detach().mean((1, 2)))
+            out[name] = SequenceLogps(logps, mask, logits if needs.full_logits else None, logits.detach().mean((1, 2)),
+                                      activations=None if grad else _activations(needs, gen, batch, width))
         return out
 
     fields = {f: torch.randn(batch, generator=gen, dtype=torch.float64)
@@ -38,9 +53,10 @@ def _random_inputs(needs: Needs, leaves: list, batch: int = 3, width: int = 5, v
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_contract(name):
     entry = REGISTRY[name]
-    loss = build(entry.config())
-    if hasattr(loss, "attach"):
-        pytest.skip("reads the reference model's activations through hooks: see tests/losses/test_sparsepo.py")
+    loss = build(entry.config()).double()
+    architecture = type("Architecture", (), {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS})
+    loss.prepare(PrepareContext(reference=None, tokenizer=None, train=None, eval=None, device=torch.device("cpu"),
+                                seed=0, architecture=architecture))
     leaves: list[torch.Tensor] = []
     out = loss(_random_inputs(loss.needs, leaves))
     assert out.losses.shape == (3,) and torch.isfinite(out.losses).all()
