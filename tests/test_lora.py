@@ -147,12 +147,35 @@ def test_lora_settings_compose_and_typos_fail(compose_run):
         compose_run("+recipe=dpo", "model.lora.rank=4")
 
 
-def test_sparsepo_on_the_adapter_view_says_what_to_do(tokenizer):
-    from alignlab import losses
-    from alignlab.losses.sparsepo import SparsePOConfig
+@pytest.mark.parametrize("mask", ["learned", "activation"])
+def test_sparsepo_reads_the_base_model_through_the_adapter_view(tokenizer, mask):
+    """The LoRA reference is the policy with adapters disabled (no copy): the activations SparsePO
+    declares come from the base model, not from the adapted policy."""
+    import torch
+
+    from alignlab.forward import Forward
+    from alignlab.losses.sparsepo import SparsePO, SparsePOConfig
 
     cfg = _model_config()
     policy = load_policy(cfg, tokenizer, seed=0)
-    loss = losses.build(SparsePOConfig())
-    with pytest.raises(ConfigError, match="model.reference"):
-        loss.attach(load_reference(cfg, policy, tokenizer, seed=0))
+    with torch.no_grad():  # a non-zero adapter, so that the adapted policy differs from its base
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    view = load_reference(cfg, policy, tokenizer, seed=0)
+    needs = SparsePO(SparsePOConfig(mask=mask)).needs
+    ids = torch.randint(6, len(tokenizer), (2, 7))
+    batch = {"chosen_input_ids": ids, "chosen_attention_mask": torch.ones_like(ids),
+             "chosen_labels": torch.where(torch.arange(7) >= 3, ids, -100)}
+    run = lambda m: Forward(0)(m, view.get_output_embeddings(), batch, ("chosen",),  # noqa: E731
+                                activations=needs.activations)["chosen"].activations
+    with torch.no_grad():
+        got = run(view)
+        with policy.disable_adapter():
+            base = run(policy)
+        adapted = run(policy)
+    assert got.keys() == base.keys() and got
+    for kind in got:
+        for g, b in zip(got[kind], base[kind]):
+            torch.testing.assert_close(g, b)
+    assert any(not torch.allclose(g, a) for kind in got for g, a in zip(got[kind], adapted[kind]))

@@ -217,6 +217,10 @@ class Loss(nn.Module):
     needs: ClassVar[Needs] = Needs()
     #: one-line description for `alignlab list` and the docs.
     summary: ClassVar[str] = ""
+    #: non-empty (the reason) when the loss's state is updated with every forward batch by definition,
+    #: so that k micro-batches of b differ from one batch of k·b (BCO's running reward mean δ). Every
+    #: other loss gives the same step however the batch is split (tests/losses/test_invariance_steps.py).
+    per_batch_state: ClassVar[str] = ""
 
     def __init__(self, cfg) -> None:
         super().__init__()

@@ -81,6 +81,8 @@ class BCO(Loss):
     """Binary classifier optimisation with reward shift and optional UDM (module docstring)."""
 
     summary = "binary classifier optimisation on thumbs-up/down feedback, reward shift δ, UDM (Jung et al. 2024)"
+    per_batch_state = ("δ is the running mean of the rewards seen so far, updated with each forward batch before "
+                       "its loss (TRL's BCOTrainer): with gradient accumulation each micro-batch sees its own δ")
 
     def __init__(self, cfg: BCOConfig) -> None:
         super().__init__(cfg)

@@ -50,10 +50,14 @@ def random_rows(responses: tuple[str, ...], vocab: int, b: int = 4, seed: int = 
 def collate(rows: list[dict], responses: tuple[str, ...], fields: tuple[str, ...] = (), pad_to: int | None = None):
     """The collator's batch, optionally padded with extra pad columns to width `pad_to`."""
     batch = PreferenceCollator(pad_token_id=0, responses=responses, fields=fields)(rows)
-    if pad_to is not None:
-        for key, value in list(batch.items()):
-            if value.dim() == 2 and key.split("_")[-1] in ("ids", "mask", "labels"):
-                fill = -100 if key.endswith("labels") else 0
-                extra = value.new_full((value.shape[0], pad_to - value.shape[1]), fill)
-                batch[key] = torch.cat([value, extra], 1)
-    return batch
+    return pad_columns(batch, pad_to - batch[f"{responses[0]}_input_ids"].shape[1]) if pad_to else batch
+
+
+def pad_columns(batch: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
+    """`batch` with `extra` more pad columns at the end of every sequence tensor."""
+    out = dict(batch)
+    for key, value in batch.items():
+        if key.endswith(("_input_ids", "_attention_mask", "_labels")):
+            fill = -100 if key.endswith("_labels") else 0
+            out[key] = torch.cat([value, value.new_full((value.shape[0], extra), fill)], 1)
+    return out

@@ -84,3 +84,33 @@ def test_needs_follow_the_variant():
 def test_bad_variant():
     with pytest.raises(ValueError, match="loss.variant"):
         NPOConfig(variant="ga")
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_retain_kl_through_the_forward_does_not_depend_on_padding(pad):
+    """#12.5: a retain row that fills the batch keeps all its positions. By hand from the models' own logits:
+    KL(π_ref‖π_θ) = Σ_v q_v (log q_v − log p_v) at every position that predicts a token of the retain
+    sequence (prompt and answer: positions 0 … len−2 of each row), averaged over those positions."""
+    from alignlab.forward import Forward
+    from model_helpers import collate, tiny_fp64
+
+    policy, reference = tiny_fp64(0), tiny_fp64(1)
+    rows = [{"prompt_ids": [9, 10], "completion_ids": [11], "retain_prompt_ids": [12, 13, 14],
+             "retain_ids": [15, 16, 17, 18, 19, 20]},  # the longest sequence: it fills the batch
+            {"prompt_ids": [21], "completion_ids": [22, 23], "retain_prompt_ids": [24], "retain_ids": [25, 26]}]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["retain_prompt_ids"] + row["retain_ids"]])
+            log_p = policy(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            log_q = reference(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            total += (log_q.exp() * (log_q - log_p)).sum().item()
+            count += ids.shape[1] - 1
+    responses = ("completion", "retain")
+    batch = collate(rows, responses, pad_to=None if not pad else 10 + pad)
+    forward = Forward(0)
+    inputs = LossInputs(policy=forward(policy, policy.get_output_embeddings(), batch, responses, full_logits=True),
+                        reference=forward(reference, reference.get_output_embeddings(), batch, responses,
+                                          full_logits=True))
+    out = build(NPOConfig(variant="npo_kl"))(inputs)
+    assert out.metrics["retain/kl"].item() == pytest.approx(total / count, rel=1e-10)
