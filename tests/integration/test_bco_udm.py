@@ -12,8 +12,8 @@ from alignlab.losses.base import PrepareContext
 from alignlab.losses.bco import BCOConfig
 
 
-def test_udm_matches_sklearn_on_hand_pooled_embeddings():
-    sklearn = pytest.importorskip("sklearn.linear_model")
+def test_udm_weights_are_the_converged_fit_on_hand_pooled_embeddings():
+    pytest.importorskip("sklearn.linear_model")
     tok = builtin.build_tokenizer()
     model = builtin.build_model(len(tok), seed=0).eval()
     good = ["review : the film was", "review : the movie was", "my take : this film felt"]
@@ -28,11 +28,24 @@ def test_udm_matches_sklearn_on_hand_pooled_embeddings():
     with torch.no_grad():
         emb = torch.stack([model(input_ids=torch.tensor([tok(p)["input_ids"]]), output_hidden_states=True)
                            .hidden_states[-1][0].mean(0) for p, _ in rows]).double().numpy()
-    # prepare samples each class in a seeded order; the fit does not depend on row order.
-    clf = sklearn.LogisticRegression(class_weight="balanced").fit(emb, [int(y) for _, y in rows])
-    assert loss.udm_coef.tolist() == pytest.approx(clf.coef_[0].tolist(), rel=1e-4, abs=1e-6)
-    assert loss.udm_intercept.item() == pytest.approx(float(clf.intercept_[0]), rel=1e-4, abs=1e-6)
-
-    p = clf.predict_proba(emb)[:, 1]
-    expected = [1.0 if y else min(max(pi / (1 - pi + 1e-8), 0.5), 10.0) for pi, (_, y) in zip(p, rows)]
-    assert ctx.train["udm_weight"] == pytest.approx(expected, rel=1e-4)
+    # The fit to convergence, independently: Newton's method on sklearn's objective for
+    # LogisticRegression(class_weight="balanced", C=1): ½‖w‖² + Σ_i s_i·log(1 + exp(−y_i·(w·x_i + b))),
+    # s_i = n / (2·n_class(i)), y ∈ {−1, 1}, the intercept b not penalised.
+    x = torch.cat([torch.tensor(emb), torch.ones(len(rows), 1, dtype=torch.float64)], 1)
+    y = torch.tensor([1.0 if label else -1.0 for _, label in rows], dtype=torch.float64)
+    s = torch.tensor([len(rows) / (2 * sum(1 for _, l in rows if l == label)) for _, label in rows], dtype=torch.float64)
+    penalty = torch.ones(x.shape[1], dtype=torch.float64)
+    penalty[-1] = 0.0
+    theta = torch.zeros(x.shape[1], dtype=torch.float64)
+    for _ in range(100):
+        m = y * (x @ theta)
+        grad = penalty * theta - x.T @ (s * y * torch.sigmoid(-m))
+        hess = torch.diag(penalty) + x.T @ (x * (s * torch.sigmoid(m) * torch.sigmoid(-m))[:, None])
+        theta = theta - torch.linalg.solve(hess, grad)
+    assert grad.abs().max() < 1e-12
+    p = torch.sigmoid(x @ theta).tolist()
+    expected = [1.0 if label else min(max(pi / (1 - pi + 1e-8), 0.5), 10.0) for pi, (_, label) in zip(p, rows)]
+    # spec §4: the density-ratio weights within 1e-6 of the converged fit (#12.7: the default tolerance
+    # left them 4e-4 away)
+    assert ctx.train["udm_weight"] == pytest.approx(expected, abs=1e-6, rel=0)
+    assert loss.udm_coef.tolist() == pytest.approx(theta[:-1].tolist(), abs=1e-6)

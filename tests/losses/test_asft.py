@@ -43,3 +43,14 @@ def test_finite_as_likelihood_reaches_one(make_pair):
 
 def test_reference_free():
     assert build(ASFTConfig()).needs.reference is False
+
+
+def test_saturated_rejected_response_keeps_its_gradient(make_pair):
+    """#12.6: P is clamped inside log(1 − P) only (turbo-alignment ASFTLoss). For a rejected response with
+    mean log P = −1e-9 (P > 1 − 1e-7), o = log P − log(1e-7) and ∂/∂ log P of λ·softplus(β·o) = λβ·σ(β·o),
+    shared equally by its 2 tokens; clamping log P itself made it exactly 0."""
+    batch = make_pair([[-1.0]], [[-1e-9, -1e-9]], [[0.0]], [[0.0, 0.0]], requires_grad=True)
+    build(ASFTConfig(lam=0.5, beta=2.0))(batch).losses.sum().backward()
+    o = -1e-9 - math.log1p(-(1 - 1e-7))
+    expected = 0.5 * 2.0 / (1 + math.exp(-2.0 * o)) / 2
+    assert batch.policy["rejected"].token_logps.grad[0].tolist() == pytest.approx([expected, expected], rel=1e-6)
