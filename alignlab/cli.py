@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
+from pathlib import Path
 
 USAGE = """usage: alignlab <command> [args]
 
@@ -53,61 +55,41 @@ def _train(argv: list[str]) -> None:
     _main()
 
 
+#: Hydra's flags that take a value (the next argument, or after `=`).
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
+                "--config-path", "-cp", "--info", "-i")
+
+
 def explain_overrides(argv: list[str]) -> str | None:
-    """Compose `argv`'s overrides once up front; on a mistake, one line naming it with the nearest names.
+    """Compose `argv`'s overrides once up front (with its `--config-dir`); on a mistake, one line
+    naming it with the nearest names (`alignlab.config.compose`).
 
     Sweeps (`-m`) and Hydra's own flags are left to Hydra.
     """
-    import difflib
-    import re
-
-    from hydra import compose, initialize_config_dir
-
-    from alignlab.config import register_configs, resource_dir
+    from alignlab.config import compose
+    from alignlab.errors import ConfigError
 
     if any(a in ("-m", "--multirun") for a in argv):
         return None
-    register_configs()
-    overrides, skip = [], False
+    overrides, config_dir, flag = [], None, None
     for arg in argv:
-        if skip or arg.startswith("-"):
-            skip = arg in ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd")
-            continue
-        if not arg.lstrip("+~").startswith("hydra"):
+        if flag is not None:
+            config_dir = arg if flag in ("--config-dir", "-cd") else config_dir
+            flag = None
+        elif arg.startswith("-"):
+            name, eq, value = arg.partition("=")
+            if name in ("--config-dir", "-cd") and eq:
+                config_dir = value
+            flag = name if name in _VALUE_FLAGS and not eq else None
+        elif not arg.lstrip("+~").startswith("hydra"):
             overrides.append(arg)
-
-    def compose_with(items):
-        with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):
-            return compose("config", overrides=items)
-
+    if config_dir is not None and not Path(config_dir).expanduser().is_dir():
+        return f"--config-dir {config_dir}: no such folder (relative paths start at {os.getcwd()})"
     try:
-        compose_with(overrides)
-        return None
-    except Exception as err:  # noqa: BLE001 - turned into one line below
-        text = "\n".join(str(e) for e in (err, err.__cause__) if e is not None)
-    missing = re.search(r"Could not find '([\w/]+)/([\w-]+)'", text)
-    if missing:
-        group, name = missing.groups()
-        options = [o for o in re.findall(r"^\t(\S+)$", text, flags=re.M) if o != "schema"]
-        near = difflib.get_close_matches(name, options, n=1)
-        hint = f" Did you mean {'+' if group == 'recipe' else ''}{group}={near[0]}?" if near else ""
-        return f"unknown {group} {name!r}.{hint} Options: {', '.join(options)}"
-    unknown = re.search(r"Could not override '([\w.]+)'", text)
-    if unknown:
-        key = unknown.group(1)
-        parent, _, leaf = key.rpartition(".")
-        rest = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]
-        try:
-            node = compose_with(rest).get(parent) if parent else compose_with(rest)
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-        except Exception:  # noqa: BLE001 - the other overrides are broken too; say what we know
-            keys = []
-        near = difflib.get_close_matches(leaf, keys, n=1)
-        hint = f" Did you mean {parent + '.' if parent else ''}{near[0]}?" if near else ""
-        listed = f" Keys of {parent or 'the config'}: {', '.join(keys)}" if keys else ""
-        return f"unknown key {key!r}.{hint}{listed}"
-    lines = [line.strip() for line in text.splitlines() if line.strip() and "full_key" not in line]
-    return "; ".join(lines[:2]) or f"invalid overrides: {' '.join(overrides)}"
+        compose(overrides, config_dir)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def _eval(argv: list[str]) -> None:

@@ -80,7 +80,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     #: passed to from_pretrained, e.g. sdpa or eager; None lets transformers choose.
     attn_implementation: Optional[str] = None
-    #: a Jinja chat template for tokenizers that have none (needed for conversational data).
+    #: the chat template for conversational data, replacing the tokenizer's own: a name from
+    #: `alignlab.models.CHAT_TEMPLATES` (e.g. `plain`, `chatml`), a path to a Jinja file, or the Jinja
+    #: text itself (anything containing `{{` or `{%`).
     chat_template: Optional[str] = None
     #: zero the dropout probabilities of the policy, as TRL does for DPO (the reference is in eval mode).
     disable_dropout: bool = True
@@ -255,12 +257,12 @@ class EvalConfig:
 
 @dataclass
 class AlignConfig:
-    model: ModelConfig = MISSING
-    data: DataConfig = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     loss: Any = MISSING
-    trainer: TrainerConfig = MISSING
-    logger: LoggerConfig = MISSING
-    deepspeed: DeepSpeedConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     #: evaluation at the end of training.
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
@@ -273,6 +275,21 @@ class AlignConfig:
     #: where stages run, each in <stages_dir>/<name>-<hash of its config>, so an identical stage is
     #: trained once and reused by later runs and by every member of a sweep.
     stages_dir: str = "runs/stages"
+
+
+#: the free-form dictionaries of the schema: `KEY.NAME=value` and `KEY={...}` add names to them as
+#: documented, without Hydra's `+` (Hydra closes every dictionary of a composed config otherwise).
+OPEN_DICTS = ("data.columns", "trainer.extra", "deepspeed.config", "stages")
+
+
+def schema():
+    """`AlignConfig` as the root schema, with the `OPEN_DICTS` open to new keys."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(AlignConfig)
+    for key in OPEN_DICTS:
+        OmegaConf.set_struct(OmegaConf.select(node, key), False)
+    return node
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -308,7 +325,7 @@ def register_configs() -> None:
 
     register_resolver()  # ${stage:NAME}
     cs = ConfigStore.instance()
-    cs.store(name="alignlab_schema", node=AlignConfig)
+    cs.store(name="alignlab_schema", node=schema())
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
@@ -320,3 +337,133 @@ def register_configs() -> None:
     for path in sorted(resource_dir("recipes").glob("*.yaml")):
         cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
     _registered = True
+
+
+#: names a TRL user brings (DPOConfig / DPOTrainer and TrainingArguments fields that alignlab keeps
+#: elsewhere) -> where they live in alignlab. docs/from_trl.md is the full table.
+TRL_NAMES = {
+    "beta": "loss.beta",
+    "loss_type": "loss.loss_type (DPO: sigmoid|ipo|hinge; other losses are loss=NAME, see alignlab list)",
+    "label_smoothing": "loss.label_smoothing",
+    "rpo_alpha": "+recipe=rpo (loss.eta)",
+    "max_length": "data.max_length",
+    "max_prompt_length": "data.max_prompt_length",
+    "max_completion_length": "data.max_length (prompt + response)",
+    "truncation_mode": "data.prompt_truncation (keep_end|keep_start)",
+    "padding_free": "model.padding_free",
+    "precompute_ref_log_probs": "model.reference_mode=precomputed",
+    "precompute_ref_batch_size": "trainer.per_device_eval_batch_size",
+    "disable_dropout": "model.disable_dropout",
+    "dataset_num_proc": "data.num_proc",
+    "model_init_kwargs": "model.dtype / model.attn_implementation / model.trust_remote_code",
+    "trust_remote_code": "model.trust_remote_code",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "gradient_checkpointing_kwargs": "model.gradient_checkpointing (alignlab always uses use_reentrant=false)",
+    "ref_model": "model.reference",
+    "ref_model_name_or_path": "model.reference",
+    "model_name_or_path": "model.name_or_path",
+    "dataset_name": "data.path",
+    "dataset_config": "data.name",
+    "dataset_train_split": "data.split",
+    "dataset_test_split": "data.eval_split",
+    "chat_template": "model.chat_template",
+    "torch_dtype": "model.dtype",
+    "dtype": "model.dtype",
+    "use_peft": "model.lora.enabled",
+    "lora_r": "model.lora.r",
+    "lora_alpha": "model.lora.alpha",
+    "lora_dropout": "model.lora.dropout",
+    "lora_target_modules": "model.lora.target_modules",
+    "load_in_4bit": "model.lora.load_in_4bit",
+    "output_dir": "output_dir (or hydra.run.dir)",
+    "seed": "seed",
+    "report_to": "logger=wandb",
+}
+
+
+def trl_hint(key: str) -> str:
+    """' In alignlab it is X.' when the last part of `key` is a TRL name kept elsewhere, else ''."""
+    leaf = key.rpartition(".")[2]
+    if leaf in TRL_NAMES and not TRL_NAMES[leaf].startswith(key):
+        return f" {leaf} is TRL's (or transformers') name; in alignlab it is {TRL_NAMES[leaf]} (docs/from_trl.md)."
+    return ""
+
+
+def compose(overrides: list[str], config_dir: str | None = None):
+    """The composed (unresolved) config of `alignlab train [--config-dir DIR] OVERRIDES`.
+
+    Raises:
+        ConfigError: one line naming the mistake (an unknown key, group option or recipe with the
+            nearest valid names; a TRL name with its alignlab key; a bad value), from Hydra's exceptions.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    from alignlab.errors import ConfigError
+
+    register_configs()
+    search = [f"hydra.searchpath=[file://{Path(config_dir).expanduser().resolve()}]"] if config_dir else []
+
+    def attempt(items):
+        with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):
+            return hydra_compose("config", overrides=[*search, *items])
+
+    try:
+        return attempt(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse {err.override!r}: {err.message.splitlines()[0]}. Quote values holding "
+                          "{ } [ ] , = or spaces for Hydra, e.g. key='\"a value\"'") from None
+    except MissingConfigException as err:
+        raise ConfigError(_missing_option(err, config_dir)) from None
+    except ConfigCompositionException as err:
+        cause = err.__cause__
+        key = getattr(cause, "full_key", None)
+        if key is not None and _is_unknown_key(cause):
+            raise ConfigError(_unknown_key(key, overrides, attempt)) from None
+        text = getattr(cause, "msg", None) or str(cause or err)
+        where = f"{key}: " if key else ""
+        raise ConfigError(where + "; ".join(line.strip() for line in text.splitlines() if line.strip()
+                                            and "full_key" not in line and "_type=" not in line)) from None
+
+
+def _is_unknown_key(error: BaseException) -> bool:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    return isinstance(error, (ConfigAttributeError, ConfigKeyError))
+
+
+def _missing_option(err, config_dir: str | None) -> str:
+    """'unknown recipe 'dpx'. Did you mean +recipe=dpo? Options: ...' from Hydra's exception."""
+    import difflib
+
+    group, _, name = (err.missing_cfg_file or "").rpartition("/")
+    options = [o for o in (err.options or []) if o != "schema"]
+    if not group:  # the primary config itself
+        return f"config {name!r} not found{f' in {config_dir}' if config_dir else ''}"
+    near = difflib.get_close_matches(name, options, n=1)
+    hint = f" Did you mean {'+' if group == 'recipe' else ''}{group}={near[0]}?" if near else ""
+    where = "" if config_dir or group != "recipe" else (
+        " (a recipe of your own: alignlab train --config-dir DIR +recipe=NAME, with DIR/recipe/NAME.yaml)")
+    return f"unknown {group} {name!r}.{hint} Options: {', '.join(options)}{where}"
+
+
+def _unknown_key(key: str, overrides: list[str], attempt) -> str:
+    """'unknown key 'loss.bta'. Did you mean loss.beta? Keys of loss: ...' (or its TRL name's key)."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        from omegaconf import OmegaConf
+
+        node = attempt(rest)
+        node = OmegaConf.select(node, parent) if parent else node
+        keys = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+    except Exception:  # noqa: BLE001 - the other overrides are broken too; say what we know
+        keys = []
+    trl = trl_hint(key)
+    near = difflib.get_close_matches(leaf, keys, n=1)
+    hint = trl or (f" Did you mean {parent + '.' if parent else ''}{near[0]}?" if near else "")
+    listed = f" Keys of {parent or 'the config'}: {', '.join(keys)}" if keys and not trl else ""
+    return f"unknown key {key!r}.{hint}{listed}"

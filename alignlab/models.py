@@ -68,8 +68,55 @@ def load_tokenizer(cfg: ModelConfig):
         # come from the masks, never from comparing ids with pad_token_id.
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.chat_template:
-        tokenizer.chat_template = cfg.chat_template
+        tokenizer.chat_template = chat_template(cfg.chat_template)
     return tokenizer
+
+
+#: named chat templates for `model.chat_template=NAME` (tokenizers without one, or to replace it).
+CHAT_TEMPLATES = {
+    # "role: content" lines; the prompt ends with "assistant: " (the README's stories260k example)
+    "plain": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant: {% endif %}",
+    # ChatML as Qwen and TRL's setup_chat_format write it; its markers are plain text to a tokenizer
+    # that lacks them as special tokens
+    "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+}
+
+
+def chat_template(value: str) -> str:
+    """The Jinja text of `model.chat_template`: a name of `CHAT_TEMPLATES`, a Jinja file, a tokenizer
+    folder (its chat_template.jinja or tokenizer_config.json's template), or the Jinja text itself.
+
+    Raises:
+        ModelError: none of these.
+    """
+    if "{{" in value or "{%" in value:
+        return value
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    path = Path(value).expanduser()
+    if path.is_dir():
+        import json
+
+        if (path / "chat_template.jinja").is_file():
+            return (path / "chat_template.jinja").read_text(encoding="utf-8")
+        config = path / "tokenizer_config.json"
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+        if isinstance(template, str) and template:
+            return template
+        raise ModelError(f"model.chat_template={value!r}: the folder holds no chat template (chat_template.jinja, or "
+                         "chat_template in tokenizer_config.json). Fix: name a file, a folder with one, or a template "
+                         f"name ({', '.join(CHAT_TEMPLATES)})")
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if "{{" in text or "{%" in text:
+            return text
+        raise ModelError(f"model.chat_template={value!r}: the file holds no Jinja ({{{{ }}}} or {{% %}}). Fix: point "
+                         "it at a chat template file")
+    raise ModelError(f"model.chat_template={value!r} is not a template name ({', '.join(CHAT_TEMPLATES)}), an existing "
+                     f"file or folder (relative paths start at {Path.cwd()}), or Jinja text (with {{{{ or {{%). Fix: "
+                     "correct it")
 
 
 def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:

@@ -66,9 +66,34 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
             raise ConfigError(f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
                               f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it")
     check_data_needs(cfg.data, needs.responses, needs.fields)
-    from alignlab.models import check_lora
+    from alignlab.models import chat_template, check_lora
 
     check_lora(cfg.model, _has_accelerator())
+    if cfg.model.chat_template:
+        chat_template(cfg.model.chat_template)  # a wrong name or path fails now, not after loading
+    check_trainer_extra(cfg.trainer)
+
+
+def check_trainer_extra(trainer: TrainerConfig) -> None:
+    """Every `trainer.extra.NAME` must be a `TrainingArguments` field that alignlab does not set itself
+    (the config checks the latter); TRL's names are pointed to their alignlab keys."""
+    import difflib
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    from alignlab.config import TRL_NAMES
+
+    known = [f.name for f in fields(TrainingArguments) if f.init]
+    for name in sorted(trainer.extra):
+        if name in TRL_NAMES:
+            raise ConfigError(f"trainer.extra.{name}: {name} is TRL's (or transformers') name; in alignlab it is "
+                              f"{TRL_NAMES[name]} (docs/from_trl.md)")
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean trainer.extra.{near[0]}?" if near else ""
+            raise ConfigError(f"trainer.extra.{name}: transformers.TrainingArguments has no field {name!r}.{hint} "
+                              "Fix: remove it or correct the name")
 
 
 def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, collator, batch_size: int, device) -> None:
