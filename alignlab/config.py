@@ -112,10 +112,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    #: local .json/.jsonl(.gz)/.parquet file or folder, `builtin:sentiment`, or a `datasets` hub name.
+    #: a local .json/.jsonl/.csv/.tsv (.gz too) or .parquet file or a folder of them, a `save_to_disk`
+    #: folder, `builtin:sentiment`, or a Hugging Face dataset name (hub, or the local cache offline).
     path: str = MISSING
     #: the hub dataset's configuration name.
     name: Optional[str] = None
+    #: the split of a hub dataset or a saved DatasetDict.
     split: str = "train"
     #: auto | explicit | conversational | hh | columns (see docs/data.md).
     format: str = "auto"
@@ -127,7 +129,9 @@ class DataConfig:
     retain: Optional[str] = None
     #: swap chosen and rejected in every pair (e.g. to train AlignDistil's reverse-DPO teacher).
     swap_pairs: bool = False
-    #: a separate held-out file or hub split; otherwise `eval_size` rows are held out of `path`.
+    #: a separate held-out source (`eval_path`, read with `eval_split` or `split`), or only `eval_split`:
+    #: another split of `path` (a DatasetDict folder or a hub dataset); otherwise `eval_size` rows are
+    #: held out of `path`.
     eval_path: Optional[str] = None
     eval_split: Optional[str] = None
     #: held-out fraction (< 1) or number of rows (>= 1).

@@ -451,12 +451,13 @@ def _eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def _eval_records(cfg: DataConfig) -> list[Record] | None:
-    """Records of a separate eval source: `eval_path`, or the built-in task's held-out generator.
+    """Records of a separate eval source: `eval_path`, `eval_split` of `path` (a DatasetDict folder or
+    a hub dataset), or the built-in task's held-out generator.
 
     None means the eval rows are held out of the train source (none when `eval_size` is 0).
     """
-    if cfg.eval_path:
-        return read_source(cfg.eval_path, name=cfg.name, split=cfg.eval_split or cfg.split)
+    if cfg.eval_path or cfg.eval_split:  # another source, or another split of data.path
+        return read_source(cfg.eval_path or cfg.path, name=cfg.name, split=cfg.eval_split or cfg.split)
     if cfg.path.startswith("builtin:"):
         from alignlab.builtin import DATASETS
 
