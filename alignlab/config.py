@@ -19,6 +19,10 @@ BAD_ROW_POLICIES = ("error", "skip")
 PROMPT_TRUNCATION = ("error", "keep_end", "keep_start")
 FORMATS = ("auto", "explicit", "conversational", "hh", "columns")
 REFERENCE_MODES = ("live", "precomputed")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: other spellings of `DTYPES` that users bring (TrainingArguments' bf16/fp16, torch's half, ...).
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                 "torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 
 
 @dataclass
@@ -73,7 +77,7 @@ class ModelConfig:
     #: live (run the reference every step) | precomputed (score the data once before training, cache
     #: the log-probs on disk, free the reference; not for losses that need its full logits).
     reference_mode: str = "live"
-    #: float32 | bfloat16 | float16 | auto. Log-probs are always computed in fp32.
+    #: float32 | bfloat16 | float16 | auto (also bf16, fp16, fp32). Log-probs are always computed in fp32.
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     #: off unless you trust the model repository's code.
@@ -106,6 +110,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of("model.reference_mode", self.reference_mode, REFERENCE_MODES)
+        self.dtype = DTYPE_ALIASES.get(str(self.dtype).lower(), self.dtype)
+        _one_of("model.dtype", self.dtype, DTYPES)
         if self.logit_chunk_size < 0:
             raise ValueError(f"model.logit_chunk_size must be >= 0, got {self.logit_chunk_size}")
 
@@ -191,6 +197,18 @@ class TrainerConfig:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
+                     "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ValueError(f"trainer.max_steps={self.max_steps} with trainer.num_train_epochs={self.num_train_epochs} "
+                             "trains zero steps. Fix: set trainer.max_steps > 0, or trainer.max_steps=-1 and "
+                             "trainer.num_train_epochs > 0")
         for name in sorted(self.extra):
             if name in {f.name for f in fields(self)}:
                 raise ValueError(f"trainer.extra.{name}: {name} is a trainer setting of its own; set trainer.{name} "

@@ -16,6 +16,7 @@ from alignlab.errors import ConfigError, UserError, first_line
 
 
 BUILTIN_PREFIX = "builtin:"
+#: `model.dtype` (`alignlab.config.DTYPES`, aliases already resolved) -> the torch dtype.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -53,7 +54,8 @@ def load_tokenizer(cfg: ModelConfig):
             tokenizer = loader.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         except OSError as err:
             raise ModelError(
-                f"cannot load tokenizer {name!r}: it is neither a local folder nor reachable on the hub ({err}). "
+                f"cannot load tokenizer {name!r}: it is neither a local folder nor reachable on the hub "
+                f"({first_line(err)}). "
                 "Set model.name_or_path (or model.tokenizer) to a folder with tokenizer files."
             ) from None
         except (ValueError, ImportError) as err:
@@ -119,6 +121,41 @@ def chat_template(value: str) -> str:
                      "correct it")
 
 
+#: files that make a folder a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def check_model_folder(name: str, key: str = "model.name_or_path") -> None:
+    """Refuse, before anything loads, a local model path that holds no model: missing, a file, a
+    tokenizer-only folder, or a folder without config.json or safetensors weights. Hub names pass.
+
+    Raises:
+        ModelError: naming `key`, what the folder holds and the fix.
+    """
+    if name.startswith(BUILTIN_PREFIX):
+        return
+    path = Path(name).expanduser()
+    if not path.exists():
+        if name.startswith(("/", "./", "../", "~")):
+            raise ModelError(f"{key}={name!r} does not exist (relative paths start at {Path.cwd()}). Fix: point it at "
+                             "a model folder (config.json + *.safetensors) or a hub name")
+        return  # a hub name
+    if not path.is_dir():
+        raise ModelError(f"{key}={name!r} is a file. Fix: point it at the model's folder (config.json + *.safetensors)")
+    if (path / "adapter_config.json").is_file():  # a peft adapter: transformers loads its base with it
+        return
+    if not (path / "config.json").is_file():
+        found = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+        what = f"holds only a tokenizer ({', '.join(found)})" if found else "holds no config.json"
+        use = f", and model.tokenizer={name} to use this tokenizer" if found and key == "model.name_or_path" else ""
+        raise ModelError(f"{key}={name!r} is not a model folder: it {what}. Fix: set {key} to a folder with config.json "
+                         f"and *.safetensors weights{use}")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{key}={name!r} holds no *.safetensors weights (alignlab never loads pickled .bin weights). "
+                         "Fix: convert them once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
+                         ".save_pretrained(dir, safe_serialization=True)")
+
+
 def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
     """The trainable causal LM, by hub name, local path, or `builtin:tiny`; a peft `PeftModel` with
     fresh LoRA adapters when `model.lora.enabled` (QLoRA: on a 4-bit base)."""
@@ -148,7 +185,7 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
             model = AutoModelForCausalLM.from_pretrained(_source(cfg.name_or_path), use_safetensors=True, **kwargs)
         except OSError as err:
             raise ModelError(
-                f"cannot load model {cfg.name_or_path!r}: {err}. Set model.name_or_path to a local folder "
+                f"cannot load model {cfg.name_or_path!r}: {first_line(err)}. Set model.name_or_path to a local folder "
                 "with config.json and *.safetensors, or a hub name on a machine with network access."
             ) from None
     rows = model.get_input_embeddings().num_embeddings

@@ -78,3 +78,11 @@ def test_named_template_renders_a_conversation():
     tokenizer.chat_template = CHAT_TEMPLATES["plain"]
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "user: hi\nassistant: "
+
+
+@pytest.mark.parametrize("alias, dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("half", "float16"),
+                                          ("fp32", "float32"), ("torch.bfloat16", "bfloat16"), ("auto", "auto")])
+def test_dtype_aliases(alias, dtype):
+    from alignlab.config import ModelConfig
+
+    assert ModelConfig(name_or_path="x", dtype=alias).dtype == dtype
