@@ -1,0 +1,148 @@
+"""Every `alignlab` command in README.md and docs/*.md is checked, so a broken example fails the build.
+
+Commands are read from the markdown here: every line of a fenced shell block (continuations joined,
+comments dropped) that runs `alignlab`, `.venv/bin/alignlab` or `-m/--module alignlab.cli`, and every
+inline code span that is a whole `alignlab train|eval|list` command without placeholders (`NAME`,
+`<...>`, `...`, `a|b`). Training would take minutes for most of them, so a `train` command is checked as
+composed, not trained: its overrides through the CLI's own check, every member of a sweep composed
+and validated against the typed schema, the loss's data needs and the stages planned. `eval` goes
+through the command up to loading the run, and its `--reward` is imported; `list` runs.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # imports torch and composes ~60 configs: about 30 s
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+INLINE = re.compile(r"`(alignlab (?:train|eval|list)\b[^`]*)`")
+#: what makes an inline span a pattern rather than a command: placeholders, alternatives, or `alignlab
+#: eval` without its run directory.
+PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|\b[A-Z][A-Z_]+\b|=[A-Z]\b|\||^alignlab eval$")
+
+
+def _args(tokens: list[str]) -> list[str] | None:
+    """The arguments given to alignlab in one shell command's words, or None if it does not run it."""
+    for i, word in enumerate(tokens):
+        module = word == "alignlab.cli" and i > 0 and tokens[i - 1] in ("-m", "--module")
+        if module or word == "alignlab" or word.endswith("/alignlab"):
+            rest = tokens[i + 1:]
+            ends = [j for j, w in enumerate(rest) if w in ("&&", "||", ";", "|")]
+            return rest[:ends[0]] if ends else rest
+    return None
+
+
+def _shell_lines(text: str):
+    """(line number, line) of the fenced shell blocks (```bash, ```sh, ```shell, ```console or bare ```)
+    of a markdown text, continuation lines joined."""
+    fence, pending = None, None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            fence = line[3:].strip() if fence is None else None
+            continue
+        if fence not in ("bash", "sh", "shell", "console", ""):
+            continue
+        start, joined = pending if pending else (number, "")
+        joined += line
+        if joined.endswith("\\"):
+            pending = (start, joined[:-1] + " ")
+        else:
+            pending = None
+            yield start, joined
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(where, alignlab arguments) for every documented command."""
+    found = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for number, line in _shell_lines(text):
+            if "alignlab" in line:
+                args = _args(shlex.split(line, comments=True))
+                if args is not None:
+                    found.append((f"{doc.name}:{number}: {line.strip()[:80]}", args))
+        for span in INLINE.finditer(text):
+            command = span.group(1)
+            if not PLACEHOLDER.search(command):
+                number = text[:span.start()].count("\n") + 1
+                found.append((f"{doc.name}:{number}: {command[:80]}", shlex.split(command)[1:]))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_hold_commands():
+    assert len(COMMANDS) >= 40, [where for where, _ in COMMANDS]
+    files = {where.split(":")[0] for where, _ in COMMANDS}
+    assert {"README.md", "distributed.md", "sweeps.md", "losses.md", "from_trl.md"} <= files, files
+
+
+def _members(args: list[str]) -> tuple[list[list[str]], str | None]:
+    """The override lists a `train` command composes (one per value of each sweep, the other sweeps at
+    their first value) and its --config-dir. Hydra's own overrides and flags are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides, config_dir, skip = [], None, False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            name, eq, value = arg.partition("=")
+            if name in ("--config-dir", "-cd"):
+                config_dir = value if eq else args[i + 1]
+            skip = not eq and name in ("--cfg", "-c", "--config-dir", "-cd", "--package", "-p")
+        elif not arg.lstrip("+~").startswith("hydra"):
+            overrides.append(arg)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    sweeps = {i: list(o.sweep_string_iterator()) for i, o in enumerate(parsed) if o.is_sweep_override()}
+    first = [f"{o.get_key_element()}={sweeps[i][0]}" if i in sweeps else o.input_line for i, o in enumerate(parsed)]
+    members = [first]
+    for i, values in sweeps.items():
+        members += [[*first[:i], f"{parsed[i].get_key_element()}={value}", *first[i + 1:]] for value in values[1:]]
+    return members, config_dir
+
+
+@pytest.mark.parametrize("where, args", COMMANDS, ids=[where.split(": ")[0] for where, _ in COMMANDS])
+def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
+    from alignlab.cli import explain_overrides, main
+
+    assert not any(c in arg for arg in args for c in "<>"), f"{where}: a <placeholder> is a redirection in a shell"
+    command = args[0]
+    if command == "list":
+        main(["list"])
+        assert "recipes (alignlab train +recipe=NAME)" in capfd.readouterr().out
+    elif command == "eval":
+        from alignlab.evaluate import load_reward
+
+        monkeypatch.chdir(tmp_path)  # no run there: the command parses its flags, then stops at the run
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capfd.readouterr().err
+        assert exit_.value.code == 2 and "is not a finished alignlab run" in err, err
+        if "--reward" in args:
+            assert callable(load_reward(args[args.index("--reward") + 1]))
+    else:
+        assert command == "train", where
+        from alignlab import losses
+        from alignlab.config import compose
+        from alignlab.data import check_data_needs
+        from alignlab.stages import plan
+        from alignlab.train import to_typed
+
+        members, config_dir = _members(args[1:])
+        if "-m" not in args and "--multirun" not in args:
+            assert explain_overrides(args[1:]) is None, where
+        for overrides in members:
+            cfg = compose(overrides, config_dir)
+            typed = to_typed(cfg)
+            needs = losses.build(typed.loss).needs
+            check_data_needs(typed.data, needs.responses, needs.fields)
+            plan(cfg)
