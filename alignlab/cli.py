@@ -61,16 +61,39 @@ _VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--con
 
 
 def explain_overrides(argv: list[str]) -> str | None:
-    """Compose `argv`'s overrides once up front (with its `--config-dir`); on a mistake, one line
-    naming it with the nearest names (`alignlab.config.compose`).
-
-    Sweeps (`-m`) and Hydra's own flags are left to Hydra.
+    """Compose `argv`'s overrides once up front (with its `--config-dir`; for a sweep, every value of
+    every swept key); on a mistake, one line naming it with the nearest names
+    (`alignlab.config.compose`). Hydra's own overrides and flags are left to Hydra.
     """
     from alignlab.config import compose
     from alignlab.errors import ConfigError
 
-    if any(a in ("-m", "--multirun") for a in argv):
+    overrides, config_dir = split_argv(argv)
+    if config_dir is not None and not Path(config_dir).expanduser().is_dir():
+        return f"--config-dir {config_dir}: no such folder (relative paths start at {os.getcwd()})"
+    if not any(a in ("-m", "--multirun") for a in argv):
+        try:
+            compose(overrides, config_dir)
+        except ConfigError as err:
+            return str(err)
         return None
+    from alignlab.train import to_typed
+
+    try:
+        members = sweep_members(overrides)
+    except ConfigError as err:
+        return str(err)
+    for member in members:  # every value validated before the first member starts
+        try:
+            to_typed(compose(member, config_dir))
+        except ConfigError as err:
+            swept = [o for o in member if o not in members[0]] or member[-1:]
+            return f"{err} (sweep member with {' '.join(swept)})"
+    return None
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], str | None]:
+    """`alignlab train`'s arguments as (overrides other than Hydra's own `hydra.*`, --config-dir)."""
     overrides, config_dir, flag = [], None, None
     for arg in argv:
         if flag is not None:
@@ -83,13 +106,32 @@ def explain_overrides(argv: list[str]) -> str | None:
             flag = name if name in _VALUE_FLAGS and not eq else None
         elif not arg.lstrip("+~").startswith("hydra"):
             overrides.append(arg)
-    if config_dir is not None and not Path(config_dir).expanduser().is_dir():
-        return f"--config-dir {config_dir}: no such folder (relative paths start at {os.getcwd()})"
+    return overrides, config_dir
+
+
+def sweep_members(overrides: list[str]) -> list[list[str]]:
+    """The override lists a sweep's members compose, enough to check every value once: all swept keys
+    at their first value, then each other value of each swept key in turn (Hydra's own parser).
+
+    Raises:
+        ConfigError: an override that does not parse.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from alignlab.errors import ConfigError
+
     try:
-        compose(overrides, config_dir)
-    except ConfigError as err:
-        return str(err)
-    return None
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        sweeps = {i: [str(v) for v in o.sweep_string_iterator()] for i, o in enumerate(parsed) if o.is_sweep_override()}
+    except HydraException as err:
+        raise ConfigError(f"cannot parse the sweep: {str(err).splitlines()[0]}") from None
+    prefix = {i: parsed[i].input_line.partition("=")[0] for i in sweeps}  # with its + / ++ / ~
+    first = [f"{prefix[i]}={sweeps[i][0]}" if i in sweeps else o.input_line for i, o in enumerate(parsed)]
+    members = [first]
+    for i, values in sweeps.items():
+        members += [[*first[:i], f"{prefix[i]}={value}", *first[i + 1:]] for value in values[1:]]
+    return members
 
 
 def _eval(argv: list[str]) -> None:

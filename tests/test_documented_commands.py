@@ -84,32 +84,6 @@ def test_the_docs_hold_commands():
     assert {"README.md", "distributed.md", "sweeps.md", "losses.md", "from_trl.md"} <= files, files
 
 
-def _members(args: list[str]) -> tuple[list[list[str]], str | None]:
-    """The override lists a `train` command composes (one per value of each sweep, the other sweeps at
-    their first value) and its --config-dir. Hydra's own overrides and flags are left out."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides, config_dir, skip = [], None, False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        if arg.startswith("-"):
-            name, eq, value = arg.partition("=")
-            if name in ("--config-dir", "-cd"):
-                config_dir = value if eq else args[i + 1]
-            skip = not eq and name in ("--cfg", "-c", "--config-dir", "-cd", "--package", "-p")
-        elif not arg.lstrip("+~").startswith("hydra"):
-            overrides.append(arg)
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    sweeps = {i: list(o.sweep_string_iterator()) for i, o in enumerate(parsed) if o.is_sweep_override()}
-    first = [f"{o.get_key_element()}={sweeps[i][0]}" if i in sweeps else o.input_line for i, o in enumerate(parsed)]
-    members = [first]
-    for i, values in sweeps.items():
-        members += [[*first[:i], f"{parsed[i].get_key_element()}={value}", *first[i + 1:]] for value in values[1:]]
-    return members, config_dir
-
-
 @pytest.mark.parametrize("where, args", COMMANDS, ids=[where.split(": ")[0] for where, _ in COMMANDS])
 def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
     from alignlab.cli import explain_overrides, main
@@ -137,10 +111,11 @@ def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
         from alignlab.stages import plan
         from alignlab.train import to_typed
 
-        members, config_dir = _members(args[1:])
-        if "-m" not in args and "--multirun" not in args:
-            assert explain_overrides(args[1:]) is None, where
-        for overrides in members:
+        from alignlab.cli import split_argv, sweep_members
+
+        assert explain_overrides(args[1:]) is None, where
+        overrides, config_dir = split_argv(args[1:])
+        for overrides in sweep_members(overrides):
             cfg = compose(overrides, config_dir)
             typed = to_typed(cfg)
             needs = losses.build(typed.loss).needs
