@@ -549,7 +549,10 @@ def _settle(rows: Normalized, cfg: DataConfig, report: DataReport) -> Normalized
     if rows.bad and cfg.on_bad_row == "error":
         first, others = rows.bad[0], len(rows.bad) - 1
         plural = "s" if others != 1 else ""
-        raise DataError(f"{first.message()} ({others} other bad row{plural} found; or set "
+        counted = DataReport(cfg.path, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        counted.add_skipped(rows.bad[1:])
+        reasons = f": {counted.skip_text()}" if others else ""
+        raise DataError(f"{first.message()} ({others} other bad row{plural} found{reasons}; or set "
                         "data.on_bad_row=skip to drop and count bad rows)")
     report.add_skipped(rows.bad)
     rows.bad = []

@@ -132,7 +132,7 @@ def test_skip_drops_and_counts(make_cfg, tokenizer, tmp_path, case):
 
 def test_error_counts_the_other_bad_rows(make_cfg, tokenizer):
     rows = [*EXPLICIT, {"prompt": "a"}, {"prompt": "b", "chosen": "c", "rejected": "c"}]
-    with pytest.raises(DataError, match=r"row 3: field 'chosen' is missing .*\(1 other bad row found"):
+    with pytest.raises(DataError, match=r"row 3: field 'chosen' is missing .*\(1 other bad row found: 1 x identical responses; "):
         build_datasets(make_cfg(rows), tokenizer)
 
 
