@@ -188,6 +188,11 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
                 f"cannot load model {cfg.name_or_path!r}: {first_line(err)}. Set model.name_or_path to a local folder "
                 "with config.json and *.safetensors, or a hub name on a machine with network access."
             ) from None
+        except (ValueError, ImportError) as err:  # e.g. an unknown attention implementation, flash-attn absent
+            setting = f"model.attn_implementation={cfg.attn_implementation}" if cfg.attn_implementation else "the model"
+            raise ModelError(f"cannot load model {cfg.name_or_path!r} ({setting}): {first_line(err)} Fix: use "
+                             "model.attn_implementation=sdpa or eager (flash_attention_2 needs a GPU and the flash-attn "
+                             "package), or leave it unset") from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ModelError(

@@ -133,6 +133,10 @@ CASES = {
                                                                     "Did you mean trainer.learning_rate?"]),
     "a misspelt scheduler": (
         lambda d: ["+recipe=dpo", "trainer.lr_scheduler_type=cosinus"], ["Did you mean trainer.lr_scheduler_type=cosine?"]),
+    "an unknown attention implementation": (
+        lambda d: ["+recipe=dpo", f"model.name_or_path={d / 'stories260k'}", "data.max_prompt_length=32",
+                   "data.max_length=64", "model.attn_implementation=sdpaa"],
+        ["model.attn_implementation=sdpaa", "is not supported", "Fix: use model.attn_implementation=sdpa"]),
     # TRL's names
     "TRL's trainer.beta": (lambda d: ["+recipe=dpo", "trainer.beta=0.1"], ["in alignlab it is loss.beta"]),
     "TRL's trainer.gradient_checkpointing": (
@@ -169,6 +173,7 @@ NEEDS_SHARED = {
     "conversational data, tokenizer without a chat template": [STORIES],
     "tokenizer that does not match the model": [STORIES, GPT2],  # 50,257 tokens for a 512-token model
     "a tokenizer-only folder as the model": [GPT2],
+    "an unknown attention implementation": [STORIES],
 }
 
 
