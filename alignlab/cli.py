@@ -68,12 +68,12 @@ def explain_overrides(argv: list[str]) -> str | None:
     from alignlab.config import compose
     from alignlab.errors import ConfigError
 
-    overrides, config_dir = split_argv(argv)
+    overrides, config_dir, config_name = split_argv(argv)
     if config_dir is not None and not Path(config_dir).expanduser().is_dir():
         return f"--config-dir {config_dir}: no such folder (relative paths start at {os.getcwd()})"
     if not any(a in ("-m", "--multirun") for a in argv):
         try:
-            compose(overrides, config_dir)
+            compose(overrides, config_dir, config_name)
         except ConfigError as err:
             return str(err)
         return None
@@ -85,28 +85,29 @@ def explain_overrides(argv: list[str]) -> str | None:
         return str(err)
     for member in members:  # every value validated before the first member starts
         try:
-            to_typed(compose(member, config_dir))
+            to_typed(compose(member, config_dir, config_name))
         except ConfigError as err:
             swept = [o for o in member if o not in members[0]] or member[-1:]
             return f"{err} (sweep member with {' '.join(swept)})"
     return None
 
 
-def split_argv(argv: list[str]) -> tuple[list[str], str | None]:
-    """`alignlab train`'s arguments as (overrides other than Hydra's own `hydra.*`, --config-dir)."""
-    overrides, config_dir, flag = [], None, None
+def split_argv(argv: list[str]) -> tuple[list[str], str | None, str]:
+    """`alignlab train`'s arguments as (overrides other than Hydra's own `hydra.*`, --config-dir,
+    --config-name)."""
+    overrides, values, flag = [], {}, None
     for arg in argv:
         if flag is not None:
-            config_dir = arg if flag in ("--config-dir", "-cd") else config_dir
-            flag = None
+            values[flag], flag = arg, None
         elif arg.startswith("-"):
             name, eq, value = arg.partition("=")
-            if name in ("--config-dir", "-cd") and eq:
-                config_dir = value
+            if eq:
+                values[name] = value
             flag = name if name in _VALUE_FLAGS and not eq else None
         elif not arg.lstrip("+~").startswith("hydra"):
             overrides.append(arg)
-    return overrides, config_dir
+    config_dir = values.get("--config-dir", values.get("-cd"))
+    return overrides, config_dir, values.get("--config-name", values.get("-cn", "config"))
 
 
 def sweep_members(overrides: list[str]) -> list[list[str]]:

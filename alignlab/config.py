@@ -411,8 +411,8 @@ def trl_hint(key: str) -> str:
     return ""
 
 
-def compose(overrides: list[str], config_dir: str | None = None):
-    """The composed (unresolved) config of `alignlab train [--config-dir DIR] OVERRIDES`.
+def compose(overrides: list[str], config_dir: str | None = None, config_name: str = "config"):
+    """The composed (unresolved) config of `alignlab train [--config-dir DIR] [--config-name NAME] OVERRIDES`.
 
     Raises:
         ConfigError: one line naming the mistake (an unknown key, group option or recipe with the
@@ -425,11 +425,14 @@ def compose(overrides: list[str], config_dir: str | None = None):
     from alignlab.errors import ConfigError
 
     register_configs()
-    search = [f"hydra.searchpath=[file://{Path(config_dir).expanduser().resolve()}]"] if config_dir else []
+    main, extra = str(resource_dir("configs")), str(Path(config_dir).expanduser().resolve()) if config_dir else None
+    if extra and config_name != "config":  # a primary config of the user's own: its folder first
+        main, extra = extra, main
+    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
 
     def attempt(items):
-        with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):
-            return hydra_compose("config", overrides=[*search, *items])
+        with initialize_config_dir(config_dir=main, version_base=None):
+            return hydra_compose(config_name, overrides=[*search, *items])
 
     try:
         return attempt(overrides)

@@ -114,9 +114,9 @@ def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
         from alignlab.cli import split_argv, sweep_members
 
         assert explain_overrides(args[1:]) is None, where
-        overrides, config_dir = split_argv(args[1:])
+        overrides, config_dir, config_name = split_argv(args[1:])
         for overrides in sweep_members(overrides):
-            cfg = compose(overrides, config_dir)
+            cfg = compose(overrides, config_dir, config_name)
             typed = to_typed(cfg)
             needs = losses.build(typed.loss).needs
             check_data_needs(typed.data, needs.responses, needs.fields)

@@ -46,6 +46,10 @@ def test_recipe_of_ones_own_with_config_dir(tmp_path):
     problem = explain_overrides(["+recipe=mine"])  # without --config-dir: say how to use one's own
     assert "unknown recipe 'mine'" in problem and "--config-dir" in problem
     assert "no such folder" in explain_overrides(["--config-dir", str(tmp_path / "nope"), "+recipe=mine"])
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nseed: 7\n")  # a primary config of one's own
+    assert explain_overrides(["-cd", str(tmp_path), "--config-name", "mine", "+recipe=mine"]) is None
+    assert compose(["+recipe=mine"], str(tmp_path), "mine").seed == 7
+    assert "loss.bta" in explain_overrides(["-cd", str(tmp_path), "--config-name=mine", "loss.bta=1"])
 
 
 def test_unparsable_value_says_how_to_quote():
