@@ -112,7 +112,8 @@ def split_argv(argv: list[str]) -> tuple[list[str], str | None, str]:
 
 def sweep_members(overrides: list[str]) -> list[list[str]]:
     """The override lists a sweep's members compose, enough to check every value once: all swept keys
-    at their first value, then each other value of each swept key in turn (Hydra's own parser).
+    at their first value, then each other value of each swept key in turn (Hydra's own parser); none
+    when a sweep is not a list of values (a sweeper's own kind, such as an interval).
 
     Raises:
         ConfigError: an override that does not parse.
@@ -124,9 +125,12 @@ def sweep_members(overrides: list[str]) -> list[list[str]]:
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-        sweeps = {i: [str(v) for v in o.sweep_string_iterator()] for i, o in enumerate(parsed) if o.is_sweep_override()}
     except HydraException as err:
         raise ConfigError(f"cannot parse the sweep: {str(err).splitlines()[0]}") from None
+    try:
+        sweeps = {i: [str(v) for v in o.sweep_string_iterator()] for i, o in enumerate(parsed) if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - a sweeper's own kind (e.g. optuna's interval()): left to Hydra
+        return []
     prefix = {i: parsed[i].input_line.partition("=")[0] for i in sweeps}  # with its + / ++ / ~
     first = [f"{prefix[i]}={sweeps[i][0]}" if i in sweeps else o.input_line for i, o in enumerate(parsed)]
     members = [first]
