@@ -16,6 +16,7 @@ commands:
                         alignlab train +recipe=dpo model=stories260k data=hh_rlhf loss.beta=0.5
                         alignlab train +recipe=dpo --cfg job      (print the composed config)
                         alignlab train -m +recipe=dpo loss.beta=0.05,0.1,0.5   (a sweep)
+                        alignlab train --config-dir mine +recipe=myrecipe   (your own mine/recipe/myrecipe.yaml)
                       a recipe with `stages` trains them first (once; see alignlab.stages), e.g.
                         alignlab train -m +recipe=modpo loss.weights='[0.1,0.9]','[0.5,0.5]','[0.9,0.1]'
   eval RUN_DIR [--reward module:function] [--num-prompts N] [--max-new-tokens N]

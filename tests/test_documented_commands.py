@@ -1,6 +1,6 @@
 """Every `alignlab` command in README.md and docs/*.md is checked, so a broken example fails the build.
 
-Commands are read from the markdown here: every line of a fenced shell block (continuations joined,
+Commands are read from the markdown here (and from `alignlab --help`'s examples): every line of a fenced shell block (continuations joined,
 comments dropped) that runs `alignlab`, `.venv/bin/alignlab` or `-m/--module alignlab.cli`, and every
 inline code span that is a whole `alignlab train|eval|list` command without placeholders (`NAME`,
 `<...>`, `...`, `a|b`). Training would take minutes for most of them, so a `train` command is checked as
@@ -72,6 +72,12 @@ def documented_commands() -> list[tuple[str, list[str]]]:
             if not PLACEHOLDER.search(command):
                 number = text[:span.start()].count("\n") + 1
                 found.append((f"{doc.name}:{number}: {command[:80]}", shlex.split(command)[1:]))
+    from alignlab.cli import USAGE
+
+    for line in USAGE.splitlines():  # `alignlab --help`'s examples
+        if line.strip().startswith("alignlab "):
+            command = re.sub(r"\s+\(.*\)\s*$", "", line.strip())
+            found.append((f"alignlab --help: {command[:80]}", shlex.split(command)[1:]))
     return found
 
 
@@ -113,8 +119,14 @@ def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
 
         from alignlab.cli import split_argv, sweep_members
 
-        assert explain_overrides(args[1:]) is None, where
         overrides, config_dir, config_name = split_argv(args[1:])
+        if config_dir is not None:  # an example of one's own recipe: give it one, in a fresh folder
+            monkeypatch.chdir(tmp_path)
+            for recipe in (o.split("=", 1)[1] for o in overrides if o.startswith("+recipe=")):
+                (tmp_path / config_dir / "recipe").mkdir(parents=True, exist_ok=True)
+                (tmp_path / config_dir / "recipe" / f"{recipe}.yaml").write_text(
+                    "# @package _global_\ndefaults:\n  - override /loss: dpo\n")
+        assert explain_overrides(args[1:]) is None, where
         for overrides in sweep_members(overrides):
             cfg = compose(overrides, config_dir, config_name)
             typed = to_typed(cfg)
