@@ -55,6 +55,10 @@ def train(overrides: Sequence[str] = (), *, dataset: Any = None, eval_dataset: A
     if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"overrides must be a list of strings such as ['+recipe=dpo', 'loss.beta=0.2'], got "
                           f"{overrides!r}")
+    for given, key in ((dataset, "data.path"), (eval_dataset, "data.eval_path")):
+        if given is not None and any(o.lstrip("+~").partition("=")[0] == key for o in overrides):
+            raise ConfigError(f"both {key}= and the {'eval_' if 'eval' in key else ''}dataset argument are given. Fix: "
+                              "drop one of them")
     cfg = compose(list(overrides), config_dir)
     cache = Path(cfg.data.cache_dir or Path.home() / ".cache" / "alignlab").expanduser()
     if dataset is not None:

@@ -50,6 +50,8 @@ def test_mistakes_are_user_errors_before_anything_loads(tmp_path):
         train(_overrides(tmp_path, "loss.bta=1"))
     with pytest.raises(ConfigError, match="dataset must be a datasets.Dataset or DatasetDict, got list"):
         train(_overrides(tmp_path), dataset=ROWS)
+    with pytest.raises(ConfigError, match="both data.path= and the dataset argument"):
+        train(_overrides(tmp_path, "data.path=x.jsonl"), dataset=datasets.Dataset.from_list(ROWS))
     bad = datasets.Dataset.from_list([*ROWS[:3], {**ROWS[3], "good": ""}])
     with pytest.raises(UserError, match=r"row 3: field 'good'.*empty"):
         train(_overrides(tmp_path, "data.eval_size=0"), dataset=bad, output_dir=tmp_path / "run")
