@@ -163,8 +163,11 @@ class DataConfig:
                 f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than data.max_length "
                 f"({self.max_length}) to leave room for the response"
             )
-        if self.eval_size < 0:
-            raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
+        if self.eval_size < 0 or (self.eval_size >= 1 and self.eval_size != int(self.eval_size)):
+            raise ValueError(f"data.eval_size must be a fraction below 1 or a whole number of rows, got {self.eval_size}")
+        for name in ("max_prompt_length", "num_proc"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -297,6 +300,10 @@ class AlignConfig:
     #: where stages run, each in <stages_dir>/<name>-<hash of its config>, so an identical stage is
     #: trained once and reused by later runs and by every member of a sweep.
     stages_dir: str = "runs/stages"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
 
 
 #: the free-form dictionaries of the schema: `KEY.NAME=value` and `KEY={...}` add names to them as
