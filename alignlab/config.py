@@ -375,6 +375,7 @@ TRL_NAMES = {
     "loss_type": "loss.loss_type (DPO: sigmoid|ipo|hinge; other losses are loss=NAME, see alignlab list)",
     "label_smoothing": "loss.label_smoothing",
     "rpo_alpha": "+recipe=rpo (loss.eta)",
+    "warmup_ratio": "trainer.warmup_steps (a value below 1 is a fraction of all steps)",
     "max_length": "data.max_length",
     "max_prompt_length": "data.max_prompt_length",
     "max_completion_length": "data.max_length (prompt + response)",

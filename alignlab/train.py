@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab import checkpoints, distributed, losses
 from alignlab.config import AlignConfig, TrainerConfig
-from alignlab.errors import ConfigError, user_error_behind
+from alignlab.errors import ConfigError, first_line, user_error_behind
 from alignlab.losses.base import Needs, PrepareContext
 
 
@@ -164,22 +164,25 @@ def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: 
     from transformers import TrainingArguments
 
     known = {k: v for k, v in asdict(t).items() if k not in ("eval_steps", "save_steps", "resume_from_checkpoint", "extra")}
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        **known,
-        eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
-        eval_steps=t.eval_steps or None,
-        save_strategy="steps" if t.save_steps > 0 else "no",
-        save_steps=t.save_steps or 500,
-        seed=seed,
-        report_to=report_to or "none",
-        run_name=output_dir.name,
-        remove_unused_columns=False,  # the collator needs prompt_ids / <response>_ids
-        label_names=[],
-        use_cpu=not _has_accelerator(),
-        deepspeed=deepspeed,
-        **t.extra,
-    )
+    try:
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            **known,
+            eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
+            eval_steps=t.eval_steps or None,
+            save_strategy="steps" if t.save_steps > 0 else "no",
+            save_steps=t.save_steps or 500,
+            seed=seed,
+            report_to=report_to or "none",
+            run_name=output_dir.name,
+            remove_unused_columns=False,  # the collator needs prompt_ids / <response>_ids
+            label_names=[],
+            use_cpu=not _has_accelerator(),
+            deepspeed=deepspeed,
+            **t.extra,
+        )
+    except (ValueError, TypeError) as err:  # a value TrainingArguments refuses, e.g. in trainer.extra
+        raise ConfigError(f"trainer: transformers.TrainingArguments refused the settings: {first_line(err)}") from None
 
 
 def _has_accelerator() -> bool:

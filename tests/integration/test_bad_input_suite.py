@@ -137,7 +137,12 @@ CASES = {
         lambda d: ["+recipe=dpo", f"model.name_or_path={d / 'stories260k'}", "data.max_prompt_length=32",
                    "data.max_length=64", "model.attn_implementation=sdpaa"],
         ["model.attn_implementation=sdpaa", "is not supported", "Fix: use model.attn_implementation=sdpa"]),
+    "a value TrainingArguments refuses": (
+        lambda d: ["+recipe=dpo", "trainer.extra.hub_strategy=sometimes"],
+        ["transformers.TrainingArguments refused the settings: sometimes is not a valid HubStrategy"]),
     # TRL's names
+    "TRL's trainer.warmup_ratio": (
+        lambda d: ["+recipe=dpo", "trainer.warmup_ratio=0.1"], ["in alignlab it is trainer.warmup_steps"]),
     "TRL's trainer.beta": (lambda d: ["+recipe=dpo", "trainer.beta=0.1"], ["in alignlab it is loss.beta"]),
     "TRL's trainer.gradient_checkpointing": (
         lambda d: ["+recipe=dpo", "trainer.gradient_checkpointing=true"], ["in alignlab it is model.gradient_checkpointing"]),
