@@ -90,3 +90,14 @@ def test_dtype_aliases(alias, dtype):
     from alignlab.config import ModelConfig
 
     assert ModelConfig(name_or_path="x", dtype=alias).dtype == dtype
+
+
+def test_every_trl_name_is_in_the_from_trl_page():
+    import re
+    from pathlib import Path
+
+    from alignlab.config import TRL_NAMES
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "from_trl.md").read_text()
+    spans = " ".join(re.findall(r"`([^`]*)`", page))
+    assert [name for name in TRL_NAMES if not re.search(rf"\b{name}\b", spans)] == []
