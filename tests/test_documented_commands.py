@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow  # imports torch and composes ~60 configs: about 3
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+#: a shell line that runs alignlab: `alignlab ...` or `.venv/bin/alignlab ...` as a command (at the
+#: start or after && / ; / |), or `-m / --module alignlab.cli`.
+COMMAND = re.compile(r"(^|&&|;|\|)\s*(\S*/)?alignlab(\s|$)|(-m|--module)\s+alignlab\.cli\b")
 INLINE = re.compile(r"`(alignlab (?:train|eval|list)\b[^`]*)`")
 #: what makes an inline span a pattern rather than a command: placeholders, alternatives, or `alignlab
 #: eval` without its run directory.
@@ -63,10 +66,12 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
         for number, line in _shell_lines(text):
-            if "alignlab" in line:
-                args = _args(shlex.split(line, comments=True))
-                if args is not None:
-                    found.append((f"{doc.name}:{number}: {line.strip()[:80]}", args))
+            if COMMAND.search(line):
+                try:
+                    args = _args(shlex.split(line, comments=True))
+                except ValueError as err:  # e.g. an unclosed quote: a shell would refuse it too
+                    args = [f"<{err}>"]
+                found.append((f"{doc.name}:{number}: {line.strip()[:80]}", args or ["<no arguments>"]))
         for span in INLINE.finditer(text):
             command = span.group(1)
             if not PLACEHOLDER.search(command):
