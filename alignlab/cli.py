@@ -64,7 +64,8 @@ _VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--con
 def explain_overrides(argv: list[str]) -> str | None:
     """Compose `argv`'s overrides once up front (with its `--config-dir`; for a sweep, every value of
     every swept key); on a mistake, one line naming it with the nearest names
-    (`alignlab.config.compose`). Hydra's own overrides and flags are left to Hydra.
+    (`alignlab.config.compose`). A value that composes but fails validation (`loss.beta=-1`) is left
+    to its run: in a sweep, that member fails alone. Hydra's own overrides and flags are left to Hydra.
     """
     from alignlab.config import compose
     from alignlab.errors import ConfigError
@@ -78,15 +79,13 @@ def explain_overrides(argv: list[str]) -> str | None:
         except ConfigError as err:
             return str(err)
         return None
-    from alignlab.train import to_typed
-
     try:
         members = sweep_members(overrides)
     except ConfigError as err:
         return str(err)
-    for member in members:  # every value validated before the first member starts
+    for member in members:  # every key and option of every member; a bad value fails that member alone
         try:
-            to_typed(compose(member, config_dir, config_name))
+            compose(member, config_dir, config_name)
         except ConfigError as err:
             swept = [o for o in member if o not in members[0]] or member[-1:]
             return f"{err} (sweep member with {' '.join(swept)})"

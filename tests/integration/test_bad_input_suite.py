@@ -148,9 +148,9 @@ CASES = {
         lambda d: ["+recipe=dpo", "trainer.gradient_checkpointing=true"], ["in alignlab it is model.gradient_checkpointing"]),
     "TRL's trainer.max_length as an extra": (
         lambda d: ["+recipe=dpo", "trainer.extra.max_length=512"], ["in alignlab it is data.max_length"]),
-    "a mistake in one member of a sweep": (
-        lambda d: ["-m", "+recipe=dpo", "loss.loss_type=sigmoid,ipx", f"hydra.sweep.dir={d / 'sweep'}"],
-        ["loss.loss_type must be one of sigmoid, ipo, hinge; got 'ipx' (sweep member with loss.loss_type=ipx)"]),
+    "an unknown option in one member of a sweep": (
+        lambda d: ["-m", "+recipe=dpo", "model=tiny,tny", f"hydra.sweep.dir={d / 'sweep'}"],
+        ["unknown model 'tny'. Did you mean model=tiny?", "(sweep member with model=tny)"]),
     "a misspelt key in a sweep": (
         lambda d: ["-m", "+recipe=dpo", "loss.bta=0.1,0.2", f"hydra.sweep.dir={d / 'sweep'}"],
         ["unknown key 'loss.bta'. Did you mean loss.beta?"]),
