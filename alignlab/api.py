@@ -53,19 +53,20 @@ def train(overrides: Sequence[str] = (), *, dataset: Any = None, eval_dataset: A
     from alignlab.train import run
 
     if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError(f"overrides must be a list of strings such as ['+recipe=dpo', 'loss.beta=0.2'], got "
+        raise ConfigError("overrides must be a list of strings such as ['+recipe=dpo', 'loss.beta=0.2'], got "
                           f"{overrides!r}")
     for given, key in ((dataset, "data.path"), (eval_dataset, "data.eval_path")):
         if given is not None and any(o.lstrip("+~").partition("=")[0] == key for o in overrides):
-            raise ConfigError(f"both {key}= and the {'eval_' if 'eval' in key else ''}dataset argument are given. Fix: "
-                              "drop one of them")
+            argument = "eval_dataset" if "eval" in key else "dataset"
+            raise ConfigError(f"both {key}= and the {argument} argument are given. Fix: drop one of them")
     cfg = compose(list(overrides), config_dir)
     cache = Path(cfg.data.cache_dir or Path.home() / ".cache" / "alignlab").expanduser()
     if dataset is not None:
         cfg.data.path = str(saved(dataset, cache / "datasets", "dataset"))
     if eval_dataset is not None:
         cfg.data.eval_path = str(saved(eval_dataset, cache / "datasets", "eval_dataset", allow_dict=False))
-    run_dir = Path(output_dir or cfg.output_dir or Path("runs") / cfg.loss.name / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    default = Path("runs") / cfg.loss.name / time.strftime("%Y-%m-%d_%H-%M-%S")  # as the command line's
+    run_dir = Path(output_dir or cfg.output_dir or default)
     run_stages(cfg)
     return run(cfg, output_dir=run_dir)
 
@@ -81,13 +82,14 @@ def saved(dataset: Any, root: Path, argument: str, allow_dict: bool = True) -> P
     kinds = (datasets.Dataset, datasets.DatasetDict) if allow_dict else (datasets.Dataset,)
     if not isinstance(dataset, kinds):
         names = " or ".join(kind.__name__ for kind in kinds)
-        raise ConfigError(f"{argument} must be a datasets.{names}, got {type(dataset).__name__}. Fix: build one, e.g. "
-                          "datasets.Dataset.from_list(rows) (an IterableDataset: Dataset.from_generator)")
+        raise ConfigError(f"{argument} must be a datasets.{names}, got {type(dataset).__name__}. Fix: build one, "
+                          "e.g. datasets.Dataset.from_list(rows) (an IterableDataset: Dataset.from_generator)")
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".saving-{uuid.uuid4().hex}"
     dataset.save_to_disk(str(staging))
     digest = hashlib.sha256()
-    for file in sorted(p for p in staging.rglob("*") if p.suffix == ".arrow" or p.name == "dataset_dict.json"):
+    content = (p for p in staging.rglob("*") if p.suffix == ".arrow" or p.name == "dataset_dict.json")
+    for file in sorted(content):
         digest.update(str(file.relative_to(staging)).encode())
         with file.open("rb") as f:
             while chunk := f.read(1 << 20):

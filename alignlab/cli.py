@@ -16,7 +16,7 @@ commands:
                         alignlab train +recipe=dpo model=stories260k data=hh_rlhf loss.beta=0.5
                         alignlab train +recipe=dpo --cfg job      (print the composed config)
                         alignlab train -m +recipe=dpo loss.beta=0.05,0.1,0.5   (a sweep)
-                        alignlab train --config-dir mine +recipe=myrecipe   (your own mine/recipe/myrecipe.yaml)
+                        alignlab train --config-dir mine +recipe=mine   (your own mine/recipe/mine.yaml)
                       a recipe with `stages` trains them first (once; see alignlab.stages), e.g.
                         alignlab train -m +recipe=modpo loss.weights='[0.1,0.9]','[0.5,0.5]','[0.9,0.1]'
   eval RUN_DIR [--reward module:function] [--num-prompts N] [--max-new-tokens N]
@@ -128,7 +128,8 @@ def sweep_members(overrides: list[str]) -> list[list[str]]:
     except HydraException as err:
         raise ConfigError(f"cannot parse the sweep: {str(err).splitlines()[0]}") from None
     try:
-        sweeps = {i: [str(v) for v in o.sweep_string_iterator()] for i, o in enumerate(parsed) if o.is_sweep_override()}
+        sweeps = {i: [str(v) for v in o.sweep_string_iterator()]
+                  for i, o in enumerate(parsed) if o.is_sweep_override()}
     except Exception:  # noqa: BLE001 - a sweeper's own kind (e.g. optuna's interval()): left to Hydra
         return []
     prefix = {i: parsed[i].input_line.partition("=")[0] for i in sweeps}  # with its + / ++ / ~

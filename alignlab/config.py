@@ -21,7 +21,8 @@ FORMATS = ("auto", "explicit", "conversational", "hh", "columns")
 REFERENCE_MODES = ("live", "precomputed")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 #: other spellings of `DTYPES` that users bring (TrainingArguments' bf16/fp16, torch's half, ...).
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32",
                  "torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 
 
@@ -164,7 +165,8 @@ class DataConfig:
                 f"({self.max_length}) to leave room for the response"
             )
         if self.eval_size < 0 or (self.eval_size >= 1 and self.eval_size != int(self.eval_size)):
-            raise ValueError(f"data.eval_size must be a fraction below 1 or a whole number of rows, got {self.eval_size}")
+            raise ValueError("data.eval_size must be a fraction below 1 or a whole number of rows, got "
+                             f"{self.eval_size}")
         for name in ("max_prompt_length", "num_proc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
@@ -200,17 +202,17 @@ class TrainerConfig:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps"):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
-                     "dataloader_num_workers"):
+        for name in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "eval_steps",
+                     "save_steps", "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
-            raise ValueError(f"trainer.max_steps={self.max_steps} with trainer.num_train_epochs={self.num_train_epochs} "
-                             "trains zero steps. Fix: set trainer.max_steps > 0, or trainer.max_steps=-1 and "
+            raise ValueError(f"trainer.max_steps={self.max_steps} with trainer.num_train_epochs="
+                             f"{self.num_train_epochs} trains zero steps. Fix: set trainer.max_steps > 0, or trainer.max_steps=-1 and "
                              "trainer.num_train_epochs > 0")
         for name in sorted(self.extra):
             if name in {f.name for f in fields(self)}:
@@ -388,7 +390,7 @@ TRL_NAMES = {
     "model_init_kwargs": "model.dtype / model.attn_implementation / model.trust_remote_code",
     "trust_remote_code": "model.trust_remote_code",
     "gradient_checkpointing": "model.gradient_checkpointing",
-    "gradient_checkpointing_kwargs": "model.gradient_checkpointing (alignlab always uses use_reentrant=false)",
+    "gradient_checkpointing_kwargs": "model.gradient_checkpointing (always with use_reentrant=false)",
     "ref_model": "model.reference",
     "ref_model_name_or_path": "model.reference",
     "model_name_or_path": "model.name_or_path",
@@ -415,7 +417,8 @@ def trl_hint(key: str) -> str:
     """' In alignlab it is X.' when the last part of `key` is a TRL name kept elsewhere, else ''."""
     leaf = key.rpartition(".")[2]
     if leaf in TRL_NAMES and not TRL_NAMES[leaf].startswith(key):
-        return f" {leaf} is TRL's (or transformers') name; in alignlab it is {TRL_NAMES[leaf]} (docs/from_trl.md)."
+        return (f" {leaf} is TRL's (or transformers') name; in alignlab it is {TRL_NAMES[leaf]} "
+                "(docs/from_trl.md).")
     return ""
 
 
@@ -433,7 +436,8 @@ def compose(overrides: list[str], config_dir: str | None = None, config_name: st
     from alignlab.errors import ConfigError
 
     register_configs()
-    main, extra = str(resource_dir("configs")), str(Path(config_dir).expanduser().resolve()) if config_dir else None
+    main = str(resource_dir("configs"))
+    extra = str(Path(config_dir).expanduser().resolve()) if config_dir else None
     if extra and config_name != "config":  # a primary config of the user's own: its folder first
         main, extra = extra, main
     search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
@@ -445,8 +449,8 @@ def compose(overrides: list[str], config_dir: str | None = None, config_name: st
     try:
         return attempt(overrides)
     except OverrideParseException as err:
-        raise ConfigError(f"cannot parse {err.override!r}: {err.message.splitlines()[0]}. Quote values holding "
-                          "{ } [ ] , = or spaces for Hydra, e.g. key='\"a value\"'") from None
+        raise ConfigError(f"cannot parse {err.override!r}: {err.message.splitlines()[0]}. Quote values "
+                          "holding { } [ ] , = or spaces for Hydra, e.g. key='\"a value\"'") from None
     except MissingConfigException as err:
         raise ConfigError(_missing_option(err, config_dir)) from None
     except ConfigCompositionException as err:

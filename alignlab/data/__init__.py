@@ -173,7 +173,8 @@ class DataReport:
                 f"(train {self.train_rows}, eval {self.eval_rows}), skipped {self.rows_skipped}")
         lines = [head]
         for reason, count in self.skipped.items():
-            lines.append(f"  skipped {count.count} x {reason}{self.limit(reason)}: e.g. {_rows_text(count.examples)}")
+            lines.append(f"  skipped {count.count} x {reason}{self.limit(reason)}: e.g. "
+                         f"{_rows_text(count.examples)}")
         if self.unpaired_from_pairs:
             lines.append(f"  unpaired {self.pairs_unpaired} pairs into single completions: chosen labelled "
                          "True (desirable), rejected False (undesirable)")
@@ -186,8 +187,8 @@ class DataReport:
                          f"{self.retain_rows_read} rows, {self.retain_rows} usable, {self.retain_rows_used} "
                          "paired with examples")
         cache = "hit" if self.cache_hit else "miss"
-        lines.append(f"  truncated {self.prompts_truncated} prompts (to data.max_prompt_length={self.max_prompt_length}) "
-                     f"and {self.responses_truncated} responses (to fit data.max_length={self.max_length}); "
+        lines.append(f"  truncated {self.prompts_truncated} prompts (to data.max_prompt_length="
+                     f"{self.max_prompt_length}) and {self.responses_truncated} responses (to fit data.max_length={self.max_length}); "
                      f"tokenized cache {cache}")
         return "\n".join(lines + self.warnings())
 
@@ -203,7 +204,8 @@ class DataReport:
         """Every skip reason with its count and limit, most frequent first, e.g. "999 x prompt too long
         (over data.max_prompt_length=16 tokens), 1 x empty prompt or response"."""
         counts = sorted(self.skipped.items(), key=lambda item: -item[1].count)
-        return ", ".join(f"{count.count} x {reason}{self.limit(reason)}" for reason, count in counts) or "none"
+        return ", ".join(f"{count.count} x {reason}{self.limit(reason)}"
+                         for reason, count in counts) or "none"
 
     def warnings(self) -> list[str]:
         """Lines for what is allowed but probably not meant: most prompts or responses truncated."""

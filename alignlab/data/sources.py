@@ -153,8 +153,8 @@ def read_source(path: str, *, name: str | None = None, split: str = "train",
             records = _read_saved(local, path, split, limit)
         elif local.exists():
             if split != "train":  # a file has no splits: reading it as one would give the train rows again
-                raise DataError(f"{path}: split {split!r} was asked for, but a local file or folder of files has no "
-                                "splits. Fix: set data.eval_path to the held-out file (or leave data.split / "
+                raise DataError(f"{path}: split {split!r} was asked for, but a local file or folder of files "
+                                "has no splits. Fix: set data.eval_path to the held-out file (or leave data.split / "
                                 "data.eval_split unset)")
             records = _read_local(local, path, limit)
         elif _looks_local(path):
@@ -301,9 +301,9 @@ def _read_csv(path: Path, label: str) -> Iterator[Record]:
         table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if tsv else ",",
                                                                     newlines_in_values=True))
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{label}: cannot read the {'TSV' if tsv else 'CSV'} file ({first_line(e)}). Fix: give every "
-                        f"line as many fields as the header row, quoting values that hold {'tabs' if tsv else 'commas'}"
-                        " or line breaks, in UTF-8") from None
+        raise DataError(f"{label}: cannot read the {'TSV' if tsv else 'CSV'} file ({first_line(e)}). Fix: give "
+                        "every line as many fields as the header row, quoting values that hold "
+                        f"{'tabs' if tsv else 'commas'} or line breaks, in UTF-8") from None
     for index, row in enumerate(table.to_pylist()):
         yield RowRef(label, index), row
 
@@ -315,8 +315,8 @@ def _read_saved(path: Path, label: str, split: str, limit: int | None) -> list[R
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged folder
-        raise DataError(f"{label}: cannot load the saved dataset ({type(e).__name__}: {first_line(e)}). Fix: save it "
-                        "again with Dataset.save_to_disk / DatasetDict.save_to_disk") from None
+        raise DataError(f"{label}: cannot load the saved dataset ({type(e).__name__}: {first_line(e)}). "
+                        "Fix: save it again with Dataset.save_to_disk / DatasetDict.save_to_disk") from None
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"{label} is a DatasetDict without the split {split!r}. Fix: set data.split (or "
@@ -340,7 +340,7 @@ def _read_hub(path: str, name: str | None, split: str, limit: int | None) -> lis
         dataset = datasets.load_dataset(path, name, split=split)
     except Exception as e:  # the hub raises many types: connection, not found, bad config or split
         raise DataError(f"data.path={path!r} is not an existing local file or folder (relative paths start "
-                        f"at {os.getcwd()}), and Hugging Face datasets could not load it from the hub or the local cache "
-                        f"({type(e).__name__}: {first_line(e)}). Fix: correct the path, or the dataset name, "
+                        f"at {os.getcwd()}), and Hugging Face datasets could not load it from the hub or the local "
+                        f"cache ({type(e).__name__}: {first_line(e)}). Fix: correct the path, or the dataset name, "
                         "data.name and data.split") from e
     return _dataset_records(dataset, f"hub {path}[{split}]", limit)
