@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
+from pathlib import Path
 
 USAGE = """usage: alignlab <command> [args]
 
@@ -14,6 +16,7 @@ commands:
                         alignlab train +recipe=dpo model=stories260k data=hh_rlhf loss.beta=0.5
                         alignlab train +recipe=dpo --cfg job      (print the composed config)
                         alignlab train -m +recipe=dpo loss.beta=0.05,0.1,0.5   (a sweep)
+                        alignlab train --config-dir mine +recipe=mine   (your own mine/recipe/mine.yaml)
                       a recipe with `stages` trains them first (once; see alignlab.stages), e.g.
                         alignlab train -m +recipe=modpo loss.weights='[0.1,0.9]','[0.5,0.5]','[0.9,0.1]'
   eval RUN_DIR [--reward module:function] [--num-prompts N] [--max-new-tokens N]
@@ -53,61 +56,88 @@ def _train(argv: list[str]) -> None:
     _main()
 
 
+#: Hydra's flags that take a value (the next argument, or after `=`).
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
+                "--config-path", "-cp", "--info", "-i")
+
+
 def explain_overrides(argv: list[str]) -> str | None:
-    """Compose `argv`'s overrides once up front; on a mistake, one line naming it with the nearest names.
-
-    Sweeps (`-m`) and Hydra's own flags are left to Hydra.
+    """Compose `argv`'s overrides once up front (with its `--config-dir`; for a sweep, every value of
+    every swept key); on a mistake, one line naming it with the nearest names
+    (`alignlab.config.compose`). A value that composes but fails validation (`loss.beta=-1`) is left
+    to its run: in a sweep, that member fails alone. Hydra's own overrides and flags are left to Hydra.
     """
-    import difflib
-    import re
+    from alignlab.config import compose
+    from alignlab.errors import ConfigError
 
-    from hydra import compose, initialize_config_dir
-
-    from alignlab.config import register_configs, resource_dir
-
-    if any(a in ("-m", "--multirun") for a in argv):
+    overrides, config_dir, config_name = split_argv(argv)
+    if config_dir is not None and not Path(config_dir).expanduser().is_dir():
+        return f"--config-dir {config_dir}: no such folder (relative paths start at {os.getcwd()})"
+    if not any(a in ("-m", "--multirun") for a in argv):
+        try:
+            compose(overrides, config_dir, config_name)
+        except ConfigError as err:
+            return str(err)
         return None
-    register_configs()
-    overrides, skip = [], False
-    for arg in argv:
-        if skip or arg.startswith("-"):
-            skip = arg in ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd")
-            continue
-        if not arg.lstrip("+~").startswith("hydra"):
-            overrides.append(arg)
+    try:
+        members = sweep_members(overrides)
+    except ConfigError as err:
+        return str(err)
+    for member in members:  # every key and option of every member; a bad value fails that member alone
+        try:
+            compose(member, config_dir, config_name)
+        except ConfigError as err:
+            swept = [o for o in member if o not in members[0]] or member[-1:]
+            return f"{err} (sweep member with {' '.join(swept)})"
+    return None
 
-    def compose_with(items):
-        with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):
-            return compose("config", overrides=items)
+
+def split_argv(argv: list[str]) -> tuple[list[str], str | None, str]:
+    """`alignlab train`'s arguments as (overrides other than Hydra's own `hydra.*`, --config-dir,
+    --config-name)."""
+    overrides, values, flag = [], {}, None
+    for arg in argv:
+        if flag is not None:
+            values[flag], flag = arg, None
+        elif arg.startswith("-"):
+            name, eq, value = arg.partition("=")
+            if eq:
+                values[name] = value
+            flag = name if name in _VALUE_FLAGS and not eq else None
+        elif not arg.lstrip("+~").startswith("hydra"):
+            overrides.append(arg)
+    config_dir = values.get("--config-dir", values.get("-cd"))
+    return overrides, config_dir, values.get("--config-name", values.get("-cn", "config"))
+
+
+def sweep_members(overrides: list[str]) -> list[list[str]]:
+    """The override lists a sweep's members compose, enough to check every value once: all swept keys
+    at their first value, then each other value of each swept key in turn (Hydra's own parser); none
+    when a sweep is not a list of values (a sweeper's own kind, such as an interval).
+
+    Raises:
+        ConfigError: an override that does not parse.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from alignlab.errors import ConfigError
 
     try:
-        compose_with(overrides)
-        return None
-    except Exception as err:  # noqa: BLE001 - turned into one line below
-        text = "\n".join(str(e) for e in (err, err.__cause__) if e is not None)
-    missing = re.search(r"Could not find '([\w/]+)/([\w-]+)'", text)
-    if missing:
-        group, name = missing.groups()
-        options = [o for o in re.findall(r"^\t(\S+)$", text, flags=re.M) if o != "schema"]
-        near = difflib.get_close_matches(name, options, n=1)
-        hint = f" Did you mean {'+' if group == 'recipe' else ''}{group}={near[0]}?" if near else ""
-        return f"unknown {group} {name!r}.{hint} Options: {', '.join(options)}"
-    unknown = re.search(r"Could not override '([\w.]+)'", text)
-    if unknown:
-        key = unknown.group(1)
-        parent, _, leaf = key.rpartition(".")
-        rest = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]
-        try:
-            node = compose_with(rest).get(parent) if parent else compose_with(rest)
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-        except Exception:  # noqa: BLE001 - the other overrides are broken too; say what we know
-            keys = []
-        near = difflib.get_close_matches(leaf, keys, n=1)
-        hint = f" Did you mean {parent + '.' if parent else ''}{near[0]}?" if near else ""
-        listed = f" Keys of {parent or 'the config'}: {', '.join(keys)}" if keys else ""
-        return f"unknown key {key!r}.{hint}{listed}"
-    lines = [line.strip() for line in text.splitlines() if line.strip() and "full_key" not in line]
-    return "; ".join(lines[:2]) or f"invalid overrides: {' '.join(overrides)}"
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse the sweep: {str(err).splitlines()[0]}") from None
+    try:
+        sweeps = {i: [str(v) for v in o.sweep_string_iterator()]
+                  for i, o in enumerate(parsed) if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - a sweeper's own kind (e.g. optuna's interval()): left to Hydra
+        return []
+    prefix = {i: parsed[i].input_line.partition("=")[0] for i in sweeps}  # with its + / ++ / ~
+    first = [f"{prefix[i]}={sweeps[i][0]}" if i in sweeps else o.input_line for i, o in enumerate(parsed)]
+    members = [first]
+    for i, values in sweeps.items():
+        members += [[*first[:i], f"{prefix[i]}={value}", *first[i + 1:]] for value in values[1:]]
+    return members
 
 
 def _eval(argv: list[str]) -> None:

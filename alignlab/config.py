@@ -19,6 +19,11 @@ BAD_ROW_POLICIES = ("error", "skip")
 PROMPT_TRUNCATION = ("error", "keep_end", "keep_start")
 FORMATS = ("auto", "explicit", "conversational", "hh", "columns")
 REFERENCE_MODES = ("live", "precomputed")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: other spellings of `DTYPES` that users bring (TrainingArguments' bf16/fp16, torch's half, ...).
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32",
+                 "torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 
 
 @dataclass
@@ -73,14 +78,16 @@ class ModelConfig:
     #: live (run the reference every step) | precomputed (score the data once before training, cache
     #: the log-probs on disk, free the reference; not for losses that need its full logits).
     reference_mode: str = "live"
-    #: float32 | bfloat16 | float16 | auto. Log-probs are always computed in fp32.
+    #: float32 | bfloat16 | float16 | auto (also bf16, fp16, fp32). Log-probs are always computed in fp32.
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     #: off unless you trust the model repository's code.
     trust_remote_code: bool = False
     #: passed to from_pretrained, e.g. sdpa or eager; None lets transformers choose.
     attn_implementation: Optional[str] = None
-    #: a Jinja chat template for tokenizers that have none (needed for conversational data).
+    #: the chat template for conversational data, replacing the tokenizer's own: a name from
+    #: `alignlab.models.CHAT_TEMPLATES` (e.g. `plain`, `chatml`), a path to a Jinja file, or the Jinja
+    #: text itself (anything containing `{{` or `{%`).
     chat_template: Optional[str] = None
     #: zero the dropout probabilities of the policy, as TRL does for DPO (the reference is in eval mode).
     disable_dropout: bool = True
@@ -104,16 +111,20 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of("model.reference_mode", self.reference_mode, REFERENCE_MODES)
+        self.dtype = DTYPE_ALIASES.get(str(self.dtype).lower(), self.dtype)
+        _one_of("model.dtype", self.dtype, DTYPES)
         if self.logit_chunk_size < 0:
             raise ValueError(f"model.logit_chunk_size must be >= 0, got {self.logit_chunk_size}")
 
 
 @dataclass
 class DataConfig:
-    #: local .json/.jsonl(.gz)/.parquet file or folder, `builtin:sentiment`, or a `datasets` hub name.
+    #: a local .json/.jsonl/.csv/.tsv (.gz too) or .parquet file or a folder of them, a `save_to_disk`
+    #: folder, `builtin:sentiment`, or a Hugging Face dataset name (hub, or the local cache offline).
     path: str = MISSING
     #: the hub dataset's configuration name.
     name: Optional[str] = None
+    #: the split of a hub dataset or a saved DatasetDict.
     split: str = "train"
     #: auto | explicit | conversational | hh | columns (see docs/data.md).
     format: str = "auto"
@@ -125,7 +136,9 @@ class DataConfig:
     retain: Optional[str] = None
     #: swap chosen and rejected in every pair (e.g. to train AlignDistil's reverse-DPO teacher).
     swap_pairs: bool = False
-    #: a separate held-out file or hub split; otherwise `eval_size` rows are held out of `path`.
+    #: a separate held-out source (`eval_path`, read with `eval_split` or `split`), or only `eval_split`:
+    #: another split of `path` (a DatasetDict folder or a hub dataset); otherwise `eval_size` rows are
+    #: held out of `path`.
     eval_path: Optional[str] = None
     eval_split: Optional[str] = None
     #: held-out fraction (< 1) or number of rows (>= 1).
@@ -151,8 +164,12 @@ class DataConfig:
                 f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than data.max_length "
                 f"({self.max_length}) to leave room for the response"
             )
-        if self.eval_size < 0:
-            raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
+        if self.eval_size < 0 or (self.eval_size >= 1 and self.eval_size != int(self.eval_size)):
+            raise ValueError("data.eval_size must be a fraction below 1 or a whole number of rows, got "
+                             f"{self.eval_size}")
+        for name in ("max_prompt_length", "num_proc"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -185,6 +202,18 @@ class TrainerConfig:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "eval_steps",
+                     "save_steps", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ValueError(f"trainer.max_steps={self.max_steps} with trainer.num_train_epochs="
+                             f"{self.num_train_epochs} trains zero steps. Fix: set trainer.max_steps > 0, or trainer.max_steps=-1 and "
+                             "trainer.num_train_epochs > 0")
         for name in sorted(self.extra):
             if name in {f.name for f in fields(self)}:
                 raise ValueError(f"trainer.extra.{name}: {name} is a trainer setting of its own; set trainer.{name} "
@@ -255,12 +284,12 @@ class EvalConfig:
 
 @dataclass
 class AlignConfig:
-    model: ModelConfig = MISSING
-    data: DataConfig = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     loss: Any = MISSING
-    trainer: TrainerConfig = MISSING
-    logger: LoggerConfig = MISSING
-    deepspeed: DeepSpeedConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     #: evaluation at the end of training.
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
@@ -273,6 +302,25 @@ class AlignConfig:
     #: where stages run, each in <stages_dir>/<name>-<hash of its config>, so an identical stage is
     #: trained once and reused by later runs and by every member of a sweep.
     stages_dir: str = "runs/stages"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+
+
+#: the free-form dictionaries of the schema: `KEY.NAME=value` and `KEY={...}` add names to them as
+#: documented, without Hydra's `+` (Hydra closes every dictionary of a composed config otherwise).
+OPEN_DICTS = ("data.columns", "trainer.extra", "deepspeed.config", "stages")
+
+
+def schema():
+    """`AlignConfig` as the root schema, with the `OPEN_DICTS` open to new keys."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(AlignConfig)
+    for key in OPEN_DICTS:
+        OmegaConf.set_struct(OmegaConf.select(node, key), False)
+    return node
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -308,7 +356,7 @@ def register_configs() -> None:
 
     register_resolver()  # ${stage:NAME}
     cs = ConfigStore.instance()
-    cs.store(name="alignlab_schema", node=AlignConfig)
+    cs.store(name="alignlab_schema", node=schema())
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
@@ -320,3 +368,139 @@ def register_configs() -> None:
     for path in sorted(resource_dir("recipes").glob("*.yaml")):
         cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
     _registered = True
+
+
+#: names a TRL user brings (DPOConfig / DPOTrainer and TrainingArguments fields that alignlab keeps
+#: elsewhere) -> where they live in alignlab. docs/from_trl.md is the full table.
+TRL_NAMES = {
+    "beta": "loss.beta",
+    "loss_type": "loss.loss_type (DPO: sigmoid|ipo|hinge; other losses are loss=NAME, see alignlab list)",
+    "label_smoothing": "loss.label_smoothing",
+    "rpo_alpha": "+recipe=rpo (loss.eta)",
+    "warmup_ratio": "trainer.warmup_steps (a value below 1 is a fraction of all steps)",
+    "max_length": "data.max_length",
+    "max_prompt_length": "data.max_prompt_length",
+    "max_completion_length": "data.max_length (prompt + response)",
+    "truncation_mode": "data.prompt_truncation (keep_end|keep_start)",
+    "padding_free": "model.padding_free",
+    "precompute_ref_log_probs": "model.reference_mode=precomputed",
+    "precompute_ref_batch_size": "trainer.per_device_eval_batch_size",
+    "disable_dropout": "model.disable_dropout",
+    "dataset_num_proc": "data.num_proc",
+    "model_init_kwargs": "model.dtype / model.attn_implementation / model.trust_remote_code",
+    "trust_remote_code": "model.trust_remote_code",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "gradient_checkpointing_kwargs": "model.gradient_checkpointing (always with use_reentrant=false)",
+    "ref_model": "model.reference",
+    "ref_model_name_or_path": "model.reference",
+    "model_name_or_path": "model.name_or_path",
+    "dataset_name": "data.path",
+    "dataset_config": "data.name",
+    "dataset_train_split": "data.split",
+    "dataset_test_split": "data.eval_split",
+    "chat_template": "model.chat_template",
+    "torch_dtype": "model.dtype",
+    "dtype": "model.dtype",
+    "use_peft": "model.lora.enabled",
+    "lora_r": "model.lora.r",
+    "lora_alpha": "model.lora.alpha",
+    "lora_dropout": "model.lora.dropout",
+    "lora_target_modules": "model.lora.target_modules",
+    "load_in_4bit": "model.lora.load_in_4bit",
+    "output_dir": "output_dir (or hydra.run.dir)",
+    "seed": "seed",
+    "report_to": "logger=wandb",
+}
+
+
+def trl_hint(key: str) -> str:
+    """' In alignlab it is X.' when the last part of `key` is a TRL name kept elsewhere, else ''."""
+    leaf = key.rpartition(".")[2]
+    if leaf in TRL_NAMES and not TRL_NAMES[leaf].startswith(key):
+        return (f" {leaf} is TRL's (or transformers') name; in alignlab it is {TRL_NAMES[leaf]} "
+                "(docs/from_trl.md).")
+    return ""
+
+
+def compose(overrides: list[str], config_dir: str | None = None, config_name: str = "config"):
+    """The composed (unresolved) config of `alignlab train [--config-dir DIR] [--config-name NAME] OVERRIDES`.
+
+    Raises:
+        ConfigError: one line naming the mistake (an unknown key, group option or recipe with the
+            nearest valid names; a TRL name with its alignlab key; a bad value), from Hydra's exceptions.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    from alignlab.errors import ConfigError
+
+    register_configs()
+    main = str(resource_dir("configs"))
+    extra = str(Path(config_dir).expanduser().resolve()) if config_dir else None
+    if extra and config_name != "config":  # a primary config of the user's own: its folder first
+        main, extra = extra, main
+    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
+
+    def attempt(items):
+        with initialize_config_dir(config_dir=main, version_base=None):
+            return hydra_compose(config_name, overrides=[*search, *items])
+
+    try:
+        return attempt(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse {err.override!r}: {err.message.splitlines()[0]}. Quote values "
+                          "holding { } [ ] , = or spaces for Hydra, e.g. key='\"a value\"'") from None
+    except MissingConfigException as err:
+        raise ConfigError(_missing_option(err, config_dir)) from None
+    except ConfigCompositionException as err:
+        cause = err.__cause__
+        key = getattr(cause, "full_key", None)
+        if key is not None and _is_unknown_key(cause):
+            raise ConfigError(_unknown_key(key, overrides, attempt)) from None
+        text = getattr(cause, "msg", None) or str(cause or err)
+        where = f"{key}: " if key else ""
+        raise ConfigError(where + "; ".join(line.strip() for line in text.splitlines() if line.strip()
+                                            and "full_key" not in line and "_type=" not in line)) from None
+
+
+def _is_unknown_key(error: BaseException) -> bool:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    return isinstance(error, (ConfigAttributeError, ConfigKeyError))
+
+
+def _missing_option(err, config_dir: str | None) -> str:
+    """'unknown recipe 'dpx'. Did you mean +recipe=dpo? Options: ...' from Hydra's exception."""
+    import difflib
+
+    group, _, name = (err.missing_cfg_file or "").rpartition("/")
+    options = [o for o in (err.options or []) if o != "schema"]
+    if not group:  # the primary config itself
+        return f"config {name!r} not found{f' in {config_dir}' if config_dir else ''}"
+    near = difflib.get_close_matches(name, options, n=1)
+    hint = f" Did you mean {'+' if group == 'recipe' else ''}{group}={near[0]}?" if near else ""
+    where = "" if config_dir or group != "recipe" else (
+        " (a recipe of your own: alignlab train --config-dir DIR +recipe=NAME, with DIR/recipe/NAME.yaml)")
+    return f"unknown {group} {name!r}.{hint} Options: {', '.join(options)}{where}"
+
+
+def _unknown_key(key: str, overrides: list[str], attempt) -> str:
+    """'unknown key 'loss.bta'. Did you mean loss.beta? Keys of loss: ...' (or its TRL name's key)."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        from omegaconf import OmegaConf
+
+        node = attempt(rest)
+        node = OmegaConf.select(node, parent) if parent else node
+        keys = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+    except Exception:  # noqa: BLE001 - the other overrides are broken too; say what we know
+        keys = []
+    trl = trl_hint(key)
+    near = difflib.get_close_matches(leaf, keys, n=1)
+    hint = trl or (f" Did you mean {parent + '.' if parent else ''}{near[0]}?" if near else "")
+    listed = f" Keys of {parent or 'the config'}: {', '.join(keys)}" if keys and not trl else ""
+    return f"unknown key {key!r}.{hint}{listed}"

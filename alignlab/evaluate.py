@@ -216,7 +216,7 @@ def _prompts(data, tokenizer, n: int) -> list[str]:
     seen, prompts = set(), []
     for ids in data.eval["prompt_ids"]:
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text not in seen:
+        if text.strip() and text not in seen:  # a prompt of unknown tokens only decodes to nothing
             seen.add(text)
             prompts.append(text)
         if len(prompts) == n:

@@ -16,6 +16,7 @@ from alignlab.errors import ConfigError, UserError, first_line
 
 
 BUILTIN_PREFIX = "builtin:"
+#: `model.dtype` (`alignlab.config.DTYPES`, aliases already resolved) -> the torch dtype.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -53,7 +54,8 @@ def load_tokenizer(cfg: ModelConfig):
             tokenizer = loader.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         except OSError as err:
             raise ModelError(
-                f"cannot load tokenizer {name!r}: it is neither a local folder nor reachable on the hub ({err}). "
+                f"cannot load tokenizer {name!r}: it is neither a local folder nor reachable on the hub "
+                f"({first_line(err)}). "
                 "Set model.name_or_path (or model.tokenizer) to a folder with tokenizer files."
             ) from None
         except (ValueError, ImportError) as err:
@@ -68,8 +70,90 @@ def load_tokenizer(cfg: ModelConfig):
         # come from the masks, never from comparing ids with pad_token_id.
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.chat_template:
-        tokenizer.chat_template = cfg.chat_template
+        tokenizer.chat_template = chat_template(cfg.chat_template)
     return tokenizer
+
+
+#: named chat templates for `model.chat_template=NAME` (tokenizers without one, or to replace it).
+CHAT_TEMPLATES = {
+    # "role: content" lines; the prompt ends with "assistant: " (the README's stories260k example)
+    "plain": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant: {% endif %}",
+    # ChatML as Qwen and TRL's setup_chat_format write it; its markers are plain text to a tokenizer
+    # that lacks them as special tokens
+    "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+}
+
+
+def chat_template(value: str) -> str:
+    """The Jinja text of `model.chat_template`: a name of `CHAT_TEMPLATES`, a Jinja file, a tokenizer
+    folder (its chat_template.jinja or tokenizer_config.json's template), or the Jinja text itself.
+
+    Raises:
+        ModelError: none of these.
+    """
+    if "{{" in value or "{%" in value:
+        return value
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    path = Path(value).expanduser()
+    if path.is_dir():
+        import json
+
+        if (path / "chat_template.jinja").is_file():
+            return (path / "chat_template.jinja").read_text(encoding="utf-8")
+        config = path / "tokenizer_config.json"
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+        if isinstance(template, str) and template:
+            return template
+        raise ModelError(f"model.chat_template={value!r}: the folder holds no chat template (chat_template.jinja, or "
+                         "chat_template in tokenizer_config.json). Fix: name a file, a folder with one, or a template "
+                         f"name ({', '.join(CHAT_TEMPLATES)})")
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if "{{" in text or "{%" in text:
+            return text
+        raise ModelError(f"model.chat_template={value!r}: the file holds no Jinja ({{{{ }}}} or {{% %}}). Fix: point "
+                         "it at a chat template file")
+    raise ModelError(f"model.chat_template={value!r} is not a template name ({', '.join(CHAT_TEMPLATES)}), an existing "
+                     f"file or folder (relative paths start at {Path.cwd()}), or Jinja text (with {{{{ or {{%). Fix: "
+                     "correct it")
+
+
+#: files that make a folder a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def check_model_folder(name: str, key: str = "model.name_or_path") -> None:
+    """Refuse, before anything loads, a local model path that holds no model: missing, a file, a
+    tokenizer-only folder, or a folder without config.json or safetensors weights. Hub names pass.
+
+    Raises:
+        ModelError: naming `key`, what the folder holds and the fix.
+    """
+    if name.startswith(BUILTIN_PREFIX):
+        return
+    path = Path(name).expanduser()
+    if not path.exists():
+        if name.startswith(("/", "./", "../", "~")):
+            raise ModelError(f"{key}={name!r} does not exist (relative paths start at {Path.cwd()}). Fix: point it at "
+                             "a model folder (config.json + *.safetensors) or a hub name")
+        return  # a hub name
+    if not path.is_dir():
+        raise ModelError(f"{key}={name!r} is a file. Fix: point it at the model's folder (config.json + *.safetensors)")
+    if (path / "adapter_config.json").is_file():  # a peft adapter: transformers loads its base with it
+        return
+    if not (path / "config.json").is_file():
+        found = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+        what = f"holds only a tokenizer ({', '.join(found)})" if found else "holds no config.json"
+        use = f", and model.tokenizer={name} to use this tokenizer" if found and key == "model.name_or_path" else ""
+        raise ModelError(f"{key}={name!r} is not a model folder: it {what}. Fix: set {key} to a folder with config.json "
+                         f"and *.safetensors weights{use}")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{key}={name!r} holds no *.safetensors weights (alignlab never loads pickled .bin weights). "
+                         "Fix: convert them once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
+                         ".save_pretrained(dir, safe_serialization=True)")
 
 
 def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
@@ -101,9 +185,14 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
             model = AutoModelForCausalLM.from_pretrained(_source(cfg.name_or_path), use_safetensors=True, **kwargs)
         except OSError as err:
             raise ModelError(
-                f"cannot load model {cfg.name_or_path!r}: {err}. Set model.name_or_path to a local folder "
+                f"cannot load model {cfg.name_or_path!r}: {first_line(err)}. Set model.name_or_path to a local folder "
                 "with config.json and *.safetensors, or a hub name on a machine with network access."
             ) from None
+        except (ValueError, ImportError) as err:  # e.g. an unknown attention implementation, flash-attn absent
+            setting = f"model.attn_implementation={cfg.attn_implementation}" if cfg.attn_implementation else "the model"
+            raise ModelError(f"cannot load model {cfg.name_or_path!r} ({setting}): {first_line(err)} Fix: use "
+                             "model.attn_implementation=sdpa or eager (flash_attention_2 needs a GPU and the flash-attn "
+                             "package), or leave it unset") from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ModelError(

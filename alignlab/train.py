@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab import checkpoints, distributed, losses
 from alignlab.config import AlignConfig, ModelConfig, TrainerConfig
-from alignlab.errors import ConfigError, user_error_behind
+from alignlab.errors import ConfigError, first_line, user_error_behind
 from alignlab.losses.base import Needs, PrepareContext
 
 
@@ -59,9 +59,76 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
             raise ConfigError(f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
                               f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it")
     check_data_needs(cfg.data, needs.responses, needs.fields)
-    from alignlab.models import check_lora
+    from alignlab.models import chat_template, check_lora, check_model_folder
 
+    check_model_folder(cfg.model.name_or_path)
+    if cfg.model.reference:
+        check_model_folder(cfg.model.reference, "model.reference")
+    if cfg.model.tokenizer and not Path(cfg.model.tokenizer).expanduser().exists() and cfg.model.tokenizer.startswith(
+            ("/", "./", "../", "~")):
+        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} does not exist (relative paths start at "
+                          f"{Path.cwd()}). Fix: point it at a tokenizer folder, or leave it unset")
     check_lora(cfg.model, _has_accelerator())
+    if cfg.model.chat_template:
+        chat_template(cfg.model.chat_template)  # a wrong name or path fails now, not after loading
+    check_trainer(cfg.trainer)
+
+
+def check_trainer(trainer: TrainerConfig) -> None:
+    """What HF Trainer would refuse only after the models loaded: an unknown `trainer.optim` or
+    `trainer.lr_scheduler_type`, an 8-bit optimizer without bitsandbytes, and a `trainer.extra.NAME`
+    that is no `TrainingArguments` field (TRL's names are pointed to their alignlab keys; the config
+    refuses the fields alignlab sets itself)."""
+    import difflib
+    import importlib.util
+    from dataclasses import fields
+
+    from transformers import SchedulerType, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    from alignlab.config import TRL_NAMES
+
+    for name, value, options in (("optim", trainer.optim, [o.value for o in OptimizerNames]),
+                                 ("lr_scheduler_type", trainer.lr_scheduler_type, [o.value for o in SchedulerType])):
+        if value not in options:
+            near = difflib.get_close_matches(value, options, n=1)
+            hint = f" Did you mean trainer.{name}={near[0]}?" if near else ""
+            raise ConfigError(f"trainer.{name}={value!r} is not one of transformers' options.{hint} Options: "
+                              f"{', '.join(options)}")
+    if ("8bit" in trainer.optim or "bnb" in trainer.optim) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"trainer.optim={trainer.optim} needs bitsandbytes: pip install bitsandbytes (or use "
+                          "trainer.optim=adamw_torch)")
+
+    known = [f.name for f in fields(TrainingArguments) if f.init]
+    for name in sorted(trainer.extra):
+        if name in TRL_NAMES:
+            raise ConfigError(f"trainer.extra.{name}: {name} is TRL's (or transformers') name; in alignlab it is "
+                              f"{TRL_NAMES[name]} (docs/from_trl.md)")
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            own = {f.name for f in fields(TrainerConfig)}
+            hint = f" Did you mean trainer.{'' if near and near[0] in own else 'extra.'}{near[0]}?" if near else ""
+            raise ConfigError(f"trainer.extra.{name}: transformers.TrainingArguments has no field {name!r}.{hint} "
+                              "Fix: remove it or correct the name")
+
+
+def vocabulary_warning(train, tokenizer, model, path: str, rows: int = 1000) -> str | None:
+    """A warning line when the tokenizer cannot read most of the data (over half its tokens unknown, in
+    the first `rows` train rows), e.g. your own data with the builtin model, which knows only the
+    builtin task's words."""
+    unk = tokenizer.unk_token_id
+    if unk is None:  # byte-level tokenizers read any text
+        return None
+    columns = [c for c in train.column_names if c.endswith("_ids")]
+    sample = train.select(range(min(rows, len(train))))
+    ids = [i for column in columns for row in sample[column] for i in row]
+    share = sum(i == unk for i in ids) / max(len(ids), 1)
+    if share > 0.5:
+        name = model.tokenizer or model.name_or_path
+        known = " (it knows only the words of builtin:sentiment)" if name.startswith("builtin:") else ""
+        return (f"  warning: {share:.0%} of the tokens of data.path={path} are unknown to the tokenizer of {name}{known}. "
+                "Fix: set model.name_or_path to a model for this data (and model.tokenizer if it is separate)")
+    return None
 
 
 def check_forward(loss_name: str, model: ModelConfig, needs: Needs) -> None:
@@ -107,22 +174,25 @@ def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: 
     from transformers import TrainingArguments
 
     known = {k: v for k, v in asdict(t).items() if k not in ("eval_steps", "save_steps", "resume_from_checkpoint", "extra")}
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        **known,
-        eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
-        eval_steps=t.eval_steps or None,
-        save_strategy="steps" if t.save_steps > 0 else "no",
-        save_steps=t.save_steps or 500,
-        seed=seed,
-        report_to=report_to or "none",
-        run_name=output_dir.name,
-        remove_unused_columns=False,  # the collator needs prompt_ids / <response>_ids
-        label_names=[],
-        use_cpu=not _has_accelerator(),
-        deepspeed=deepspeed,
-        **t.extra,
-    )
+    try:
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            **known,
+            eval_strategy="steps" if has_eval and t.eval_steps > 0 else "no",
+            eval_steps=t.eval_steps or None,
+            save_strategy="steps" if t.save_steps > 0 else "no",
+            save_steps=t.save_steps or 500,
+            seed=seed,
+            report_to=report_to or "none",
+            run_name=output_dir.name,
+            remove_unused_columns=False,  # the collator needs prompt_ids / <response>_ids
+            label_names=[],
+            use_cpu=not _has_accelerator(),
+            deepspeed=deepspeed,
+            **t.extra,
+        )
+    except (ValueError, TypeError) as err:  # a value TrainingArguments refuses, e.g. in trainer.extra
+        raise ConfigError(f"trainer: transformers.TrainingArguments refused the settings: {first_line(err)}") from None
 
 
 def _has_accelerator() -> bool:
@@ -179,6 +249,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields)
     if main:
         print(data.report.summary())
+        unknown = vocabulary_warning(data.train, tokenizer, typed.model, typed.data.path)
+        if unknown:
+            print(unknown)
         (output_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
 
     policy = load_policy(typed.model, tokenizer, typed.seed)

@@ -69,6 +69,14 @@ def test_mistakes_fail_at_compose_time(overrides, message):
         (["loss.loss_type=sigmod"], "loss.loss_type must be one of"),
         (["data.on_bad_row=ignore"], "data.on_bad_row must be one of"),
         (["data.max_prompt_length=64", "data.max_length=32"], "data.max_prompt_length"),
+        (["data.eval_size=1.5"], "a fraction below 1 or a whole number of rows, got 1.5"),
+        (["data.max_prompt_length=0"], "data.max_prompt_length must be >= 1"),
+        (["data.num_proc=0"], "data.num_proc must be >= 1"),
+        (["seed=-1"], r"seed must be in \[0, 2\*\*32\)"),
+        (["trainer.gradient_accumulation_steps=0"], "trainer.gradient_accumulation_steps must be >= 1"),
+        (["trainer.learning_rate=-1e-5"], "trainer.learning_rate must be >= 0"),
+        (["trainer.max_steps=0"], "trains zero steps"),
+        (["model.dtype=int8"], "model.dtype must be one of"),
     ],
 )
 def test_bad_values_fail_validation(overrides, message):

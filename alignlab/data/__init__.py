@@ -49,7 +49,9 @@ from alignlab.data.formats import (
     unpair,
 )
 from alignlab.data.sources import (
+    FIXES,
     BadRow,
+    Reason,
     DataError,
     Record,
     builtin_records,
@@ -119,6 +121,8 @@ class DataReport:
         retain_rows_read: rows read from the retain source, bad ones included.
         retain_rows: usable retain rows, shuffled with the seed and cycled to pair with the examples.
         retain_rows_used: distinct retain rows paired with a train or eval example.
+        max_length: `data.max_length`, the limit behind truncated responses.
+        max_prompt_length: `data.max_prompt_length`, the limit behind long or truncated prompts.
     """
 
     source: str
@@ -140,6 +144,10 @@ class DataReport:
     retain_rows_read: int = 0
     retain_rows: int = 0
     retain_rows_used: int = 0
+    max_length: int = 0
+    max_prompt_length: int = 0
+    #: responses tokenized per example (2 for pairs), for the share of truncated responses.
+    responses_per_example: int = 1
 
     @property
     def rows_kept(self) -> int:
@@ -165,7 +173,8 @@ class DataReport:
                 f"(train {self.train_rows}, eval {self.eval_rows}), skipped {self.rows_skipped}")
         lines = [head]
         for reason, count in self.skipped.items():
-            lines.append(f"  skipped {count.count} x {reason}: e.g. {_rows_text(count.examples)}")
+            lines.append(f"  skipped {count.count} x {reason}{self.limit(reason)}: e.g. "
+                         f"{_rows_text(count.examples)}")
         if self.unpaired_from_pairs:
             lines.append(f"  unpaired {self.pairs_unpaired} pairs into single completions: chosen labelled "
                          "True (desirable), rejected False (undesirable)")
@@ -178,9 +187,41 @@ class DataReport:
                          f"{self.retain_rows_read} rows, {self.retain_rows} usable, {self.retain_rows_used} "
                          "paired with examples")
         cache = "hit" if self.cache_hit else "miss"
-        lines.append(f"  truncated {self.prompts_truncated} prompts and {self.responses_truncated} "
-                     f"responses; tokenized cache {cache}")
-        return "\n".join(lines)
+        lines.append(f"  truncated {self.prompts_truncated} prompts (to data.max_prompt_length="
+                     f"{self.max_prompt_length}) and {self.responses_truncated} responses (to fit data.max_length={self.max_length}); "
+                     f"tokenized cache {cache}")
+        return "\n".join(lines + self.warnings())
+
+    def limit(self, reason: str) -> str:
+        """The limit behind a skip reason, e.g. " (over data.max_prompt_length=16 tokens)", or ""."""
+        if reason == Reason.PROMPT_TOO_LONG:
+            return f" (over data.max_prompt_length={self.max_prompt_length} tokens)"
+        if reason == Reason.EMPTY_AFTER_TRUNCATION:
+            return f" (no room left by data.max_length={self.max_length} after the prompt)"
+        return ""
+
+    def skip_text(self) -> str:
+        """Every skip reason with its count and limit, most frequent first, e.g. "999 x prompt too long
+        (over data.max_prompt_length=16 tokens), 1 x empty prompt or response"."""
+        counts = sorted(self.skipped.items(), key=lambda item: -item[1].count)
+        return ", ".join(f"{count.count} x {reason}{self.limit(reason)}"
+                         for reason, count in counts) or "none"
+
+    def warnings(self) -> list[str]:
+        """Lines for what is allowed but probably not meant: most prompts or responses truncated."""
+        examples = self.rows_kept + self.retain_rows
+        lines = []
+        if examples and self.prompts_truncated * 2 > examples:
+            lines.append(f"  warning: {self.prompts_truncated} of {examples} prompts "
+                         f"({100 * self.prompts_truncated // examples}%) were cut to data.max_prompt_length="
+                         f"{self.max_prompt_length} tokens: the model sees little of them. Fix: raise "
+                         "data.max_prompt_length (and data.max_length)")
+        responses = self.rows_kept * self.responses_per_example + self.retain_rows
+        if responses and self.responses_truncated * 2 > responses:
+            lines.append(f"  warning: {self.responses_truncated} of {responses} responses "
+                         f"({100 * self.responses_truncated // responses}%) were cut to fit data.max_length="
+                         f"{self.max_length} tokens (losing their EOS). Fix: raise data.max_length")
+        return lines
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields, plus `rows_kept` and `rows_skipped`."""
@@ -284,7 +325,8 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
     responses, fields = _check_needs(cfg, responses, fields)
     main = tuple(name for name in responses if name != RETAIN)
     eos_token_id = _eos_token_id(tokenizer)
-    report = DataReport(source=cfg.path)
+    report = DataReport(source=cfg.path, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                        responses_per_example=len(main))
     train_records = read_source(cfg.path, name=cfg.name, split=cfg.split, limit=cfg.limit)
     eval_records = _eval_records(cfg)
     report.rows_read = len(train_records) + len(eval_records or ())
@@ -298,7 +340,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
         require_chat_template(tokenizer)
     train = _settle(normalize(train_records, plan, tokenizer), cfg, report)
     if eval_records is None:
-        train, held_out = _hold_out(train, cfg, seed)  # pairs are held out whole, before unpairing
+        train, held_out = _hold_out(train, cfg, seed, report)  # pairs are held out whole, before unpairing
     else:
         held_out = _settle(normalize(eval_records, plan, tokenizer), cfg, report)
     if cfg.swap_pairs:  # after the hold-out, so both settings split the same pairs
@@ -312,6 +354,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
     settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation, plan.kind,
                                 plan.chat, main, _field_types(fields, train, held_out))
     encode = partial(_tokenize_split, tokenizer=tokenizer, eos_token_id=eos_token_id, cfg=cfg, report=report)
+    report.eval_rows = len(held_out.rows) if held_out is not None else 0  # for a message; final count below
     train_set, train_hit = encode("train", train, settings=settings)
     eval_set, eval_hit = encode("eval", held_out, settings=settings) if held_out is not None else (None, True)
     retain_hit = True
@@ -347,10 +390,18 @@ def _tokenize_split(name: str, part: Normalized, *, tokenizer: PreTrainedTokeniz
         dataset = _finish(tokenized, part, cfg, report)
     if dataset is None or len(dataset) == 0:
         source = {"eval": cfg.eval_path or cfg.path, RETAIN: cfg.retain}.get(name, cfg.path)
-        raise DataError(f"{source}: no usable {name} rows left ({report.rows_skipped} rows skipped: "
-                        f"{', '.join(report.skipped) or 'none'}). Fix: check the data, data.format and "
-                        "data.columns")
+        raise _nothing_left(source, name, report)
     return dataset, hit
+
+
+def _nothing_left(source: str, name: str, report: DataReport) -> DataError:
+    """No usable row of a split is left: every skip reason with its count and limit, and the fix of
+    the most frequent one."""
+    reasons = sorted(report.skipped, key=lambda reason: -report.skipped[reason].count)
+    fix = FIXES[reasons[0]] if reasons else "check the data, data.format and data.columns"
+    held = f", {report.eval_rows} held out for evaluation" if name == "train" and report.eval_rows else ""
+    return DataError(f"{source}: no usable {name} rows left of {report.rows_read} read{held}; skipped "
+                     f"{report.skip_text()}. Fix: {fix}")
 
 
 def _check_responses(responses: Sequence[str]) -> tuple[str, ...]:
@@ -451,12 +502,13 @@ def _eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def _eval_records(cfg: DataConfig) -> list[Record] | None:
-    """Records of a separate eval source: `eval_path`, or the built-in task's held-out generator.
+    """Records of a separate eval source: `eval_path`, `eval_split` of `path` (a DatasetDict folder or
+    a hub dataset), or the built-in task's held-out generator.
 
     None means the eval rows are held out of the train source (none when `eval_size` is 0).
     """
-    if cfg.eval_path:
-        return read_source(cfg.eval_path, name=cfg.name, split=cfg.eval_split or cfg.split)
+    if cfg.eval_path or cfg.eval_split:  # another source, or another split of data.path
+        return read_source(cfg.eval_path or cfg.path, name=cfg.name, split=cfg.eval_split or cfg.split)
     if cfg.path.startswith("builtin:"):
         from alignlab.builtin import DATASETS
 
@@ -476,8 +528,11 @@ def _eval_count(eval_size: float, rows: int) -> int:
     return int(eval_size)
 
 
-def _hold_out(rows: Normalized, cfg: DataConfig, seed: int) -> tuple[Normalized, Normalized | None]:
+def _hold_out(rows: Normalized, cfg: DataConfig, seed: int,
+              report: DataReport) -> tuple[Normalized, Normalized | None]:
     """Split usable rows into train and a seeded random eval sample; both keep source order."""
+    if not rows.rows:
+        raise _nothing_left(cfg.path, "train", report)
     size = _eval_count(cfg.eval_size, len(rows.rows))
     if size == 0:
         return rows, None
@@ -496,7 +551,10 @@ def _settle(rows: Normalized, cfg: DataConfig, report: DataReport) -> Normalized
     if rows.bad and cfg.on_bad_row == "error":
         first, others = rows.bad[0], len(rows.bad) - 1
         plural = "s" if others != 1 else ""
-        raise DataError(f"{first.message()} ({others} other bad row{plural} found; or set "
+        counted = DataReport(cfg.path, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        counted.add_skipped(rows.bad[1:])
+        reasons = f": {counted.skip_text()}" if others else ""
+        raise DataError(f"{first.message()} ({others} other bad row{plural} found{reasons}; or set "
                         "data.on_bad_row=skip to drop and count bad rows)")
     report.add_skipped(rows.bad)
     rows.bad = []

@@ -8,9 +8,14 @@ prompts and responses.
 Supported sources:
 
 * ``builtin:sentiment`` — the embedded synthetic task (`alignlab.builtin.sentiment_pairs`).
-* local files: ``.json`` (a JSON list of objects), ``.jsonl``, ``.json.gz`` / ``.jsonl.gz`` and
-  ``.parquet``; a folder means every such file in it, in sorted order.
-* anything else that is not an existing path: a Hugging Face hub dataset (`datasets.load_dataset`).
+* local files: ``.json`` (a JSON list of objects), ``.jsonl``, ``.json.gz`` / ``.jsonl.gz``,
+  ``.parquet``, ``.csv`` and ``.tsv`` (optionally ``.gz``; a header row names the columns; row N is
+  the N-th data row, 0-based); a folder means every such file in it, in sorted order.
+* a folder written by `datasets`' ``save_to_disk``: a ``Dataset``, or a ``DatasetDict`` whose
+  `split` is read.
+* anything else that is not an existing path: a Hugging Face dataset by name
+  (`datasets.load_dataset`), from the hub or, offline (``HF_DATASETS_OFFLINE=1``), from the local
+  Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -77,7 +82,9 @@ FIXES: dict[str, str] = {
 }
 
 #: file suffixes read from a local path or folder.
-SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".csv", ".tsv", ".csv.gz", ".tsv.gz")
+#: files that mark a folder written by `datasets`' save_to_disk: a Dataset, or a DatasetDict.
+SAVED_DATASET, SAVED_DATASET_DICT = "state.json", "dataset_dict.json"
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,13 @@ def read_source(path: str, *, name: str | None = None, split: str = "train",
         records = builtin_records(path, limit=limit)
     else:
         local = Path(path).expanduser()
-        if local.exists():
+        if local.is_dir() and ((local / SAVED_DATASET).is_file() or (local / SAVED_DATASET_DICT).is_file()):
+            records = _read_saved(local, path, split, limit)
+        elif local.exists():
+            if split != "train":  # a file has no splits: reading it as one would give the train rows again
+                raise DataError(f"{path}: split {split!r} was asked for, but a local file or folder of files "
+                                "has no splits. Fix: set data.eval_path to the held-out file (or leave data.split / "
+                                "data.eval_split unset)")
             records = _read_local(local, path, limit)
         elif _looks_local(path):
             raise DataError(f"data file {path!r} does not exist (relative paths start at {os.getcwd()}). "
@@ -201,6 +214,8 @@ def _read_file(path: Path, label: str) -> Iterator[Record]:
     """Records of one local file, chosen by suffix."""
     if path.name.endswith(".parquet"):
         yield from _read_parquet(path, label)
+    elif path.name.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
+        yield from _read_csv(path, label)
     elif path.name.endswith((".jsonl", ".jsonl.gz")):
         yield from _read_jsonl(_read_text(path, label).splitlines(), label)
     else:
@@ -275,6 +290,48 @@ def _read_parquet(path: Path, label: str) -> Iterator[Record]:
                         f"{first_line(e)}). Fix: re-export it, or convert it to .jsonl") from e
 
 
+def _read_csv(path: Path, label: str) -> Iterator[Record]:
+    """Rows of a CSV (TSV: tab-separated) file with a header row, column types inferred by pyarrow as
+    `datasets`' CSV loader would (integers, floats, true/false; empty text stays an empty string)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    tsv = ".tsv" in path.name
+    try:
+        table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if tsv else ",",
+                                                                    newlines_in_values=True))
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{label}: cannot read the {'TSV' if tsv else 'CSV'} file ({first_line(e)}). Fix: give "
+                        "every line as many fields as the header row, quoting values that hold "
+                        f"{'tabs' if tsv else 'commas'} or line breaks, in UTF-8") from None
+    for index, row in enumerate(table.to_pylist()):
+        yield RowRef(label, index), row
+
+
+def _read_saved(path: Path, label: str, split: str, limit: int | None) -> list[Record]:
+    """Rows of a `save_to_disk` folder: the Dataset, or the DatasetDict's `split`."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged folder
+        raise DataError(f"{label}: cannot load the saved dataset ({type(e).__name__}: {first_line(e)}). "
+                        "Fix: save it again with Dataset.save_to_disk / DatasetDict.save_to_disk") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"{label} is a DatasetDict without the split {split!r}. Fix: set data.split (or "
+                            f"data.eval_split) to one of {', '.join(dataset)}")
+        dataset, label = dataset[split], f"{label}[{split}]"
+    return _dataset_records(dataset, label, limit)
+
+
+def _dataset_records(dataset, label: str, limit: int | None) -> list[Record]:
+    """The rows of a `datasets.Dataset`, up to `limit`."""
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return [(RowRef(label, i), row) for i, row in enumerate(dataset.to_list())]
+
+
 def _read_hub(path: str, name: str | None, split: str, limit: int | None) -> list[Record]:
     """Rows of a hub dataset's split."""
     import datasets
@@ -283,10 +340,7 @@ def _read_hub(path: str, name: str | None, split: str, limit: int | None) -> lis
         dataset = datasets.load_dataset(path, name, split=split)
     except Exception as e:  # the hub raises many types: connection, not found, bad config or split
         raise DataError(f"data.path={path!r} is not an existing local file or folder (relative paths start "
-                        f"at {os.getcwd()}), and the Hugging Face hub could not load it "
-                        f"({type(e).__name__}: {first_line(e)}). Fix: correct the path, or the hub name, "
+                        f"at {os.getcwd()}), and Hugging Face datasets could not load it from the hub or the local "
+                        f"cache ({type(e).__name__}: {first_line(e)}). Fix: correct the path, or the dataset name, "
                         "data.name and data.split") from e
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    label = f"hub {path}[{split}]"
-    return [(RowRef(label, i), row) for i, row in enumerate(dataset.to_list())]
+    return _dataset_records(dataset, f"hub {path}[{split}]", limit)

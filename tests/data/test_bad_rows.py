@@ -132,7 +132,7 @@ def test_skip_drops_and_counts(make_cfg, tokenizer, tmp_path, case):
 
 def test_error_counts_the_other_bad_rows(make_cfg, tokenizer):
     rows = [*EXPLICIT, {"prompt": "a"}, {"prompt": "b", "chosen": "c", "rejected": "c"}]
-    with pytest.raises(DataError, match=r"row 3: field 'chosen' is missing .*\(1 other bad row found"):
+    with pytest.raises(DataError, match=r"row 3: field 'chosen' is missing .*\(1 other bad row found: 1 x identical responses; "):
         build_datasets(make_cfg(rows), tokenizer)
 
 
@@ -150,3 +150,36 @@ def test_all_rows_bad_is_an_error_even_when_skipping(make_cfg, tokenizer):
     with pytest.raises(DataError, match="no usable train rows left .*missing field"):
         build_datasets(make_cfg([{"prompt": "a", "chosen": "b"}, {"prompt": "a", "rejected": "b"}],
                                 on_bad_row="skip"), tokenizer)
+
+
+def test_every_row_skipped_names_each_reason_its_count_and_limit(make_cfg, tokenizer):
+    long = [{"prompt": f"the {s} was really very", "chosen": "great .", "rejected": "dull ."}
+            for s in ("film", "movie", "show")]
+    rows = [*long, {"prompt": "the book was", "chosen": "great .", "rejected": "great ."}]
+    with pytest.raises(DataError) as error:  # held-out rows asked for: the cause is still the skipped rows
+        build_datasets(make_cfg(rows, on_bad_row="skip", eval_size=0.1, max_prompt_length=4, max_length=8), tokenizer)
+    text = str(error.value)
+    assert "no usable train rows left of 4 read, 1 held out for evaluation; skipped 2 x prompt too long (over " \
+           "data.max_prompt_length=4 tokens), 1 x identical responses. Fix: raise data.max_prompt_length" in text
+    assert "eval_size" not in text
+
+
+def test_skips_in_the_report_name_their_limit(make_cfg, tokenizer):
+    rows = [{"prompt": "the film was", "chosen": "great .", "rejected": "dull ."},
+            {"prompt": "the show was really very", "chosen": "great .", "rejected": "dull ."}]
+    summary = build_datasets(make_cfg(rows, on_bad_row="skip", max_prompt_length=4, max_length=8),
+                             tokenizer).report.summary()
+    assert "skipped 1 x prompt too long (over data.max_prompt_length=4 tokens): e.g." in summary
+
+
+def test_most_prompts_truncated_is_a_warning(make_cfg, tokenizer):
+    rows = [{"prompt": f"the {s} was really very", "chosen": "great .", "rejected": "dull ."}
+            for s in ("film", "movie", "show")]
+    report = build_datasets(make_cfg(rows, prompt_truncation="keep_end", max_prompt_length=3, max_length=5),
+                            tokenizer).report
+    assert report.warnings()[0].strip() == ("warning: 3 of 3 prompts (100%) were cut to data.max_prompt_length=3 "
+                                            "tokens: the model sees little of them. Fix: raise data.max_prompt_length "
+                                            "(and data.max_length)")
+    assert "warning: 6 of 6 responses (100%) were cut to fit data.max_length=5" in report.summary()
+    short = build_datasets(make_cfg(rows, max_prompt_length=16, max_length=24), tokenizer).report
+    assert short.warnings() == []

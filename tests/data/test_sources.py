@@ -22,12 +22,19 @@ def prompts(dataset, words) -> list[str]:
 # --- file types -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["rows.json", "rows.json.gz", "rows.jsonl", "rows.jsonl.gz", "rows.parquet"])
+@pytest.mark.parametrize("name", ["rows.json", "rows.json.gz", "rows.jsonl", "rows.jsonl.gz", "rows.parquet",
+                                  "rows.csv", "rows.tsv", "rows.csv.gz"])
 def test_every_file_type(tmp_path, pairs, make_cfg, tokenizer, words, name):
     path = tmp_path / name
     rows = pairs(3)
     if name.endswith(".parquet"):
         pq.write_table(pa.Table.from_pylist(rows), path)
+    elif ".csv" in name or ".tsv" in name:
+        import pyarrow.csv as pcsv
+
+        options = pcsv.WriteOptions(delimiter="\t" if ".tsv" in name else ",")
+        pcsv.write_csv(pa.Table.from_pylist(rows), pa.CompressedOutputStream(str(path), "gzip")
+                       if name.endswith(".gz") else str(path), write_options=options)
     else:
         lines = ".jsonl" in name
         text = "\n".join(map(json.dumps, rows)) if lines else json.dumps(rows)
@@ -116,7 +123,8 @@ def test_hub_failure_is_wrapped(monkeypatch, make_cfg, tokenizer):
         build_datasets(make_cfg(path="someone/prefs"), tokenizer)
     text = str(error.value)
     assert "'someone/prefs' is not an existing local file or folder" in text
-    assert "hub could not load it (ConnectionError: no network)" in text and "\n" not in text
+    assert "could not load it from the hub or the local cache (ConnectionError: no network)" in text
+    assert "\n" not in text
 
 
 def test_hub_dataset_with_limit(monkeypatch, make_cfg, tokenizer, pairs, words):
@@ -204,3 +212,81 @@ def test_data_error_is_a_user_error():
     from alignlab.errors import UserError
 
     assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+
+
+# --- CSV / TSV, save_to_disk folders, the local Hugging Face cache --------------------------------
+
+
+def test_csv_values_typed_like_datasets_and_bad_rows_named(tmp_path, make_cfg, tokenizer):
+    path = tmp_path / "rows.csv"
+    path.write_text('prompt,completion,label\n"the film, at last",really great .,true\n'
+                    'the show was,"very\ndull .",0\nthe play was,,1\n')
+    records = read_source(str(path))
+    assert [row for _, row in records] == [
+        {"prompt": "the film, at last", "completion": "really great .", "label": True},
+        {"prompt": "the show was", "completion": "very\ndull .", "label": False},
+        {"prompt": "the play was", "completion": "", "label": True}]  # 0/1 and true/false: one bool column
+    with pytest.raises(DataError, match=r"rows\.csv row 2: .*'completion'.*empty"):
+        build_datasets(make_cfg(path=str(path)), tokenizer, responses=("completion",), fields=("label",))
+
+
+def test_malformed_csv_line_is_one_line(tmp_path):
+    path = tmp_path / "rows.tsv"
+    path.write_text("prompt\tchosen\trejected\na\tb\tc\nonly\ttwo\n")
+    with pytest.raises(DataError, match=r"rows\.tsv: cannot read the TSV file \(.*Expected 3 columns, got 2.*Fix:"):
+        read_source(str(path))
+
+
+@pytest.fixture
+def saved_dict(tmp_path, pairs):
+    """A DatasetDict folder written by save_to_disk: train = 4 pairs, test = the next 2 (one bad)."""
+    rows = pairs(6)
+    rows[5] = {**rows[5], "rejected": rows[5]["chosen"]}
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(folder))
+    return folder
+
+
+def test_save_to_disk_dataset_dict_with_splits(saved_dict, make_cfg, tokenizer, words):
+    prepared = build_datasets(make_cfg(path=str(saved_dict), eval_split="test", on_bad_row="skip"), tokenizer)
+    assert prompts(prepared.train, words) == ["the film was", "the movie was", "the show was", "the book was"]
+    assert prompts(prepared.eval, words) == ["the play was"]
+    assert prepared.report.skipped["identical responses"].examples == [f"{saved_dict}[test] row 1"]
+    with pytest.raises(DataError, match=r"saved\[test\] row 1: .*identical"):
+        build_datasets(make_cfg(path=str(saved_dict), split="test"), tokenizer)
+    with pytest.raises(DataError, match="DatasetDict without the split 'valid'.*one of train, test"):
+        build_datasets(make_cfg(path=str(saved_dict), eval_split="valid"), tokenizer)
+
+
+def test_save_to_disk_dataset(tmp_path, pairs, make_cfg, tokenizer, words):
+    datasets.Dataset.from_list(pairs(3)).save_to_disk(str(tmp_path / "one"))
+    prepared = build_datasets(make_cfg(path=str(tmp_path / "one")), tokenizer)
+    assert prompts(prepared.train, words) == ["the film was", "the movie was", "the show was"]
+
+
+def test_a_file_has_no_splits(write_jsonl, pairs, make_cfg, tokenizer):
+    with pytest.raises(DataError, match="has no splits. Fix: set data.eval_path"):
+        build_datasets(make_cfg(path=str(write_jsonl(pairs(3))), eval_split="test"), tokenizer)
+
+
+def test_dataset_by_name_from_the_local_cache_offline(tmp_path, monkeypatch, pairs, make_cfg, tokenizer, words):
+    """A dataset in the Hugging Face datasets cache (as a download leaves it: <cache>/someone___prefs/
+    default/0.0.0/<hash>/prefs-<split>.arrow) is read by name with the hub unreachable."""
+    from datasets.packaged_modules.json.json import Json
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    rows = pairs(5)
+    rows[3] = {**rows[3], "chosen": ""}
+    source = tmp_path / "source.jsonl"
+    source.write_text("\n".join(map(json.dumps, rows)))
+    builder = Json(dataset_name="someone___prefs", config_id="default", data_files={"train": str(source)},
+                   hash="0123abcd", cache_dir=str(tmp_path / "hf"))
+    builder.download_and_prepare()
+    folder = tmp_path / "hf" / "someone___prefs" / "default" / "0.0.0" / "0123abcd"
+    (folder / "someone___prefs-train.arrow").rename(folder / "prefs-train.arrow")  # a download's file name
+    prepared = build_datasets(make_cfg(path="someone/prefs", limit=3), tokenizer)
+    assert prompts(prepared.train, words) == ["the film was", "the movie was", "the show was"]
+    with pytest.raises(DataError, match=r"hub someone/prefs\[train\] row 3: field 'chosen'.*empty"):
+        build_datasets(make_cfg(path="someone/prefs"), tokenizer)
