@@ -128,7 +128,8 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
     needs = build(cfg.loss).needs  # the held-out prompts of the run's own data, whatever its kind
     data = build_datasets(cfg.data, tokenizer, responses=needs.responses, seed=cfg.seed, fields=needs.fields)
     prompts = _prompts(data, tokenizer, num_prompts) if data is not None and data.eval is not None else []
-    result: dict = {"run": str(run_dir), "num_prompts": len(prompts), "max_new_tokens": max_new_tokens}
+    result: dict = {"run": str(run_dir), "num_prompts": len(prompts), "distinct_prompts": len(set(prompts)),
+                    "max_new_tokens": max_new_tokens}
     if prompts:
         pol = sample(policy, reference, tokenizer, prompts, max_new_tokens, seed)
         ref = sample(reference, policy, tokenizer, prompts, max_new_tokens, seed)
@@ -213,6 +214,8 @@ def _without_adapter(model_cfg):
 
 
 def _prompts(data, tokenizer, n: int) -> list[str]:
+    """`n` held-out prompts: the distinct ones in order, cycled when there are fewer than `n` (each
+    repeat draws a new sample), so that a small held-out set still gives `n` samples."""
     seen, prompts = set(), []
     for ids in data.eval["prompt_ids"]:
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -221,7 +224,7 @@ def _prompts(data, tokenizer, n: int) -> list[str]:
             prompts.append(text)
         if len(prompts) == n:
             break
-    return prompts
+    return [prompts[i % len(prompts)] for i in range(n)] if prompts else []
 
 
 def report_markdown(result: dict) -> str:
@@ -232,7 +235,10 @@ def report_markdown(result: dict) -> str:
                   if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second")) and k != "epoch"]
         lines.append("")
     if result.get("num_prompts"):
-        lines += [f"## Generation ({result['num_prompts']} held-out prompts, up to {result['max_new_tokens']} tokens)",
+        distinct = result.get("distinct_prompts", result["num_prompts"])
+        on = f"{distinct} distinct " if distinct < result["num_prompts"] else ""
+        lines += [f"## Generation ({result['num_prompts']} samples on {on}held-out prompts, up to "
+                  f"{result['max_new_tokens']} tokens)",
                   "", "| figure | policy | reference |", "|---|---|---|",
                   f"| KL(π‖π_ref), from policy samples | {result['kl_policy_reference']:.4f} | 0 |",
                   f"| mean length (tokens) | {result['length_policy']['mean']:.1f} | {result['length_reference']['mean']:.1f} |"]

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def _sweep(tmp_path, *overrides):
-    cmd = [sys.executable, "-m", "alignlab.cli", "train", "-m", "+recipe=dpo", "trainer.max_steps=2",
+    cmd = [sys.executable, "-m", "alignlab.cli", "train", "-m", "+recipe=dpo", "model.name_or_path=builtin:tiny",
+           "trainer.max_steps=2",
            "trainer.logging_steps=1", "trainer.eval_steps=0", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
            *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
