@@ -232,6 +232,8 @@ class LoggerConfig:
     #: W&B run mode: online | offline | disabled; None keeps $WANDB_MODE.
     mode: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    #: W&B run group; None groups the members of a sweep (`alignlab train -m`) by the sweep's directory.
+    group: Optional[str] = None
 
 
 @dataclass

@@ -8,7 +8,8 @@
     returning one float per completion), its mean for both models and the policy's win rate against
     the reference (ties count ½),
   - length statistics;
-* `eval/report.md` and `eval/eval.json` in the run directory (the training curves are `curves.png`).
+* `eval/report.md` and `eval/eval.json` in the run directory (the training curves are `curves.png`);
+  a later evaluation goes to `eval-2/`, `eval-3/`, ..., beside the earlier reports.
 """
 
 from __future__ import annotations
@@ -37,13 +38,33 @@ class Generations:
 
 
 def load_reward(spec: str | None):
-    """`module:function` -> the callable, or None."""
+    """`module:function` -> the callable, or None.
+
+    Raises:
+        ValueError: one line naming what is wrong with `spec` (checked before any model loads).
+    """
     if not spec:
         return None
     module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"--reward must be module:function, got {spec!r}")
-    return getattr(importlib.import_module(module), name)
+    if not module or not name:
+        raise ValueError(f"reward {spec!r} must be module:function, e.g. alignlab.builtin:sentiment_reward")
+    try:
+        scorer = getattr(importlib.import_module(module), name, None)
+    except ImportError as err:
+        raise ValueError(f"reward {spec!r}: cannot import module {module!r} ({err})") from None
+    if not callable(scorer):
+        raise ValueError(f"reward {spec!r}: module {module!r} has no function {name!r}")
+    return scorer
+
+
+def report_dir(run_dir: Path) -> Path:
+    """Where the next evaluation of `run_dir` goes: `eval/`, then `eval-2/`, `eval-3/`, ... so that
+    every report is kept beside the earlier ones."""
+    out, n = run_dir / "eval", 1
+    while out.exists():
+        n += 1
+        out = run_dir / f"eval-{n}"
+    return out
 
 
 @torch.no_grad()
@@ -110,6 +131,9 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "model").is_dir() or not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a finished alignlab run (it needs model/ and config.yaml)")
+    if num_prompts < 1 or max_new_tokens < 1:
+        raise ValueError(f"the number of prompts and of new tokens must be >= 1, got {num_prompts} and {max_new_tokens}")
+    scorer = load_reward(reward)  # before any model loads
     cfg = load_run_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)
     # the reference of training: model.reference, or the initial policy (builtin models are rebuilt
@@ -138,7 +162,6 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
         result["logratios"] = [round(float(x), 4) for x in logratios]
         result["length_policy"] = {"mean": statistics.fmean(pol.lengths), "median": statistics.median(pol.lengths)}
         result["length_reference"] = {"mean": statistics.fmean(ref.lengths), "median": statistics.median(ref.lengths)}
-        scorer = load_reward(reward)
         if scorer is not None:
             pr, rr = list(map(float, scorer(prompts, pol.completions))), list(map(float, scorer(prompts, ref.completions)))
             result.update(reward=reward, reward_policy=statistics.fmean(pr), reward_reference=statistics.fmean(rr),
@@ -147,8 +170,9 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
                              for p, a, b in list(zip(prompts, pol.completions, ref.completions))[:5]]
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     result["held_out"] = summary.get("eval", {})
-    out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
+    out = report_dir(run_dir)
+    out.mkdir()
+    result["report"] = str(out / "report.md")
     if prompts:
         result["plot"] = str(plot_eval(result, out / "reward_kl.png"))
     (out / "eval.json").write_text(json.dumps(result, indent=2))
