@@ -37,7 +37,7 @@ def test_dpo_on_a_real_model_and_a_fresh_file_succeeds_first_time(tmp_path, shar
     work.mkdir()
     (work / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _pairs(1000)))
     cmd = [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", f"model.name_or_path={model}",
-           "data.path=pairs.jsonl", "trainer.max_steps=3", "eval.max_new_tokens=8",
+           "data.path=pairs.jsonl", "trainer.max_steps=3", "trainer.logging_steps=1", "eval.max_new_tokens=8",
            f"data.cache_dir={tmp_path / 'cache'}", "hydra.run.dir=runs/first"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=work)
     assert out.returncode == 0, out.stderr[-3000:]
