@@ -141,6 +141,16 @@ def test_naming_another_model_leaves_the_embedded_sft_stage_unused(compose_run, 
     assert to_typed(sft.config).loss.name == "sft" and sft.config.model.name_or_path == "builtin:tiny"
 
 
+def test_every_embedded_recipe_shares_one_sft_stage(compose_run, tmp_path):
+    def sft(*overrides):
+        return next(s for s in plan(compose_run(*overrides, f"stages_dir={tmp_path}", sft=True)) if s.name == "sft")
+
+    directories = {sft(f"+recipe={r}").directory for r in ("dpo", "rpo", "npo", "modpo", "aligndistil", "tpo")}
+    directories |= {sft("+recipe=dpo", "trainer.max_steps=5", "loss.beta=0.3", "data.limit=100").directory}
+    assert len(directories) == 1  # trained once, whatever the recipe and the run's own settings
+    assert sft("+recipe=dpo", "seed=1").directory not in directories  # another random model: another stage
+
+
 # --- running: train once, reuse, fail clearly -----------------------------------------------------
 
 
