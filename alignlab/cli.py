@@ -35,13 +35,13 @@ def _train(argv: list[str]) -> None:
     def _main(cfg) -> None:
         from alignlab.errors import UserError
         from alignlab.stages import run_stages
-        from alignlab.train import run
+        from alignlab.train import run, sweep_dir
 
         try:
             run_stages(cfg)  # earlier stages of a multi-stage recipe (none for most recipes)
             run(cfg)
         except Exception as err:
-            if _in_sweep():  # recorded in the member's error.log and the sweep's table; the others run on
+            if sweep_dir() is not None:  # recorded in the member's error.log and the sweep's table; the others run on
                 from hydra.core.hydra_config import HydraConfig
 
                 from alignlab.sweeps import record_failure
@@ -150,13 +150,6 @@ def _eval(argv: list[str]) -> None:
     for key in ("kl_policy_reference", "reward_policy", "reward_reference", "win_rate"):
         if key in result:
             print(f"  {key:<22} {result[key]:.4f}")
-
-
-def _in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _list() -> None:

@@ -149,7 +149,7 @@ def _setup_wandb(cfg, raw: DictConfig, output_dir: Path) -> None:
 
     if wandb.run is not None:  # left open by an earlier run in this process (a stage, a sweep member)
         wandb.finish()
-    wandb.init(project=os.environ["WANDB_PROJECT"], name=output_dir.name, group=cfg.logger.group or _sweep_dir(),
+    wandb.init(project=os.environ["WANDB_PROJECT"], name=output_dir.name, group=cfg.logger.group or sweep_dir(),
                dir=os.environ["WANDB_DIR"],  # W&B reads $WANDB_DIR once per process; each run has its own
                config={"alignlab": redact(absolute_paths(OmegaConf.to_container(raw, resolve=True)))})
 
@@ -161,7 +161,7 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def _sweep_dir() -> str | None:
+def sweep_dir() -> str | None:
     """The sweep's directory when this run is a member of a Hydra sweep (`alignlab train -m`), else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
