@@ -91,6 +91,7 @@ def test_cli_prints_composed_config():
 EMBEDDED_RECIPES = ["aligndistil", "asft", "bco", "dpo", "modpo", "npo", "rdpo", "rpo", "sparsepo", "tdpo", "tpo"]
 
 
+@pytest.mark.slow  # plans the sft stage of every recipe: about 60 Hydra compositions
 def test_every_recipe_on_the_embedded_default_uses_the_toy_settings_and_the_sft_stage():
     from alignlab.stages import used_stages
 
