@@ -37,15 +37,23 @@ def _train(argv: list[str]) -> None:
     def _main(cfg) -> None:
         from alignlab.errors import UserError
         from alignlab.stages import run_stages
-        from alignlab.train import run
+        from alignlab.train import run, sweep_dir
 
         try:
             run_stages(cfg)  # earlier stages of a multi-stage recipe (none for most recipes)
             run(cfg)
-        except UserError as err:  # the message says what to change; a traceback would only bury it
-            print(f"alignlab: error: {err}", file=sys.stderr)
-            if _in_sweep():
-                raise  # Hydra records this member as failed and runs the others
+        except Exception as err:
+            if sweep_dir() is not None:  # recorded in the member's error.log and the sweep's table; the others run on
+                from hydra.core.hydra_config import HydraConfig
+
+                from alignlab.sweeps import record_failure
+
+                line = record_failure(err, Path(HydraConfig.get().runtime.output_dir))
+                print(f"alignlab: error: {line}", file=sys.stderr)
+                return
+            if not isinstance(err, UserError):
+                raise  # a bug: its traceback is the report
+            print(f"alignlab: error: {err}", file=sys.stderr)  # says what to change; a traceback would bury it
             sys.exit(2)
 
     problem = explain_overrides(argv)
@@ -54,6 +62,10 @@ def _train(argv: list[str]) -> None:
         sys.exit(2)
     sys.argv = ["alignlab train", *argv]
     _main()
+    from alignlab import sweeps
+
+    if sweeps.last is not None and any(row["status"] != "ok" for row in sweeps.last[1]):
+        sys.exit(2)  # a member failed: the sweep's table says which
 
 
 #: Hydra's flags that take a value (the next argument, or after `=`).
@@ -151,25 +163,22 @@ def _eval(argv: list[str]) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for flag, value in (("--num-prompts", args.num_prompts), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            print(f"alignlab: error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            sys.exit(2)
     from alignlab.errors import UserError
     from alignlab.evaluate import evaluate
 
     try:
         result = evaluate(args.run_dir, args.reward, args.num_prompts, args.max_new_tokens, args.seed)
-    except (UserError, FileNotFoundError, ValueError, AttributeError, ImportError) as err:
+    except (UserError, FileNotFoundError, ValueError) as err:
         print(f"alignlab: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"alignlab eval: report in {args.run_dir}/eval/report.md")
+    print(f"alignlab eval: report in {result['report']}")
     for key in ("kl_policy_reference", "reward_policy", "reward_reference", "win_rate"):
         if key in result:
             print(f"  {key:<22} {result[key]:.4f}")
-
-
-def _in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _list() -> None:

@@ -145,8 +145,10 @@ class DataConfig:
     eval_size: float = 0.1
     #: use only the first N rows of the source (None: all).
     limit: Optional[int] = None
-    max_length: int = 512
-    max_prompt_length: int = 256
+    #: prompt + response tokens, and prompt tokens (TRL's DPOConfig defaults; the embedded default's
+    #: configs/data/sentiment.yaml sets 48 and 16 for the toy task).
+    max_length: int = 1024
+    max_prompt_length: int = 512
     #: a prompt longer than max_prompt_length: error (a bad row), keep_end or keep_start.
     prompt_truncation: str = "error"
     #: a malformed row: error (stop, naming the row) or skip (filter, count and report).
@@ -259,6 +261,8 @@ class LoggerConfig:
     #: W&B run mode: online | offline | disabled; None keeps $WANDB_MODE.
     mode: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    #: W&B run group; None groups the members of a sweep (`alignlab train -m`) by the sweep's directory.
+    group: Optional[str] = None
 
 
 @dataclass
@@ -328,6 +332,34 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+#: `${embedded:TOY,REAL}`: TOY on the embedded default, REAL for any other model (`embedded_value`).
+EMBEDDED_RESOLVER = "embedded"
+
+
+def is_embedded(cfg) -> bool:
+    """Whether a composed config trains the embedded model: its `model.name_or_path`, as written (before
+    interpolation), is a builtin model (`builtin:tiny`, or `builtin:tiny@DIR`, its weights trained in DIR)."""
+    model = cfg.get("model") if cfg is not None else None
+    if model is None:
+        return False
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(model, resolve=False).get("name_or_path")
+    return isinstance(raw, str) and raw.startswith("builtin:")
+
+
+def embedded_value(toy: Any, real: Any, _root_) -> Any:
+    """`${embedded:TOY,REAL}`: how a setting of the embedded default stays bound to it.
+
+    The toy task trains a 79K-parameter random model in seconds (learning rate 1e-3, 150 steps,
+    sequences of 48 tokens); a real model needs real settings (1e-6, epochs, 1024 tokens). A setting
+    written `${embedded:TOY,REAL}` is TOY while `model.name_or_path` is a builtin model and REAL as
+    soon as it names another one, so `+recipe=dpo model.name_or_path=M data.path=D` trains with the
+    real settings. A value given on the command line replaces the expression, whichever the model.
+    """
+    return toy if is_embedded(_root_) else real
+
+
 def resource_dir(name: str) -> Path:
     """The `configs` or `recipes` folder: the repo's own in a checkout, else the installed copy."""
     repo = Path(__file__).resolve().parent.parent / name
@@ -355,6 +387,8 @@ def register_configs() -> None:
     from alignlab.stages import register_resolver
 
     register_resolver()  # ${stage:NAME}
+    if not OmegaConf.has_resolver(EMBEDDED_RESOLVER):
+        OmegaConf.register_new_resolver(EMBEDDED_RESOLVER, embedded_value)
     cs = ConfigStore.instance()
     cs.store(name="alignlab_schema", node=schema())
     cs.store(group="model", name="schema", node=ModelConfig)

@@ -8,7 +8,8 @@
     returning one float per completion), its mean for both models and the policy's win rate against
     the reference (ties count ½),
   - length statistics;
-* `eval/report.md` and `eval/eval.json` in the run directory (the training curves are `curves.png`).
+* `eval/report.md` and `eval/eval.json` in the run directory (the training curves are `curves.png`);
+  a later evaluation goes to `eval-2/`, `eval-3/`, ..., beside the earlier reports.
 """
 
 from __future__ import annotations
@@ -37,13 +38,33 @@ class Generations:
 
 
 def load_reward(spec: str | None):
-    """`module:function` -> the callable, or None."""
+    """`module:function` -> the callable, or None.
+
+    Raises:
+        ValueError: one line naming what is wrong with `spec` (checked before any model loads).
+    """
     if not spec:
         return None
     module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"--reward must be module:function, got {spec!r}")
-    return getattr(importlib.import_module(module), name)
+    if not module or not name:
+        raise ValueError(f"reward {spec!r} must be module:function, e.g. alignlab.builtin:sentiment_reward")
+    try:
+        scorer = getattr(importlib.import_module(module), name, None)
+    except ImportError as err:
+        raise ValueError(f"reward {spec!r}: cannot import module {module!r} ({err})") from None
+    if not callable(scorer):
+        raise ValueError(f"reward {spec!r}: module {module!r} has no function {name!r}")
+    return scorer
+
+
+def report_dir(run_dir: Path) -> Path:
+    """Where the next evaluation of `run_dir` goes: `eval/`, then `eval-2/`, `eval-3/`, ... so that
+    every report is kept beside the earlier ones."""
+    out, n = run_dir / "eval", 1
+    while out.exists():
+        n += 1
+        out = run_dir / f"eval-{n}"
+    return out
 
 
 @torch.no_grad()
@@ -110,6 +131,9 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "model").is_dir() or not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a finished alignlab run (it needs model/ and config.yaml)")
+    if num_prompts < 1 or max_new_tokens < 1:
+        raise ValueError(f"the number of prompts and of new tokens must be >= 1, got {num_prompts} and {max_new_tokens}")
+    scorer = load_reward(reward)  # before any model loads
     cfg = load_run_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)
     # the reference of training: model.reference, or the initial policy (builtin models are rebuilt
@@ -128,7 +152,8 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
     needs = build(cfg.loss).needs  # the held-out prompts of the run's own data, whatever its kind
     data = build_datasets(cfg.data, tokenizer, responses=needs.responses, seed=cfg.seed, fields=needs.fields)
     prompts = _prompts(data, tokenizer, num_prompts) if data is not None and data.eval is not None else []
-    result: dict = {"run": str(run_dir), "num_prompts": len(prompts), "max_new_tokens": max_new_tokens}
+    result: dict = {"run": str(run_dir), "num_prompts": len(prompts), "distinct_prompts": len(set(prompts)),
+                    "max_new_tokens": max_new_tokens}
     if prompts:
         pol = sample(policy, reference, tokenizer, prompts, max_new_tokens, seed)
         ref = sample(reference, policy, tokenizer, prompts, max_new_tokens, seed)
@@ -137,7 +162,6 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
         result["logratios"] = [round(float(x), 4) for x in logratios]
         result["length_policy"] = {"mean": statistics.fmean(pol.lengths), "median": statistics.median(pol.lengths)}
         result["length_reference"] = {"mean": statistics.fmean(ref.lengths), "median": statistics.median(ref.lengths)}
-        scorer = load_reward(reward)
         if scorer is not None:
             pr, rr = list(map(float, scorer(prompts, pol.completions))), list(map(float, scorer(prompts, ref.completions)))
             result.update(reward=reward, reward_policy=statistics.fmean(pr), reward_reference=statistics.fmean(rr),
@@ -146,8 +170,9 @@ def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, ma
                              for p, a, b in list(zip(prompts, pol.completions, ref.completions))[:5]]
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     result["held_out"] = summary.get("eval", {})
-    out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
+    out = report_dir(run_dir)
+    out.mkdir()
+    result["report"] = str(out / "report.md")
     if prompts:
         result["plot"] = str(plot_eval(result, out / "reward_kl.png"))
     (out / "eval.json").write_text(json.dumps(result, indent=2))
@@ -213,6 +238,8 @@ def _without_adapter(model_cfg):
 
 
 def _prompts(data, tokenizer, n: int) -> list[str]:
+    """`n` held-out prompts: the distinct ones in order, cycled when there are fewer than `n` (each
+    repeat draws a new sample), so that a small held-out set still gives `n` samples."""
     seen, prompts = set(), []
     for ids in data.eval["prompt_ids"]:
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -221,7 +248,7 @@ def _prompts(data, tokenizer, n: int) -> list[str]:
             prompts.append(text)
         if len(prompts) == n:
             break
-    return prompts
+    return [prompts[i % len(prompts)] for i in range(n)] if prompts else []
 
 
 def report_markdown(result: dict) -> str:
@@ -232,7 +259,10 @@ def report_markdown(result: dict) -> str:
                   if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second")) and k != "epoch"]
         lines.append("")
     if result.get("num_prompts"):
-        lines += [f"## Generation ({result['num_prompts']} held-out prompts, up to {result['max_new_tokens']} tokens)",
+        distinct = result.get("distinct_prompts", result["num_prompts"])
+        on = f"{distinct} distinct " if distinct < result["num_prompts"] else ""
+        lines += [f"## Generation ({result['num_prompts']} samples on {on}held-out prompts, up to "
+                  f"{result['max_new_tokens']} tokens)",
                   "", "| figure | policy | reference |", "|---|---|---|",
                   f"| KL(π‖π_ref), from policy samples | {result['kl_policy_reference']:.4f} | 0 |",
                   f"| mean length (tokens) | {result['length_policy']['mean']:.1f} | {result['length_reference']['mean']:.1f} |"]

@@ -16,6 +16,8 @@ from alignlab.errors import ConfigError, UserError, first_line
 
 
 BUILTIN_PREFIX = "builtin:"
+#: the embedded model; `builtin:tiny@DIR` is the same model with the weights saved in DIR (e.g. its SFT stage).
+TINY = f"{BUILTIN_PREFIX}tiny"
 #: `model.dtype` (`alignlab.config.DTYPES`, aliases already resolved) -> the torch dtype.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -40,7 +42,7 @@ def _bare_bpe(folder: Path) -> bool:
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer, with a pad token guaranteed (models such as Llama ship none)."""
     name = cfg.tokenizer or cfg.name_or_path
-    if name == f"{BUILTIN_PREFIX}tiny":
+    if name.partition("@")[0] == TINY:  # builtin:tiny, or builtin:tiny@DIR (its weights trained in DIR)
         from alignlab.builtin import build_tokenizer
 
         tokenizer = build_tokenizer()
@@ -167,9 +169,13 @@ def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
 
 def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
     """The causal LM of `cfg` without adapters: dtype, dropout, pad token and checkpointing settled."""
-    if cfg.name_or_path.startswith(BUILTIN_PREFIX):
-        if cfg.name_or_path != f"{BUILTIN_PREFIX}tiny":
-            raise ModelError(f"unknown builtin model {cfg.name_or_path!r}; the only one is 'builtin:tiny'")
+    source = cfg.name_or_path
+    if source.startswith(BUILTIN_PREFIX):
+        base, _, source = source.partition("@")  # builtin:tiny@DIR: the tiny model's weights saved in DIR
+        if base != TINY:
+            raise ModelError(f"unknown builtin model {cfg.name_or_path!r}; the only one is 'builtin:tiny' "
+                             "(or 'builtin:tiny@DIR', its weights saved in DIR)")
+    if not source:
         from alignlab.builtin import build_model
 
         model = build_model(len(tokenizer), seed)
@@ -182,7 +188,7 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         try:
-            model = AutoModelForCausalLM.from_pretrained(_source(cfg.name_or_path), use_safetensors=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(_source(source), use_safetensors=True, **kwargs)
         except OSError as err:
             raise ModelError(
                 f"cannot load model {cfg.name_or_path!r}: {first_line(err)}. Set model.name_or_path to a local folder "

@@ -26,7 +26,10 @@ config, not by the content of the files it reads.
 
 ``${stage:NAME}`` resolves to a stage's directory (absolute) anywhere in the config, including in a
 later stage's overrides. `alignlab train` runs `run_stages` and then the run itself;
-`alignlab.train.run` trains one config and refuses one whose stages are unfinished.
+`alignlab.train.run` trains one config and refuses one whose stages are unfinished. A stage that
+nothing refers to (no ``${stage:NAME}`` in the config or in a used stage's overrides) is skipped:
+the embedded model's ``sft`` stage (configs/model/tiny.yaml) is unused once ``model.name_or_path``
+names another model.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import traceback
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -119,6 +123,11 @@ def run_stages(cfg: DictConfig) -> list[Stage]:
     from alignlab.train import run
 
     stages = plan(cfg)
+    used = used_stages(cfg)
+    for stage in stages:
+        if stage.name not in used:
+            print(f"stage {stage.name}: not used by this run (nothing refers to ${{{RESOLVER}:{stage.name}}}); skipped")
+    stages = [stage for stage in stages if stage.name in used]
     for done, stage in enumerate(stages):
         if stage.finished:
             print(f"stage {stage.name}: reusing {stage.directory}")
@@ -144,13 +153,36 @@ def require_finished(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the first unfinished stage.
     """
+    used = used_stages(cfg)
     for stage in plan(cfg):
-        if not stage.finished:
+        if stage.name in used and not stage.finished:
             raise ConfigError(
                 f"stage {stage.name!r} of this config has not been trained ({stage.directory} has no "
                 f"{FINISHED}). Fix: train with `alignlab train`, or call alignlab.stages.run_stages(cfg) "
                 "before alignlab.train.run(cfg)"
             )
+
+
+_REFERENCE = re.compile(r"\$\{" + RESOLVER + r":\s*([\w.-]+)\s*\}")
+
+
+def used_stages(cfg: DictConfig) -> set[str]:
+    """The stages whose output the run uses: those named by a ``${stage:NAME}`` anywhere in the config
+    outside ``stages``, and those named in the overrides of a used stage.
+
+    A stage nothing refers to is skipped: e.g. the embedded model's ``sft`` stage once
+    ``model.name_or_path`` names another model.
+    """
+    content = OmegaConf.to_container(cfg, resolve=False)
+    declared = content.pop("stages", None) or {}
+    used = set(_REFERENCE.findall(json.dumps(content)))
+    todo = list(used)
+    while todo:
+        for name in _REFERENCE.findall(json.dumps(declared.get(todo.pop(), []))):
+            if name not in used:
+                used.add(name)
+                todo.append(name)
+    return used
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +30,8 @@ class RunResult:
     merged_dir: Path | None = None
     #: `model_dir` holds a LoRA adapter (peft) rather than full weights.
     adapter: bool = False
+    #: lines about the run's figures, e.g. held-out accuracy falling while training accuracy rises.
+    warnings: list[str] = field(default_factory=list)
 
 
 def to_typed(cfg: DictConfig) -> AlignConfig:
@@ -201,7 +203,14 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def _setup_wandb(cfg, output_dir: Path) -> None:
+#: the WANDB_DIR alignlab set (the run directory of the last run in this process), not the user's.
+_wandb_dir: str | None = None
+
+
+def _setup_wandb(cfg, raw: DictConfig, output_dir: Path) -> None:
+    """Start the W&B run on the main process, with alignlab's resolved config (credentials redacted) under
+    `alignlab` and the run's group (`logger.group`, else the sweep's directory for a member of a sweep);
+    HF's WandbCallback then logs into it and adds the `TrainingArguments`."""
     os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
     if cfg.logger.entity:
         os.environ.setdefault("WANDB_ENTITY", cfg.logger.entity)
@@ -209,7 +218,37 @@ def _setup_wandb(cfg, output_dir: Path) -> None:
         os.environ["WANDB_MODE"] = cfg.logger.mode
     if cfg.logger.tags:
         os.environ.setdefault("WANDB_TAGS", ",".join(cfg.logger.tags))
-    os.environ.setdefault("WANDB_DIR", str(output_dir))
+    global _wandb_dir
+    if os.environ.get("WANDB_DIR") in (None, _wandb_dir):  # the user's own WANDB_DIR is kept
+        _wandb_dir = os.environ["WANDB_DIR"] = str(output_dir)
+    if not distributed.is_main_process():
+        return
+    import wandb
+
+    from alignlab.report import redact
+
+    if wandb.run is not None:  # left open by an earlier run in this process (a stage, a sweep member)
+        wandb.finish()
+    wandb.init(project=os.environ["WANDB_PROJECT"], name=output_dir.name, group=cfg.logger.group or sweep_dir(),
+               dir=os.environ["WANDB_DIR"],  # W&B reads $WANDB_DIR once per process; each run has its own
+               config={"alignlab": redact(absolute_paths(OmegaConf.to_container(raw, resolve=True)))})
+
+
+def _finish_wandb() -> None:
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def sweep_dir() -> str | None:
+    """The sweep's directory when this run is a member of a Hydra sweep (`alignlab train -m`), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return str(HydraConfig.get().sweep.dir)
+    return None
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
@@ -262,8 +301,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     loss_fn.prepare(ctx)
     distributed.check_loss_parameters(typed, loss_fn)
 
-    if "wandb" in typed.logger.report_to:
-        _setup_wandb(typed, output_dir)
+    use_wandb = "wandb" in typed.logger.report_to
+    if use_wandb:
+        _setup_wandb(typed, cfg, output_dir)
     args = training_arguments(typed.trainer, output_dir, typed.seed, data.eval is not None, typed.logger.report_to,
                               distributed.deepspeed_config(typed.deepspeed))
     # on the device; under ZeRO-3 partitioned inference engines (models were loaded whole: the loss's
@@ -320,14 +360,17 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         plot_curves(metrics_file, output_dir / "curves.png")
     train_losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
     result = RunResult(output_dir, model_dir, metrics_file, train_losses, eval_metrics, time.time() - start,
-                       merged_dir, typed.model.lora.enabled)
+                       merged_dir, typed.model.lora.enabled, divergence_warnings(trainer.state.log_history))
     if main:
         (output_dir / "summary.json").write_text(json.dumps(
             {"train_losses": train_losses, "eval": eval_metrics, "wall_seconds": result.wall_seconds,
-             "model_dir": str(model_dir), "merged_model_dir": str(merged_dir) if merged_dir else None}, indent=2))
+             "model_dir": str(model_dir), "merged_model_dir": str(merged_dir) if merged_dir else None,
+             "warnings": result.warnings}, indent=2))
         print(summary_text(result))
         if typed.eval.generate:
             end_of_training_eval(typed, output_dir)
+        if use_wandb:
+            _finish_wandb()
     distributed.barrier()  # the run's files are written before any process returns
     return result
 
@@ -337,13 +380,40 @@ def save_run_files(cfg: DictConfig, output_dir: Path) -> None:
     line), credentials redacted (`report.redact`)."""
     from alignlab.report import environment, redact
 
-    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+    resolved = redact(absolute_paths(OmegaConf.to_container(cfg, resolve=True)))
     OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
     (output_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):  # Hydra's records of the command line
         path = output_dir / ".hydra" / name
         if path.exists():
             OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.load(path)))), path)
+
+
+#: settings naming local files or folders; a saved config stores them absolute (`absolute_paths`).
+PATH_KEYS = {"model": ("name_or_path", "tokenizer", "reference"), "data": ("path", "eval_path", "retain", "cache_dir"),
+             "deepspeed": ("path",)}
+
+
+def absolute_paths(content: dict) -> dict:
+    """`content` (a resolved config) with every relative path to an existing file or folder made absolute:
+    the `PATH_KEYS` and any string of the loss config (teachers, margin models), so that `alignlab eval
+    RUN_DIR` works from any directory. Hub names and builtin sources are left as they are."""
+    def fix(value):
+        if isinstance(value, str) and value and not value.startswith("builtin:") and Path(value).exists():
+            return str(Path(value).resolve())
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        return value
+
+    content = dict(content)
+    for group, keys in PATH_KEYS.items():
+        if isinstance(content.get(group), dict):
+            content[group] = {k: fix(v) if k in keys else v for k, v in content[group].items()}
+    if isinstance(content.get("loss"), dict):
+        content["loss"] = fix(content["loss"])
+    return content
 
 
 def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:
@@ -361,7 +431,7 @@ def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:
         if "win_rate" in result:
             line += (f", reward {result['reward_policy']:.3f} (reference {result['reward_reference']:.3f}), "
                      f"win rate {result['win_rate']:.3f}")
-        print(line + f"; {output_dir / 'eval' / 'report.md'}")
+        print(line + f"; {result['report']}")
     return result
 
 
@@ -375,6 +445,39 @@ HEADLINE = {
 }
 
 
+#: (training key, held-out key, what it is, higher is better, the change that counts as a move).
+DIVERGENCE = (("rewards/accuracies", "eval_rewards/accuracies", "accuracy", True, 0.02),
+              ("loss", "eval_loss", "loss", False, 0.02))
+
+
+def divergence_warnings(history: list[dict]) -> list[str]:
+    """A line for each figure whose held-out value moved the wrong way between the first and the last
+    evaluation while its training value moved the right way (e.g. held-out accuracy falls while
+    training accuracy rises): the policy fits the training pairs at the expense of unseen ones.
+
+    Args:
+        history: HF `TrainerState.log_history`: training records (`loss`, ...) and evaluations
+            (`eval_loss`, ...), each with its `step`.
+    """
+    lines = []
+    for train_key, eval_key, name, higher, moved in DIVERGENCE:
+        evals = [(r["step"], r[eval_key]) for r in history if eval_key in r]
+        trains = [(r["step"], r[train_key]) for r in history if train_key in r and eval_key not in r]
+        if len(evals) < 2 or evals[-1][0] <= evals[0][0]:
+            continue
+        (s0, e0), (s1, e1) = evals[0], evals[-1]
+        before, after = [v for s, v in trains if s <= s0], [v for s, v in trains if s <= s1]
+        if not before:
+            continue
+        t0, t1 = before[-1], after[-1]
+        better = 1 if higher else -1
+        if better * (e1 - e0) < -moved and better * (t1 - t0) > moved:
+            lines.append(f"held-out {name} went from {e0:.3f} (step {s0}) to {e1:.3f} (step {s1}) while training "
+                         f"{name} went from {t0:.3f} to {t1:.3f}: the policy is fitting the training pairs at the "
+                         "expense of unseen ones; consider fewer steps, a larger loss.beta or more data")
+    return lines
+
+
 def summary_text(result: RunResult) -> str:
     lines = ["", "alignlab: run finished in %.0f s" % result.wall_seconds]
     if result.train_losses:
@@ -386,6 +489,7 @@ def summary_text(result: RunResult) -> str:
         lines.append(f"  merged model      {result.merged_dir}")
     lines += [f"  metrics           {result.metrics_file} (curves: {result.output_dir / 'curves.png'})",
               f"  run directory     {result.output_dir}"]
+    lines += [f"alignlab: warning: {warning}" for warning in result.warnings]
     return "\n".join(lines)
 
 

@@ -67,12 +67,27 @@ def run_and_resume(tmp_path):
     return go
 
 
-def _compose_run(*overrides: str):
-    """The composed (untyped) run config for `alignlab train <overrides>`."""
+#: the embedded model as configs/model/tiny.yaml writes it: the random tiny model after its `sft` stage.
+TINY_AFTER_SFT = "builtin:tiny@${stage:sft}/model"
+
+
+def _compose_run(*overrides: str, sft: bool = False):
+    """The composed (untyped) run config for `alignlab train <overrides>`.
+
+    Tests of the machinery train the random `builtin:tiny` directly, without the embedded default's
+    `sft` stage (seconds each time it is trained); `sft=True` keeps it, as `alignlab train` does.
+    """
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
 
     from alignlab.config import register_configs, resource_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):
-        return compose("config", overrides=list(overrides))
+        cfg = compose("config", overrides=list(overrides))
+    raw = OmegaConf.to_container(cfg.model, resolve=False)["name_or_path"]
+    if not sft and raw == TINY_AFTER_SFT:
+        cfg.model.name_or_path = "builtin:tiny"
+        with open_dict(cfg):
+            del cfg.stages["sft"]
+    return cfg

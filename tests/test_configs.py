@@ -89,5 +89,62 @@ def test_cli_prints_composed_config():
         [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "loss.beta=0.3", "--cfg", "job"],
         capture_output=True, text=True, check=True,
     ).stdout
-    cfg = OmegaConf.create(out)
-    assert cfg.loss.name == "dpo" and cfg.loss.beta == 0.3 and cfg.model.name_or_path == "builtin:tiny"
+    cfg = OmegaConf.to_container(OmegaConf.create(out))  # as printed, interpolations unresolved
+    assert cfg["loss"]["name"] == "dpo" and cfg["loss"]["beta"] == 0.3
+    assert cfg["model"]["name_or_path"] == "builtin:tiny@${stage:sft}/model" and "sft" in cfg["stages"]
+
+
+# --- the embedded default's settings stay bound to it (${embedded:TOY,REAL}) -------------------------
+
+EMBEDDED_RECIPES = ["aligndistil", "asft", "bco", "dpo", "modpo", "npo", "rdpo", "rpo", "sparsepo", "tdpo", "tpo"]
+
+
+@pytest.mark.slow  # plans the sft stage of every recipe: about 60 Hydra compositions
+def test_every_recipe_on_the_embedded_default_uses_the_toy_settings_and_the_sft_stage():
+    from alignlab.stages import used_stages
+
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml") if "_" not in p.stem) == EMBEDDED_RECIPES
+    for recipe in EMBEDDED_RECIPES:
+        cfg = _compose([f"+recipe={recipe}"])
+        typed = to_typed(cfg)
+        assert "sft" in used_stages(cfg), recipe
+        assert typed.model.name_or_path.startswith("builtin:tiny@") and typed.model.name_or_path.endswith("/model")
+        assert typed.trainer.learning_rate >= 1e-4 and typed.trainer.max_steps > 0, recipe  # seconds on a CPU
+        assert (typed.data.max_length, typed.data.max_prompt_length) == (48, 16), recipe
+
+
+@pytest.mark.parametrize("recipe", EMBEDDED_RECIPES)
+def test_naming_a_model_gives_real_settings_and_no_sft_stage(recipe, tmp_path):
+    from alignlab.stages import used_stages
+
+    cfg = _compose([f"+recipe={recipe}", f"model.name_or_path={tmp_path / 'my-model'}",
+                    f"data.path={tmp_path / 'pairs.jsonl'}"])
+    typed = to_typed(cfg)
+    assert "sft" not in used_stages(cfg)
+    assert typed.model.name_or_path == str(tmp_path / "my-model")
+    assert typed.trainer.learning_rate <= 1e-5 and typed.trainer.max_steps == -1  # epochs, at a real model's rate
+    assert typed.trainer.num_train_epochs >= 1 and typed.trainer.per_device_train_batch_size == 8
+    assert (typed.data.max_length, typed.data.max_prompt_length) == (1024, 512)
+    assert typed.eval.num_prompts == 8
+
+
+def test_dpo_real_settings_are_trl_and_the_handbook():
+    typed = to_typed(_compose(["+recipe=dpo", "model.name_or_path=org/model", "data.path=org/pairs"]))
+    t = typed.trainer
+    assert (t.learning_rate, t.per_device_train_batch_size, t.num_train_epochs, t.warmup_steps) == (1e-6, 8, 1, 0.1)
+    assert typed.loss.beta == 0.1
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "org/model"])
+def test_command_line_settings_win_on_either_model(model):
+    typed = to_typed(_compose(["+recipe=dpo", f"model.name_or_path={model}", "trainer.learning_rate=2e-4",
+                               "trainer.max_steps=7", "data.max_length=100", "data.max_prompt_length=50"]))
+    assert (typed.trainer.learning_rate, typed.trainer.max_steps) == (2e-4, 7)
+    assert (typed.data.max_length, typed.data.max_prompt_length) == (100, 50)
+
+
+def test_raw_tiny_model_keeps_toy_settings_without_the_stage():
+    from alignlab.stages import used_stages
+
+    cfg = _compose(["+recipe=dpo", "model.name_or_path=builtin:tiny"])
+    assert used_stages(cfg) == set() and to_typed(cfg).trainer.max_steps == 150

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from alignlab.errors import ConfigError
-from alignlab.stages import StageError, plan, run_stages
+from alignlab.stages import StageError, plan, run_stages, used_stages
 from alignlab.train import run, to_typed
 
 
@@ -119,6 +119,39 @@ def test_bad_stage_references_and_overrides_are_named(compose, overrides, messag
         to_typed(cfg)
 
 
+def test_a_stage_nothing_refers_to_is_not_used(compose):
+    cfg = compose('+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
+                  '+stages.second=["model.reference=${stage:first}/model"]', '+stages.third=["seed=3"]',
+                  "model.reference=${stage:second}/model")
+    assert used_stages(cfg) == {"first", "second"}  # second directly, first through second's overrides
+    assert [stage.name for stage in plan(cfg)] == ["first", "second", "third"]  # every declared stage is planned
+    assert used_stages(compose('+stages.first=["seed=3"]')) == set()
+
+
+def test_naming_another_model_leaves_the_embedded_sft_stage_unused(compose_run, tmp_path, capsys):
+    cfg = compose_run("+recipe=dpo", f"stages_dir={tmp_path}", sft=True)
+    assert used_stages(cfg) == {"sft"}
+    cfg = compose_run("+recipe=dpo", f"stages_dir={tmp_path}", f"model.name_or_path={tmp_path / 'mine'}", sft=True)
+    assert used_stages(cfg) == set()
+    assert run_stages(cfg) == []  # nothing trains
+    assert "stage sft: not used by this run" in capsys.readouterr().out
+    run_sft = compose_run("+recipe=dpo", f"stages_dir={tmp_path}", sft=True)
+    (sft,) = plan(run_sft)
+    assert to_typed(run_sft).model.name_or_path == f"builtin:tiny@{sft.directory}/model"
+    assert to_typed(sft.config).loss.name == "sft" and sft.config.model.name_or_path == "builtin:tiny"
+
+
+def test_every_embedded_recipe_shares_one_sft_stage(compose_run, tmp_path):
+    def sft(*overrides):
+        return next(s for s in plan(compose_run(*overrides, f"stages_dir={tmp_path}", sft=True)) if s.name == "sft")
+
+    directories = {sft(f"+recipe={r}").directory for r in ("dpo", "npo", "modpo")}
+    directories |= {sft("+recipe=dpo", "trainer.max_steps=5", "loss.beta=0.3", "data.limit=100", "logger=wandb",
+                        "eval.num_prompts=16", "model.lora.enabled=true").directory}
+    assert len(directories) == 1  # trained once, whatever the recipe and the run's own settings
+    assert sft("+recipe=dpo", "seed=1").directory not in directories  # another random model: another stage
+
+
 # --- running: train once, reuse, fail clearly -----------------------------------------------------
 
 
@@ -147,7 +180,8 @@ def test_stages_train_once_and_are_reused(compose, capsys):
 
 @pytest.mark.slow
 def test_unfinished_stage_is_run_again(compose, capsys):
-    cfg = compose('+stages.first=["trainer.learning_rate=0.01"]')
+    cfg = compose('+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
+                  "model.reference=${stage:first}/model")
     (first,) = plan(cfg)
     first.directory.mkdir(parents=True)
     (first.directory / "metrics.jsonl").write_text("{}\n")  # an interrupted run: no summary.json
@@ -159,7 +193,9 @@ def test_unfinished_stage_is_run_again(compose, capsys):
 @pytest.mark.slow
 def test_failed_stage_names_itself_and_finished_stages_are_reused(compose, capsys, tmp_path):
     missing = tmp_path / "missing.jsonl"
-    cfg = compose('+stages.first=["trainer.learning_rate=0.01"]', f'+stages.second=["data.path={missing}"]')
+    cfg = compose('+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
+                  f'+stages.second=["data.path={missing}","model.reference=${{stage:first}}/model"]',
+                  "model.reference=${stage:second}/model")
     with pytest.raises(StageError) as caught:
         run_stages(cfg)
     first, second = plan(cfg)

@@ -47,3 +47,38 @@ def test_summary_of_a_lora_run_and_of_a_run_without_logs(tmp_path):
     assert any("adapter" in line and str(tmp_path / "runs" / "dpo-2024" / "model") in line
                for line in text.splitlines()), text
     assert str(merged) in text and "train loss" not in text and "held-out" not in text
+
+
+def _history(train: list[tuple[int, float]], held_out: list[tuple[int, float]], key: str = "rewards/accuracies"):
+    records = [{"step": step, key: value, "loss": 0.5} for step, value in train]
+    records += [{"step": step, f"eval_{key}": value, "eval_loss": 0.5} for step, value in held_out]
+    return sorted(records, key=lambda r: r["step"])
+
+
+def test_a_warning_when_held_out_accuracy_falls_while_training_accuracy_rises(tmp_path):
+    from alignlab.train import divergence_warnings, summary_text
+
+    history = _history([(10, 0.60), (20, 0.80), (30, 0.95)], [(10, 0.70), (30, 0.55)])
+    (line,) = divergence_warnings(history)
+    assert line.startswith("held-out accuracy went from 0.700 (step 10) to 0.550 (step 30) while training "
+                           "accuracy went from 0.600 to 0.950"), line
+    text = summary_text(_result(tmp_path, warnings=[line]))
+    assert f"alignlab: warning: {line}" in text.splitlines()
+
+
+def test_a_warning_when_held_out_loss_rises_while_training_loss_falls():
+    from alignlab.train import divergence_warnings
+
+    history = [{"step": 10, "loss": 0.6}, {"step": 10, "eval_loss": 0.55}, {"step": 30, "loss": 0.2},
+               {"step": 30, "eval_loss": 0.7}]
+    (line,) = divergence_warnings(history)
+    assert line.startswith("held-out loss went from 0.550 (step 10) to 0.700 (step 30)"), line
+
+
+def test_no_warning_when_both_move_together_or_with_one_evaluation():
+    from alignlab.train import divergence_warnings
+
+    assert divergence_warnings(_history([(10, 0.6), (30, 0.95)], [(10, 0.7), (30, 0.9)])) == []  # both rise
+    assert divergence_warnings(_history([(10, 0.9), (30, 0.8)], [(10, 0.7), (30, 0.6)])) == []  # both fall
+    assert divergence_warnings(_history([(10, 0.6), (30, 0.95)], [(30, 0.5)])) == []  # nothing to compare
+    assert divergence_warnings(_history([(10, 0.6), (30, 0.95)], [(10, 0.70), (30, 0.69)])) == []  # within noise

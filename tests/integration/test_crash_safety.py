@@ -129,7 +129,8 @@ def test_a_checkpoint_being_overwritten_is_incomplete_until_rewritten(tmp_path, 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "trainer.max_steps=100000",
+    cmd = [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "model.name_or_path=builtin:tiny",
+           "trainer.max_steps=100000",
            "trainer.save_steps=0", "trainer.logging_steps=1", "trainer.eval_steps=0", "data.eval_size=0",
            f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -43,7 +43,7 @@ def _torchrun(run_dir, *overrides: str, nproc: int = 2) -> str:
     port = _free_port()
     env = {**os.environ, "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           "-m", "alignlab.cli", "train", f"hydra.run.dir={run_dir}", *overrides]
+           "-m", "alignlab.cli", "train", f"hydra.run.dir={run_dir}", "model.name_or_path=builtin:tiny", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout

@@ -52,7 +52,7 @@ def test_two_stage_recipe(compose_run, tmp_path):
 
 def test_weight_sweep_trains_the_margin_stage_once(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "alignlab.cli", "train", "-m", "+recipe=modpo",
+        [sys.executable, "-m", "alignlab.cli", "train", "-m", "+recipe=modpo", "model.name_or_path=builtin:tiny",
          "loss.weights=[0.9,0.1],[0.5,0.5]",
          "trainer.max_steps=2", "trainer.eval_steps=0", "data.limit=64", "data.eval_size=16",
          f"hydra.sweep.dir={tmp_path / 'sweep'}", f"stages_dir={tmp_path / 'stages'}",
@@ -74,7 +74,7 @@ def test_column_margin_from_the_data(compose_run, write_rows, tmp_path):
             for row in sentiment_pairs(64)]
     path = write_rows(rows)
     cfg = compose_run("loss=modpo", "loss.weights=[0.7,0.3]",
-                      "loss.margins=[{kind: column, column: brevity}]", "trainer=tiny", "trainer.max_steps=2",
+                      "loss.margins=[{kind: column, column: brevity}]", "trainer=default", "trainer.max_steps=2",
                       "trainer.logging_steps=1", "trainer.eval_steps=0",
                       f"data.path={path}",
                       "data.eval_size=8", f"data.cache_dir={tmp_path / 'cache'}")
@@ -85,7 +85,7 @@ def test_column_margin_from_the_data(compose_run, write_rows, tmp_path):
 def test_failed_stage_is_one_line_from_the_cli(tmp_path):
     missing = tmp_path / "missing.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "alignlab.cli", "train", "+recipe=modpo",
+        [sys.executable, "-m", "alignlab.cli", "train", "+recipe=modpo", "model.name_or_path=builtin:tiny",
          f'stages.margin=["loss=dpo","data.path={missing}"]', f"hydra.run.dir={tmp_path / 'run'}",
          f"stages_dir={tmp_path / 'stages'}", f"data.cache_dir={tmp_path / 'cache'}"],
         capture_output=True, text=True,

@@ -52,7 +52,8 @@ def test_same_seed_same_losses(tmp_path, compose_run):
 
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     # batch 64 of 2400 rows: the 40 steps cross an epoch (37.5 steps), so the resumed sampler must too
-    cmd = [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "trainer.max_steps=40", "trainer.save_steps=5",
+    cmd = [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "model.name_or_path=builtin:tiny",
+           "trainer.max_steps=40", "trainer.save_steps=5",
            "trainer.per_device_train_batch_size=64", "trainer.logging_steps=1", "trainer.eval_steps=0",
            "data.eval_size=0", "eval.generate=false", f"data.cache_dir={tmp_path / 'cache'}"]
     full = tmp_path / "full"
@@ -112,7 +113,8 @@ def test_secrets_never_reach_the_run_directory(tmp_path, compose_run, monkeypatc
 def test_a_credential_typed_on_the_command_line_stays_out_of_every_file_and_output(tmp_path):
     secret = "hf_typed-on-the-command-line-0987654321"
     run_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "trainer.max_steps=2",
+    out = subprocess.run([sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "model.name_or_path=builtin:tiny",
+                          "trainer.max_steps=2",
                           "trainer.eval_steps=0", "eval.generate=false", f"+trainer.extra.hub_token={secret}",
                           f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"],
                          capture_output=True, text=True, timeout=300)

@@ -63,14 +63,26 @@ def test_resume_continues_from_the_saved_step(run_and_resume):
 
 
 def test_wandb_logs_offline(tmp_path, monkeypatch, compose_run):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR", raising=False)
+    logged = {}
+    finish = wandb.finish
+
+    def record_then_finish(*args, **kwargs):  # what the W&B run holds when the run ends
+        logged.update(config=dict(wandb.run.config), group=wandb.run.group)
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "finish", record_then_finish)
     cfg = compose_run("+recipe=dpo", "logger=wandb", "trainer.max_steps=3", "trainer.logging_steps=1",
-                      "trainer.eval_steps=0", f"data.cache_dir={tmp_path / 'cache'}")
+                      "trainer.eval_steps=0", "eval.generate=false", f"data.cache_dir={tmp_path / 'cache'}")
     result = run(cfg, output_dir=tmp_path / "run")
     runs = list((result.output_dir / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run was written"
+    alignlab = logged["config"]["alignlab"]  # alignlab's own resolved config, beside the TrainingArguments
+    assert alignlab["loss"]["beta"] == cfg.loss.beta and alignlab["data"]["max_length"] == 48
+    assert alignlab["data"]["path"] == "builtin:sentiment" and logged["config"]["learning_rate"] == 5e-4
+    assert not logged["group"]  # a single run; members of a sweep share the sweep's group (test_sweeps.py)
 
 
 @pytest.mark.parametrize("recipe", ["dpo_stories260k_hh", "modpo_length"])
