@@ -24,6 +24,9 @@ commands:
 
 
 def _train(argv: list[str]) -> None:
+    from alignlab.rundir import INTERRUPTS
+
+    INTERRUPTS.install()  # SIGTERM / Ctrl-C from now on stop the run cleanly (alignlab.rundir)
     import hydra
 
     from alignlab.config import register_configs, resource_dir
@@ -32,23 +35,33 @@ def _train(argv: list[str]) -> None:
 
     @hydra.main(version_base=None, config_path=str(resource_dir("configs")), config_name="config")
     def _main(cfg) -> None:
-        from alignlab.errors import UserError
+        from alignlab.errors import RunStopped, UserError
         from alignlab.stages import run_stages
         from alignlab.train import run
 
         try:
             run_stages(cfg)  # earlier stages of a multi-stage recipe (none for most recipes)
             run(cfg)
-        except UserError as err:  # the message says what to change; a traceback would only bury it
-            print(f"alignlab: error: {err}", file=sys.stderr)
+        except (UserError, RunStopped) as err:  # the message says what to do; a traceback would only bury it
+            print(f"alignlab: {'error: ' * isinstance(err, UserError)}{err}", file=sys.stderr)
             if _in_sweep():
                 raise  # Hydra records this member as failed and runs the others
-            sys.exit(2)
+            sys.exit(getattr(err, "exit_code", 2))  # errors.EXIT_CODES
 
     problem = explain_overrides(argv)
     if problem:
         print(f"alignlab: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if not any(a in ("-m", "--multirun", "--cfg", "-c", "--help", "-h") for a in argv):
+        from alignlab.errors import RunStopped
+        from alignlab.rundir import check_writable
+
+        run_dir = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+        try:  # the run directory (or runs/, where Hydra makes one) takes files, or one line says why not
+            check_writable(run_dir[-1] if run_dir else "runs")
+        except RunStopped as err:
+            print(f"alignlab: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
     sys.argv = ["alignlab train", *argv]
     _main()
 
