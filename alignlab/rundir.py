@@ -129,10 +129,13 @@ class RunLock:
             raise RunDirectoryBusy(
                 f"{self.path.parent} is in use by another run ({holder}). Fix: wait for it to finish (or stop it), "
                 "or pick another run directory (hydra.run.dir=... / output_dir=...)") from None
+        from alignlab.report import redact
+
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}))
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "command": " ".join(redact(list(sys.argv)))}))  # no credentials in files
         handle.flush()
         self._file = handle
         return self

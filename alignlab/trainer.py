@@ -204,11 +204,10 @@ class AlignTrainer(Trainer):
                 (folder / "training_args.bin").unlink(missing_ok=True)
                 mark_complete(folder, self.identity)
         except Exception as err:
-            error = storage_error(err, folder, "write", tail=self._after_failed_save(run_dir, folder),
-                                  resume=resume_command(run_dir))
-            if error is None:
+            if storage_error(err, folder, "write") is None:
                 raise
-            raise error from None
+            raise storage_error(err, folder, "write", tail=self._after_failed_save(run_dir, folder),
+                                resume=resume_command(run_dir)) from None
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save and limit:

@@ -496,12 +496,10 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seed, args.seed + args.trials):
                 t = trial(bench, case, seed)
                 rows.append(t)
-                print(f"{t.case:<14} seed {t.seed:<3} {t.seconds:5.1f} s  {t.outcome if t.outcome != 'exact' else 'exact':<6}"
-                      f"  {t.detail}", flush=True)
-    table = summary(rows)
-    print(table)
-    if args.doc:
-        write_doc(args.doc, table, rows, args)
+                print(f"{t.case:<14} seed {t.seed:<3} {t.seconds:5.1f} s  {t.outcome:<6}  {t.detail}", flush=True)
+                if args.doc:  # after every trial: an interrupted session still leaves its table
+                    write_doc(args.doc, summary(rows), rows, args)
+    print(summary(rows))
     return 0 if all(t.outcome == "exact" for t in rows) else 1
 
 
@@ -520,6 +518,7 @@ def write_doc(path: Path, table: str, rows: list[Trial], args) -> None:
     path.write_text(
         "# Crash-and-resume trials\n\n"
         f"`python scripts/resume_trials.py --trials {args.trials}` on {time.strftime('%Y-%m-%d')} "
+        f"({len(rows)} trials done of {args.trials * len(args.cases)} asked) "
         f"({os.cpu_count()} CPUs, one thread). What each case does is in the script's docstring; each "
         "trial is compared with an uninterrupted run of the same config on the final weights, the last "
         "checkpoint's optimizer state, the loss's state (BCO's δ) and every record of `metrics.jsonl` "

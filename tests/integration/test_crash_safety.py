@@ -279,3 +279,52 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, stopped + 3))
     assert sum("train_runtime" in r for r in records) == 1  # the interrupted train() left no record of its end
     assert (out / "summary.json").exists()
+
+
+def test_a_signal_during_start_up_stops_before_the_directory_changes(tmp_path, compose_run, monkeypatch):
+    import alignlab.models
+
+    load_policy = alignlab.models.load_policy
+
+    def sigterm_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load_policy(*args, **kwargs)
+
+    monkeypatch.setattr(alignlab.models, "load_policy", sigterm_while_loading)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match="stopped by SIGTERM during start-up, before training; no checkpoint yet "
+                                          r"\(resuming starts afresh\)\. Resume with: run\(cfg with "
+                                          "trainer.resume_from_checkpoint=latest"):
+        run(compose_run(*_common(tmp_path, 4)), output_dir=out)
+    assert [p.name for p in out.iterdir()] == [".alignlab.lock"]
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, compose_run):
+    from transformers import TrainerCallback
+
+    import alignlab.trainer
+    from alignlab.errors import StoppedAtOnce
+
+    class TwoCtrlC(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # during step 3
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    init = alignlab.trainer.AlignTrainer.__init__
+
+    def with_ctrl_c(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(TwoCtrlC())
+
+    alignlab.trainer.AlignTrainer.__init__ = with_ctrl_c
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(StoppedAtOnce, match="stopped at once by a second Ctrl-C; resume from the last complete "
+                                                "checkpoint with: ") as err:
+            run(compose_run(*_common(tmp_path, 6)), output_dir=out)
+    finally:
+        alignlab.trainer.AlignTrainer.__init__ = init
+    assert err.value.exit_code == 130
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # step 3 was not finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
