@@ -299,14 +299,18 @@ def resume_command(output_dir: Path) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+        hydra = HydraConfig.get() if HydraConfig.initialized() else None
     except Exception:  # noqa: BLE001 - no Hydra context: the API form below
-        overrides = None
-    if overrides is None:
+        hydra = None
+    if hydra is None:
         return f"run(cfg with trainer.resume_from_checkpoint=latest, output_dir={str(output_dir)!r})"
     from alignlab.report import redact
 
-    keep = [o for o in redact(overrides) if not re.match(
+    overrides = redact(list(hydra.overrides.task))
+    if Path(hydra.runtime.output_dir).resolve() != Path(output_dir).resolve():
+        # a stage of a multi-stage run: the same command reuses the finished stages and resumes this one
+        return shlex.join(["alignlab", "train", *overrides, f"hydra.run.dir={hydra.runtime.output_dir}"])
+    keep = [o for o in overrides if not re.match(
         r"[+~]*(trainer\.resume_from_checkpoint|trainer\.overwrite_output_dir|output_dir)=", o)]
     return shlex.join(["alignlab", "train", *keep, "trainer.resume_from_checkpoint=latest",
                        f"hydra.run.dir={output_dir}"])
