@@ -27,6 +27,13 @@ def _train(argv: list[str]) -> None:
     from alignlab.rundir import INTERRUPTS
 
     INTERRUPTS.install()  # SIGTERM / Ctrl-C from now on stop the run cleanly (alignlab.rundir)
+    try:
+        _train_hydra(argv)
+    finally:
+        INTERRUPTS.uninstall()
+
+
+def _train_hydra(argv: list[str]) -> None:
     import hydra
 
     from alignlab.config import register_configs, resource_dir

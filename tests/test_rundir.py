@@ -152,3 +152,4 @@ def test_the_cli_prints_one_line_and_exits_with_the_documented_code(tmp_path, mo
         assert stopped.value.code == code and code in EXIT_CODES
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignlab:")]
         assert lines == [f"alignlab: {'error: ' if code == 2 else ''}{error}"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI's handlers are removed
