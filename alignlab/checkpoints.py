@@ -6,7 +6,8 @@ and resuming from the highest-numbered one then fails (or silently starts a fres
 
 * a checkpoint is *complete* only once `alignlab_complete` is written inside it, after everything
   else has been written and `fsync`ed (the files, then the folders): a JSON manifest with each file's
-  size and SHA-256, and the run that wrote it (its id and config fingerprint, `alignlab.rundir`);
+  size and SHA-256 digest (of its 16 MiB blocks' SHA-256s, hashed by several threads at once), and
+  the run that wrote it (its id and config fingerprint, `alignlab.rundir`);
 * a checkpoint is *resumable* when it is complete, every file a resume needs is there (weights,
   optimizer, scheduler, trainer state, RNG state, and the loss's state when the loss keeps one), and
   every file still has its recorded size and checksum (`problem`);
@@ -48,22 +49,33 @@ class NonFiniteError(RunStopped, RuntimeError):
     exit_code = 4
 
 
-def _hash_and_sync(path: Path) -> str:
-    """SHA-256 of a file, read once; the same pass flushes it to the disk (fsync)."""
-    digest = hashlib.sha256()
+#: files are hashed in blocks of this size, by several threads at once (hashlib releases the GIL);
+#: a file's digest is the SHA-256 of its blocks' SHA-256s.
+BLOCK = 16 << 20
+
+
+def _block_digest(path: Path, offset: int) -> bytes:
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+        f.seek(offset)
+        return hashlib.sha256(f.read(BLOCK)).digest()
+
+
+def digests(paths: list[Path]) -> dict[Path, str]:
+    """Each file's digest (see `BLOCK`), its blocks hashed in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(path, offset) for path in paths for offset in range(0, max(path.stat().st_size, 1), BLOCK)]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        blocks = list(pool.map(lambda job: _block_digest(*job), jobs))
+    combined: dict = {}
+    for (path, _), block in zip(jobs, blocks):
+        combined.setdefault(path, hashlib.sha256()).update(block)
+    return {path: digest.hexdigest() for path, digest in combined.items()}
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,12 +90,16 @@ def mark_complete(checkpoint: Path, identity: dict | None = None) -> None:
     """Written last: every file's size and checksum, once the files and folders are on the disk; from
     then on `checkpoint` may be resumed from. `identity`: the run's id, fingerprint and config."""
     checkpoint = Path(checkpoint)
-    files = {}
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE):
-        files[path.relative_to(checkpoint).as_posix()] = {"size": path.stat().st_size, "sha256": _hash_and_sync(path)}
+    paths = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE)
+    hashed = digests(paths)
+    files = {path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size, "digest": hashed[path]}
+             for path in paths}
+    for path in paths:
+        _fsync_file(path)
     for folder in sorted({p.parent for p in checkpoint.rglob("*")} | {checkpoint}, reverse=True):
         _fsync_dir(folder)
-    manifest = {"format": MANIFEST_FORMAT, "files": files, **(identity or {})}
+    manifest = {"format": MANIFEST_FORMAT, "digest": f"sha256 of the sha256 of each {BLOCK >> 20} MiB block",
+                "files": files, **(identity or {})}
     tmp = checkpoint / (COMPLETE + ".tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(manifest, indent=1))
@@ -159,8 +175,9 @@ def problem(checkpoint: Path, *, loss_state: bool = False, verify: bool = True) 
         size = path.stat().st_size
         if size != entry["size"]:
             return f"{checkpoint}/{name} is {size} bytes, {entry['size']} when saved (truncated or overwritten)"
+    hashed = digests([checkpoint / name for name in files])
     for name, entry in files.items():
-        if _sha256(checkpoint / name) != entry["sha256"]:
+        if hashed[checkpoint / name] != entry["digest"]:
             return f"{checkpoint}/{name} does not match its checksum (corrupted after it was saved)"
     return None
 

@@ -33,7 +33,19 @@ def test_a_complete_checkpoint_is_resumable(tmp_path, files):
     recorded = manifest(checkpoint)["files"]
     assert sorted(recorded) == sorted(files)
     assert recorded["trainer_state.json"]["size"] == len("contents of trainer_state.json")
-    assert len(recorded["trainer_state.json"]["sha256"]) == 64
+    assert len(recorded["trainer_state.json"]["digest"]) == 64
+
+
+def test_a_digest_is_the_sha256_of_the_blocks_sha256s(tmp_path, monkeypatch):
+    import hashlib
+
+    import alignlab.checkpoints
+
+    monkeypatch.setattr(alignlab.checkpoints, "BLOCK", 4)
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    blocks = [hashlib.sha256(part).digest() for part in (b"0123", b"4567", b"89")]
+    assert alignlab.checkpoints.digests([path])[path] == hashlib.sha256(b"".join(blocks)).hexdigest()
 
 
 @pytest.mark.parametrize("files, reason", [
