@@ -27,6 +27,16 @@ commands:
 
 
 def _train(argv: list[str]) -> None:
+    from alignlab.rundir import INTERRUPTS
+
+    INTERRUPTS.install()  # SIGTERM / Ctrl-C from now on stop the run cleanly (alignlab.rundir)
+    try:
+        _train_hydra(argv)
+    finally:
+        INTERRUPTS.uninstall()
+
+
+def _train_hydra(argv: list[str]) -> None:
     import hydra
 
     from alignlab.config import register_configs, resource_dir
@@ -35,7 +45,7 @@ def _train(argv: list[str]) -> None:
 
     @hydra.main(version_base=None, config_path=str(resource_dir("configs")), config_name="config")
     def _main(cfg) -> None:
-        from alignlab.errors import UserError
+        from alignlab.errors import RunStopped, UserError
         from alignlab.stages import run_stages
         from alignlab.train import run, sweep_dir
 
@@ -51,15 +61,26 @@ def _train(argv: list[str]) -> None:
                 line = record_failure(err, Path(HydraConfig.get().runtime.output_dir))
                 print(f"alignlab: error: {line}", file=sys.stderr)
                 return
-            if not isinstance(err, UserError):
+            if not isinstance(err, (UserError, RunStopped)):
                 raise  # a bug: its traceback is the report
-            print(f"alignlab: error: {err}", file=sys.stderr)  # says what to change; a traceback would bury it
-            sys.exit(2)
+            # the message says what to do; a traceback would only bury it
+            print(f"alignlab: {'error: ' * isinstance(err, UserError)}{err}", file=sys.stderr)
+            sys.exit(getattr(err, "exit_code", 2))  # errors.EXIT_CODES
 
     problem = explain_overrides(argv)
     if problem:
         print(f"alignlab: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if not any(a in ("-m", "--multirun", "--cfg", "-c", "--help", "-h") for a in argv):
+        from alignlab.errors import RunStopped
+        from alignlab.rundir import check_writable
+
+        run_dir = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+        try:  # the run directory (or runs/, where Hydra makes one) takes files, or one line says why not
+            check_writable(run_dir[-1] if run_dir else "runs")
+        except RunStopped as err:
+            print(f"alignlab: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
     sys.argv = ["alignlab train", *argv]
     _main()
     from alignlab import sweeps

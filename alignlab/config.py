@@ -195,8 +195,13 @@ class TrainerConfig:
     #: checkpoint every N steps (0: no intermediate checkpoints).
     save_steps: int = 0
     save_total_limit: Optional[int] = 2
-    #: a checkpoint folder, or `latest` for the newest checkpoint in the run directory.
+    #: a checkpoint folder, or `latest` for the newest verified checkpoint of this run's config in the
+    #: run directory (a fresh start when there is none yet).
     resume_from_checkpoint: Optional[str] = None
+    #: resume a checkpoint written under another config (seed, loss, ...: see alignlab.rundir).
+    resume_any_config: bool = False
+    #: start afresh in a run directory that holds another (or a finished) run, replacing it.
+    overwrite_output_dir: bool = False
     bf16: bool = False
     fp16: bool = False
     dataloader_num_workers: int = 0

@@ -31,3 +31,47 @@ def user_error_behind(error: BaseException) -> UserError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+class RunStopped(Exception):
+    """A run that stopped before finishing, for a reason its one-line message names; the CLI prints the
+    message and exits with `exit_code` (see `EXIT_CODES`)."""
+
+    exit_code = 1
+
+
+class Interrupted(RunStopped):
+    """SIGTERM or Ctrl-C: a checkpoint was saved at the end of the step; the message has the resume command."""
+
+    exit_code = 3
+
+
+class StorageError(RunStopped):
+    """The run directory could not be written (disk full, permission denied, read-only)."""
+
+    exit_code = 5
+
+
+class RunDirectoryBusy(RunStopped):
+    """Another live run holds the run directory's lock."""
+
+    exit_code = 6
+
+
+class StoppedAtOnce(RunStopped):
+    """A second Ctrl-C: stopped at once, without a checkpoint of the current step."""
+
+    exit_code = 130
+
+
+#: `alignlab train`'s exit codes (README "Runs you can trust").
+EXIT_CODES = {
+    0: "finished",
+    1: "an unexpected error (a bug: the traceback is printed)",
+    2: "invalid input: config, data, paths, or a run directory that belongs to another run (the line says the fix)",
+    3: "preempted (SIGTERM or Ctrl-C): a checkpoint was saved; resumable with the printed command",
+    4: "stopped by the NaN guard: a non-finite loss or gradient (the last checkpoint is the last good state)",
+    5: "the run directory could not be written: disk full, permission denied or read-only",
+    6: "the run directory is in use by another live run",
+    130: "a second Ctrl-C: stopped at once (resume from the last complete checkpoint)",
+}

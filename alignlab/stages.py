@@ -46,7 +46,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab.errors import ConfigError, UserError, first_line, user_error_behind
+from alignlab.errors import ConfigError, RunStopped, UserError, first_line, user_error_behind
 
 RESOLVER = "stage"
 #: written last by `alignlab.train.run`: its presence means the stage finished.
@@ -136,6 +136,8 @@ def run_stages(cfg: DictConfig) -> list[Stage]:
         print(f"stage {stage.name}: training in {stage.directory}{resuming}")
         try:
             run(stage.config, output_dir=stage.directory)
+        except RunStopped:  # SIGTERM, NaN, a full disk: already one line, with its own exit code
+            raise
         except Exception as err:
             stage.directory.mkdir(parents=True, exist_ok=True)
             (stage.directory / ERROR_LOG).write_text(traceback.format_exc())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -175,7 +176,8 @@ def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: 
     values are filled from these arguments by HF Trainer)."""
     from transformers import TrainingArguments
 
-    known = {k: v for k, v in asdict(t).items() if k not in ("eval_steps", "save_steps", "resume_from_checkpoint", "extra")}
+    known = {k: v for k, v in asdict(t).items() if k not in (
+        "eval_steps", "save_steps", "resume_from_checkpoint", "resume_any_config", "overwrite_output_dir", "extra")}
     try:
         return TrainingArguments(
             output_dir=str(output_dir),
@@ -252,7 +254,24 @@ def sweep_dir() -> str | None:
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
-    """Train one composed config end to end; returns where everything went and the headline figures."""
+    """Train one composed config end to end; returns where everything went and the headline figures.
+
+    The run holds its directory's lock throughout (`alignlab.rundir`); SIGTERM and Ctrl-C stop it at
+    the end of a step with a checkpoint (`Interrupted`), and a failed write stops it in one line
+    (`StorageError`).
+    """
+    from alignlab.rundir import INTERRUPTS
+
+    with contextlib.ExitStack() as stack:
+        INTERRUPTS.install()
+        stack.callback(INTERRUPTS.uninstall)
+        return _run(cfg, output_dir, stack)
+
+
+def _run(cfg: DictConfig, output_dir: str | Path | None, stack: contextlib.ExitStack) -> RunResult:
+    from alignlab.report import redact
+    from alignlab.rundir import Identity, identity_config, new_run_id, resume_command, storage_error
+
     start = time.time()
     typed = to_typed(cfg)
     if typed.stages:  # a multi-stage config: its stages must have been trained (alignlab.stages)
@@ -264,25 +283,67 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     output_dir = Path(output_dir or typed.output_dir or _hydra_output_dir()).resolve()
     output_dir = Path(distributed.same_on_all(str(output_dir)))
     main = distributed.is_main_process()  # writes the run's files and prints; HF Trainer does the same
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(err, output_dir, "create the run directory") or err from None
 
     from transformers import set_seed
-
-    from alignlab.data import PreferenceCollator, build_datasets
-    from alignlab.models import load_frozen, load_policy, load_reference, load_tokenizer, save_merged
-    from alignlab.reference import column as reference_column
-    from alignlab.report import plot_curves
-    from alignlab.trainer import AlignTrainer, MetricsFileCallback
 
     set_seed(typed.seed)
     loss_fn = losses.build(typed.loss)
     needs = loss_fn.needs
     check_combination(typed, needs)  # config vs data vs needs, before anything heavy loads
     distributed.check(typed)
-    resume = checkpoints.resolve(typed.trainer.resume_from_checkpoint, output_dir)
+    ours = Identity(new_run_id(), identity_config(redact(OmegaConf.to_container(cfg, resolve=True))))
+    claimed = _claim(output_dir, typed, ours, bool(loss_fn.state_dict()), main, stack)
+    try:
+        return _train(cfg, typed, output_dir, claimed, loss_fn, main, start)
+    except OSError as err:  # a write into the run directory: one line, not a traceback
+        error = storage_error(err, output_dir, "write", resume=resume_command(output_dir))
+        if error is None:
+            raise
+        raise error from None
+    except KeyboardInterrupt:  # the second Ctrl-C (alignlab.rundir.Interrupts)
+        from alignlab.errors import StoppedAtOnce
 
-    if main:  # first, so that a run stopped early (SIGTERM, NaN, a crash) still has them
-        save_run_files(cfg, output_dir)
+        raise StoppedAtOnce("stopped at once by a second Ctrl-C; resume from the last complete checkpoint with: "
+                            f"{resume_command(output_dir)}") from None
+
+
+def _claim(output_dir: Path, typed: AlignConfig, ours, loss_state: bool, main: bool, stack: contextlib.ExitStack):
+    """Process 0 locks the run directory (for the run's lifetime) and decides what the run may do there
+    (`alignlab.rundir.claim`); every process gets the decision, or the same error."""
+    from alignlab.errors import RunStopped, UserError
+    from alignlab.rundir import RunLock, claim
+
+    decision = error = None
+    if main:
+        try:
+            lock = RunLock(output_dir).acquire()
+            stack.callback(lock.release)
+            decision = claim(output_dir, typed.trainer.resume_from_checkpoint, ours,
+                             overwrite=typed.trainer.overwrite_output_dir, any_config=typed.trainer.resume_any_config,
+                             loss_state=loss_state)
+        except (UserError, RunStopped) as err:
+            error = err
+    decision, error = distributed.same_on_all((decision, error))
+    if error is not None:
+        raise error
+    return decision
+
+
+def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_fn, main: bool,
+           start: float) -> RunResult:
+    from alignlab.data import PreferenceCollator, build_datasets
+    from alignlab.models import load_frozen, load_policy, load_reference, load_tokenizer, save_merged
+    from alignlab.reference import column as reference_column
+    from alignlab.report import plot_curves
+    from alignlab.rundir import INTERRUPTS, interrupted, take_over, write_record
+    from alignlab.trainer import AlignTrainer, MetricsFileCallback
+
+    needs = loss_fn.needs
+    resume = claimed.resume
     tokenizer = load_tokenizer(typed.model)
     with distributed.main_process_first():  # one process fills the tokenized cache, the others read it
         data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields)
@@ -291,7 +352,6 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         unknown = vocabulary_warning(data.train, tokenizer, typed.model, typed.data.path)
         if unknown:
             print(unknown)
-        (output_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
 
     policy = load_policy(typed.model, tokenizer, typed.seed)
     reference = load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
@@ -318,12 +378,15 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         distributed.release(reference)
         reference = None
         collator.sequences = tuple(reference_column(r) for r in needs.responses)
+    if INTERRUPTS.received is not None:  # before anything of the directory changed
+        raise interrupted(output_dir, None, None)
     metrics_file = output_dir / "metrics.jsonl"
-    if main and resume is None and metrics_file.exists():
-        metrics_file.unlink()  # a fresh run in an old directory starts a fresh log
-    if main and resume is not None and metrics_file.exists():
-        checkpoints.truncate_log(metrics_file, resume)
-    preemption = checkpoints.PreemptionCallback()
+    if main:  # validated, and the directory is ours: now what an earlier run left may change
+        take_over(output_dir, claimed)
+        save_run_files(cfg, output_dir)  # first, so that a run stopped early (SIGTERM, NaN, a crash) has them
+        (output_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+        write_record(output_dir, claimed.identity, "running")
+    distributed.barrier()
     trainer = AlignTrainer(
         model=policy,
         args=args,
@@ -339,13 +402,17 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
         skip_unused_logits=typed.model.skip_unused_logits,
         padding_free=typed.model.padding_free,
         prefix_sharing=typed.model.prefix_sharing,
-        callbacks=[MetricsFileCallback(metrics_file), preemption],
+        identity=claimed.identity.to_dict(),
+        callbacks=[MetricsFileCallback(metrics_file)],
     )
     trainer.train(resume_from_checkpoint=resume)
-    if preemption.preempted:  # SIGTERM: a checkpoint was saved; no final model, no summary (not finished)
-        print(f"alignlab: stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
-              "Resume with trainer.resume_from_checkpoint=latest and the same run directory")
-        return RunResult(output_dir, output_dir / "model", metrics_file, [], {}, time.time() - start)
+    step = trainer.state.global_step
+    if INTERRUPTS.received is not None:
+        if step < trainer.state.max_steps:  # a checkpoint was saved at the end of the step; not finished
+            saved = output_dir / f"checkpoint-{step}"
+            raise interrupted(output_dir, step, saved if (saved / checkpoints.COMPLETE).exists() else None)
+        if main:
+            print(f"alignlab: {INTERRUPTS.received} after the last step: finishing the final evaluation and save")
     eval_metrics = trainer.evaluate() if ctx.eval is not None else {}
 
     model_dir = output_dir / "model"
@@ -366,6 +433,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
             {"train_losses": train_losses, "eval": eval_metrics, "wall_seconds": result.wall_seconds,
              "model_dir": str(model_dir), "merged_model_dir": str(merged_dir) if merged_dir else None,
              "warnings": result.warnings}, indent=2))
+        write_record(output_dir, claimed.identity, "finished", step=step)
         print(summary_text(result))
         if typed.eval.generate:
             end_of_training_eval(typed, output_dir)

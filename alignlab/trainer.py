@@ -19,16 +19,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from alignlab.checkpoints import COMPLETE, grads_finite, mark_complete, non_finite, save_batch
+from alignlab.checkpoints import (COMPLETE, LOG_STATE, LOSS_STATE, checkpoint_folders, grads_finite, manifest,
+                                  mark_complete, non_finite, save_batch)
 from alignlab.distributed import average_gradients, prepare_frozen
 from alignlab.errors import UserError
+from alignlab.rundir import INTERRUPTS, resume_command, storage_error
 from alignlab.forward import Forward
 from alignlab.losses.base import Loss, LossInputs, Needs, StepTokens
 from alignlab.reference import from_columns as reference_from_columns
-
-
-#: the loss module's buffers and parameters inside a checkpoint folder.
-LOSS_STATE = "loss_state.safetensors"
 
 
 def reduce_loss(losses: torch.Tensor) -> torch.Tensor:
@@ -77,6 +75,7 @@ class AlignTrainer(Trainer):
         skip_unused_logits: the head only where the loss reads logits (`model.skip_unused_logits`).
         padding_free: pack batches without padding (`model.padding_free`).
         prefix_sharing: run each example's prompt once for all its responses (`model.prefix_sharing`).
+        identity: the run's id, config fingerprint and config, recorded in every checkpoint (`alignlab.rundir`).
         **kwargs: everything `transformers.Trainer` takes.
     """
 
@@ -86,8 +85,12 @@ class AlignTrainer(Trainer):
     def __init__(self, *, loss_fn: Loss, reference: nn.Module | None = None,
                  teachers: dict[str, nn.Module] | None = None, logit_chunk_size: int = 0,
                  precomputed_reference: bool = False, skip_unused_logits: bool = True,
-                 padding_free: bool = False, prefix_sharing: bool = False, **kwargs) -> None:
+                 padding_free: bool = False, prefix_sharing: bool = False, identity: dict | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        self.identity = identity
+        self._resume_checkpoint: str | None = None
+        self.add_callback(_RunControl(self))
         self.loss_fn = loss_fn.to(self.args.device)
         self.needs = loss_fn.needs
         self.precomputed_reference = precomputed_reference
@@ -121,6 +124,18 @@ class AlignTrainer(Trainer):
                                        positions=dict(zip(names, values[len(names):])),
                                        micro_batches=max(len(batches), 1) * self.accelerator.num_processes)
         return batches, num_items_in_batch
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._resume_checkpoint = resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        """HF's epoch, unless the run already reached `max_steps`: resumed from its last checkpoint, HF
+        would train one step past the end (it checks for the end only after a step)."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _loss_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LossInputs:
         return loss_inputs(self.forward, self.needs, inputs, model, self.accelerator.unwrap_model(model),
@@ -204,8 +219,10 @@ class AlignTrainer(Trainer):
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(output_dir) / LOSS_STATE)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """HF's checkpoint, then the completion marker, written last (see alignlab.checkpoints), then
-        the rotation of old checkpoints (`save_total_limit`), so that a complete one always exists."""
+        """HF's checkpoint and the logging window in progress, then the completion marker (each file's
+        size and checksum, written last: see alignlab.checkpoints), then the rotation of old checkpoints
+        (`save_total_limit`), so that a complete one always exists. A failed write (disk full,
+        permission denied) removes the partial folder and stops the run in one line."""
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
@@ -213,17 +230,63 @@ class AlignTrainer(Trainer):
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
+            self._save_log_state(folder)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                # HF's pickle of TrainingArguments (credentials such as hub_token included); resuming never reads
+                # it, and the run's config.yaml holds the settings
+                (folder / "training_args.bin").unlink(missing_ok=True)
+                mark_complete(folder, self.identity)
+        except Exception as err:
+            if storage_error(err, folder, "write") is None:
+                raise
+            raise storage_error(err, folder, "write", tail=self._after_failed_save(run_dir, folder),
+                                resume=resume_command(run_dir)) from None
         finally:
             self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()
+        if self.args.should_save and limit:
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _after_failed_save(self, run_dir: Path, folder: Path) -> str:
+        """What a failed save leaves: the partial folder removed, the last complete checkpoint, how to resume."""
+        import shutil
+
         if self.args.should_save:
-            # HF's pickle of TrainingArguments (credentials such as hub_token included); resuming never reads
-            # it, and the run's config.yaml holds the settings
-            (folder / "training_args.bin").unlink(missing_ok=True)
-            mark_complete(folder)
-            if limit:
-                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        previous = [p for p in checkpoint_folders(run_dir) if p != folder and manifest(p) is not None]
+        kept = f"{previous[-1].name} is the last complete checkpoint" if previous else "no checkpoint is complete yet"
+        return f" at step {self.state.global_step} (the partial {folder.name} was removed; {kept})"
+
+    # -- the logging window in progress, so that the log after a resume equals the uninterrupted run's --
+    def _log_state_file(self, folder: Path) -> Path:
+        name = LOG_STATE if self.args.world_size <= 1 else LOG_STATE.replace(".json", f"_{self.args.process_index}.json")
+        return Path(folder) / name
+
+    def _save_log_state(self, folder: Path) -> None:
+        """The loss summed since the last log (HF's `_tr_loss`), the running total, the last logged step and
+        the loss's metrics since the last log: each process its own."""
+        if not hasattr(self, "_tr_loss"):
+            return
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        state = {"tr_loss": self._tr_loss.item(), "total_loss_scalar": self._total_loss_scalar,
+                 "last_logged": self._globalstep_last_logged,
+                 "metrics": {name: [v.tolist() for v in values] for name, values in self._metrics["train"].items()}}
+        self._log_state_file(folder).write_text(json.dumps(state))
+
+    def _restore_log_state(self) -> None:
+        """Called as training begins (after HF resets its logging state): the checkpoint's window continues."""
+        path = self._resume_checkpoint and self._log_state_file(Path(self._resume_checkpoint))
+        if not path or not path.is_file() or not hasattr(self, "_tr_loss"):
+            return
+        state = json.loads(path.read_text())
+        self._tr_loss += torch.tensor(state["tr_loss"], dtype=self._tr_loss.dtype, device=self._tr_loss.device)
+        self._total_loss_scalar = state["total_loss_scalar"]
+        self._globalstep_last_logged = state["last_logged"]
+        self._initial_global_step = 0  # HF's train_loss: the mean over the whole run, as without the interruption
+        self._metrics["train"] = defaultdict(list, {
+            name: [torch.tensor(v, dtype=torch.float32, device=self.args.device) for v in values]
+            for name, values in state["metrics"].items()})
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -283,3 +346,20 @@ class MetricsFileCallback(TrainerCallback):
         if state.is_world_process_zero and logs:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class _RunControl(TrainerCallback):
+    """The trainer's own hooks: restore the logging window on resume; on SIGTERM or Ctrl-C
+    (`alignlab.rundir.INTERRUPTS`) save a checkpoint at the end of the step and stop."""
+
+    def __init__(self, trainer: AlignTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._restore_log_state()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if INTERRUPTS.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
