@@ -58,7 +58,7 @@ def overrides(loss: str, cache: Path, seed: int = 7) -> list[str]:
     return [f"+recipe={loss}", f"trainer.max_steps={STEPS}", f"trainer.save_steps={SAVE_EVERY}",
             f"trainer.logging_steps={LOG_EVERY}", f"trainer.eval_steps={EVAL_EVERY}", "trainer.save_total_limit=null",
             "trainer.per_device_train_batch_size=8", f"data.limit={28 if loss == 'bco' else 56}", "data.eval_size=8",
-            "eval.generate=false",
+            "eval.generate=false", "model.name_or_path=builtin:tiny",  # the random tiny model: no SFT stage
             f"data.cache_dir={cache}", f"seed={seed}"]
 
 

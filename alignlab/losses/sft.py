@@ -32,6 +32,6 @@ class SFT(Loss):
 
     def forward(self, batch: LossInputs) -> LossOutput:
         chosen = batch.policy["chosen"]
-        losses = batch_token_mean_nll(chosen)
+        losses = batch_token_mean_nll(batch, "chosen")
         metrics = {"nll_loss": losses.detach().mean(), "logps/chosen": chosen.logps.detach().mean()}
         return LossOutput(losses, metrics)

@@ -132,7 +132,7 @@ def test_second_identical_call_is_a_cache_hit(make_cfg, tokenizer, pairs, tmp_pa
 
 
 @pytest.mark.parametrize("change",
-                         [{"max_length": 1024}, {"max_prompt_length": 8}, {"prompt_truncation": "keep_end"}])
+                         [{"max_length": 2048}, {"max_prompt_length": 8}, {"prompt_truncation": "keep_end"}])
 def test_settings_change_the_fingerprint(make_cfg, tokenizer, pairs, change):
     build_datasets(make_cfg(pairs(4)), tokenizer)
     assert not build_datasets(make_cfg(pairs(4), **change), tokenizer).report.cache_hit
