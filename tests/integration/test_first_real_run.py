@@ -43,7 +43,7 @@ def test_dpo_on_a_real_model_and_a_fresh_file_succeeds_first_time(tmp_path, shar
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert "read 1000 rows, kept 1000 (train 900, eval 100), skipped 0" in out.stdout
-    assert "truncated 0 prompts and 0 responses" in out.stdout
+    assert "truncated 0 prompts (to data.max_prompt_length=512) and 0 responses" in out.stdout
     assert "stage sft: not used by this run" in out.stdout and not (work / "runs" / "stages").exists()
 
     run_dir = work / "runs" / "first"
