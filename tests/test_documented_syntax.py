@@ -39,7 +39,7 @@ def test_trl_names_point_to_alignlab_keys(override, key):
 def test_recipe_of_ones_own_with_config_dir(tmp_path):
     (tmp_path / "recipe").mkdir()
     (tmp_path / "recipe" / "mine.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /loss: dpo\n  - override /trainer: tiny\nloss:\n  beta: 0.3\n")
+        "# @package _global_\ndefaults:\n  - override /loss: dpo\nloss:\n  beta: 0.3\n")
     assert explain_overrides(["--config-dir", str(tmp_path), "+recipe=mine"]) is None
     assert explain_overrides([f"--config-dir={tmp_path}", "+recipe=mine", "--cfg", "job"]) is None
     assert compose(["+recipe=mine"], str(tmp_path)).loss.beta == 0.3
