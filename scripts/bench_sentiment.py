@@ -190,7 +190,8 @@ class Bench:
               steps: int | None = None) -> dict | None:
         from hydra import compose, initialize_config_dir
 
-        from alignlab.config import register_configs, resource_dir
+        from alignlab.compose import register_configs
+        from alignlab.config import resource_dir
         from alignlab.train import run
 
         out = self.runs / name
@@ -313,7 +314,8 @@ def study_unlearning(b: Bench) -> list[dict]:
         if not (b.reuse and (out / "summary.json").exists()):
             from hydra import compose, initialize_config_dir
 
-            from alignlab.config import register_configs, resource_dir
+            from alignlab.compose import register_configs
+            from alignlab.config import resource_dir
             from alignlab.train import run as train
 
             register_configs()
