@@ -278,8 +278,8 @@ class EvalConfig:
 
     #: sample from the policy and the reference on held-out prompts after training (KL, reward, lengths).
     generate: bool = True
-    #: "module:function" scoring (prompts, completions) -> floats; "auto": alignlab.builtin:sentiment_reward
-    #: when data.path is builtin:sentiment, else none; null: no reward.
+    #: "module:function" scoring (prompts, completions) -> floats; "auto": the reward a builtin task
+    #: registers (builtin:sentiment: alignlab.builtin:sentiment_reward), else none; null: no reward.
     reward: Optional[str] = "auto"
     num_prompts: int = 8
     max_new_tokens: int = 16
@@ -290,7 +290,7 @@ class EvalConfig:
                              f"{self.max_new_tokens}; set eval.generate=false to skip sampling")
         if self.reward not in (None, "auto") and ":" not in self.reward:
             raise ValueError(f"eval.reward must be module:function, 'auto' or null, got {self.reward!r} "
-                             "(e.g. eval.reward=alignlab.sentiment:vader_reward)")
+                             "(e.g. eval.reward=alignlab.bench.sentiment:vader_reward)")
 
 
 @dataclass

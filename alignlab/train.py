@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab import checkpoints, distributed, losses
+from alignlab.builtin import task_reward
 from alignlab.config import TRL_NAMES, AlignConfig, ModelConfig, TrainerConfig, to_typed
 from alignlab.data import PreferenceCollator, build_datasets, check_data_needs
 from alignlab.errors import ConfigError, RunStopped, StoppedAtOnce, UserError, first_line
@@ -494,7 +495,7 @@ def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:
     """`alignlab eval` on the finished run, as configured by `eval.*`; prints its headline figures."""
     reward = cfg.eval.reward
     if reward == "auto":
-        reward = "alignlab.builtin:sentiment_reward" if cfg.data.path == "builtin:sentiment" else None
+        reward = task_reward(cfg.data.path)  # the builtin task's own (builtin.DATASETS), else none
     with distributed.outside_zero3():  # process 0 alone loads the models
         result = evaluate(output_dir, reward=reward, num_prompts=cfg.eval.num_prompts,
                           max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("step", ["forward", "reference"]),
     ("trainer", ["trainer"]),
     ("run", ["compose", "train", "evaluate"]),
-    ("entry", ["cli", "api", "bench", "bench.*", "sentiment"]),  # sentiment: the benchmark's, moves out
+    ("entry", ["cli", "api", "bench", "bench.*"]),
 ]
 
 #: what a loss may import inside the package: the loss contract, other losses, the chunked kernels.
