@@ -48,9 +48,8 @@ def train(overrides: Sequence[str] = (), *, dataset: Any = None, eval_dataset: A
         alignlab.errors.UserError: a mistake in the overrides, the data or the models, with the
             one-line message the command line prints.
     """
-    from alignlab.config import compose
-    from alignlab.stages import run_stages
-    from alignlab.train import run
+    from alignlab.compose import compose
+    from alignlab.train import run, run_stages
 
     if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError("overrides must be a list of strings such as ['+recipe=dpo', 'loss.beta=0.2'], got "

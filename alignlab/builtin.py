@@ -178,21 +178,30 @@ def sentiment_completions(split: str, n: int = 600, seed: int = 0, heldout: bool
 
 @dataclass(frozen=True)
 class BuiltinDataset:
-    """A generator `(n, seed, heldout) -> rows`, its default size, and whether its evaluation rows
-    come from the held-out generator (unseen subjects) rather than a random hold-out."""
+    """A generator `(n, seed, heldout) -> rows`, its default size, whether its evaluation rows come
+    from the held-out generator (unseen subjects) rather than a random hold-out, and the task's reward
+    ("module:function", the end-of-training eval's `eval.reward=auto`; None: the task has none)."""
 
     generate: Callable[..., list[dict[str, str]]]
     size: int
     heldout_eval: bool
+    reward: str | None = None
 
 
 #: `builtin:<name>` data sources.
 DATASETS = {
-    "sentiment": BuiltinDataset(sentiment_pairs, 2400, heldout_eval=True),
+    "sentiment": BuiltinDataset(sentiment_pairs, 2400, heldout_eval=True,
+                                reward="alignlab.builtin:sentiment_reward"),
     "sentiment-understated": BuiltinDataset(understated_pairs, 2400, heldout_eval=True),
     "sentiment-forget": BuiltinDataset(partial(sentiment_completions, "forget"), 600, heldout_eval=False),
     "sentiment-retain": BuiltinDataset(partial(sentiment_completions, "retain"), 600, heldout_eval=False),
 }
+
+
+def task_reward(data_path: str) -> str | None:
+    """The reward a `builtin:NAME` data source registers (`BuiltinDataset.reward`); None for any other."""
+    spec = DATASETS.get(data_path.removeprefix("builtin:")) if data_path.startswith("builtin:") else None
+    return spec.reward if spec else None
 
 
 def sentiment_reward(prompts: list[str], completions: list[str]) -> list[float]:

@@ -7,6 +7,11 @@ import os
 import sys
 from pathlib import Path
 
+from alignlab import sweeps
+from alignlab.config import recipe_names, resource_dir
+from alignlab.errors import ConfigError, RunStopped, UserError
+from alignlab.rundir import INTERRUPTS, check_writable
+
 USAGE = """usage: alignlab <command> [args]
 
 commands:
@@ -26,8 +31,6 @@ commands:
 
 
 def _train(argv: list[str]) -> None:
-    from alignlab.rundir import INTERRUPTS
-
     INTERRUPTS.install()  # SIGTERM / Ctrl-C from now on stop the run cleanly (alignlab.rundir)
     try:
         _train_hydra(argv)
@@ -38,15 +41,13 @@ def _train(argv: list[str]) -> None:
 def _train_hydra(argv: list[str]) -> None:
     import hydra
 
-    from alignlab.config import register_configs, resource_dir
+    from alignlab.compose import register_configs  # deferred, like every heavy import here: torch (losses)
 
     register_configs()
 
     @hydra.main(version_base=None, config_path=str(resource_dir("configs")), config_name="config")
     def _main(cfg) -> None:
-        from alignlab.errors import RunStopped, UserError
-        from alignlab.stages import run_stages
-        from alignlab.train import run, sweep_dir
+        from alignlab.train import run, run_stages, sweep_dir  # deferred: torch, transformers
 
         try:
             run_stages(cfg)  # earlier stages of a multi-stage recipe (none for most recipes)
@@ -55,9 +56,7 @@ def _train_hydra(argv: list[str]) -> None:
             if sweep_dir() is not None:  # recorded in the member's error.log and the sweep's table; the others run on
                 from hydra.core.hydra_config import HydraConfig
 
-                from alignlab.sweeps import record_failure
-
-                line = record_failure(err, Path(HydraConfig.get().runtime.output_dir))
+                line = sweeps.record_failure(err, Path(HydraConfig.get().runtime.output_dir))
                 print(f"alignlab: error: {line}", file=sys.stderr)
                 return
             if not isinstance(err, (UserError, RunStopped)):
@@ -71,9 +70,6 @@ def _train_hydra(argv: list[str]) -> None:
         print(f"alignlab: error: {problem}", file=sys.stderr)
         sys.exit(2)
     if not any(a in ("-m", "--multirun", "--cfg", "-c", "--help", "-h") for a in argv):
-        from alignlab.errors import RunStopped
-        from alignlab.rundir import check_writable
-
         run_dir = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
         try:  # the run directory (or runs/, where Hydra makes one) takes files, or one line says why not
             check_writable(run_dir[-1] if run_dir else "runs")
@@ -82,8 +78,6 @@ def _train_hydra(argv: list[str]) -> None:
             sys.exit(err.exit_code)
     sys.argv = ["alignlab train", *argv]
     _main()
-    from alignlab import sweeps
-
     if sweeps.last is not None and any(row["status"] != "ok" for row in sweeps.last[1]):
         sys.exit(2)  # a member failed: the sweep's table says which
 
@@ -96,11 +90,10 @@ _VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--con
 def explain_overrides(argv: list[str]) -> str | None:
     """Compose `argv`'s overrides once up front (with its `--config-dir`; for a sweep, every value of
     every swept key); on a mistake, one line naming it with the nearest names
-    (`alignlab.config.compose`). A value that composes but fails validation (`loss.beta=-1`) is left
+    (`alignlab.compose.compose`). A value that composes but fails validation (`loss.beta=-1`) is left
     to its run: in a sweep, that member fails alone. Hydra's own overrides and flags are left to Hydra.
     """
-    from alignlab.config import compose
-    from alignlab.errors import ConfigError
+    from alignlab.compose import compose  # deferred: torch (the losses)
 
     overrides, config_dir, config_name = split_argv(argv)
     if config_dir is not None and not Path(config_dir).expanduser().is_dir():
@@ -153,8 +146,6 @@ def sweep_members(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from alignlab.errors import ConfigError
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
@@ -187,8 +178,7 @@ def _eval(argv: list[str]) -> None:
         if value < 1:
             print(f"alignlab: error: {flag} must be >= 1, got {value}", file=sys.stderr)
             sys.exit(2)
-    from alignlab.errors import UserError
-    from alignlab.evaluate import evaluate
+    from alignlab.evaluate import evaluate  # deferred: torch, transformers
 
     try:
         result = evaluate(args.run_dir, args.reward, args.num_prompts, args.max_new_tokens, args.seed)
@@ -202,7 +192,6 @@ def _eval(argv: list[str]) -> None:
 
 
 def _list() -> None:
-    from alignlab.config import recipe_names
     from alignlab.losses import REGISTRY, build
 
     print("losses: what each optimises [its paper]\n"

@@ -1,4 +1,4 @@
-"""Typed configuration: the dataclass schemas Hydra composes into, and their registration.
+"""Typed configuration: the dataclass schemas Hydra composes into (registered by `alignlab.compose`).
 
 `configs/` holds the building blocks (groups model, data, trainer, deepspeed, logger; the loss group
 comes from the loss registry's dataclasses) and `recipes/` holds complete experiments selected with
@@ -13,7 +13,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from alignlab.errors import ConfigError, user_error_behind
 
 BAD_ROW_POLICIES = ("error", "skip")
 PROMPT_TRUNCATION = ("error", "keep_end", "keep_start")
@@ -276,8 +278,8 @@ class EvalConfig:
 
     #: sample from the policy and the reference on held-out prompts after training (KL, reward, lengths).
     generate: bool = True
-    #: "module:function" scoring (prompts, completions) -> floats; "auto": alignlab.builtin:sentiment_reward
-    #: when data.path is builtin:sentiment, else none; null: no reward.
+    #: "module:function" scoring (prompts, completions) -> floats; "auto": the reward a builtin task
+    #: registers (builtin:sentiment: alignlab.builtin:sentiment_reward), else none; null: no reward.
     reward: Optional[str] = "auto"
     num_prompts: int = 8
     max_new_tokens: int = 16
@@ -288,7 +290,7 @@ class EvalConfig:
                              f"{self.max_new_tokens}; set eval.generate=false to skip sampling")
         if self.reward not in (None, "auto") and ":" not in self.reward:
             raise ValueError(f"eval.reward must be module:function, 'auto' or null, got {self.reward!r} "
-                             "(e.g. eval.reward=alignlab.sentiment:vader_reward)")
+                             "(e.g. eval.reward=alignlab.bench.sentiment:vader_reward)")
 
 
 @dataclass
@@ -324,8 +326,6 @@ OPEN_DICTS = ("data.columns", "trainer.extra", "deepspeed.config", "stages")
 
 def schema():
     """`AlignConfig` as the root schema, with the `OPEN_DICTS` open to new keys."""
-    from omegaconf import OmegaConf
-
     node = OmegaConf.structured(AlignConfig)
     for key in OPEN_DICTS:
         OmegaConf.set_struct(OmegaConf.select(node, key), False)
@@ -347,8 +347,6 @@ def is_embedded(cfg) -> bool:
     model = cfg.get("model") if cfg is not None else None
     if model is None:
         return False
-    from omegaconf import OmegaConf
-
     raw = OmegaConf.to_container(model, resolve=False).get("name_or_path")
     return isinstance(raw, str) and raw.startswith("builtin:")
 
@@ -375,38 +373,6 @@ def resource_dir(name: str) -> Path:
 
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in resource_dir("recipes").glob("*.yaml"))
-
-
-_registered = False
-
-
-def register_configs() -> None:
-    """Put the schemas, the losses and the recipes in Hydra's ConfigStore (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    from alignlab.losses import REGISTRY
-    from alignlab.stages import register_resolver
-
-    register_resolver()  # ${stage:NAME}
-    if not OmegaConf.has_resolver(EMBEDDED_RESOLVER):
-        OmegaConf.register_new_resolver(EMBEDDED_RESOLVER, embedded_value)
-    cs = ConfigStore.instance()
-    cs.store(name="alignlab_schema", node=schema())
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="data", name="schema", node=DataConfig)
-    cs.store(group="trainer", name="schema", node=TrainerConfig)
-    cs.store(group="logger", name="schema", node=LoggerConfig)
-    cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
-    for name, entry in REGISTRY.items():
-        cs.store(group="loss", name=name, node=entry.config)
-    # Recipes are complete experiments, `# @package _global_` files with their own defaults list.
-    for path in sorted(resource_dir("recipes").glob("*.yaml")):
-        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
-    _registered = True
 
 
 #: names a TRL user brings (DPOConfig / DPOTrainer and TrainingArguments fields that alignlab keeps
@@ -461,85 +427,13 @@ def trl_hint(key: str) -> str:
     return ""
 
 
-def compose(overrides: list[str], config_dir: str | None = None, config_name: str = "config"):
-    """The composed (unresolved) config of `alignlab train [--config-dir DIR] [--config-name NAME] OVERRIDES`.
-
-    Raises:
-        ConfigError: one line naming the mistake (an unknown key, group option or recipe with the
-            nearest valid names; a TRL name with its alignlab key; a bad value), from Hydra's exceptions.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-
-    from alignlab.errors import ConfigError
-
-    register_configs()
-    main = str(resource_dir("configs"))
-    extra = str(Path(config_dir).expanduser().resolve()) if config_dir else None
-    if extra and config_name != "config":  # a primary config of the user's own: its folder first
-        main, extra = extra, main
-    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
-
-    def attempt(items):
-        with initialize_config_dir(config_dir=main, version_base=None):
-            return hydra_compose(config_name, overrides=[*search, *items])
-
+def to_typed(cfg: DictConfig) -> AlignConfig:
+    """Validate a composed config: every dataclass's `__post_init__` runs, the loss's included."""
     try:
-        return attempt(overrides)
-    except OverrideParseException as err:
-        raise ConfigError(f"cannot parse {err.override!r}: {err.message.splitlines()[0]}. Quote values "
-                          "holding { } [ ] , = or spaces for Hydra, e.g. key='\"a value\"'") from None
-    except MissingConfigException as err:
-        raise ConfigError(_missing_option(err, config_dir)) from None
-    except ConfigCompositionException as err:
-        cause = err.__cause__
-        key = getattr(cause, "full_key", None)
-        if key is not None and _is_unknown_key(cause):
-            raise ConfigError(_unknown_key(key, overrides, attempt)) from None
-        text = getattr(cause, "msg", None) or str(cause or err)
-        where = f"{key}: " if key else ""
-        raise ConfigError(where + "; ".join(line.strip() for line in text.splitlines() if line.strip()
-                                            and "full_key" not in line and "_type=" not in line)) from None
-
-
-def _is_unknown_key(error: BaseException) -> bool:
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    return isinstance(error, (ConfigAttributeError, ConfigKeyError))
-
-
-def _missing_option(err, config_dir: str | None) -> str:
-    """'unknown recipe 'dpx'. Did you mean +recipe=dpo? Options: ...' from Hydra's exception."""
-    import difflib
-
-    group, _, name = (err.missing_cfg_file or "").rpartition("/")
-    options = [o for o in (err.options or []) if o != "schema"]
-    if not group:  # the primary config itself
-        return f"config {name!r} not found{f' in {config_dir}' if config_dir else ''}"
-    near = difflib.get_close_matches(name, options, n=1)
-    hint = f" Did you mean {'+' if group == 'recipe' else ''}{group}={near[0]}?" if near else ""
-    where = "" if config_dir or group != "recipe" else (
-        " (a recipe of your own: alignlab train --config-dir DIR +recipe=NAME, with DIR/recipe/NAME.yaml)")
-    return f"unknown {group} {name!r}.{hint} Options: {', '.join(options)}{where}"
-
-
-def _unknown_key(key: str, overrides: list[str], attempt) -> str:
-    """'unknown key 'loss.bta'. Did you mean loss.beta? Keys of loss: ...' (or its TRL name's key)."""
-    import difflib
-
-    parent, _, leaf = key.rpartition(".")
-    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
-    try:
-        from omegaconf import OmegaConf
-
-        node = attempt(rest)
-        node = OmegaConf.select(node, parent) if parent else node
-        keys = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
-    except Exception:  # noqa: BLE001 - the other overrides are broken too; say what we know
-        keys = []
-    trl = trl_hint(key)
-    near = difflib.get_close_matches(leaf, keys, n=1)
-    hint = trl or (f" Did you mean {parent + '.' if parent else ''}{near[0]}?" if near else "")
-    listed = f" Keys of {parent or 'the config'}: {', '.join(keys)}" if keys and not trl else ""
-    return f"unknown key {key!r}.{hint}{listed}"
+        typed: AlignConfig = OmegaConf.to_object(cfg)
+    except ValueError as err:  # a __post_init__ check, which names the field
+        cause = user_error_behind(err)  # raised by a resolver, e.g. ${stage:NAME}
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(str(err).splitlines()[0]) from None
+    return typed

@@ -23,6 +23,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+
+from alignlab.config import AlignConfig, to_typed
+from alignlab.data import build_datasets
+from alignlab.forward import concatenated_forward
+from alignlab.losses import build, get
+from alignlab.models import freeze, load_policy, load_tokenizer
 
 
 @dataclass
@@ -74,8 +81,6 @@ def sample(model, other, tokenizer, prompts: list[str], max_new_tokens: int, see
     left-padded batches of `batch_size`; score each under `model` and `other` (summed log-probs of the
     completion tokens, EOS included when sampled). The generator is seeded once with `seed`, so two
     models with the same weights draw the same completions (a model against itself ties exactly)."""
-    from alignlab.forward import concatenated_forward
-
     completions, self_lp, other_lp, lengths, all_ids = [], [], [], [], []
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     torch.manual_seed(seed)
@@ -124,10 +129,6 @@ def win_rate(policy_rewards: list[float], reference_rewards: list[float]) -> flo
 def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, max_new_tokens: int = 32,
              seed: int = 0) -> dict:
     """Evaluate the saved run in `run_dir`; writes `run_dir/eval/` and returns the figures."""
-    from alignlab.data import build_datasets
-    from alignlab.losses import build
-    from alignlab.models import freeze, load_policy, load_tokenizer
-
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "model").is_dir() or not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a finished alignlab run (it needs model/ and config.yaml)")
@@ -214,12 +215,6 @@ def plot_eval(result: dict, out: Path) -> Path:
 
 def load_run_config(path: Path):
     """A run's saved (resolved) `config.yaml`, typed and validated again."""
-    from omegaconf import OmegaConf
-
-    from alignlab.config import AlignConfig
-    from alignlab.losses import get
-    from alignlab.train import to_typed
-
     raw = OmegaConf.load(path)
     loss = raw.pop("loss")
     for name, kind in typing.get_type_hints(AlignConfig).items():  # groups added since the run was saved

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alignlab.builtin import build_model, build_tokenizer
 from alignlab.config import LoraConfig, ModelConfig
+from alignlab.distributed import unpartitioned_loading
 from alignlab.errors import ConfigError, UserError, first_line
 
 
@@ -43,8 +45,6 @@ def load_tokenizer(cfg: ModelConfig):
     """The tokenizer, with a pad token guaranteed (models such as Llama ship none)."""
     name = cfg.tokenizer or cfg.name_or_path
     if name.partition("@")[0] == TINY:  # builtin:tiny, or builtin:tiny@DIR (its weights trained in DIR)
-        from alignlab.builtin import build_tokenizer
-
         tokenizer = build_tokenizer()
     else:
         from transformers import AutoTokenizer, GPT2Tokenizer
@@ -176,8 +176,6 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
             raise ModelError(f"unknown builtin model {cfg.name_or_path!r}; the only one is 'builtin:tiny' "
                              "(or 'builtin:tiny@DIR', its weights saved in DIR)")
     if not source:
-        from alignlab.builtin import build_model
-
         model = build_model(len(tokenizer), seed)
     else:
         from transformers import AutoModelForCausalLM
@@ -328,9 +326,7 @@ def save_merged(cfg: ModelConfig, tokenizer, seed: int, adapter_dir: Path, out_d
     merged in place, so the trained model, possibly partitioned by ZeRO-3, is left untouched. The
     result loads with plain `AutoModelForCausalLM.from_pretrained`.
     """
-    from peft import PeftModel
-
-    from alignlab.distributed import unpartitioned_loading
+    from peft import PeftModel  # deferred: heavy
 
     with unpartitioned_loading():
         base = _load_causal_lm(replace(cfg, gradient_checkpointing=False, lora=LoraConfig()), tokenizer, seed)

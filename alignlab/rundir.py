@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignlab import checkpoints
 from alignlab.errors import ConfigError, Interrupted, RunDirectoryBusy, StorageError, UserError
+from alignlab.report import redact
 
 RECORD = "alignlab_run.json"
 LOCK = ".alignlab.lock"
@@ -129,8 +131,6 @@ class RunLock:
             raise RunDirectoryBusy(
                 f"{self.path.parent} is in use by another run ({holder}). Fix: wait for it to finish (or stop it), "
                 "or pick another run directory (hydra.run.dir=... / output_dir=...)") from None
-        from alignlab.report import redact
-
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -198,8 +198,6 @@ def claim(output_dir: Path, value: str | None, ours: Identity, *, overwrite: boo
     Raises:
         UserError: one line naming what the directory holds and the fix.
     """
-    from alignlab import checkpoints
-
     output_dir = Path(output_dir)
     overwrite_fix = "pass trainer.overwrite_output_dir=true to replace it"
     if overwrite:
@@ -263,8 +261,6 @@ def claim(output_dir: Path, value: str | None, ours: Identity, *, overwrite: boo
 
 def _resumed_identity(checkpoint: Path, ours: Identity, any_config: bool) -> Identity:
     """This run's identity when resuming `checkpoint`: the checkpoint's run id, refused if its config differs."""
-    from alignlab import checkpoints
-
     theirs = checkpoints.identity_of(checkpoint)
     if theirs is None:  # written before checkpoints recorded their run
         return ours
@@ -280,8 +276,6 @@ def _resumed_identity(checkpoint: Path, ours: Identity, any_config: bool) -> Ide
 
 def take_over(output_dir: Path, claimed: Claim) -> None:
     """After validation, under the lock: clear what an earlier run left, as `claimed` says."""
-    from alignlab import checkpoints
-
     output_dir = Path(output_dir)
     metrics = output_dir / "metrics.jsonl"
     if claimed.replace:
@@ -304,8 +298,6 @@ def resume_command(output_dir: Path) -> str:
         hydra = None
     if hydra is None:
         return f"run(cfg with trainer.resume_from_checkpoint=latest, output_dir={str(output_dir)!r})"
-    from alignlab.report import redact
-
     overrides = redact(list(hydra.overrides.task))
     if Path(hydra.runtime.output_dir).resolve() != Path(output_dir).resolve():
         # a stage of a multi-stage run: the same command reuses the finished stages and resumes this one

@@ -25,7 +25,7 @@ ones run again, resuming from their latest checkpoint if they saved one. A stage
 config, not by the content of the files it reads.
 
 ``${stage:NAME}`` resolves to a stage's directory (absolute) anywhere in the config, including in a
-later stage's overrides. `alignlab train` runs `run_stages` and then the run itself;
+later stage's overrides. `alignlab train` runs `alignlab.train.run_stages` and then the run itself;
 `alignlab.train.run` trains one config and refuses one whose stages are unfinished. A stage that
 nothing refers to (no ``${stage:NAME}`` in the config or in a used stage's overrides) is skipped:
 the embedded model's ``sft`` stage (configs/model/tiny.yaml) is unused once ``model.name_or_path``
@@ -38,7 +38,6 @@ import copy
 import hashlib
 import json
 import re
-import traceback
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -46,7 +45,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab.errors import ConfigError, RunStopped, UserError, first_line, user_error_behind
+from alignlab.config import resource_dir
+from alignlab.errors import ConfigError, UserError, first_line, user_error_behind
 
 RESOLVER = "stage"
 #: written last by `alignlab.train.run`: its presence means the stage finished.
@@ -114,41 +114,6 @@ def plan(cfg: DictConfig, until: str | None = None) -> list[Stage]:
     return planned
 
 
-def run_stages(cfg: DictConfig) -> list[Stage]:
-    """Train the unfinished stages of `cfg` in order, reusing finished ones; nothing without stages.
-
-    Raises:
-        StageError: a stage failed. Its traceback is in ``<directory>/error.log``.
-    """
-    from alignlab.train import run
-
-    stages = plan(cfg)
-    used = used_stages(cfg)
-    for stage in stages:
-        if stage.name not in used:
-            print(f"stage {stage.name}: not used by this run (nothing refers to ${{{RESOLVER}:{stage.name}}}); skipped")
-    stages = [stage for stage in stages if stage.name in used]
-    for done, stage in enumerate(stages):
-        if stage.finished:
-            print(f"stage {stage.name}: reusing {stage.directory}")
-            continue
-        resuming = " (resuming from its last checkpoint)" if stage.config.trainer.resume_from_checkpoint else ""
-        print(f"stage {stage.name}: training in {stage.directory}{resuming}")
-        try:
-            run(stage.config, output_dir=stage.directory)
-        except RunStopped:  # SIGTERM, NaN, a full disk: already one line, with its own exit code
-            raise
-        except Exception as err:
-            stage.directory.mkdir(parents=True, exist_ok=True)
-            (stage.directory / ERROR_LOG).write_text(traceback.format_exc())
-            finished = ", ".join(s.name for s in stages[:done]) or "none"
-            raise StageError(
-                f"stage {stage.name!r} failed in {stage.directory}: {type(err).__name__}: {first_line(err)} "
-                f"(traceback in {ERROR_LOG} there). Rerunning reuses the finished stages ({finished})"
-            ) from err
-    return stages
-
-
 def require_finished(cfg: DictConfig) -> None:
     """Refuse to train a config whose stages have not all finished.
 
@@ -160,7 +125,7 @@ def require_finished(cfg: DictConfig) -> None:
         if stage.name in used and not stage.finished:
             raise ConfigError(
                 f"stage {stage.name!r} of this config has not been trained ({stage.directory} has no "
-                f"{FINISHED}). Fix: train with `alignlab train`, or call alignlab.stages.run_stages(cfg) "
+                f"{FINISHED}). Fix: train with `alignlab train`, or call alignlab.train.run_stages(cfg) "
                 "before alignlab.train.run(cfg)"
             )
 
@@ -266,8 +231,6 @@ def _group_option(group: str, option: str) -> DictConfig:
     """The defaults of ``group=option`` (e.g. ``loss=dpo``), composed by Hydra."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from alignlab.config import resource_dir
 
     overrides = [f"{group}={option}"]
     if GlobalHydra.instance().is_initialized():  # inside `alignlab train`, or a compose context

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -13,10 +14,22 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab import checkpoints, distributed, losses
-from alignlab.config import AlignConfig, ModelConfig, TrainerConfig
-from alignlab.errors import ConfigError, first_line, user_error_behind
+from alignlab.builtin import task_reward
+from alignlab.config import TRL_NAMES, AlignConfig, ModelConfig, TrainerConfig, to_typed
+from alignlab.data import PreferenceCollator, build_datasets, check_data_needs
+from alignlab.errors import ConfigError, RunStopped, StoppedAtOnce, UserError, first_line
+from alignlab.evaluate import evaluate
+from alignlab.forward import Forward
 from alignlab.losses.base import PAIRWISE_HEADLINE, STANDARD_CURVES, Needs, PrepareContext
-
+from alignlab.models import (chat_template, check_lora, check_model_folder, load_frozen, load_policy,
+                             load_reference, load_tokenizer, save_merged)
+from alignlab.reference import column as reference_column
+from alignlab.reference import model_identity, precompute
+from alignlab.report import environment, plot_curves, redact
+from alignlab.rundir import (INTERRUPTS, Identity, RunLock, claim, identity_config, interrupted, new_run_id,
+                             resume_command, storage_error, take_over, write_record)
+from alignlab.scorers import add_scores, prompt_embedder
+from alignlab.stages import ERROR_LOG, RESOLVER, Stage, StageError, plan, require_finished, used_stages
 
 
 @dataclass
@@ -37,21 +50,8 @@ class RunResult:
     headline: dict[str, str] = field(default_factory=lambda: dict(PAIRWISE_HEADLINE))
 
 
-def to_typed(cfg: DictConfig) -> AlignConfig:
-    """Validate a composed config: every dataclass's `__post_init__` runs, the loss's included."""
-    try:
-        typed: AlignConfig = OmegaConf.to_object(cfg)
-    except ValueError as err:  # a __post_init__ check, which names the field
-        cause = user_error_behind(err)  # raised by a resolver, e.g. ${stage:NAME}
-        if cause is not None:
-            raise cause from None
-        raise ConfigError(str(err).splitlines()[0]) from None
-    return typed
-
-
 def check_combination(cfg: AlignConfig, needs: Needs) -> None:
     """Refuse a config whose loss, model and data do not fit together, before any model loads."""
-    from alignlab.data import check_data_needs
 
     if cfg.model.reference and not needs.reference:
         raise ConfigError(
@@ -64,8 +64,6 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
             raise ConfigError(f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
                               f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it")
     check_data_needs(cfg.data, needs.responses, needs.fields)
-    from alignlab.models import chat_template, check_lora, check_model_folder
-
     check_model_folder(cfg.model.name_or_path)
     if cfg.model.reference:
         check_model_folder(cfg.model.reference, "model.reference")
@@ -90,8 +88,6 @@ def check_trainer(trainer: TrainerConfig) -> None:
 
     from transformers import SchedulerType, TrainingArguments
     from transformers.training_args import OptimizerNames
-
-    from alignlab.config import TRL_NAMES
 
     for name, value, options in (("optim", trainer.optim, [o.value for o in OptimizerNames]),
                                  ("lr_scheduler_type", trainer.lr_scheduler_type, [o.value for o in SchedulerType])):
@@ -155,9 +151,6 @@ def check_forward(loss_name: str, model: ModelConfig, needs: Needs) -> None:
 
 def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, collator, batch_size: int, device) -> None:
     """Replace ctx.train / ctx.eval with copies carrying the reference's per-token log-probs (cached)."""
-    from alignlab.forward import Forward
-    from alignlab.reference import model_identity, precompute
-
     quantized = cfg.model.lora.load_in_4bit and not cfg.model.reference  # the reference is the 4-bit base
     identity = model_identity(cfg.model.reference or cfg.model.name_or_path,
                               cfg.model.dtype + ("+nf4" if quantized else ""), cfg.seed)
@@ -229,8 +222,6 @@ def _setup_wandb(cfg, raw: DictConfig, output_dir: Path) -> None:
         return
     import wandb
 
-    from alignlab.report import redact
-
     if wandb.run is not None:  # left open by an earlier run in this process (a stage, a sweep member)
         wandb.finish()
     wandb.init(project=os.environ["WANDB_PROJECT"], name=output_dir.name, group=cfg.logger.group or sweep_dir(),
@@ -255,6 +246,42 @@ def sweep_dir() -> str | None:
     return None
 
 
+def run_stages(cfg: DictConfig) -> list[Stage]:
+    """Train the unfinished stages of `cfg` in order, reusing finished ones; nothing without stages
+    (planned by `alignlab.stages.plan`).
+
+    Raises:
+        StageError: a stage failed. Its traceback is in ``<directory>/error.log``.
+    """
+    stages = plan(cfg)
+    used = used_stages(cfg)
+    for stage in stages:
+        if stage.name not in used:
+            print(f"stage {stage.name}: not used by this run (nothing refers to "
+                  f"${{{RESOLVER}:{stage.name}}}); skipped")
+    stages = [stage for stage in stages if stage.name in used]
+    for done, stage in enumerate(stages):
+        if stage.finished:
+            print(f"stage {stage.name}: reusing {stage.directory}")
+            continue
+        resuming = (" (resuming from its last checkpoint)"
+                    if stage.config.trainer.resume_from_checkpoint else "")
+        print(f"stage {stage.name}: training in {stage.directory}{resuming}")
+        try:
+            run(stage.config, output_dir=stage.directory)
+        except RunStopped:  # SIGTERM, NaN, a full disk: already one line, with its own exit code
+            raise
+        except Exception as err:
+            stage.directory.mkdir(parents=True, exist_ok=True)
+            (stage.directory / ERROR_LOG).write_text(traceback.format_exc())
+            finished = ", ".join(s.name for s in stages[:done]) or "none"
+            raise StageError(
+                f"stage {stage.name!r} failed in {stage.directory}: {type(err).__name__}: {first_line(err)} "
+                f"(traceback in {ERROR_LOG} there). Rerunning reuses the finished stages ({finished})"
+            ) from err
+    return stages
+
+
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     """Train one composed config end to end; returns where everything went and the headline figures.
 
@@ -262,8 +289,6 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     the end of a step with a checkpoint (`Interrupted`), and a failed write stops it in one line
     (`StorageError`).
     """
-    from alignlab.rundir import INTERRUPTS
-
     with contextlib.ExitStack() as stack:
         INTERRUPTS.install()
         stack.callback(INTERRUPTS.uninstall)
@@ -271,14 +296,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
 
 
 def _run(cfg: DictConfig, output_dir: str | Path | None, stack: contextlib.ExitStack) -> RunResult:
-    from alignlab.report import redact
-    from alignlab.rundir import Identity, identity_config, new_run_id, resume_command, storage_error
-
     start = time.time()
     typed = to_typed(cfg)
     if typed.stages:  # a multi-stage config: its stages must have been trained (alignlab.stages)
-        from alignlab.stages import require_finished
-
         require_finished(cfg)
     distributed.init_processes()  # under torchrun / the deepspeed launcher: every process runs this
     # one run directory for all processes (Hydra's default is named after each process's clock)
@@ -307,8 +327,6 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, stack: contextlib.ExitS
             raise
         raise error from None
     except KeyboardInterrupt:  # the second Ctrl-C (alignlab.rundir.Interrupts)
-        from alignlab.errors import StoppedAtOnce
-
         raise StoppedAtOnce("stopped at once by a second Ctrl-C; resume from the last complete checkpoint with: "
                             f"{resume_command(output_dir)}") from None
 
@@ -316,9 +334,6 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, stack: contextlib.ExitS
 def _claim(output_dir: Path, typed: AlignConfig, ours, loss_state: bool, main: bool, stack: contextlib.ExitStack):
     """Process 0 locks the run directory (for the run's lifetime) and decides what the run may do there
     (`alignlab.rundir.claim`); every process gets the decision, or the same error."""
-    from alignlab.errors import RunStopped, UserError
-    from alignlab.rundir import RunLock, claim
-
     decision = error = None
     if main:
         try:
@@ -337,13 +352,7 @@ def _claim(output_dir: Path, typed: AlignConfig, ours, loss_state: bool, main: b
 
 def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_fn, main: bool,
            start: float) -> RunResult:
-    from alignlab.data import PreferenceCollator, build_datasets
-    from alignlab.models import load_frozen, load_policy, load_reference, load_tokenizer, save_merged
-    from alignlab.reference import column as reference_column
-    from alignlab.report import plot_curves
-    from alignlab.rundir import INTERRUPTS, interrupted, take_over, write_record
-    from alignlab.scorers import add_scores, prompt_embedder
-    from alignlab.trainer import AlignTrainer, MetricsFileCallback
+    from alignlab.trainer import AlignTrainer, MetricsFileCallback  # deferred: it imports transformers
 
     needs = loss_fn.needs
     resume = claimed.resume
@@ -453,8 +462,6 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
 def save_run_files(cfg: DictConfig, output_dir: Path) -> None:
     """`config.yaml` (the resolved config) and `environment.json` (versions, git revision, command
     line), credentials redacted (`report.redact`)."""
-    from alignlab.report import environment, redact
-
     resolved = redact(absolute_paths(OmegaConf.to_container(cfg, resolve=True)))
     OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
     (output_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
@@ -493,11 +500,9 @@ def absolute_paths(content: dict) -> dict:
 
 def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:
     """`alignlab eval` on the finished run, as configured by `eval.*`; prints its headline figures."""
-    from alignlab.evaluate import evaluate
-
     reward = cfg.eval.reward
     if reward == "auto":
-        reward = "alignlab.builtin:sentiment_reward" if cfg.data.path == "builtin:sentiment" else None
+        reward = task_reward(cfg.data.path)  # the builtin task's own (builtin.DATASETS), else none
     with distributed.outside_zero3():  # process 0 alone loads the models
         result = evaluate(output_dir, reward=reward, num_prompts=cfg.eval.num_prompts,
                           max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)

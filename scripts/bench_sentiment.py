@@ -4,7 +4,7 @@
     python scripts/bench_sentiment.py --tiny     # a smoke version (a few prompts and steps) into --out
 
 Policy and reference: ../shared/models/stories260k (a pretrained TinyStories Llama, 260K params).
-Ground truth: the VADER compound score of the completion (`alignlab.sentiment.vader`). Data: the
+Ground truth: the VADER compound score of the completion (`alignlab.bench.sentiment.vader`). Data: the
 reference's own samples on story openings (k per prompt, fixed seed), scored by VADER and cut into
 pairs (best vs worst), triples (TPO: best as gold, second as chosen, worst as rejected), thumbs-up /
 down labels (BCO: above / below the median score), flipped pairs (rDPO) and a forget / retain split
@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alignlab import sentiment  # noqa: E402
+from alignlab.bench import sentiment  # noqa: E402
 
 MODEL = REPO.parent / "shared" / "models" / "stories260k"
 #: the character whose stories are forgotten in study 5.
@@ -183,14 +183,15 @@ class Bench:
                 f"trainer.max_steps={steps or s.steps}", f"trainer.per_device_train_batch_size={s.batch_size}",
                 "trainer.per_device_eval_batch_size=64", f"trainer.learning_rate={s.lr}", "trainer.warmup_steps=0",
                 "trainer.logging_steps=10", "trainer.eval_steps=0", "trainer.save_steps=0",
-                "eval.reward=alignlab.sentiment:vader_reward", f"eval.num_prompts={s.eval_prompts}",
+                "eval.reward=alignlab.bench.sentiment:vader_reward", f"eval.num_prompts={s.eval_prompts}",
                 f"eval.max_new_tokens={s.max_new_tokens}", f"seed={self.seed}", f"stages_dir={self.runs / 'stages'}"]
 
     def train(self, name: str, overrides: list[str], data: str = "pairs", eval_data: str = "eval_pairs",
               steps: int | None = None) -> dict | None:
         from hydra import compose, initialize_config_dir
 
-        from alignlab.config import register_configs, resource_dir
+        from alignlab.compose import register_configs
+        from alignlab.config import resource_dir
         from alignlab.train import run
 
         out = self.runs / name
@@ -313,7 +314,8 @@ def study_unlearning(b: Bench) -> list[dict]:
         if not (b.reuse and (out / "summary.json").exists()):
             from hydra import compose, initialize_config_dir
 
-            from alignlab.config import register_configs, resource_dir
+            from alignlab.compose import register_configs
+            from alignlab.config import resource_dir
             from alignlab.train import run as train
 
             register_configs()
@@ -459,9 +461,9 @@ def report(b: Bench, unlearning: list[dict], stats: dict, wall: float, command: 
              "", "## Set-up", "",
              "- **policy = reference**: `../shared/models/stories260k`, Karpathy's TinyStories Llama (260K parameters, "
              "vocabulary 512); full fine-tuning.",
-             "- **ground-truth reward**: VADER compound score of the completion (`alignlab.sentiment.vader`, "
+             "- **ground-truth reward**: VADER compound score of the completion (`alignlab.bench.sentiment.vader`, "
              "PyPI `vadersentiment`), in [-1, 1]. It plays the role of the IMDb sentiment classifier.",
-             f"- **data**: {stats['train_prompts']} story openings with neutral wording (`alignlab.sentiment.story_prompts`; "
+             f"- **data**: {stats['train_prompts']} story openings with neutral wording (`alignlab.bench.sentiment.story_prompts`; "
              f"held-out openings use other character names), {s.samples_per_prompt} samples of the reference each "
              f"(ancestral sampling, up to {s.max_new_tokens} tokens, cut after the last full sentence), "
              f"VADER-scored: mean score {stats['mean_score']:.3f}, {stats['zero_scores']:.0%} of samples score exactly 0.",
@@ -472,7 +474,7 @@ def report(b: Bench, unlearning: list[dict], stats: dict, wall: float, command: 
              f"skipped): {stats['unpaired']} ({stats['desirable']} desirable).",
              f"- **training**: `alignlab.train.run` on a composed config per run: {s.steps} steps, batch "
              f"{s.batch_size}, AdamW lr {s.lr}, constant after no warm-up (linear decay), full fine-tuning.",
-             f"- **evaluation**: the end-of-training eval (`eval.reward=alignlab.sentiment:vader_reward`, "
+             f"- **evaluation**: the end-of-training eval (`eval.reward=alignlab.bench.sentiment:vader_reward`, "
              f"`eval.num_prompts={s.eval_prompts}`, `eval.max_new_tokens={s.max_new_tokens}`): one sample per "
              "held-out opening from the policy and from the reference (the same seed), mean VADER reward, "
              "win rate against the reference's sample (ties ½), KL(π‖π_ref) = mean over the policy's samples of "

@@ -19,7 +19,7 @@ reference log-probs is timed by wrapping the function that does it.
     python scripts/bench_trl.py --quick --out /tmp/b    # a tiny end-to-end run (~1 min)
 
 Workloads (issue #8):
-  W1: ../shared/models/stories260k, 500 VADER-scored pairs sampled from it (alignlab.sentiment),
+  W1: ../shared/models/stories260k, 500 VADER-scored pairs sampled from it (alignlab.bench.sentiment),
       batch 16, max_length 64, fp32, 2 threads.
   W2: a Llama from config (hidden 512, 4 layers, 8 heads, intermediate 1376, tied, GPT-2 tokenizer,
       38.4M params; seeded init saved once and loaded by both), HH-RLHF harmless-base pairs with
@@ -159,18 +159,18 @@ def _hh_rows(tokenizer, n: int, low: int, high: int) -> list[dict]:
 
 
 def _sentiment_rows(n: int, cache_dir: Path) -> tuple[list[dict], str]:
-    """W1's pairs: VADER-scored samples of stories260k (alignlab.sentiment); HH pairs if it is absent."""
+    """W1's pairs: VADER-scored samples of stories260k (alignlab.bench.sentiment); HH pairs if it is absent."""
     try:
-        from alignlab.sentiment import pairs_file
+        from alignlab.bench.sentiment import pairs_file
     except ImportError:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(STORIES))
         rows = _hh_rows(tok, n, 1, 20)
-        return rows, f"HH-RLHF pairs (alignlab.sentiment absent), {len(rows)} rows"
+        return rows, f"HH-RLHF pairs (alignlab.bench.sentiment absent), {len(rows)} rows"
     path = pairs_file(STORIES, n, seed=0, cache_dir=cache_dir)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows, f"VADER-scored stories260k samples, alignlab.sentiment.pairs_file(n_pairs={n}, seed=0)"
+    return rows, f"VADER-scored stories260k samples, alignlab.bench.sentiment.pairs_file(n_pairs={n}, seed=0)"
 
 
 def _ids_alignlab(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -554,7 +554,8 @@ def _yaml(value) -> str:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from alignlab.config import register_configs, resource_dir
+    from alignlab.compose import register_configs
+    from alignlab.config import resource_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):

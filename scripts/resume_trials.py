@@ -66,7 +66,8 @@ def compose(items: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from alignlab.config import register_configs, resource_dir
+    from alignlab.compose import register_configs
+    from alignlab.config import resource_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):

@@ -80,7 +80,8 @@ def _compose_run(*overrides: str, sft: bool = False):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from alignlab.config import register_configs, resource_dir
+    from alignlab.compose import register_configs
+    from alignlab.config import resource_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):

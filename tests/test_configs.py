@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from alignlab.config import register_configs, resource_dir
+from alignlab.compose import register_configs
+from alignlab.config import resource_dir
 from alignlab.train import to_typed
 
 CONFIGS, RECIPES = resource_dir("configs"), resource_dir("recipes")

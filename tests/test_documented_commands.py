@@ -117,7 +117,7 @@ def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
     else:
         assert command == "train", where
         from alignlab import losses
-        from alignlab.config import compose
+        from alignlab.compose import compose
         from alignlab.data import check_data_needs
         from alignlab.stages import plan
         from alignlab.train import to_typed

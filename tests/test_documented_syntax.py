@@ -8,7 +8,7 @@ import json
 import pytest
 
 from alignlab.cli import explain_overrides
-from alignlab.config import compose
+from alignlab.compose import compose
 
 
 def test_dictionaries_take_new_keys_without_plus():

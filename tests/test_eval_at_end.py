@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,6 +34,26 @@ def test_eval_config_is_checked(compose_run):
         to_typed(compose_run("+recipe=dpo", "eval.reward=vader"))
     with pytest.raises(ConfigError, match="eval.num_prompts"):
         to_typed(compose_run("+recipe=dpo", "eval.num_prompts=0"))
+
+
+def test_auto_reward_is_the_one_the_builtin_task_registers(monkeypatch):
+    assert builtin.task_reward("builtin:sentiment") == "alignlab.builtin:sentiment_reward"
+    assert builtin.task_reward("builtin:sentiment-understated") is None
+    assert builtin.task_reward("org/pairs") is None
+    own = replace(builtin.DATASETS["sentiment-forget"], reward="mine:score")  # a task and its reward
+    monkeypatch.setitem(builtin.DATASETS, "mine", own)
+    assert builtin.task_reward("builtin:mine") == "mine:score"
+
+
+def test_end_of_training_eval_asks_the_task_for_its_reward(monkeypatch, tmp_path, compose_run):
+    from alignlab import train
+
+    seen = {}
+    monkeypatch.setattr(train, "evaluate", lambda run_dir, reward, **kw: seen.setdefault("reward", reward) and {})
+    mine = replace(builtin.DATASETS["sentiment"], reward="mine:score")
+    monkeypatch.setitem(builtin.DATASETS, "sentiment", mine)
+    train.end_of_training_eval(train.to_typed(compose_run("+recipe=dpo")), tmp_path)
+    assert seen["reward"] == "mine:score"
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The VADER reward and the sampled sentiment pairs (`alignlab.sentiment`)."""
+"""The VADER reward and the sampled sentiment pairs (`alignlab.bench.sentiment`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from alignlab import sentiment
+from alignlab.bench import sentiment
 
 
 def test_vader_by_the_formula():
@@ -36,7 +36,8 @@ def test_story_prompts_are_distinct_neutral_and_split_by_name():
 
 
 def test_import_is_light():
-    code = "import sys, alignlab.sentiment; print('transformers' in sys.modules, 'torch' in sys.modules)"
+    code = ("import sys, alignlab.bench.sentiment; "
+            "print('transformers' in sys.modules, 'torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() \
         == ["False", "False"]
 

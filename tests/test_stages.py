@@ -13,8 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from alignlab.errors import ConfigError
-from alignlab.stages import StageError, plan, run_stages, used_stages
-from alignlab.train import run, to_typed
+from alignlab.stages import StageError, plan, used_stages
+from alignlab.train import run, run_stages, to_typed
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from alignlab.builtin import DATASETS
 from alignlab.data.collate import PreferenceCollator
 from alignlab.data.formats import (
     LABEL,
@@ -510,8 +511,6 @@ def _eval_records(cfg: DataConfig) -> list[Record] | None:
     if cfg.eval_path or cfg.eval_split:  # another source, or another split of data.path
         return read_source(cfg.eval_path or cfg.path, name=cfg.name, split=cfg.eval_split or cfg.split)
     if cfg.path.startswith("builtin:"):
-        from alignlab.builtin import DATASETS
-
         spec = DATASETS.get(cfg.path.removeprefix("builtin:"))
         size = _eval_count(cfg.eval_size, spec.size) if spec else 0
         if spec and spec.heldout_eval and size:

@@ -29,6 +29,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from alignlab.builtin import DATASETS
 from alignlab.errors import UserError, first_line
 
 
@@ -177,8 +178,6 @@ def builtin_records(path: str, *, heldout: bool = False, n: int | None = None,
         n: number of rows to generate (default: the dataset's size).
         limit: keep only the first `limit` rows.
     """
-    from alignlab.builtin import DATASETS
-
     name = path.removeprefix("builtin:")
     if name not in DATASETS:
         known = ", ".join(f"builtin:{k}" for k in DATASETS)

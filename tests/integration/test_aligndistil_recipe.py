@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alignlab.stages import run_stages
+from alignlab.train import run_stages
 from alignlab.train import run
 
 pytestmark = pytest.mark.slow

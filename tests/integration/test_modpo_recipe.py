@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from alignlab.builtin import sentiment_pairs
-from alignlab.stages import run_stages
+from alignlab.train import run_stages
 from alignlab.train import run
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,7 @@ def _train(compose_run, tmp_path, recipe, *overrides, steps=40, sft=False):
     cfg = compose_run(f"+recipe={recipe}", *length, "trainer.logging_steps=1", "trainer.eval_steps=0",
                       f"data.cache_dir={tmp_path / 'cache'}", *overrides, sft=sft)
     if sft:
-        from alignlab.stages import run_stages
+        from alignlab.train import run_stages
 
         run_stages(cfg)
     return run(cfg, output_dir=tmp_path / "run")

@@ -10,7 +10,7 @@ come from the reference model itself: for each story opening draw k samples, sco
 
 * `vader(texts)` — compound scores.
 * `vader_reward(prompts, completions)` — the pluggable-reward signature of `alignlab eval --reward`
-  (`alignlab.sentiment:vader_reward`); it scores the completion only (the openings are neutral).
+  (`alignlab.bench.sentiment:vader_reward`); it scores the completion only (the openings are neutral).
 * `story_prompts(split)` — distinct story openings; "train" and "eval" share no character name.
 * `make_pairs(model_path, n_pairs, seed, ...)` — rows ``{prompt, chosen, rejected, chosen_score,
   rejected_score}``, sampled in left-padded batches.
@@ -56,7 +56,10 @@ DEFAULT_CACHE = Path("runs") / "cache" / "sentiment"
 
 @lru_cache(maxsize=1)
 def _analyzer():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:  # an optional dependency: the benchmark's, not the framework's
+        raise ImportError("the VADER reward needs vadersentiment: pip install 'alignlab[bench]'") from None
 
     return SentimentIntensityAnalyzer()
 
@@ -68,7 +71,7 @@ def vader(texts: list[str]) -> list[float]:
 
 
 def vader_reward(prompts: list[str], completions: list[str]) -> list[float]:
-    """`alignlab eval --reward alignlab.sentiment:vader_reward`: VADER compound of each completion."""
+    """`alignlab eval --reward alignlab.bench.sentiment:vader_reward`: VADER compound of each completion."""
     if len(prompts) != len(completions):
         raise ValueError(f"vader_reward got {len(prompts)} prompts and {len(completions)} completions; "
                          "pass one prompt per completion")
