@@ -1,4 +1,9 @@
-"""One concatenated forward pass over every response of a batch, to per-token log-probs.
+"""One concatenated forward pass over every response of a batch, to per-token log-probs, run by a plan.
+
+The plan (`ForwardPlan`) is decided once per run from the loss's `Needs` and the `model.*` switches
+(`ForwardPlan.of`), then fitted once to each model it runs (`ForwardPlan.fitted`), before training,
+from what that model supports (`ModelFacts`, found on a fixed synthetic batch). Calling a fitted
+plan runs one forward; nothing about a model is learnt or cached while training.
 
 Two ways to get the logits, with the same results:
 * chunked (default, `model.logit_chunk_size` > 0): the model returns its final hidden states (and
@@ -6,9 +11,9 @@ Two ways to get the logits, with the same results:
   (`alignlab.chunked`), so no `(B, T, V)` fp32 tensor is ever materialised, for sequence-level
   losses and token-level ones alike.
 * dense (`model.logit_chunk_size=0`, or a model whose logits are not `head(last hidden state)`,
-  e.g. with final logit soft-capping): the model's own `(B, T, V)` logits.
+  e.g. with final logit soft-capping: `ModelFacts.logits_from_head`): the model's own `(B, T, V)` logits.
 
-Two optional savings, each exact (tests/test_forward_speed.py):
+Optional savings, each exact (tests/test_forward_speed.py):
 * `skip_unused_logits` (chunked path): the output head (with a 50k vocabulary, costlier per token
   than the whole body of a small model) runs only at the positions a loss reads: those that predict
   a response token (plus, for losses with `Needs.logits_on_prompt`, every non-padding position),
@@ -18,14 +23,14 @@ Two optional savings, each exact (tests/test_forward_speed.py):
   few rows as fit in the batch's length, with `position_ids` restarting at 0 for each sequence and
   no attention mask; transformers then builds a block-diagonal causal mask from the position ids
   (`masking_utils.find_packed_sequence_indices`), so no sequence attends to another. The hidden
-  states are unpacked to the padded layout before the head. Checked once per model against the
-  padded forward: a model that ignores packed position ids falls back to padding, with a warning.
+  states are unpacked to the padded layout before the head. Only for models that keep packed
+  sequences apart (`ModelFacts.packs`); others run padded batches, with a warning when the plan is fitted.
 * `prefix_sharing`: one row per example, its prompt once and then each response, all responses
   continuing the prompt's position ids; a 4D attention mask (transformers passes 4D masks through
   unchanged) lets each response attend to the prompt and to itself, never to another response. The
   hidden states of the prompt serve every response when unpacked to the padded layout (the last
-  prompt position predicts each response's first token). Exact, with sdpa or eager attention; checked
-  once per model like `padding_free`.
+  prompt position predicts each response's first token). Exact, with sdpa or eager attention;
+  checked when the plan is fitted like `padding_free`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -41,157 +46,285 @@ from torch import nn
 
 from alignlab.chunked import LazyLogits, label_logps, per_token
 from alignlab.distributed import chunkable_head
-from alignlab.losses.base import Activations, SequenceLogps
+from alignlab.errors import ConfigError
+from alignlab.losses.base import Activations, Needs, SequenceLogps
 
 log = logging.getLogger(__name__)
 
+#: layouts of a batch (`ForwardPlan.layout`): padded rows, packed rows (`padding_free`), one row per
+#: example with its prompt once (`prefix_sharing`).
+LAYOUTS = ("padded", "packed", "shared_prompts")
 
-class Forward:
-    """Runs models on collated batches; remembers whether a model supports chunked logits / packing.
 
-    Args:
-        chunk_size: positions per logits chunk; 0 for dense logits.
-        skip_unused_logits: evaluate the head only at the positions the loss reads (chunked path).
-        padding_free: pack the sequences of a batch without padding (module docstring).
-        prefix_sharing: run each example's shared prompt once for all its responses (module docstring);
-            takes precedence over `padding_free`.
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the forward pass needs to know about one model, found once when a plan is fitted to it.
+
+    Why a probe. Both facts are properties of the architecture, but not ones its config states:
+    logits may be transformed after the head under many names (Gemma 2's `final_logit_softcapping`,
+    Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's `lm_head_multiplier`, remote code:
+    anything), and whether packed sequences stay apart depends on how the modeling code builds its
+    mask (OPT uses transformers' `create_causal_mask` but without the position ids, so its packed
+    sequences attend to each other; Falcon-H1's Mamba layers ignore them), not on the attention
+    implementation alone. So `of` runs the model on a fixed synthetic batch of three short
+    examples (never the user's data): once padded with dense logits, once with the plan's chunked
+    logits, once in the plan's layout, and compares the log-probs. It runs under `torch.no_grad`, in
+    eval mode, when the plan is fitted (before training, in the same order on every process, so the
+    forwards ZeRO-3 runs collectively stay in step), and never again. tests/test_forward.py checks
+    the decisions against the model's behaviour on other batches, for many architectures.
+
+    Attributes:
+        name: the model's class name, for messages.
+        logits_from_head: the model's logits are `head(final hidden state)`: chunked logits are exact
+            (None: not checked, the plan has dense logits).
+        packs: the plan's layout (packed rows, or shared prompts with their 4D mask) gives the padded
+            batch's log-probs: the model keeps the sequences apart (None: not checked, padded batches).
+        attn_implementation: the model's attention implementation (prefix sharing's 4D mask needs
+            sdpa or eager), or None.
     """
 
-    def __init__(self, chunk_size: int, skip_unused_logits: bool = True, padding_free: bool = False,
-                 prefix_sharing: bool = False) -> None:
-        self.chunk_size = chunk_size
-        self.skip_unused_logits = skip_unused_logits
-        self.padding_free = padding_free
-        self.prefix_sharing = prefix_sharing
-        self._checked: dict[int, bool] = {}
-        self._packing_checked: dict[int, bool] = {}
+    name: str
+    logits_from_head: bool | None
+    packs: bool | None
+    attn_implementation: str | None
 
-    def __call__(
-        self, model: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor],
-        responses: tuple[str, ...], full_logits: bool = False, logits_on_prompt: bool = False,
-        activations: Activations | None = None,
-    ) -> dict[str, SequenceLogps]:
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: nn.Module, head: nn.Module | None, plan: ForwardPlan) -> ModelFacts:
+        """The facts of `model` (possibly wrapped: DDP, DeepSpeed, PEFT) that `plan`'s switches rely on."""
+        attn = _attn_implementation(model)
+        name = type(model).__name__
+        if not plan.chunk_size and plan.layout == "padded":
+            return cls(name, None, None, attn)  # nothing to check
+        batch = _probe_batch(plan.responses, _device_of(model))
+        base = replace(plan, full_logits=False, activations=None, chunk_size=0, layout="padded",
+                       attn_implementation=attn)
+        was_training = model.training
+        model.eval()
+        try:
+            want = base(model, head, batch)
+            from_head = packs = None
+            if plan.chunk_size and head is not None:
+                from_head = _same_logps(replace(base, chunk_size=plan.chunk_size)(model, head, batch), want)
+            if plan.layout != "padded":
+                packs = _same_logps(replace(base, layout=plan.layout)(model, head, batch), want)
+        finally:
+            model.train(was_training)
+        return cls(name, from_head, packs, attn)
+
+
+def _probe_batch(responses: tuple[str, ...], device) -> dict[str, torch.Tensor]:
+    """Three examples (prompts of 3, 2, 1 tokens; all responses share them), right-padded, uneven enough that
+    packing saves rows; ids below 16, in any vocabulary."""
+    batch = {}
+    for k, r in enumerate(responses):
+        rows = [([5, 6, 7], [8 + k, 9, 10 + k]), ([7, 5], [11 - k]), ([6], [9 + k])]
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (prompt, completion) in enumerate(rows):
+            ids[i, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+            labels[i, len(prompt):len(prompt) + len(completion)] = torch.tensor(completion)
+        batch.update({f"{r}_input_ids": ids.to(device), f"{r}_attention_mask": (ids != 0).long().to(device),
+                      f"{r}_labels": labels.to(device)})
+    return batch
+
+
+def _same_logps(got: dict[str, SequenceLogps], want: dict[str, SequenceLogps]) -> bool:
+    """The log-probs agree to the precision of their dtype (half precision: kernel noise)."""
+    def close(a, b):
+        tol = 1e-4 if a.dtype in (torch.float32, torch.float64) else 5e-2
+        return torch.allclose(a.float(), b.float(), atol=tol, rtol=10 * tol)
+    return all(close(got[r].token_logps, want[r].token_logps) for r in want)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How the forward pass runs, decided once per run (`of`) and fitted once to each model (`fitted`).
+
+    Attributes:
+        responses: the response names to run, in order (`Needs.responses`).
+        full_logits: give each `SequenceLogps` its `(B, T-1, V)` logits (lazy when chunked).
+        logits_on_prompt: the full logits are read at prompt positions too (`Needs.logits_on_prompt`),
+            not only at response positions.
+        activations: collect these activations of the model (`Needs.activations`, for the live
+            reference only) into `SequenceLogps.activations`, in the padded layout, aligned with the
+            log-probs.
+        chunk_size: positions per logits chunk; 0 for dense logits.
+        skip_unused_logits: evaluate the head only at the positions the loss reads (chunked path).
+        layout: one of `LAYOUTS` (module docstring); `shared_prompts` wins over `packed`.
+        attn_implementation: the fitted model's (`ModelFacts`), for prefix sharing's 4D mask.
+    """
+
+    responses: tuple[str, ...] = ("chosen", "rejected")
+    full_logits: bool = False
+    logits_on_prompt: bool = False
+    activations: Activations | None = None
+    chunk_size: int = 0
+    skip_unused_logits: bool = True
+    layout: str = "padded"
+    attn_implementation: str | None = None
+
+    @classmethod
+    def of(cls, needs: Needs, *, logit_chunk_size: int = 0, skip_unused_logits: bool = True,
+           padding_free: bool = False, prefix_sharing: bool = False, reference_mode: str = "live",
+           loss_name: str = "") -> ForwardPlan:
+        """The run's plan from the loss's needs and the `model.*` switches, or a one-line `ConfigError`
+        for settings that cannot give the loss what it needs (before any model loads).
+
+        Every other combination of the switches (`logit_chunk_size`, `skip_unused_logits`,
+        `padding_free`, `prefix_sharing`, `reference_mode`) gives every loss the same losses and
+        gradients (tests/losses/test_invariance.py)."""
+        if reference_mode == "precomputed":
+            if not needs.reference:
+                raise ConfigError(f"loss {loss_name!r} is reference-free: model.reference_mode=precomputed "
+                                  "has no reference to precompute; remove it")
+            if needs.full_logits or needs.activations is not None:
+                what = "full-vocabulary logits" if needs.full_logits else "activations"
+                raise ConfigError(
+                    f"loss {loss_name!r} needs the reference model's {what} at every step, which precomputed "
+                    "reference log-probs do not keep; set model.reference_mode=live")
+        if logit_chunk_size < 0:
+            raise ConfigError(f"model.logit_chunk_size must be >= 0, got {logit_chunk_size}")
+        layout = "shared_prompts" if prefix_sharing else "packed" if padding_free else "padded"
+        return cls(needs.responses, needs.full_logits, needs.logits_on_prompt, needs.activations,
+                   logit_chunk_size, skip_unused_logits, layout)
+
+    def fitted(self, model: nn.Module | None, head: nn.Module | None = None, *,
+               reference: bool = False) -> ForwardPlan | None:
+        """This plan for one model (None for none), decided once from its `ModelFacts`: dense logits for a
+        model whose logits are not the head's, padded batches for one that does not keep packed
+        sequences apart (each with a warning); the activations for the live `reference` only.
+
+        Args:
+            model: the model as it will be called.
+            head: its output projection; by default `model.get_output_embeddings()`.
+            reference: the model is the live reference (it collects `activations`).
+        """
+        if model is None:
+            return None
+        if head is None and hasattr(model, "get_output_embeddings"):
+            head = model.get_output_embeddings()
+        if self.layout == "shared_prompts":  # refused now rather than at the first batch
+            _shared_prompt_mask_kind(_attn_implementation(model))
+        plan = self if head is not None else replace(self, chunk_size=0)  # no head to chunk
+        facts = ModelFacts.of(model, head, plan)
+        chunk, layout = plan.chunk_size, plan.layout
+        if chunk and not facts.logits_from_head:
+            log.warning("%s: logits are not head(last hidden state); using dense logits", facts.name)
+            chunk = 0
+        if layout != "padded" and not facts.packs:
+            log.warning("%s: packed sequences attend to each other (the model ignores packed position_ids); "
+                        "using padded batches", facts.name)
+            layout = "padded"
+        return replace(self, chunk_size=chunk, layout=layout, attn_implementation=facts.attn_implementation,
+                       activations=self.activations if reference else None)
+
+    def __call__(self, model: nn.Module, head: nn.Module | None,
+                 batch: dict[str, torch.Tensor]) -> dict[str, SequenceLogps]:
         """Run `model` once on all `responses` of `batch` stacked along the batch dimension.
 
         Args:
-            model: a causal LM (possibly wrapped by DDP / DeepSpeed / PEFT: it is only called).
+            model: a causal LM (possibly wrapped by DDP / DeepSpeed / PEFT: it is only called), the one
+                this plan was `fitted` to.
             head: its output projection (`get_output_embeddings()` of the unwrapped model).
             batch: the collator's output: `{r}_input_ids`, `{r}_attention_mask`, `{r}_labels` per r,
                 all padded to one length.
-            responses: the response names to run, in order.
-            full_logits: give each `SequenceLogps` its `(B, T-1, V)` logits (lazy when chunked).
-            logits_on_prompt: the full logits are read at prompt positions too (`Needs.logits_on_prompt`),
-                not only at response positions.
-            activations: collect these activations of `model` (`Needs.activations`) into
-                `SequenceLogps.activations`, in the padded layout, aligned with the log-probs.
 
         Returns:
             response name -> `SequenceLogps` with `(B, T-1)` tensors (position t predicts token t+1).
         """
+        responses = self.responses
         head = chunkable_head(head)
         input_ids = torch.cat([batch[f"{r}_input_ids"] for r in responses])
         attention_mask = torch.cat([batch[f"{r}_attention_mask"] for r in responses])
-        labels = torch.cat([batch[f"{r}_labels"] for r in responses])[:, 1:]
+        full_labels = torch.cat([batch[f"{r}_labels"] for r in responses])
+        labels = full_labels[:, 1:]
         mask = labels != -100
         input_mask = attention_mask[:, 1:].bool()  # positions that predict a real token
         n = len(responses)
-        layout = None
-        if self.prefix_sharing:
-            full_labels = torch.cat([batch[f"{r}_labels"] for r in responses])
-            layout = partial(Packing.shared_prompts, input_ids=input_ids, labels=full_labels, n_responses=n)
-        elif self.padding_free:
-            layout = Packing.of
-        logits, acts = self._logits(model, head, input_ids, attention_mask, layout, activations)
-        if self.skip_unused_logits and isinstance(logits, LazyLogits):
-            logits = logits.select(mask | input_mask if full_logits and logits_on_prompt else mask)
+        packing = None
+        if self.layout == "shared_prompts":
+            packing = Packing.shared_prompts(attention_mask, input_ids=input_ids, labels=full_labels,
+                                             n_responses=n)
+        elif self.layout == "packed":
+            packing = Packing.of(attention_mask)
+        if packing is not None and not packing.saves:
+            packing = None  # no padding to drop
+        chunked = bool(self.chunk_size) and head is not None
+        out, acts = self._run(model, input_ids, attention_mask, packing, chunked)
+        logits = LazyLogits(out[:, :-1], head, self.chunk_size) if chunked else out[:, :-1]
+        if self.skip_unused_logits and chunked:
+            logits = logits.select(mask | input_mask if self.full_logits and self.logits_on_prompt else mask)
         # one pass of the head gives both the label log-probs and (detached) each position's mean logit
         both = per_token(_logps_and_mean_logit, logits, extras=(labels,))
         token_logps = both[..., 0] * mask
         mean_logit = (both[..., 1].detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         parts = zip(token_logps.chunk(n), mask.chunk(n), mean_logit.chunk(n), input_mask.chunk(n),
                     logits.split(n) if isinstance(logits, LazyLogits) else logits.chunk(n))
-        out = {
+        result = {
             name: SequenceLogps(token_logps=r_logps, mask=r_mask, mean_logit=r_mean, input_mask=r_input,
-                                logits=r_logits if full_logits else None)
+                                logits=r_logits if self.full_logits else None)
             for name, (r_logps, r_mask, r_mean, r_input, r_logits) in zip(responses, parts)
         }
         if acts is not None:
             for i, name in enumerate(responses):
-                out[name].activations = {kind: [t.chunk(n)[i] for t in ts] for kind, ts in acts.items()}
-        return out
+                result[name].activations = {kind: [t.chunk(n)[i] for t in ts] for kind, ts in acts.items()}
+        return result
 
-    def _logits(self, model, head, input_ids, attention_mask, layout, activations=None):
-        """(logits, activations): dense `(B, T-1, V)` logits or `LazyLogits`, and the collected activations."""
-        if not self.chunk_size or head is None or self._checked.get(id(model)) is False:
-            logits, acts = self._run(model, input_ids, attention_mask, layout, False, activations)
-            return logits[:, :-1], acts
-        (hidden, last_logits, last_hidden), acts = self._run(model, input_ids, attention_mask, layout, True,
-                                                             activations)
-        if id(model) not in self._checked:
-            # The chunked path assumes logits == head(last hidden state). Check it once on the one
-            # position the model did compute; models with soft-capping or scaling fall back to dense.
-            with torch.no_grad():
-                ok = torch.allclose(head(last_hidden).float(), last_logits.float(), atol=1e-4, rtol=1e-3)
-            self._checked[id(model)] = ok
-            if not ok:
-                log.warning("%s: logits are not head(last hidden state); using dense logits", type(model).__name__)
-                return self._logits(model, head, input_ids, attention_mask, layout, activations)
-        return LazyLogits(hidden[:, :-1], head, self.chunk_size), acts
-
-    def _run(self, model, input_ids, attention_mask, layout, hidden: bool, activations=None):
-        """(outputs, activations). The outputs: the model's `(B, T, V)` logits, or (`hidden`) its
-        `(B, T, H)` final hidden states plus the logits and hidden state of the one position it computed
-        logits for (to check the head). The activations (`Activations`, or None) in the padded layout.
-
-        `layout(attention_mask)` gives the `Packing` to run the batch in; None runs the padded batch.
-        """
+    def _run(self, model, input_ids, attention_mask, packing: Packing | None, hidden: bool):
+        """(outputs, activations), both in the padded layout: the model's `(B, T, V)` logits, or
+        (`hidden`) its `(B, T, H)` final hidden states; the activations (`Activations`) or None.
+        `packing` (None: the padded batch) is the layout the model runs the batch in."""
+        activations = self.activations
         kwargs = {"use_cache": False}
         if hidden:
             kwargs.update(output_hidden_states=True, logits_to_keep=1)
         if activations is not None and activations.hidden_states:
             kwargs["output_hidden_states"] = True
-
-        def call(**inputs):
-            captured: dict[str, list[torch.Tensor]] = {}
-            with _capturing(model, activations, captured):
-                return model(**inputs, **kwargs), captured
-
-        checked = self._packing_checked.get(id(model))
-        packing = layout(attention_mask) if layout is not None and checked is not False else None
-        if packing is not None and checked and not packing.saves:
-            packing = None  # no padding to drop (checked models only: see below)
         if packing is None:
-            return self._outputs(*call(input_ids=input_ids, attention_mask=attention_mask), hidden, activations)
-        result = self._outputs(*call(input_ids=input_ids.flatten()[packing.index], position_ids=packing.position_ids,
-                                     attention_mask=packing.mask_for(_attn_implementation(model))),
-                               hidden, activations, unpack=packing.unpack)
-        if checked is None:
-            # Packing relies on the model building its attention mask from position_ids: check it once,
-            # on the first batch whatever its padding, so that every process runs the same forwards
-            # (ZeRO-3 gathers parameters collectively in each one). The padded run keeps its graph, so a
-            # failed check returns it without a third forward.
-            padded = self._outputs(*call(input_ids=input_ids, attention_mask=attention_mask), hidden, activations)
-            got, want = (result[0][0], padded[0][0]) if hidden else (result[0], padded[0])
-            real = attention_mask.bool()
-            tol = 1e-4 if got.dtype in (torch.float32, torch.float64) else 5e-2  # half precision: kernel noise
-            ok = bool(torch.allclose(got[real].detach().float(), want[real].detach().float(), atol=tol, rtol=10 * tol))
-            self._packing_checked[id(model)] = ok
-            if not ok:
-                log.warning("%s: packed sequences attend to each other (the model ignores packed position_ids); "
-                            "using padded batches", type(model).__name__)
-                return padded
-        return result
-
-    @staticmethod
-    def _outputs(out, captured, hidden: bool, activations, unpack=lambda x: x):
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            unpack = _same
+        else:
+            inputs = {"input_ids": input_ids.flatten()[packing.index], "position_ids": packing.position_ids,
+                      "attention_mask": packing.mask_for(self.attn_implementation)}
+            unpack = packing.unpack
+        captured: dict[str, list[torch.Tensor]] = {}
+        with _capturing(model, activations, captured):
+            out = model(**inputs, **kwargs)
         acts = None
         if activations is not None:  # in the padded layout, position t: the one that predicts token t+1
             acts = {kind: [unpack(t)[:, :-1] for t in tensors] for kind, tensors in captured.items()}
             if activations.hidden_states:
                 acts["hidden_states"] = [unpack(h)[:, :-1] for h in out.hidden_states[1:]]
-        if not hidden:
-            return unpack(out.logits), acts
-        return (unpack(out.hidden_states[-1]), out.logits[:, -1:], out.hidden_states[-1][:, -1:]), acts
+        return unpack(out.hidden_states[-1] if hidden else out.logits), acts
+
+
+@dataclass(frozen=True)
+class ModelPlans:
+    """The run's `ForwardPlan` fitted once to each model a training step runs."""
+
+    policy: ForwardPlan
+    reference: ForwardPlan | None = None
+    teachers: dict[str, ForwardPlan] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, plan: ForwardPlan, policy: nn.Module, reference: nn.Module | None = None,
+            teachers: dict[str, nn.Module] | None = None, policy_head: nn.Module | None = None) -> ModelPlans:
+        """`plan` fitted to each model (`ForwardPlan.fitted`); `policy_head` that of the unwrapped policy."""
+        return cls(plan.fitted(policy, policy_head), plan.fitted(reference, reference=True),
+                   {name: plan.fitted(m) for name, m in (teachers or {}).items()})
+
+
+def _same(values: torch.Tensor) -> torch.Tensor:
+    return values
 
 
 @contextmanager
@@ -234,18 +367,6 @@ def _right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("model.padding_free / model.prefix_sharing need right-padded batches (1s then 0s in every "
                          "attention mask row); set them to false for this collator")
     return real
-
-
-def _attn_implementation(model: nn.Module) -> str | None:
-    """The attention implementation of a (possibly wrapped: DDP, DeepSpeed, PEFT) transformers model."""
-    for _ in range(4):
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            return config._attn_implementation
-        model = getattr(model, "module", None)
-        if model is None:
-            return None
-    return None
 
 
 def _logps_and_mean_logit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -292,15 +413,12 @@ class Packing:
         """
         if self.owner is None:
             return None
-        if attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"model.prefix_sharing needs a 4D attention mask, which attn_implementation "
-                             f"{attn_implementation!r} does not take; set model.attn_implementation=sdpa (or eager) "
-                             "or model.prefix_sharing=false")
+        kind = _shared_prompt_mask_kind(attn_implementation)
         q, kv = self.owner.unsqueeze(-1), self.owner.unsqueeze(-2)
         prompt = (kv == -1) & self.shares.unsqueeze(-1)
         causal = self.position_ids.unsqueeze(-2) <= self.position_ids.unsqueeze(-1)
         allowed = (((q == kv) | prompt) & causal).unsqueeze(1)
-        if attn_implementation == "sdpa":
+        if kind == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
@@ -394,7 +512,29 @@ class Packing:
         return out * mask.to(out.dtype)
 
 
+def _attn_implementation(model: nn.Module) -> str | None:
+    """The attention implementation of a (possibly wrapped: DDP, DeepSpeed, PEFT) transformers model."""
+    for _ in range(4):
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            return config._attn_implementation
+        model = getattr(model, "module", None)
+        if model is None:
+            return None
+    return None
+
+
+def _shared_prompt_mask_kind(attn_implementation: str | None) -> str:
+    """The attention implementation, refused unless it takes prefix sharing's 4D mask (sdpa, eager)."""
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ConfigError(f"model.prefix_sharing needs a 4D attention mask, which attn_implementation "
+                          f"{attn_implementation!r} does not take; set model.attn_implementation=sdpa "
+                          "(or eager) or model.prefix_sharing=false")
+    return attn_implementation
+
+
 def concatenated_forward(model: nn.Module, batch: dict[str, torch.Tensor], responses: tuple[str, ...],
                          full_logits: bool = False, chunk_size: int = 0) -> dict[str, SequenceLogps]:
-    """One-off `Forward(chunk_size)` on an unwrapped model (see `Forward.__call__`)."""
-    return Forward(chunk_size)(model, model.get_output_embeddings(), batch, responses, full_logits)
+    """A one-off plan (`chunk_size`, padded batches) for an unwrapped model, run once (see `ForwardPlan`)."""
+    plan = ForwardPlan(responses, full_logits, chunk_size=chunk_size).fitted(model)
+    return plan(model, model.get_output_embeddings(), batch)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def model_identity(name_or_path: str, dtype: str, seed: int) -> str:
 
 
 @torch.no_grad()
-def precompute(reference, dataset, collator, forward, responses: tuple[str, ...], *, identity: str,
+def precompute(reference, dataset, collator, plan, responses: tuple[str, ...], *, identity: str,
                batch_size: int, device, cache_dir: Path):
     """`dataset` with a `ref_<r>_logps` column per response, from the cache when it has it.
 
@@ -54,7 +55,8 @@ def precompute(reference, dataset, collator, forward, responses: tuple[str, ...]
         reference: the frozen reference model.
         dataset: a tokenized dataset (`datasets.Dataset`).
         collator: the run's `PreferenceCollator`.
-        forward: the run's `alignlab.forward.Forward` (same logits path as live training).
+        plan: the run's `alignlab.forward.ForwardPlan` (same logits path as live training), fitted here
+            to the reference.
         responses: the responses to score.
         identity: `model_identity(...)` of the reference.
         batch_size: examples per forward pass.
@@ -68,11 +70,12 @@ def precompute(reference, dataset, collator, forward, responses: tuple[str, ...]
     hit = all_true(cache_file.exists())  # all processes read the cache, or all score (in step)
     on_disk = hit or is_main_process()  # the others keep their (identical) scores in memory
     head = reference.get_output_embeddings()
+    plan = replace(plan, responses=responses, full_logits=False).fitted(reference)
 
     def score(rows: dict[str, list]) -> dict[str, list]:
         examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
         batch = {k: v.to(device) for k, v in collator(examples).items()}
-        out = forward(reference, head, batch, responses)
+        out = plan(reference, head, batch)
         return {column(r): [lp[m].tolist() for lp, m in zip(out[r].token_logps.cpu(), out[r].mask.cpu())]
                 for r in responses}
 

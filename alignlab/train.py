@@ -19,7 +19,7 @@ from alignlab.config import TRL_NAMES, AlignConfig, ModelConfig, TrainerConfig, 
 from alignlab.data import PreferenceCollator, build_datasets, check_data_needs
 from alignlab.errors import ConfigError, RunStopped, StoppedAtOnce, UserError, first_line
 from alignlab.evaluate import evaluate
-from alignlab.forward import Forward
+from alignlab.forward import ForwardPlan
 from alignlab.losses.base import PAIRWISE_HEADLINE, STANDARD_CURVES, Needs, PrepareContext
 from alignlab.models import (chat_template, check_lora, check_model_folder, load_frozen, load_policy,
                              load_reference, load_tokenizer, save_merged)
@@ -132,32 +132,29 @@ def vocabulary_warning(train, tokenizer, model, path: str, rows: int = 1000) -> 
     return None
 
 
+def forward_plan(loss_name: str, model: ModelConfig, needs: Needs):
+    """The run's `alignlab.forward.ForwardPlan` from the loss's needs and the `model.*` switches; refuses
+    (`ConfigError`) settings that cannot give the loss what it needs, before any model loads."""
+    return ForwardPlan.of(needs, logit_chunk_size=model.logit_chunk_size,
+                          skip_unused_logits=model.skip_unused_logits, padding_free=model.padding_free,
+                          prefix_sharing=model.prefix_sharing, reference_mode=model.reference_mode,
+                          loss_name=loss_name)
+
+
 def check_forward(loss_name: str, model: ModelConfig, needs: Needs) -> None:
-    """Refuse `model.*` forward settings that cannot give the loss what it needs, before any model loads.
-
-    Every other combination of the forward switches (`logit_chunk_size`, `skip_unused_logits`,
-    `padding_free`, `prefix_sharing`, `reference_mode`) gives every loss the same losses and gradients
-    (tests/losses/test_invariance.py)."""
-    if model.reference_mode == "precomputed":
-        if not needs.reference:
-            raise ConfigError(f"loss {loss_name!r} is reference-free: model.reference_mode=precomputed has no "
-                              "reference to precompute; remove it")
-        if needs.full_logits or needs.activations is not None:
-            what = "full-vocabulary logits" if needs.full_logits else "activations"
-            raise ConfigError(
-                f"loss {loss_name!r} needs the reference model's {what} at every step, which precomputed "
-                "reference log-probs do not keep; set model.reference_mode=live")
+    """Refuse `model.*` forward settings that cannot give the loss what it needs (`forward_plan`)."""
+    forward_plan(loss_name, model, needs)
 
 
-def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, collator, batch_size: int, device) -> None:
-    """Replace ctx.train / ctx.eval with copies carrying the reference's per-token log-probs (cached)."""
+def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, collator, plan, batch_size: int,
+                          device) -> None:
+    """Replace ctx.train / ctx.eval with copies carrying the reference's per-token log-probs (cached),
+    computed through the run's forward `plan`."""
     quantized = cfg.model.lora.load_in_4bit and not cfg.model.reference  # the reference is the 4-bit base
     identity = model_identity(cfg.model.reference or cfg.model.name_or_path,
                               cfg.model.dtype + ("+nf4" if quantized else ""), cfg.seed)
     cache_dir = Path(cfg.data.cache_dir or Path.home() / ".cache" / "alignlab") / "reference"
-    forward = Forward(cfg.model.logit_chunk_size, cfg.model.skip_unused_logits, cfg.model.padding_free,
-                      cfg.model.prefix_sharing)
-    score = partial(precompute, reference, collator=collator, forward=forward,
+    score = partial(precompute, reference, collator=collator, plan=plan,
                     responses=collator.responses, identity=identity, batch_size=batch_size, device=device,
                     cache_dir=cache_dir)
     ctx.train = score(ctx.train)
@@ -387,9 +384,11 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
     teachers = {name: distributed.prepare_frozen(m, args) for name, m in teachers.items()}
     collator = PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses,
                                   fields=needs.batch_fields)
+    plan = forward_plan(typed.loss.name, typed.model, needs)  # the forward pass, decided once for the run
     precomputed = needs.reference and typed.model.reference_mode == "precomputed"
     if precomputed:  # score the data once with the reference, then free it
-        _precompute_reference(typed, reference, ctx, collator, args.per_device_eval_batch_size, args.device)
+        _precompute_reference(typed, reference, ctx, collator, plan, args.per_device_eval_batch_size,
+                              args.device)
         distributed.release(reference)
         reference = None
         collator.sequences = tuple(reference_column(r) for r in needs.responses)
@@ -413,10 +412,7 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
         reference=reference,
         precomputed_reference=precomputed,
         teachers=teachers,
-        logit_chunk_size=typed.model.logit_chunk_size,
-        skip_unused_logits=typed.model.skip_unused_logits,
-        padding_free=typed.model.padding_free,
-        prefix_sharing=typed.model.prefix_sharing,
+        forward_plan=plan,
         identity=claimed.identity.to_dict(),
         callbacks=[MetricsFileCallback(metrics_file)],
     )

@@ -24,7 +24,7 @@ from alignlab.checkpoints import (COMPLETE, LOG_STATE, LOSS_STATE, checkpoint_fo
 from alignlab.distributed import average_gradients, prepare_frozen
 from alignlab.errors import UserError
 from alignlab.rundir import INTERRUPTS, resume_command, storage_error
-from alignlab.forward import Forward
+from alignlab.forward import ForwardPlan, ModelPlans
 from alignlab.losses.base import Loss, LossInputs, Needs, StepTokens
 from alignlab.reference import from_columns as reference_from_columns
 
@@ -38,25 +38,25 @@ def reduce_loss(losses: torch.Tensor) -> torch.Tensor:
     return losses.mean()
 
 
-def loss_inputs(forward: Forward, needs: Needs, inputs: dict[str, torch.Tensor], policy: nn.Module,
+def loss_inputs(plans: ModelPlans, needs: Needs, inputs: dict[str, torch.Tensor], policy: nn.Module,
                 policy_unwrapped: nn.Module, *, reference: nn.Module | None = None,
                 teachers: dict[str, nn.Module] | None = None, precomputed_reference: bool = False,
                 training: bool = True, step: StepTokens | None = None) -> LossInputs:
     """What a loss receives for one collated batch: the policy's forward (with gradient), and without
     gradient the reference's (live, with the activations the loss declared, or rebuilt from the
-    batch's precomputed columns) and every teacher's, plus the batch's per-example fields."""
-    def run(model, head_of, activations=None):
-        return forward(model, head_of.get_output_embeddings(), inputs, needs.responses, needs.full_logits,
-                       needs.logits_on_prompt, activations)
+    batch's precomputed columns) and every teacher's, plus the batch's per-example fields; each model
+    through the run's forward plan fitted to it (`plans`)."""
+    def run(plan, model, head_of):
+        return plan(model, head_of.get_output_embeddings(), inputs)
 
-    policy_out = run(policy, policy_unwrapped)
+    policy_out = run(plans.policy, policy, policy_unwrapped)
     with torch.no_grad():
         ref = None
         if precomputed_reference:
             ref = reference_from_columns(inputs, policy_out)
         elif needs.reference:
-            ref = run(reference, reference, needs.activations)
-        teacher_out = {name: run(m, m) for name, m in (teachers or {}).items()}
+            ref = run(plans.reference, reference, reference)
+        teacher_out = {name: run(plans.teachers[name], m, m) for name, m in (teachers or {}).items()}
     fields = {name: inputs[name] for name in needs.batch_fields}
     return LossInputs(policy=policy_out, reference=ref, teachers=teacher_out, fields=fields, training=training,
                       step=step)
@@ -71,10 +71,9 @@ class AlignTrainer(Trainer):
         teachers: frozen teacher models by name (`Needs.teachers`), e.g. AlignDistil's.
         precomputed_reference: the batches carry the reference's log-probs (`alignlab.reference`)
             instead of a live reference model.
-        logit_chunk_size: positions per logits chunk (`model.logit_chunk_size`); 0 for dense logits.
-        skip_unused_logits: the head only where the loss reads logits (`model.skip_unused_logits`).
-        padding_free: pack batches without padding (`model.padding_free`).
-        prefix_sharing: run each example's prompt once for all its responses (`model.prefix_sharing`).
+        forward_plan: the run's forward pass (`alignlab.forward.ForwardPlan`, from the `model.*`
+            switches), fitted here once to the policy, the reference and each teacher; by default dense
+            logits on padded batches.
         identity: the run's id, config fingerprint and config, recorded in every checkpoint (`alignlab.rundir`).
         **kwargs: everything `transformers.Trainer` takes.
     """
@@ -83,10 +82,8 @@ class AlignTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *, loss_fn: Loss, reference: nn.Module | None = None,
-                 teachers: dict[str, nn.Module] | None = None, logit_chunk_size: int = 0,
-                 precomputed_reference: bool = False, skip_unused_logits: bool = True,
-                 padding_free: bool = False, prefix_sharing: bool = False, identity: dict | None = None,
-                 **kwargs) -> None:
+                 teachers: dict[str, nn.Module] | None = None, forward_plan: ForwardPlan | None = None,
+                 precomputed_reference: bool = False, identity: dict | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.identity = identity
         self._resume_checkpoint: str | None = None
@@ -99,7 +96,8 @@ class AlignTrainer(Trainer):
         # on the device, or under ZeRO-3 partitioned inference engines (alignlab.distributed)
         self.reference = prepare_frozen(reference, self.args)
         self.teachers = {name: prepare_frozen(m, self.args) for name, m in (teachers or {}).items()}
-        self.forward = Forward(logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing)
+        self.plans = ModelPlans.fit(forward_plan or ForwardPlan.of(self.needs), self.model, self.reference,
+                                    self.teachers)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         #: (global step, micro-batches seen in it): names the batch a non-finite loss or gradient came from
         self._micro = (-1, 0)
@@ -138,7 +136,7 @@ class AlignTrainer(Trainer):
         return super()._run_epoch(*args, **kwargs)
 
     def _loss_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LossInputs:
-        return loss_inputs(self.forward, self.needs, inputs, model, self.accelerator.unwrap_model(model),
+        return loss_inputs(self.plans, self.needs, inputs, model, self.accelerator.unwrap_model(model),
                            reference=self.reference, teachers=self.teachers,
                            precomputed_reference=self.precomputed_reference, training=model.training,
                            step=self._step_tokens if model.training else None)

@@ -1,6 +1,6 @@
 """Time of one DPO training step (policy forward + backward, reference forward) per forward switch.
 
-The switches of `alignlab.forward.Forward` measured on their own and together, on random batches
+The switches of `alignlab.forward.ForwardPlan` measured on their own and together, on random batches
 shaped like the issue-#8 workloads:
 
 * W2: a 38M Llama (hidden 512, 4 layers, 8 heads, intermediate 1376, 50,257 vocabulary, tied
@@ -73,7 +73,7 @@ def _batches(workload: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
 def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
     import copy
 
-    from alignlab.forward import Forward
+    from alignlab.forward import ForwardPlan
 
     policy = _model(workload)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -85,19 +85,24 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
     print(f"{workload}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
           f"padding {1 - sum(real) / sum(total):.0%} of batch positions, {statistics.mean(real):.0f} real tokens/batch, "
           f"threads {torch.get_num_threads()}", flush=True)
-    forwards = {name: Forward(chunk, *VARIANTS[name]) for name in variants}
+    plans = {}  # name -> (policy's plan, reference's plan), fitted once as in a run
+    for name in variants:
+        skip, packed, shared = VARIANTS[name]
+        plan = ForwardPlan(pairs, chunk_size=chunk, skip_unused_logits=skip,
+                           layout="shared_prompts" if shared else "packed" if packed else "padded")
+        plans[name] = (plan.fitted(policy), plan.fitted(reference))
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i, batch in enumerate(batches):
         for name in variants:  # round-robin, so that every variant sees the same machine load
             start, cpu = time.perf_counter(), time.process_time()
-            forward = forwards[name]
-            pol = forward(policy, policy.get_output_embeddings(), batch, pairs)
+            policy_plan, reference_plan = plans[name]
+            pol = policy_plan(policy, policy.get_output_embeddings(), batch)
             with torch.no_grad():
-                ref = forward(reference, reference.get_output_embeddings(), batch, pairs)
+                ref = reference_plan(reference, reference.get_output_embeddings(), batch)
             u = (pol["chosen"].logps - ref["chosen"].logps) - (pol["rejected"].logps - ref["rejected"].logps)
             F.softplus(-0.1 * u).mean().backward()
             policy.zero_grad(set_to_none=True)
-            if i:  # the first step warms up (and runs the one-off checks)
+            if i:  # the first step warms up
                 times[name].append((time.process_time() - cpu, time.perf_counter() - start))
     base = statistics.median(t[0] for t in times[variants[0]])
     for name in variants:

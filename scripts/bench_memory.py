@@ -57,7 +57,7 @@ def measure(workload: str, loss_name: str, chunk: int) -> dict:
 
     import torch
 
-    from alignlab.forward import Forward
+    from alignlab.forward import ForwardPlan
     from alignlab.losses import REGISTRY, build
     from alignlab.losses.base import LossInputs
 
@@ -73,11 +73,12 @@ def measure(workload: str, loss_name: str, chunk: int) -> dict:
         labels[:, : t // 2] = -100
         batch.update({f"{r}_input_ids": ids, f"{r}_attention_mask": torch.ones_like(ids), f"{r}_labels": labels})
     loss_fn = build(REGISTRY[loss_name].config())
-    fwd = Forward(chunk)
+    plan = ForwardPlan(("chosen", "rejected"), loss_fn.needs.full_logits, chunk_size=chunk)
+    policy_plan, reference_plan = plan.fitted(policy), plan.fitted(reference)
     base = _rss_mib()
-    pol = fwd(policy, policy.get_output_embeddings(), batch, ("chosen", "rejected"), loss_fn.needs.full_logits)
+    pol = policy_plan(policy, policy.get_output_embeddings(), batch)
     with torch.no_grad():
-        ref = fwd(reference, reference.get_output_embeddings(), batch, ("chosen", "rejected"), loss_fn.needs.full_logits)
+        ref = reference_plan(reference, reference.get_output_embeddings(), batch)
     loss_fn(LossInputs(policy=pol, reference=ref)).losses.mean().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"workload": workload, "loss": loss_name, "chunk": chunk, "batch": b, "seq_len": t, "vocab": vocab,

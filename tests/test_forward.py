@@ -7,7 +7,7 @@ import torch
 
 from alignlab import builtin
 from alignlab.chunked import LazyLogits, token_kl
-from alignlab.forward import Forward
+from alignlab.forward import ForwardPlan
 
 RESPONSES = ("chosen", "rejected")
 
@@ -32,6 +32,10 @@ def _batch(seed=0, b=3, t=11, vocab=81):
     return batch
 
 
+def _plan(model, chunk_size, full_logits=False):
+    return ForwardPlan(RESPONSES, full_logits, chunk_size=chunk_size).fitted(model)
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -43,7 +47,7 @@ def test_chunked_logps_and_gradients_match_dense(models, chunk):
     results = {}
     for size in (0, chunk):
         policy.zero_grad()
-        out = Forward(size)(policy, policy.get_output_embeddings(), batch, RESPONSES)
+        out = _plan(policy, size)(policy, policy.get_output_embeddings(), batch)
         (out["chosen"].logps.sum() - 0.5 * out["rejected"].logps.sum()).backward()
         results[size] = (out, _grads(policy))
     dense, lazy = results[0], results[chunk]
@@ -62,10 +66,10 @@ def test_chunked_full_vocabulary_kl_matches_dense(models):
     values = {}
     for size in (0, 3):
         policy.zero_grad()
-        fwd = Forward(size)
-        pol = fwd(policy, policy.get_output_embeddings(), batch, RESPONSES, full_logits=True)
+        pol = _plan(policy, size, full_logits=True)(policy, policy.get_output_embeddings(), batch)
         with torch.no_grad():
-            ref = fwd(reference, reference.get_output_embeddings(), batch, RESPONSES, full_logits=True)
+            ref_plan = _plan(reference, size, full_logits=True)
+            ref = ref_plan(reference, reference.get_output_embeddings(), batch)
         if size:
             assert isinstance(pol["chosen"].logits, LazyLogits)
         kl = (token_kl(ref["chosen"].logits, pol["chosen"].logits) * pol["chosen"].mask).sum()
@@ -77,7 +81,7 @@ def test_chunked_full_vocabulary_kl_matches_dense(models):
 
 
 def test_models_whose_logits_are_not_the_head_fall_back_to_dense(models):
-    """E.g. final-logit soft-capping (Gemma 2): detected on the first batch, then dense logits."""
+    """E.g. final-logit soft-capping (Gemma 2): decided when the plan is fitted, then dense logits."""
     policy, _ = models
 
     class SoftCapped(torch.nn.Module):
@@ -92,9 +96,9 @@ def test_models_whose_logits_are_not_the_head_fall_back_to_dense(models):
 
     capped = SoftCapped(policy)
     batch = _batch(seed=5)
-    fwd = Forward(4)
-    out = fwd(capped, policy.get_output_embeddings(), batch, RESPONSES)
-    assert fwd._checked[id(capped)] is False
+    plan = _plan(capped, 4)
+    assert plan.chunk_size == 0 and _plan(policy, 4).chunk_size == 4
+    out = plan(capped, policy.get_output_embeddings(), batch)
     with torch.no_grad():
         full = capped(input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"]).logits
     expected = full[:, :-1].log_softmax(-1).gather(-1, batch["chosen_labels"][:, 1:].clamp(min=0)[..., None])[..., 0]

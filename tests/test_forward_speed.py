@@ -17,11 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from alignlab import losses
 from alignlab.chunked import LazyLogits, per_token, token_kl
 from alignlab.data.collate import PreferenceCollator
-from alignlab.forward import Forward, Packing
-from alignlab.losses.base import LossInputs
+from alignlab.forward import ForwardPlan, Packing
+from alignlab.losses.base import LossInputs, Needs
 
 VOCAB = 97
-#: name -> Forward arguments (chunk_size, skip_unused_logits, padding_free, prefix_sharing)
+#: name -> ForwardPlan.of switches (logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing)
 SWITCHES = {
     "skip_unused_logits": (5, True, False, False),
     "padding_free": (5, False, True, False),
@@ -56,26 +56,33 @@ def _batch(responses, seed=0, b=3, own_prompt=()):
     return PreferenceCollator(pad_token_id=0, responses=responses)(rows)
 
 
+def _plan(args, model, responses=("chosen", "rejected"), needs=None, reference=False):
+    """`ForwardPlan.of` the switches `args`, fitted to `model`."""
+    chunk, skip, packed, shared = args
+    plan = ForwardPlan.of(needs or Needs(responses=responses), logit_chunk_size=chunk,
+                          skip_unused_logits=skip, padding_free=packed, prefix_sharing=shared)
+    return plan.fitted(model, reference=reference)
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _run_loss(args, loss, policy, reference, batch):
-    """Loss value, per-response outputs and policy gradients through `Forward(*args)`."""
+    """Loss value, per-response outputs and policy gradients through the plan of the switches `args`."""
     needs = loss.needs
-    forward = Forward(*args)
     policy.zero_grad()
-    pol = forward(policy, policy.get_output_embeddings(), batch, needs.responses, needs.full_logits,
-                  needs.logits_on_prompt)
+    plan = _plan(args, policy, needs=needs)
+    pol = plan(policy, policy.get_output_embeddings(), batch)
     ref = None
     if needs.reference:
         with torch.no_grad():
-            ref = forward(reference, reference.get_output_embeddings(), batch, needs.responses, needs.full_logits,
-                          needs.logits_on_prompt)
+            ref_plan = _plan(args, reference, needs=needs, reference=True)
+            ref = ref_plan(reference, reference.get_output_embeddings(), batch)
     out = loss(LossInputs(policy=pol, reference=ref))
     out.losses.mean().backward()
-    if forward.padding_free or forward.prefix_sharing:  # packing was used, not refused by the one-off check
-        assert forward._packing_checked[id(policy)] is True
+    if args[2] or args[3]:  # packing was used, not refused when the plan was fitted
+        assert plan.layout != "padded"
     return out.losses.detach(), pol, _grads(policy)
 
 
@@ -118,10 +125,10 @@ def test_packed_log_probs_equal_padded_ones_under_each_attention(attn, switch):
     model = _model(2, attn)
     batch = _batch(("chosen", "rejected"), seed=7, b=5)
     with torch.no_grad():
-        want = Forward(*PLAIN)(model, model.get_output_embeddings(), batch, ("chosen", "rejected"))
-        forward = Forward(*SWITCHES[switch])
-        got = forward(model, model.get_output_embeddings(), batch, ("chosen", "rejected"))
-    assert forward._packing_checked[id(model)] is True
+        want = _plan(PLAIN, model)(model, model.get_output_embeddings(), batch)
+        plan = _plan(SWITCHES[switch], model)
+        got = plan(model, model.get_output_embeddings(), batch)
+    assert plan.layout == ("packed" if switch == "padding_free" else "shared_prompts")
     for r in ("chosen", "rejected"):
         torch.testing.assert_close(got[r].token_logps, want[r].token_logps, atol=1e-5, rtol=1e-5)
 
@@ -182,12 +189,12 @@ def test_model_that_ignores_packed_positions_falls_back_to_padding(caplog):
 
     model = NoPositions()
     batch = _batch(("chosen", "rejected"), seed=4, b=4)
-    forward = Forward(4, True, True)
     with caplog.at_level(logging.WARNING):
-        got = forward(model, inner.get_output_embeddings(), batch, ("chosen", "rejected"))
-    assert forward._packing_checked[id(model)] is False
+        plan = _plan((4, True, True, False), model)
+    assert plan.layout == "padded"  # decided when the plan is fitted, before any batch
     assert "packed sequences attend to each other" in caplog.text
-    want = Forward(*PLAIN)(inner, inner.get_output_embeddings(), batch, ("chosen", "rejected"))
+    got = plan(model, inner.get_output_embeddings(), batch)
+    want = _plan(PLAIN, inner)(inner, inner.get_output_embeddings(), batch)
     torch.testing.assert_close(got["chosen"].token_logps, want["chosen"].token_logps, atol=1e-5, rtol=1e-5)
 
 
@@ -206,3 +213,43 @@ def test_selected_logits_are_the_dense_ones_at_the_selected_positions():
     other = LazyLogits(hidden, head_b, 2).select(~where)
     with pytest.raises(ValueError, match="different positions"):
         per_token(lambda x, y: x.sum(-1), a, other)
+
+
+#: model_type -> config fields: architectures whose facts differ. Cohere and Granite scale their logits after
+#: the head; OPT builds its mask without the position ids, so its packed sequences attend to each other.
+ARCHITECTURES = {"llama": {}, "gpt2": {}, "qwen2": {}, "mistral": {}, "phi": {}, "opt": {},
+                 "cohere": {"logit_scale": 0.5}, "granite": {"logits_scaling": 4.0}}
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prompts"])
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_model_facts_are_what_the_model_does_on_real_batches(model_type, layout):
+    """`ModelFacts`, decided once on the fixed probe batch, are what the model does on other batches: a
+    wrong decision (chunked logits of a model that scales its own, packing a model that mixes sequences)
+    fails here."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignlab.forward import ModelFacts
+
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, pad_token_id=0, **ARCHITECTURES[model_type])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double().eval()
+    head = model.get_output_embeddings()
+    plan = ForwardPlan.of(Needs(), logit_chunk_size=4, padding_free=layout == "packed",
+                          prefix_sharing=layout == "shared_prompts")
+    facts = ModelFacts.of(model, head, plan)
+    batch = _batch(("chosen", "rejected"), seed=11, b=6)
+    with torch.no_grad():
+        out = model(input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"],
+                    output_hidden_states=True, use_cache=False)
+        real = batch["chosen_attention_mask"].bool()
+        from_head = torch.allclose(head(out.hidden_states[-1])[real], out.logits[real], atol=1e-6)
+        padded = ForwardPlan(("chosen", "rejected"))(model, head, batch)
+        plan = ForwardPlan(("chosen", "rejected"), layout=layout, attn_implementation="sdpa")
+        packed = plan(model, head, batch)
+    packs = all(torch.allclose(packed[r].token_logps, padded[r].token_logps, atol=1e-6) for r in padded)
+    assert (facts.logits_from_head, facts.packs) == (from_head, packs)
+    assert facts.logits_from_head == (model_type not in ("cohere", "granite"))
+    assert facts.packs == (model_type != "opt" or layout == "shared_prompts")  # a 4D mask, which OPT takes

@@ -5,6 +5,7 @@ the base model's, chunked or dense, even when the adapter covers the head; impos
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import alignlab.models
 from alignlab import builtin
 from alignlab.config import LoraConfig, ModelConfig
 from alignlab.errors import ConfigError
-from alignlab.forward import Forward
+from alignlab.forward import ForwardPlan
 from alignlab.models import AdapterDisabled, check_lora, load_policy, load_reference
 
 RESPONSES = ("chosen", "rejected")
@@ -79,10 +80,10 @@ def test_view_gives_the_base_model(tokenizer, chunk, targets):
     reference = load_reference(cfg, policy, tokenizer, seed=0)
     batch = _batch()
     policy.train()
-    forward = Forward(chunk)
-    got = forward(reference, reference.get_output_embeddings(), batch, RESPONSES, full_logits=True)
-    want = forward(base, base.get_output_embeddings(), batch, RESPONSES, full_logits=True)
-    adapted = forward(policy, policy.get_output_embeddings(), batch, RESPONSES)
+    plan = ForwardPlan(RESPONSES, full_logits=True, chunk_size=chunk)
+    got = plan.fitted(reference)(reference, reference.get_output_embeddings(), batch)
+    want = plan.fitted(base)(base, base.get_output_embeddings(), batch)
+    adapted = replace(plan, full_logits=False).fitted(policy)(policy, policy.get_output_embeddings(), batch)
     assert policy.training  # the view ran it in eval mode and restored its mode
     for r in RESPONSES:
         torch.testing.assert_close(got[r].token_logps, want[r].token_logps, atol=1e-6, rtol=1e-6)
@@ -153,7 +154,7 @@ def test_sparsepo_reads_the_base_model_through_the_adapter_view(tokenizer, mask)
     declares come from the base model, not from the adapted policy."""
     import torch
 
-    from alignlab.forward import Forward
+    from alignlab.forward import ForwardPlan
     from alignlab.losses.sparsepo import SparsePO, SparsePOConfig
 
     cfg = _model_config()
@@ -167,8 +168,8 @@ def test_sparsepo_reads_the_base_model_through_the_adapter_view(tokenizer, mask)
     ids = torch.randint(6, len(tokenizer), (2, 7))
     batch = {"chosen_input_ids": ids, "chosen_attention_mask": torch.ones_like(ids),
              "chosen_labels": torch.where(torch.arange(7) >= 3, ids, -100)}
-    run = lambda m: Forward(0)(m, view.get_output_embeddings(), batch, ("chosen",),  # noqa: E731
-                                activations=needs.activations)["chosen"].activations
+    plan = ForwardPlan(("chosen",), activations=needs.activations)
+    run = lambda m: plan(m, view.get_output_embeddings(), batch)["chosen"].activations  # noqa: E731
     with torch.no_grad():
         got = run(view)
         with policy.disable_adapter():

@@ -6,8 +6,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from alignlab.data.sources import DataError
+from alignlab.data.rows import DataError
 
 #: label of positions that carry no loss (prompt and padding), as in PyTorch's cross-entropy.
 IGNORE_INDEX = -100
@@ -56,22 +57,26 @@ class PreferenceCollator:
         """
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
-        pairs = {name: [(_ids(ex, _prompt_column(ex, name)), _ids(ex, f"{name}_ids")) for ex in examples]
-                 for name in self.responses}
-        length = max(len(prompt) + len(response) for rows in pairs.values() for prompt, response in rows)
+        prompts, sequences, lengths = [], [], []
+        for name in self.responses:
+            for ex in examples:
+                prompt, response = _ids(ex, _prompt_column(ex, name)), _ids(ex, f"{name}_ids")
+                prompts.append(len(prompt))
+                sequences.append(torch.tensor(prompt + response, dtype=torch.long))
+                lengths.append(len(prompt) + len(response))
+        # one right-padded (n·B, T) tensor: every response of the batch shares the longest T
+        input_ids = pad_sequence(sequences, batch_first=True, padding_value=self.pad_token_id,
+                                 padding_side="right")
+        positions = torch.arange(input_ids.shape[1])
+        attention_mask = (positions < torch.tensor(lengths)[:, None]).long()
+        labels = input_ids.masked_fill(~attention_mask.bool() | (positions < torch.tensor(prompts)[:, None]),
+                                       IGNORE_INDEX)
         batch: dict[str, torch.Tensor] = {}
-        for name, rows in pairs.items():
-            input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-            labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-            for i, (prompt, response) in enumerate(rows):
-                end = len(prompt) + len(response)
-                input_ids[i, :end] = torch.tensor(prompt + response, dtype=torch.long)
-                attention_mask[i, :end] = 1
-                labels[i, len(prompt):end] = torch.tensor(response, dtype=torch.long)
-            batch[f"{name}_input_ids"] = input_ids
-            batch[f"{name}_attention_mask"] = attention_mask
-            batch[f"{name}_labels"] = labels
+        n = len(self.responses)
+        for i, name in enumerate(self.responses):  # own copies: a batch saved by safetensors shares no memory
+            batch[f"{name}_input_ids"] = input_ids.chunk(n)[i].clone()
+            batch[f"{name}_attention_mask"] = attention_mask.chunk(n)[i].clone()
+            batch[f"{name}_labels"] = labels.chunk(n)[i].clone()
         for name in self.fields:
             batch[name] = _field(examples, name)
         for name in self.sequences:
@@ -82,11 +87,8 @@ class PreferenceCollator:
 def _float_sequences(examples: Sequence[Mapping[str, Any]], name: str) -> torch.Tensor:
     """Variable-length float lists (e.g. precomputed reference log-probs) as `(B, L)` float64, NaN-padded
     (the values as stored: the loss casts them to its own precision)."""
-    rows = [list(ex[name]) for ex in examples]
-    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), float("nan"), dtype=torch.float64)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float64)
-    return out
+    rows = [torch.tensor(list(ex[name]), dtype=torch.float64) for ex in examples]
+    return pad_sequence(rows, batch_first=True, padding_value=float("nan"), padding_side="right")
 
 
 def _prompt_column(example: Mapping[str, Any], response: str) -> str:

@@ -1,4 +1,4 @@
-"""Tokenization of canonical rows, with length limits, and its on-disk cache.
+"""Stage 5, tokenise: canonical rows to token ids, with length limits (cached by `cache`).
 
 Each canonical row ``{prompt, <response>...}`` becomes ``prompt_ids`` and one ``<response>_ids``
 column per response (response tokens + EOS), fitted so that ``len(prompt_ids) + len(<r>_ids) <=
@@ -8,30 +8,26 @@ together with truncation counts, so that the cached result does not depend on `d
 and a cache hit reports exactly what a fresh run would.
 
 The tokenized dataset is cached under a sha256 fingerprint of the rows, the tokenizer and the
-settings (`fingerprint`), written to a temporary folder and renamed into place, so an interrupted
-run never leaves a partial cache behind.
+settings (`cache.fingerprint`). `tokenize_split` then settles the flagged rows like any bad row
+(`rows.settle`) and counts truncations in the report.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignlab.data.sources import Reason
+from alignlab.data.cache import cached
+from alignlab.data.rows import BadRow, DataError, DataReport, Normalized, Reason, nothing_left, settle
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-#: bump when the tokenized output changes for the same inputs, to invalidate old caches.
-CACHE_VERSION = 2
+    from alignlab.config import DataConfig
+    from alignlab.data.split import Splits
 BAD_REASON = "_bad_reason"
 BAD_DETAIL = "_bad_detail"
 PROMPT_TRUNCATED = "_prompt_truncated"
@@ -72,6 +68,26 @@ class TokenizeSettings:
     chat: bool
     responses: tuple[str, ...]
     fields: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, cfg: DataConfig, kind: str, chat: bool, responses: tuple[str, ...], fields: tuple[str, ...],
+           parts: Sequence[Normalized]) -> TokenizeSettings:
+        """The settings of a run's splits (`parts`, whose field values are cast to one type per field)."""
+        return cls(cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation, kind, chat, responses,
+                   field_types(fields, parts))
+
+
+def field_types(fields: tuple[str, ...], parts: Sequence[Normalized]) -> tuple[tuple[str, str], ...]:
+    """One column type per field over all splits, with every row's value cast to it."""
+    types = []
+    for name in fields:
+        rows = [row for part in parts for row in part.rows]
+        dtype = field_dtype([row[name] for row in rows])
+        cast = {"bool": bool, "int64": int, "float64": float}[dtype]
+        for row in rows:
+            row[name] = cast(row[name])
+        types.append((name, dtype))
+    return tuple(types)
 
 
 @dataclass
@@ -182,52 +198,17 @@ def _features(settings: TokenizeSettings) -> datasets.Features:
                      PROMPT_TRUNCATED: Value("bool"), RESPONSES_TRUNCATED: Value("int32")})
 
 
-def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """What identifies a tokenizer's behaviour, for the cache fingerprint."""
-    if getattr(tokenizer, "is_fast", False):
-        backend = tokenizer.backend_tokenizer.to_str()
-    else:  # slow tokenizers have no serialisation; their vocabulary is the next best thing
-        backend = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return {
-        "class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
-        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-        "vocab_size": len(tokenizer),
-        "backend_sha256": hashlib.sha256(backend.encode()).hexdigest(),
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "special_ids": {name: getattr(tokenizer, f"{name}_token_id", None)
-                        for name in ("bos", "eos", "pad", "unk")},
-    }
-
-
-def fingerprint(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
-                settings: TokenizeSettings) -> str:
-    """sha256 over the rows' content, the tokenizer and the settings."""
-    digest = hashlib.sha256()
-    header = {"version": CACHE_VERSION, "settings": asdict(settings),
-              "tokenizer": tokenizer_signature(tokenizer)}
-    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    for row in rows:
-        digest.update(b"\n")
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
-    return digest.hexdigest()
-
-
-def default_cache_dir() -> Path:
-    """``~/.cache/alignlab/tokenized``."""
-    return Path.home() / ".cache" / "alignlab" / "tokenized"
-
-
 def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
                   settings: TokenizeSettings, *, eos_token_id: int, cache_dir: str | Path | None = None,
                   num_proc: int = 1, desc: str = "Tokenizing") -> tuple[datasets.Dataset, bool]:
-    """Tokenize canonical rows, or load the result of an identical earlier call.
+    """Tokenize canonical rows, or load the result of an identical earlier call (`cache.cached`).
 
     Args:
         rows: canonical rows (at least one).
         tokenizer: the model's tokenizer.
         settings: length limits and format.
         eos_token_id: appended to every response.
-        cache_dir: where tokenized datasets are kept; None: `default_cache_dir()`.
+        cache_dir: where tokenized datasets are kept; None: `cache.default_cache_dir()`.
         num_proc: worker processes for `Dataset.map` (1: none).
         desc: progress-bar label.
 
@@ -237,31 +218,77 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizer
     """
     import datasets
 
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    key = fingerprint(rows, tokenizer, settings)
-    target = root / key
-    if target.is_dir():
-        return datasets.load_from_disk(str(target)), True
-    table = datasets.Dataset.from_list(list(rows))
-    tokenized = table.map(
-        encode_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=table.column_names, features=_features(settings),
-        new_fingerprint=key[:32], desc=desc,  # datasets caps fingerprints at 64 characters
-        fn_kwargs={"tokenizer": tokenizer, "settings": settings, "eos_token_id": eos_token_id},
-    )
-    _save_atomically(tokenized, root, key)
-    return datasets.load_from_disk(str(target)), False
+    def build(key: str) -> datasets.Dataset:
+        table = datasets.Dataset.from_list(list(rows))
+        return table.map(
+            encode_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=table.column_names, features=_features(settings),
+            new_fingerprint=key[:32], desc=desc,  # datasets caps fingerprints at 64 characters
+            fn_kwargs={"tokenizer": tokenizer, "settings": settings, "eos_token_id": eos_token_id},
+        )
+
+    return cached(rows, tokenizer, settings, build, cache_dir)
 
 
-def _save_atomically(dataset: datasets.Dataset, root: Path, key: str) -> None:
-    """Save to a temporary folder, then rename it to `root/key` in one step."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{key}-{uuid.uuid4().hex}"
-    try:
-        dataset.save_to_disk(str(tmp))
-        os.rename(tmp, root / key)
-    except OSError:
-        if not (root / key).is_dir():  # not a lost race with an identical writer: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+@dataclass
+class TokenizedSplits:
+    """The tokenized train and eval datasets, and whether every one came from the cache."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    cache_hit: bool
+
+
+def tokenize_splits(rows: Splits, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings,
+                    eos_token_id: int, cfg: DataConfig, report: DataReport) -> TokenizedSplits:
+    """Stages 5 and 6 for the train and eval splits (`tokenize_split`)."""
+    report.eval_rows = len(rows.eval.rows) if rows.eval is not None else 0  # for a message; counted at last
+    train, train_hit = tokenize_split("train", rows.train, tokenizer, settings, eos_token_id, cfg, report)
+    held_out, eval_hit = (tokenize_split("eval", rows.eval, tokenizer, settings, eos_token_id, cfg, report)
+                          if rows.eval is not None else (None, True))
+    return TokenizedSplits(train, held_out, train_hit and eval_hit)
+
+
+def tokenize_split(name: str, part: Normalized, tokenizer: PreTrainedTokenizerBase,
+                   settings: TokenizeSettings, eos_token_id: int, cfg: DataConfig,
+                   report: DataReport) -> tuple[datasets.Dataset, bool]:
+    """Stage 5: tokenize one split (train, eval or retain; or load it from the cache), settle the rows
+    that tokenization flagged (`rows.settle`), count truncations, and drop the metadata columns.
+
+    Returns:
+        The split's dataset and whether it was a cache hit.
+
+    Raises:
+        DataError: no usable row is left.
+    """
+    dataset, hit = None, True
+    if part.rows:
+        tokenized, hit = tokenize_rows(part.rows, tokenizer, settings, eos_token_id=eos_token_id,
+                                       cache_dir=cfg.cache_dir, num_proc=cfg.num_proc,
+                                       desc=f"Tokenizing {name}")
+        meta = tokenized.select_columns(list(META_COLUMNS)).to_dict()
+        reasons = meta[BAD_REASON]
+        bad = [BadRow(part.refs[i], reason, meta[BAD_DETAIL][i])
+               for i, reason in enumerate(reasons) if reason]
+        bad = list(dict.fromkeys(bad))  # the two examples of an unpaired pair fail together: one bad row
+        settle(Normalized(bad=bad), cfg, report)
+        good = [i for i, reason in enumerate(reasons) if not reason]
+        report.prompts_truncated += sum(meta[PROMPT_TRUNCATED])  # bad rows carry False / 0
+        report.responses_truncated += sum(meta[RESPONSES_TRUNCATED])
+        if len(good) < len(tokenized):
+            tokenized = tokenized.select(good)
+        dataset = tokenized.remove_columns(list(META_COLUMNS))
+    if dataset is None or len(dataset) == 0:
+        source = {"eval": cfg.eval_path or cfg.path, "retain": cfg.retain}.get(name, cfg.path)
+        raise nothing_left(source, name, report)
+    return dataset, hit
+
+
+def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The EOS id appended to every response."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        name = getattr(tokenizer, "name_or_path", "")
+        raise DataError(f"tokenizer {name!r} has no eos_token_id, which ends every response. Fix: set "
+                        "tokenizer.eos_token, or use a tokenizer that has one")
+    return int(eos)

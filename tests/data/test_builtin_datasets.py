@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alignlab.builtin import HYPE, NEGATIVE, POSITIVE, sentiment_pairs, understated_pairs
-from alignlab.data.sources import builtin_records
+from alignlab.data.read import builtin_records
 
 
 def _count(text: str, words: list[str]) -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from alignlab.data import DataError, PreferenceCollator, build_datasets
-from alignlab.data.formats import Plan, normalize, plan_format
-from alignlab.data.sources import RowRef
+from alignlab.data.normalise import Plan, normalize, plan_format
+from alignlab.data.rows import RowRef
 
 HH_CHOSEN = ("\n\nHuman: the film was\n\nAssistant: really great .\n\nHuman: and the plot"
              "\n\nAssistant: superb !")

@@ -12,7 +12,8 @@ import pytest
 
 from alignlab.builtin import SUBJECTS_HELDOUT, SUBJECTS_TRAIN
 from alignlab.data import DataError, build_datasets
-from alignlab.data.sources import RowRef, read_source
+from alignlab.data.read import read_source
+from alignlab.data.rows import RowRef
 
 
 def prompts(dataset, words) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 
 from alignlab import builtin, losses
 from alignlab.data.collate import PreferenceCollator
-from alignlab.forward import Forward
+from alignlab.forward import ForwardPlan, ModelPlans
 from alignlab.losses.base import PrepareContext
 from alignlab.reference import column
 from alignlab.trainer import loss_inputs
@@ -79,11 +79,13 @@ class Case:
         batch = collator(rows if rows is not None else (precomputed.to_list() if precomputed is not None else self.rows))
         return pad_columns(batch, pad) if pad else batch
 
-    def evaluate(self, batch, forward: Forward | None = None, precomputed: bool = False):
-        """Per-example losses and the gradients of their mean, from a fresh copy of the loss (its state)."""
+    def evaluate(self, batch, plan: ForwardPlan | None = None, precomputed: bool = False):
+        """Per-example losses and the gradients of their mean, from a fresh copy of the loss (its state),
+        through the run's forward `plan` (by default dense logits on padded batches)."""
         loss = copy.deepcopy(self.loss)
-        forward = forward or Forward(0, False, False, False)
-        inputs = loss_inputs(forward, self.needs, batch, self.policy, self.policy,
+        plan = plan or ForwardPlan.of(self.needs, skip_unused_logits=False)
+        plans = ModelPlans.fit(plan, self.policy, None if precomputed else self.reference, self.teachers)
+        inputs = loss_inputs(plans, self.needs, batch, self.policy, self.policy,
                              reference=None if precomputed else self.reference, teachers=self.teachers,
                              precomputed_reference=precomputed)
         out = loss(inputs)

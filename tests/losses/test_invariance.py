@@ -7,7 +7,7 @@ a. padding: extra pad columns leave losses and gradients unchanged;
 b. batch order: permuting the examples permutes the per-example losses, gradients unchanged;
 d. forward switches: every combination of `model.logit_chunk_size` (0, 1, 128), `skip_unused_logits`,
    `padding_free`, `prefix_sharing` and `reference_mode` gives the dense path's losses and gradients,
-   or is refused before any model loads (`alignlab.train.check_forward`) with a one-line reason.
+   or is refused before any model loads (`alignlab.train.forward_plan`) with a one-line reason.
 
 (c, micro-batching and processes, goes through HF Trainer: tests/losses/test_invariance_steps.py.)
 
@@ -28,9 +28,8 @@ import registry_cases
 from alignlab.config import ModelConfig
 from alignlab.data.collate import PreferenceCollator
 from alignlab.errors import ConfigError
-from alignlab.forward import Forward
 from alignlab.reference import precompute
-from alignlab.train import check_forward
+from alignlab.train import forward_plan
 from registry_cases import CASES, Case, distinct_needs
 
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -89,19 +88,18 @@ def test_every_forward_switch_gives_the_dense_losses_and_gradients(key, models, 
         model_cfg = replace(ModelConfig(), logit_chunk_size=chunk, skip_unused_logits=skip, padding_free=packed,
                             prefix_sharing=shared, reference_mode=mode)
         try:
-            check_forward(case.loss.registry_name, model_cfg, case.needs)
+            plan = forward_plan(case.loss.registry_name, model_cfg, case.needs)
         except ConfigError as err:
             assert "\n" not in str(err) and "model.reference_mode" in str(err)
             refused.append(mode)
             continue
-        forward = Forward(chunk, skip, packed, shared)
         precomputed = None
         if mode == "precomputed":
             collator = PreferenceCollator(0, responses=case.needs.responses,
                                           fields=case.needs.batch_fields)
-            precomputed = precompute(case.reference, case.dataset, collator, forward, case.needs.responses,
+            precomputed = precompute(case.reference, case.dataset, collator, plan, case.needs.responses,
                                      identity=key, batch_size=len(case.rows), device="cpu", cache_dir=tmp_path)
-        got_losses, got_grads = case.evaluate(case.batch(precomputed=precomputed), forward,
+        got_losses, got_grads = case.evaluate(case.batch(precomputed=precomputed), plan,
                                               precomputed=mode == "precomputed")
         where = f"logit_chunk_size={chunk} skip_unused_logits={skip} padding_free={packed} prefix_sharing={shared} {mode}"
         torch.testing.assert_close(got_losses, want_losses, **TOL, msg=lambda m: f"{where}: {m}")

@@ -49,7 +49,7 @@ def one_step(case: Case, per_device: int, accumulation: int, output_dir: str) ->
                              remove_unused_columns=False, label_names=[], disable_tqdm=True)
     needs = loss.needs
     trainer = AlignTrainer(model=policy, args=args, train_dataset=case.dataset, loss_fn=loss,
-                           reference=case.reference, teachers=case.teachers, logit_chunk_size=0,
+                           reference=case.reference, teachers=case.teachers,
                            data_collator=PreferenceCollator(0, responses=needs.responses,
                                                             fields=needs.batch_fields))
     trainer.train()

@@ -91,7 +91,7 @@ def test_retain_kl_through_the_forward_does_not_depend_on_padding(pad):
     """#12.5: a retain row that fills the batch keeps all its positions. By hand from the models' own logits:
     KL(π_ref‖π_θ) = Σ_v q_v (log q_v − log p_v) at every position that predicts a token of the retain
     sequence (prompt and answer: positions 0 … len−2 of each row), averaged over those positions."""
-    from alignlab.forward import Forward
+    from alignlab.forward import ForwardPlan
     from model_helpers import collate, tiny_fp64
 
     policy, reference = tiny_fp64(0), tiny_fp64(1)
@@ -108,9 +108,8 @@ def test_retain_kl_through_the_forward_does_not_depend_on_padding(pad):
             count += ids.shape[1] - 1
     responses = ("completion", "retain")
     batch = collate(rows, responses, pad_to=None if not pad else 10 + pad)
-    forward = Forward(0)
-    inputs = LossInputs(policy=forward(policy, policy.get_output_embeddings(), batch, responses, full_logits=True),
-                        reference=forward(reference, reference.get_output_embeddings(), batch, responses,
-                                          full_logits=True))
+    plan = ForwardPlan(responses, full_logits=True)
+    inputs = LossInputs(policy=plan.fitted(policy)(policy, policy.get_output_embeddings(), batch),
+                        reference=plan.fitted(reference)(reference, reference.get_output_embeddings(), batch))
     out = build(NPOConfig(variant="npo_kl"))(inputs)
     assert out.metrics["retain/kl"].item() == pytest.approx(total / count, rel=1e-10)

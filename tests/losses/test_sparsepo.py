@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignlab.forward import Forward
+from alignlab.forward import ForwardPlan
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs, SequenceLogps
 from alignlab.losses.sparsepo import ACTIVATION_HOOKS, SparsePOConfig, activation_mask
@@ -80,7 +80,7 @@ def test_activation_mask_never_nan():
 
 
 # -- against a transcription of the official code, through alignlab's forward pass ------------------
-#: Forward(chunk_size, skip_unused_logits, padding_free, prefix_sharing)
+#: ForwardPlan.of switches (logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing)
 SWITCHES = {"dense": (0, False, False, False), "chunked": (3, True, False, False),
             "padding_free": (3, True, True, False), "prefix_sharing": (3, True, False, True)}
 
@@ -173,11 +173,13 @@ def test_loss_and_gradients_equal_the_official_code(mask, independent, switch):
     params = [*policy.parameters(), *loss.heads.parameters()]
     want_grads = torch.autograd.grad(want.sum(), params, allow_unused=True)
 
-    forward = Forward(*SWITCHES[switch])
-    pol = forward(policy, policy.get_output_embeddings(), batch, ("chosen", "rejected"), full_logits=True)
+    chunk, skip, packed, shared = SWITCHES[switch]
+    plan = ForwardPlan.of(loss.needs, logit_chunk_size=chunk, skip_unused_logits=skip, padding_free=packed,
+                          prefix_sharing=shared)
+    assert plan.full_logits and plan.responses == ("chosen", "rejected")
+    pol = plan.fitted(policy)(policy, policy.get_output_embeddings(), batch)
     with torch.no_grad():
-        ref = forward(reference, reference.get_output_embeddings(), batch, ("chosen", "rejected"), full_logits=True,
-                      activations=loss.needs.activations)
+        ref = plan.fitted(reference, reference=True)(reference, reference.get_output_embeddings(), batch)
     got = loss(LossInputs(policy=pol, reference=ref)).losses
     got_grads = torch.autograd.grad(got.sum(), params, allow_unused=True)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

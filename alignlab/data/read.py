@@ -1,9 +1,10 @@
-"""Where preference rows come from, and how a row and its problems are named.
+"""Stage 1, read: where preference rows come from.
 
 A source is read into a list of `Record`s: a `RowRef` (file and 0-based row index, so that every
 message can point at the row) and either the raw row (a dict) or a `BadRow` when the row could not
-even be parsed (a corrupt JSON line). Nothing is interpreted here; `formats` turns raw rows into
-prompts and responses.
+even be parsed (a corrupt JSON line). Nothing is interpreted here; `normalise` turns raw rows into
+prompts and responses. `read` reads the train source and, when there is one, the separate eval
+source (`data.eval_path`, `data.eval_split`, or a built-in task's held-out generator).
 
 Supported sources:
 
@@ -27,60 +28,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignlab.builtin import DATASETS
-from alignlab.errors import UserError, first_line
+from alignlab.data.rows import BadRow, DataError, DataReport, Reason, Record, RowRef
+from alignlab.data.split import eval_count
+from alignlab.errors import first_line
 
+if TYPE_CHECKING:
+    from alignlab.config import DataConfig
 
-class DataError(UserError):
-    """A problem with the data or the data config (a `ValueError`, shown by the CLI without traceback).
-
-    The message is one line that names the file, the row or the field, and says how to fix it.
-    """
-
-
-class Reason:
-    """Why a row is bad: the keys of `DataReport.skipped`."""
-
-    MISSING = "missing field"
-    NOT_A_STRING = "non-string field"
-    BAD_MESSAGES = "bad message structure"
-    EMPTY = "empty prompt or response"
-    IDENTICAL = "identical responses"
-    TIE = "tie / no preference"
-    HH_MISMATCH = "HH prompt mismatch"
-    PROMPT_TOO_LONG = "prompt too long"
-    EMPTY_AFTER_TRUNCATION = "response empty after truncation"
-    CORRUPT_JSON = "corrupt JSON line"
-    NOT_AN_OBJECT = "row is not a JSON object"
-    BAD_LABEL = "bad label"
-    BAD_FIELD = "bad field value"
-
-
-#: how to fix a row that is bad for each reason.
-FIXES: dict[str, str] = {
-    Reason.MISSING: "add the field to the row, or map it from another column with "
-    "data.columns={field: column}",
-    Reason.NOT_A_STRING: "make the field a string (rows of {role, content} message lists need "
-    "data.format=conversational)",
-    Reason.BAD_MESSAGES: "give conversations as lists of {role: str, content: str} messages (ShareGPT: "
-    "{from, value} with from = human, gpt or system; a messages column ends with the assistant's "
-    "completion after at least one prompt message)",
-    Reason.EMPTY: "fill in the text or remove the row",
-    Reason.IDENTICAL: "remove the row: identical responses express no preference",
-    Reason.TIE: "remove the row: a tie gives no chosen/rejected pair",
-    Reason.HH_MISMATCH: "both transcripts must share the conversation up to and including the last "
-    "'\\n\\nAssistant:'",
-    Reason.PROMPT_TOO_LONG: "raise data.max_prompt_length or set data.prompt_truncation=keep_end",
-    Reason.EMPTY_AFTER_TRUNCATION: "raise data.max_length or lower data.max_prompt_length",
-    Reason.CORRUPT_JSON: "repair or delete the line",
-    Reason.NOT_AN_OBJECT: "make every row a JSON object such as {\"prompt\": ..., \"chosen\": ..., "
-    "\"rejected\": ...}",
-    Reason.BAD_LABEL: "make the label a JSON boolean, true (desirable) or false (undesirable); 1 and 0 "
-    "are accepted too",
-    Reason.BAD_FIELD: "make the field a number (true/false, an integer or a finite float)",
-}
 
 #: file suffixes read from a local path or folder.
 SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".csv", ".tsv", ".csv.gz", ".tsv.gz")
@@ -88,43 +45,37 @@ SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".csv", ".ts
 SAVED_DATASET, SAVED_DATASET_DICT = "state.json", "dataset_dict.json"
 
 
-@dataclass(frozen=True)
-class RowRef:
-    """Where a row comes from.
+@dataclass
+class Sources:
+    """The records read for one run: the train source's, and the separate eval source's (None: the eval
+    rows are held out of the train source, `split.hold_out`)."""
 
-    Attributes:
-        source: the file (as the user named it), ``builtin:...`` or ``hub NAME[split]``.
-        index: 0-based row index in that source (for JSON lines: the 0-based line index).
+    train: list[Record]
+    eval: list[Record] | None
+
+
+def read(cfg: DataConfig, report: DataReport) -> Sources:
+    """Read `data.path` (up to `data.limit` rows) and the eval source, counting the rows read."""
+    train = read_source(cfg.path, name=cfg.name, split=cfg.split, limit=cfg.limit)
+    held_out = _eval_records(cfg)
+    report.rows_read = len(train) + len(held_out or ())
+    return Sources(train, held_out)
+
+
+def _eval_records(cfg: DataConfig) -> list[Record] | None:
+    """Records of a separate eval source: `eval_path`, `eval_split` of `path` (a DatasetDict folder or
+    a hub dataset), or the built-in task's held-out generator.
+
+    None means the eval rows are held out of the train source (none when `eval_size` is 0).
     """
-
-    source: str
-    index: int
-
-    def __str__(self) -> str:
-        return f"{self.source} row {self.index}"
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """A row that cannot be used, with a one-line description.
-
-    Attributes:
-        ref: which row.
-        reason: one of the `Reason` constants.
-        detail: what is wrong, naming the field.
-    """
-
-    ref: RowRef
-    reason: str
-    detail: str
-
-    def message(self) -> str:
-        """One line: row, problem, reason and fix."""
-        return f"{self.ref}: {self.detail} ({self.reason}). Fix: {FIXES[self.reason]}"
-
-
-#: one row of a source: the raw row, or why it could not be read.
-Record = tuple[RowRef, dict[str, Any] | BadRow]
+    if cfg.eval_path or cfg.eval_split:  # another source, or another split of data.path
+        return read_source(cfg.eval_path or cfg.path, name=cfg.name, split=cfg.eval_split or cfg.split)
+    if cfg.path.startswith("builtin:"):
+        spec = DATASETS.get(cfg.path.removeprefix("builtin:"))
+        size = eval_count(cfg.eval_size, spec.size) if spec else 0
+        if spec and spec.heldout_eval and size:
+            return builtin_records(cfg.path, heldout=True, n=size)
+    return None
 
 
 def read_source(path: str, *, name: str | None = None, split: str = "train",

@@ -1,5 +1,8 @@
-"""Preference formats: from raw rows to one canonical shape, ``{prompt: str, <response>: str, ...}``
-(plus one scalar per requested field, e.g. ``label: bool``).
+"""Stage 2, normalise: from raw rows of any preference format to one canonical shape, ``{prompt: str,
+<response>: str, ...}`` (plus one scalar per requested field, e.g. ``label: bool``).
+
+`normalise` is the stage (the plan of the train source, applied to it and to a separate eval source);
+`reshape_pairs` runs after the hold-out, to swap or unpair the canonical pairs.
 
 `plan_format` decides once per dataset how its rows are read (the `Plan`); `normalize` applies
 the plan to every row and sorts rows into usable ones and `BadRow`s. Kinds of plan:
@@ -37,10 +40,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from alignlab.data.sources import BadRow, DataError, Reason, Record, RowRef
+from alignlab.data.rows import BadRow, DataError, DataReport, Normalized, Reason, Record
+from alignlab.data.split import Splits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from alignlab.config import DataConfig
+    from alignlab.data.read import Sources
 
 KINDS = ("explicit", "hh", "pairwise", "conversational", "sharegpt", "messages")
 CHAT_KINDS = ("conversational", "sharegpt", "messages")
@@ -113,24 +120,41 @@ class Plan:
         return (*self.responses, *self.fields)
 
 
-@dataclass
-class Normalized:
-    """The outcome of `normalize`: usable rows (with where they came from) and bad rows.
+def normalise(sources: Sources, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
+              responses: tuple[str, ...], fields: tuple[str, ...], report: DataReport) -> tuple[Plan, Splits]:
+    """The format plan of the train source (`plan_of`), applied to its records and to the separate eval
+    source's, if any: usable canonical rows and bad rows (not settled yet: `rows.settle`)."""
+    plan = plan_of(sources.train, cfg.format, cfg.columns or {}, responses, fields, tokenizer, cfg.path)
+    report.format = plan.kind
+    held_out = normalize(sources.eval, plan, tokenizer) if sources.eval is not None else None
+    return plan, Splits(normalize(sources.train, plan, tokenizer), held_out)
 
-    Attributes:
-        rows: canonical rows ``{prompt, <response>..., <field>...}``: strings, and one bool or number
-            per field.
-        refs: `refs[i]` is where `rows[i]` came from.
-        bad: the rows that could not be used.
-    """
 
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    refs: list[RowRef] = field(default_factory=list)
-    bad: list[BadRow] = field(default_factory=list)
+def plan_of(records: Sequence[Record], fmt: str, columns: Mapping[str, str], responses: tuple[str, ...],
+            fields: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, source: str, what: str = "") -> Plan:
+    """`plan_format` from the readable rows of `records` (`what`: how messages name the source), and a chat
+    template when the rows need one."""
+    raw_rows = [row for _, row in records if isinstance(row, dict)]
+    if not raw_rows:  # every record is unreadable: say why, rather than "no columns"
+        raise DataError(f"{records[0][1].message()} (no row of {what or source} could be read)")
+    plan = plan_format(fmt, columns, raw_rows, responses, source, fields)
+    if plan.chat:
+        require_chat_template(tokenizer)
+    return plan
 
-    def subset(self, indices: Sequence[int]) -> Normalized:
-        """The usable rows at `indices` (bad rows are not carried over)."""
-        return Normalized([self.rows[i] for i in indices], [self.refs[i] for i in indices])
+
+def reshape_pairs(splits: Splits, plan: Plan, cfg: DataConfig, report: DataReport) -> Splits:
+    """After the hold-out (so that every setting holds out the same pairs): swap the pairs
+    (`data.swap_pairs`), or unpair them when the loss needs labelled single completions (`Plan.unpair`)."""
+    pairs = sum(len(part.rows) for part in splits.parts())
+    if cfg.swap_pairs:
+        report.pairs_swapped = pairs
+        splits = splits.map(swap)
+    if plan.unpair:
+        report.unpaired_from_pairs = True
+        report.pairs_unpaired = pairs
+        splits = splits.map(unpair)
+    return splits
 
 
 def unpairs(responses: tuple[str, ...], fields: tuple[str, ...]) -> bool:
