@@ -12,8 +12,8 @@ from alignlab.train import run
 
 pytestmark = pytest.mark.slow
 
-PAIR_RECIPES = ["simpo"]
-REFERENCE_FREE = ["simpo"]
+PAIR_RECIPES = ["simpo", "cpo", "orpo"]
+REFERENCE_FREE = ["simpo", "cpo", "orpo"]
 
 
 def _train(compose_run, tmp_path, recipe, *overrides):

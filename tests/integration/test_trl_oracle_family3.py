@@ -21,6 +21,8 @@ from alignlab.data import PreferenceCollator
 from alignlab.forward import concatenated_forward
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs
+from alignlab.losses.cpo import CPOConfig
+from alignlab.losses.orpo import ORPOConfig
 from alignlab.losses.simpo import SimPOConfig
 
 pytestmark = pytest.mark.slow
@@ -115,3 +117,49 @@ def test_simpo_same_loss_and_gradients_as_trl_cpo_trainer(setup, tmp_path, kwarg
     # TRL's CPOTrainer with loss_type=simpo: cpo_alpha (its NLL weight, default 1) is SimPO's sft_weight
     trainer = _cpo_trainer(setup, tmp_path, loss_type="simpo", **{"cpo_alpha": 0.0, **kwargs})
     _compare(setup, trainer, cfg)
+
+
+CPO_CASES = [
+    ("sigmoid", dict(beta=0.1), CPOConfig(beta=0.1)),
+    ("sigmoid-smoothed", dict(beta=0.2, label_smoothing=0.1, cpo_alpha=0.5),
+     CPOConfig(beta=0.2, label_smoothing=0.1, nll_weight=0.5)),
+    ("hinge", dict(beta=0.1, loss_type="hinge"), CPOConfig(beta=0.1, loss_type="hinge")),
+    ("ipo", dict(beta=0.1, loss_type="ipo"), CPOConfig(beta=0.1, loss_type="ipo")),
+    ("alpha", dict(beta=0.1, alpha=0.01), CPOConfig(beta=0.1, alpha=0.01)),
+]
+
+
+@pytest.mark.parametrize("kwargs, cfg", [c[1:] for c in CPO_CASES], ids=[c[0] for c in CPO_CASES])
+def test_cpo_same_loss_and_gradients_as_trl(setup, tmp_path, kwargs, cfg):
+    _compare(setup, _cpo_trainer(setup, tmp_path, **kwargs), cfg)
+
+
+def test_orpo_odds_ratio_term_same_as_trl(setup, tmp_path):
+    """TRL's ORPO NLL also counts the prompt tokens (alignlab's is over the response, docs/losses.md), so the
+    odds-ratio term is compared: TRL's own forward and `odds_ratio_loss` against alignlab's loss minus its
+    chosen NLL, written here from the token log-probs. Loss and gradients."""
+    from trl.experimental.orpo import ORPOConfig as TRLORPOConfig
+    from trl.experimental.orpo import ORPOTrainer
+
+    tok, policy, rows = setup
+    lam = 0.25
+    args = TRLORPOConfig(output_dir=str(tmp_path), beta=lam, per_device_train_batch_size=8, report_to="none",
+                         use_cpu=True, max_length=512)
+    trainer = ORPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=_data(rows), processing_class=tok)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.eval()
+    chosen_logps, rejected_logps = trainer.concatenated_forward(trainer.model, batch)[:2]
+    theirs = -trainer.odds_ratio_loss(chosen_logps, rejected_logps)[0].mean()
+    theirs.backward()
+
+    model = copy.deepcopy(policy)
+    collated = PreferenceCollator(tok.pad_token_id)(_examples_from_trl_batch(batch))
+    inputs = LossInputs(policy=concatenated_forward(model, collated, ("chosen", "rejected")))
+    chosen = inputs.policy["chosen"]
+    nll = -chosen.token_logps[chosen.mask].sum() / chosen.mask.sum()  # the batch token mean, by hand
+    ours = build(ORPOConfig(lam=lam))(inputs).losses.mean() - nll
+    ours.backward()
+    # TRL's odds_ratio_loss casts the log-probs to float32 (`.float()`): its side rounds at ~1e-8 relative
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    for g, w in zip([p.grad for p in model.parameters()], [p.grad for p in trainer.model.parameters()]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
