@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -212,36 +211,11 @@ def _list() -> None:
         cfg = entry.config()
         items = _need_items(build(cfg).needs, cfg)
         changes = [f"{option}: {change}" for option, change in _needs_by_option(entry, items)]
-        print(f"  {name:<12} {loss_description(entry)} [{loss_paper(entry)}]\n"
+        print(f"  {name:<12} {entry.loss.summary} [{entry.loss.paper}]\n"
               f"  {'':<12} needs: {', '.join(items)}" + "".join(f"; {c}" for c in changes))
     print("recipes (alignlab train +recipe=NAME):")
     for name in recipe_names():
         print(f"  {name}")
-
-
-#: an author-year citation in parentheses, e.g. "(Rafailov et al. 2023)".
-_CITATION = re.compile(r"\s*\(([^()]*\b(?:19|20)\d\d)\)")
-
-
-def loss_paper(entry) -> str:
-    """The paper of a registered loss, e.g. "Rafailov et al. 2023, arXiv:2305.18290".
-
-    Read from the loss module's docstring, which opens "NAME — Authors Year, "Title", arXiv:ID";
-    the authors fall back to the citation in `Loss.summary`.
-    """
-    doc = " ".join((sys.modules[entry.loss.__module__].__doc__ or "").split("\n\n")[0].split())
-    authors = re.search(r"—\s*(.+?\b(?:19|20)\d\d)\b", doc)
-    cited = _CITATION.search(entry.loss.summary)
-    arxiv = re.search(r"arXiv:\s*(\d{4}\.\d{4,5})", doc)
-    parts = [authors.group(1) if authors else cited.group(1) if cited else "paper not declared"]
-    if arxiv:
-        parts.append(f"arXiv:{arxiv.group(1)}")
-    return ", ".join(parts)
-
-
-def loss_description(entry) -> str:
-    """`Loss.summary` without its citation (`alignlab list` shows the paper beside it)."""
-    return " ".join(_CITATION.sub("", entry.loss.summary).split()) or "(no summary)"
 
 
 def _need_items(needs, cfg) -> list[str]:
@@ -264,6 +238,8 @@ def _need_items(needs, cfg) -> list[str]:
         items.append(f"teachers {', '.join(teachers)}")
     if needs.prepared_fields:  # the loss computes them itself: nothing to supply, but a step to know of
         items.append(f"{'/'.join(needs.prepared_fields)} (computed before training)")
+    for score in needs.scores:  # the pipeline scores every response once, before training
+        items.append(f"{score.name} scores by {score.model} ({score.option or score.kind}, computed before training)")
     return items
 
 

@@ -13,9 +13,6 @@ from pathlib import Path
 #: packages whose versions decide a run's results.
 PACKAGES = ("alignlab", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed",
             "hydra-core", "omegaconf", "safetensors", "tokenizers", "scikit-learn", "wandb")
-#: curves drawn when the loss logs them (train, and eval_ when evaluated).
-CURVES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "delta",
-          "forget/logps", "retain/nll", "kl/chosen", "mean_weight")
 
 
 #: config keys whose values are credentials: never written to a run's files.
@@ -72,10 +69,11 @@ def _git_revision() -> dict | None:
     return {"commit": commit, "dirty": bool(dirty)}
 
 
-def plot_curves(metrics_file: Path, out: Path) -> Path | None:
-    """Draw the logged curves of `metrics.jsonl` into one PNG; None when nothing was logged."""
+def plot_curves(metrics_file: Path, out: Path, curves: tuple[str, ...]) -> Path | None:
+    """Draw the logged `curves` of `metrics.jsonl` (train, and eval_ when evaluated) into one PNG;
+    None when none was logged. The curves are the loss's: `STANDARD_CURVES` plus `Loss.curves`."""
     records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    panels = [name for name in CURVES if any(name in r or f"eval_{name}" in r for r in records)]
+    panels = [name for name in curves if any(name in r or f"eval_{name}" in r for r in records)]
     if not panels:
         return None
     import matplotlib

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab import checkpoints, distributed, losses
 from alignlab.config import AlignConfig, ModelConfig, TrainerConfig
 from alignlab.errors import ConfigError, first_line, user_error_behind
-from alignlab.losses.base import Needs, PrepareContext
+from alignlab.losses.base import PAIRWISE_HEADLINE, STANDARD_CURVES, Needs, PrepareContext
 
 
 
@@ -33,6 +33,8 @@ class RunResult:
     adapter: bool = False
     #: lines about the run's figures, e.g. held-out accuracy falling while training accuracy rises.
     warnings: list[str] = field(default_factory=list)
+    #: the loss's headline eval figures (`Loss.headline`): eval metric key -> summary line format.
+    headline: dict[str, str] = field(default_factory=lambda: dict(PAIRWISE_HEADLINE))
 
 
 def to_typed(cfg: DictConfig) -> AlignConfig:
@@ -340,6 +342,7 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
     from alignlab.reference import column as reference_column
     from alignlab.report import plot_curves
     from alignlab.rundir import INTERRUPTS, interrupted, take_over, write_record
+    from alignlab.scorers import add_scores, prompt_embedder
     from alignlab.trainer import AlignTrainer, MetricsFileCallback
 
     needs = loss_fn.needs
@@ -357,7 +360,10 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
     reference = load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
     teachers = {name: load_frozen(path, typed.model, tokenizer, typed.seed) for name, path in needs.teachers}
     ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
-                         device=policy.device, seed=typed.seed, model=typed.model, architecture=policy.config)
+                         device=policy.device, seed=typed.seed, model=typed.model, architecture=policy.config,
+                         embed_prompts=None if reference is None else
+                         prompt_embedder(reference, tokenizer.pad_token_id, policy.device))
+    add_scores(needs, ctx)  # scores of other frozen models the loss declared (MODPO's margins)
     loss_fn.prepare(ctx)
     distributed.check_loss_parameters(typed, loss_fn)
 
@@ -371,7 +377,7 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
     reference = distributed.prepare_frozen(reference, args)
     teachers = {name: distributed.prepare_frozen(m, args) for name, m in teachers.items()}
     collator = PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses,
-                                  fields=(*needs.fields, *needs.prepared_fields))
+                                  fields=needs.batch_fields)
     precomputed = needs.reference and typed.model.reference_mode == "precomputed"
     if precomputed:  # score the data once with the reference, then free it
         _precompute_reference(typed, reference, ctx, collator, args.per_device_eval_batch_size, args.device)
@@ -424,10 +430,11 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
     if merged_dir is not None and main:
         save_merged(typed.model, tokenizer, typed.seed, model_dir, merged_dir)
     if trainer.is_world_process_zero():
-        plot_curves(metrics_file, output_dir / "curves.png")
+        plot_curves(metrics_file, output_dir / "curves.png", (*STANDARD_CURVES, *loss_fn.curves))
     train_losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
     result = RunResult(output_dir, model_dir, metrics_file, train_losses, eval_metrics, time.time() - start,
-                       merged_dir, typed.model.lora.enabled, divergence_warnings(trainer.state.log_history))
+                       merged_dir, typed.model.lora.enabled, divergence_warnings(trainer.state.log_history),
+                       dict(loss_fn.headline))
     if main:
         (output_dir / "summary.json").write_text(json.dumps(
             {"train_losses": train_losses, "eval": eval_metrics, "wall_seconds": result.wall_seconds,
@@ -503,16 +510,6 @@ def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:
     return result
 
 
-#: eval figures worth a line in the end-of-run summary, when the loss logs them.
-HEADLINE = {
-    "eval_rewards/accuracies": "held-out accuracy {:.3f} (chance 0.5)",
-    "eval_rewards/margins": "held-out margin   {:.3f}",
-    "eval_delta": "reward shift δ    {:.4f}",
-    "eval_forget/logps": "forget log-lik.   {:.3f}",
-    "eval_retain/nll": "retain NLL        {:.3f}",
-}
-
-
 #: (training key, held-out key, what it is, higher is better, the change that counts as a move).
 DIVERGENCE = (("rewards/accuracies", "eval_rewards/accuracies", "accuracy", True, 0.02),
               ("loss", "eval_loss", "loss", False, 0.02))
@@ -550,7 +547,7 @@ def summary_text(result: RunResult) -> str:
     lines = ["", "alignlab: run finished in %.0f s" % result.wall_seconds]
     if result.train_losses:
         lines.append(f"  train loss        {result.train_losses[0]:.4f} (first log) -> {result.train_losses[-1]:.4f} (last)")
-    lines += [f"  {text.format(result.eval_metrics[key])}" for key, text in HEADLINE.items()
+    lines += [f"  {text.format(result.eval_metrics[key])}" for key, text in result.headline.items()
               if key in result.eval_metrics]
     lines.append(f"  {'adapter' if result.adapter else 'model'} + tokenizer {result.model_dir}")
     if result.merged_dir is not None:

@@ -57,7 +57,7 @@ def loss_inputs(forward: Forward, needs: Needs, inputs: dict[str, torch.Tensor],
         elif needs.reference:
             ref = run(reference, reference, needs.activations)
         teacher_out = {name: run(m, m) for name, m in (teachers or {}).items()}
-    fields = {name: inputs[name] for name in (*needs.fields, *needs.prepared_fields)}
+    fields = {name: inputs[name] for name in needs.batch_fields}
     return LossInputs(policy=policy_out, reference=ref, teachers=teacher_out, fields=fields, training=training,
                       step=step)
 

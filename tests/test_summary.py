@@ -17,7 +17,8 @@ def _result(tmp_path: Path, **changes):
 
 
 def test_summary_names_the_run_files_losses_and_headline_metrics(tmp_path):
-    from alignlab.train import HEADLINE, summary_text
+    from alignlab.losses.base import PAIRWISE_HEADLINE as HEADLINE
+    from alignlab.train import summary_text
 
     result = _result(tmp_path)
     text = summary_text(result)
@@ -82,3 +83,15 @@ def test_no_warning_when_both_move_together_or_with_one_evaluation():
     assert divergence_warnings(_history([(10, 0.9), (30, 0.8)], [(10, 0.7), (30, 0.6)])) == []  # both fall
     assert divergence_warnings(_history([(10, 0.6), (30, 0.95)], [(30, 0.5)])) == []  # nothing to compare
     assert divergence_warnings(_history([(10, 0.6), (30, 0.95)], [(10, 0.70), (30, 0.69)])) == []  # within noise
+
+
+def test_summary_shows_the_headline_the_loss_declares(tmp_path):
+    """The summary's figures are the loss's `headline` (NPO: forgetting), not a list kept elsewhere."""
+    from alignlab.losses import REGISTRY
+    from alignlab.train import summary_text
+
+    npo = REGISTRY["npo"].loss.headline
+    metrics = {"eval_forget/logps": -41.5, "eval_retain/nll": 2.25, "eval_rewards/accuracies": 0.75}
+    text = summary_text(_result(tmp_path, eval_metrics=metrics, headline=npo))
+    assert "forget log-lik.   -41.500" in text and "retain NLL        2.250" in text, text
+    assert "held-out accuracy" not in text  # not one of NPO's figures

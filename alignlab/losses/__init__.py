@@ -1,44 +1,17 @@
 """The loss registry.
 
-Adding a loss is one file in this folder that calls `register`, plus one import line below. No
-other module names a loss: the trainer and the data pipeline read `Loss.needs`.
+Adding a loss is one file in this folder that calls `alignlab.losses.base.register`, plus one import
+line below. No other module names a loss: the trainer and the data pipeline read `Loss.needs`, the
+end-of-run summary `Loss.headline`, the curves `Loss.curves`, and `alignlab list` `Loss.paper`,
+`Loss.summary` and `Loss.options`.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import dataclasses
 
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, SequenceLogps
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    config: type
-    loss: type[Loss]
-
-
-REGISTRY: dict[str, Entry] = {}
-
-
-def register(name: str, config: type):
-    """Class decorator: register `cls` under `name` with its config dataclass `config`.
-
-    The config dataclass must have a `name: str` field defaulting to `name`; it becomes the Hydra
-    option `loss=<name>`.
-    """
-
-    def wrap(cls: type[Loss]) -> type[Loss]:
-        if name in REGISTRY:
-            raise ValueError(f"loss {name!r} is registered twice")
-        if getattr(config, "name", None) != name:
-            raise ValueError(f"{config.__name__}.name must default to {name!r}")
-        REGISTRY[name] = Entry(name, config, cls)
-        cls.registry_name = name
-        return cls
-
-    return wrap
+from alignlab.losses.base import REGISTRY, Entry, Loss, LossInputs, LossOutput, Needs, SequenceLogps, register
 
 
 def get(name: str) -> Entry:
@@ -54,16 +27,9 @@ def get(name: str) -> Entry:
 def option_values(entry: Entry) -> list[tuple[str, object]]:
     """`(option, value)` for each enumerable value of a loss's options other than its default.
 
-    Enumerable: booleans, and strings whose default is in a tuple of strings of the loss's module
-    (its `VARIANTS`, `LOSS_TYPES`, ...). One option at a time, from the defaults; values the config
-    refuses on their own are left out.
+    Enumerable: booleans, and the values a loss declares for a string option in `Loss.options`. One
+    option at a time, from the defaults; values the config refuses on their own are left out.
     """
-    import dataclasses
-    import sys
-
-    module = sys.modules[entry.config.__module__]
-    constants = [v for k, v in vars(module).items()
-                 if k.isupper() and isinstance(v, tuple) and v and all(isinstance(x, str) for x in v)]
     base = entry.config()
     out = []
     for f in dataclasses.fields(base):
@@ -72,8 +38,8 @@ def option_values(entry: Entry) -> list[tuple[str, object]]:
             continue
         if isinstance(value, bool):
             others = [not value]
-        elif isinstance(value, str):
-            others = list(dict.fromkeys(x for c in constants if value in c for x in c if x != value))
+        elif f.name in entry.loss.options:
+            others = [x for x in entry.loss.options[f.name] if x != value]
         else:
             continue
         for other in others:
@@ -99,5 +65,5 @@ def build(cfg) -> Loss:
 from alignlab.losses import aligndistil, asft, bco, dpo, modpo, npo, rdpo, rpo, sft, sparsepo, tdpo, tpo  # noqa: E402,F401
 from alignlab.losses import cpo, orpo, simpo  # noqa: E402,F401
 
-__all__ = ["REGISTRY", "Loss", "LossInputs", "LossOutput", "Needs", "SequenceLogps", "build", "get", "option_values",
+__all__ = ["REGISTRY", "Entry", "Loss", "LossInputs", "LossOutput", "Needs", "SequenceLogps", "build", "get", "option_values",
            "register"]

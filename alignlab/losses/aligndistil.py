@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from alignlab.chunked import kl, per_token
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, register
 
 
 @dataclass
@@ -62,12 +61,14 @@ def extrapolated_teacher(z_dpo: torch.Tensor, z_rdpo: torch.Tensor, beta2: float
 class AlignDistil(Loss):
     """Token-adaptive distillation from a DPO and a reverse-DPO teacher (module docstring)."""
 
-    summary = "token-level alignment as adaptive distillation from DPO and reverse-DPO teachers (Zhang et al. 2025)"
+    summary = "token-level alignment as adaptive distillation from DPO and reverse-DPO teachers"
+    paper = "Zhang et al. 2025, arXiv:2503.02832"
+    curves = ("mean_weight",)
 
-    @property
-    def needs(self) -> Needs:
-        return Needs(reference=False, full_logits=True, responses=("chosen",),
-                     teachers=(("dpo", self.cfg.dpo_teacher), ("reverse", self.cfg.reverse_teacher)))
+    def __init__(self, cfg: AlignDistilConfig) -> None:
+        super().__init__(cfg)
+        self.needs = Needs(reference=False, full_logits=True, responses=("chosen",),
+                           teachers=(("dpo", cfg.dpo_teacher), ("reverse", cfg.reverse_teacher)))
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

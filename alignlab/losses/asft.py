@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, preference_metrics
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, preference_metrics, register
 
 #: log P is clamped to log(1 − 1e-7) so that log(1 − P) = log1p(−P) stays finite.
 MAX_LOG_P = math.log1p(-1e-7)
@@ -58,7 +57,8 @@ class ASFT(Loss):
     """Aligned SFT on absolute likelihoods, reference-free (module docstring)."""
 
     needs = Needs(reference=False)
-    summary = "aligned SFT: BCE on absolute length-averaged likelihoods, no reference (Wang et al. 2024)"
+    summary = "aligned SFT: BCE on absolute length-averaged likelihoods, no reference"
+    paper = "Wang, Sun, Hua & Fang 2024, arXiv:2409.10571"
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

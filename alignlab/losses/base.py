@@ -9,6 +9,7 @@ so no loss can make the objective depend on batch size, gradient accumulation or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -43,6 +44,8 @@ class Needs:
             reference's loading path; their outputs arrive in `LossInputs.teachers[name]`.
         activations: internal activations of the reference model the loss reads (SparsePO's
             masks), supplied by the forward pass in `SequenceLogps.activations` of the reference.
+        scores: per-response scores of other frozen models (`Score`: MODPO's margin rewards),
+            computed once before training and served as per-example fields.
     """
 
     reference: bool = True
@@ -53,6 +56,48 @@ class Needs:
     prepared_fields: tuple[str, ...] = ()
     teachers: tuple[tuple[str, str], ...] = ()
     activations: Activations | None = None
+    scores: tuple[Score, ...] = ()
+
+    @property
+    def score_fields(self) -> tuple[str, ...]:
+        """The per-example fields `scores` fill: `<score>_<response>` for each response."""
+        return tuple(f"{score.name}_{response}" for score in self.scores for response in self.responses)
+
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """Every per-example field a batch carries to the loss: data, prepared and scored fields."""
+        return (*self.fields, *self.prepared_fields, *self.score_fields)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A frozen model's score of every response, declared by a loss (`Needs.scores`): the pipeline
+    (`alignlab.scorers`) computes it once before training, on the train and eval rows, and serves it
+    as the per-example fields `<name>_<response>` (`(B,)` tensors in `LossInputs.fields`). A loss
+    never loads a model itself.
+
+    Attributes:
+        name: prefix of the fields, e.g. ``"margin1"``.
+        kind: ``"log_ratio"``: S_model(y) − S_ref(y), the response's log-probability summed over its
+            tokens under the causal LM `model` minus under the run's reference (a DPO model's implicit
+            reward divided by its β); ``"reward_model"``: the score of a sequence-classification model
+            on prompt + response.
+        model: the model's folder or hub id.
+        option: the config key that names the model (e.g. ``"loss.margins[0].model"``), for errors.
+    """
+
+    name: str
+    kind: str
+    model: str
+    option: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCORE_KINDS:
+            raise ValueError(f"Score.kind must be one of {', '.join(SCORE_KINDS)}; got {self.kind!r}")
+
+
+#: the kinds of `Score` the pipeline computes.
+SCORE_KINDS = ("log_ratio", "reward_model")
 
 
 @dataclass(frozen=True)
@@ -189,7 +234,8 @@ class PrepareContext:
     """What `Loss.prepare` may use before training starts (after data and models are loaded).
 
     A loss may replace `train` / `eval` with datasets that carry extra columns it declared in
-    `Needs.fields` (e.g. BCO's density-ratio weights).
+    `Needs.prepared_fields` (e.g. BCO's density-ratio weights). `reference` is there for user code a
+    loss calls (BCO's `embedding=module:function`); a loss itself never runs a model.
     """
 
     reference: nn.Module | None
@@ -203,20 +249,46 @@ class PrepareContext:
     #: the policy's transformers config (`hidden_size`, `num_hidden_layers`), for losses that size
     #: parameters of their own (SparsePO's mask heads).
     architecture: object = None
+    #: prompts (lists of token ids) -> `(N, H)` embeddings: the reference's last hidden state
+    #: mean-pooled over each prompt's tokens (`alignlab.scorers.prompt_embedder`), supplied by the
+    #: pipeline when there is a reference (BCO's UDM classifier), so that a loss never runs a model.
+    embed_prompts: Callable[[list[list[int]]], torch.Tensor] | None = None
+
+
+#: the end-of-run summary's lines for a pairwise loss: eval metric key -> line format.
+PAIRWISE_HEADLINE = {
+    "eval_rewards/accuracies": "held-out accuracy {:.3f} (chance 0.5)",
+    "eval_rewards/margins": "held-out margin   {:.3f}",
+}
+#: the curves every loss gets when it logs them (train and eval_): `alignlab.report.plot_curves`.
+STANDARD_CURVES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
 
 class Loss(nn.Module):
     """Base class of every registered loss.
 
-    A subclass sets `needs` (a class attribute, or a property when it depends on the config), takes
-    its config dataclass in `__init__`, and implements `forward`. State a loss owns (running means,
-    fitted classifiers, learned heads) lives in its buffers and parameters: the trainer saves it in
-    every checkpoint and restores it on resume.
+    A subclass declares what it is in class attributes (`summary`, `paper`, `options`, `headline`,
+    `curves`, `needs`), takes its config dataclass in `__init__`, and implements `forward`. When what
+    it needs depends on the config, its `__init__` sets `self.needs`. State a loss owns (running
+    means, fitted classifiers, learned heads) lives in its buffers and parameters: the trainer saves
+    it in every checkpoint and restores it on resume.
     """
 
-    needs: ClassVar[Needs] = Needs()
+    #: what the trainer and the data pipeline compute for it; a subclass whose needs depend on its
+    #: config sets `self.needs` in `__init__`.
+    needs: Needs = Needs()
     #: one-line description for `alignlab list` and the docs.
     summary: ClassVar[str] = ""
+    #: the paper, "Authors Year, arXiv:ID" (`alignlab list`).
+    paper: ClassVar[str] = ""
+    #: string options with a fixed set of values (config field -> the values), e.g.
+    #: ``{"loss_type": ("sigmoid", "ipo", "hinge")}``; `alignlab list` and the registry-generated
+    #: tests enumerate them (boolean options are enumerated without being declared).
+    options: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: the eval figures worth a line in the end-of-run summary: eval metric key -> line format.
+    headline: ClassVar[dict[str, str]] = PAIRWISE_HEADLINE
+    #: metrics of its own to plot in `curves.png` besides `STANDARD_CURVES`, when it logs them.
+    curves: ClassVar[tuple[str, ...]] = ()
     #: non-empty (the reason) when the loss's state is updated with every forward batch by definition,
     #: so that k micro-batches of b differ from one batch of k·b (BCO's running reward mean δ). Every
     #: other loss gives the same step however the batch is split (tests/losses/test_invariance_steps.py).
@@ -274,3 +346,48 @@ def preference_metrics(
         metrics["logits/chosen"] = chosen.mean_logit.mean()
         metrics["logits/rejected"] = rejected.mean_logit.mean()
     return metrics
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered loss: its name (`loss=<name>`), config dataclass and `Loss` class."""
+
+    name: str
+    config: type
+    loss: type[Loss]
+
+
+#: name -> `Entry` of every registered loss (filled by `register` as `alignlab.losses` imports them).
+REGISTRY: dict[str, Entry] = {}
+
+
+def register(name: str, config: type):
+    """Class decorator: register `cls` under `name` with its config dataclass `config`.
+
+    The config dataclass must have a `name: str` field defaulting to `name`; it becomes the Hydra
+    option `loss=<name>`. It lives here, beside the contract, so that a loss file imports nothing of
+    alignlab but this module and `alignlab.chunked`.
+    """
+
+    def wrap(cls: type[Loss]) -> type[Loss]:
+        if name in REGISTRY:
+            raise ValueError(f"loss {name!r} is registered twice")
+        if getattr(config, "name", None) != name:
+            raise ValueError(f"{config.__name__}.name must default to {name!r}")
+        if not cls.paper:
+            raise ValueError(f"loss {name!r} declares no paper (Loss.paper)")
+        REGISTRY[name] = Entry(name, config, cls)
+        cls.registry_name = name
+        return cls
+
+    return wrap
+
+
+def log_ratios(batch: LossInputs, length_normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """ρ(y_w), ρ(y_l): policy minus reference log-probs of chosen and rejected, `(B,)` each (summed
+    over tokens; averaged over them with `length_normalize`)."""
+    pick = "mean_logps" if length_normalize else "logps"
+    ref = batch.reference
+    chosen = getattr(batch.policy["chosen"], pick) - getattr(ref["chosen"], pick)
+    rejected = getattr(batch.policy["rejected"], pick) - getattr(ref["rejected"], pick)
+    return chosen, rejected

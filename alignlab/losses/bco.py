@@ -14,7 +14,8 @@ batch sets it. δ lives in this module's buffers: it is saved in every checkpoin
   (1 for desirable), p = P(desirable | emb(x)) from a logistic regression (sklearn,
   class_weight="balanced", fitted to convergence) once before training on up to ``prompt_sample_size`` prompt
   embeddings of each class. emb(x) is, by default, the reference model's last hidden state
-  mean-pooled over the prompt tokens (``embedding=reference_mean``), or any callable named as
+  mean-pooled over the prompt tokens (``embedding=reference_mean``, supplied by the pipeline as
+  ``PrepareContext.embed_prompts``), or any callable named as
   ``module:function`` taking ``(list of prompt id lists, PrepareContext)`` and returning an `(N, H)`
   tensor. The fitted coefficients are buffers too. TRL enables UDM only when given an embedding
   function; the paper's full method uses it.
@@ -33,8 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics
+from alignlab.losses.base import (
+    PAIRWISE_HEADLINE, Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics, register,
+)
 
 UDM_WEIGHT = "udm_weight"
 
@@ -80,7 +82,10 @@ def _global_sum(*values: torch.Tensor) -> list[torch.Tensor]:
 class BCO(Loss):
     """Binary classifier optimisation with reward shift and optional UDM (module docstring)."""
 
-    summary = "binary classifier optimisation on thumbs-up/down feedback, reward shift δ, UDM (Jung et al. 2024)"
+    summary = "binary classifier optimisation on thumbs-up/down feedback, reward shift δ, UDM"
+    paper = "Jung et al. 2024, arXiv:2404.04656"
+    headline = {**PAIRWISE_HEADLINE, "eval_delta": "reward shift δ    {:.4f}"}
+    curves = ("delta",)
     per_batch_state = ("δ is the running mean of the rewards seen so far, updated with each forward batch before "
                        "its loss (TRL's BCOTrainer): with gradient accumulation each micro-batch sees its own δ")
 
@@ -90,13 +95,11 @@ class BCO(Loss):
         self.register_buffer("running_count", torch.full((), 1e-24, dtype=torch.float64))
         self.register_buffer("udm_coef", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("udm_intercept", torch.zeros((), dtype=torch.float64))
-
-    @property
-    def needs(self) -> Needs:
-        if self.cfg.paired:
-            return Needs(reference=True)
-        return Needs(reference=True, responses=("completion",), fields=("label",),
-                     prepared_fields=(UDM_WEIGHT,) if self.cfg.udm else ())
+        if cfg.paired:
+            self.needs = Needs(reference=True)
+        else:
+            self.needs = Needs(reference=True, responses=("completion",), fields=("label",),
+                               prepared_fields=(UDM_WEIGHT,) if cfg.udm else ())
 
     # -- the reward shift -------------------------------------------------------------------------
     def _update_delta(self, total: torch.Tensor, count: torch.Tensor) -> None:
@@ -187,23 +190,7 @@ class BCO(Loss):
         if self.cfg.embedding != "reference_mean":
             module, _, func = self.cfg.embedding.partition(":")
             return getattr(importlib.import_module(module), func)(prompts, ctx)
-        return reference_mean_embeddings(ctx.reference, prompts, ctx.tokenizer.pad_token_id, ctx.device)
-
-
-@torch.no_grad()
-def reference_mean_embeddings(model, prompts: list[list[int]], pad_id: int, device, batch_size: int = 32):
-    """Last hidden state of `model` mean-pooled over each prompt's tokens, `(N, H)`."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, : len(p)] = torch.tensor(p)
-            mask[i, : len(p)] = 1
-        hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                       use_cache=False).hidden_states[-1].float()
-        m = mask.to(device).unsqueeze(-1)
-        out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+        if ctx.embed_prompts is None:
+            raise ValueError("loss.embedding=reference_mean embeds prompts with the reference model, and this run "
+                             "has none; name an embedding function as loss.embedding=module:function")
+        return ctx.embed_prompts(prompts)

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, preference_metrics
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, log_ratios, preference_metrics, register
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -51,21 +50,14 @@ class DPOConfig:
             raise ValueError("loss.ipo_length_normalize applies to loss_type=ipo only")
 
 
-def log_ratios(batch: LossInputs, length_normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """ρ(y_w), ρ(y_l): policy minus reference log-probs of chosen and rejected, `(B,)` each."""
-    pick = "mean_logps" if length_normalize else "logps"
-    ref = batch.reference
-    chosen = getattr(batch.policy["chosen"], pick) - getattr(ref["chosen"], pick)
-    rejected = getattr(batch.policy["rejected"], pick) - getattr(ref["rejected"], pick)
-    return chosen, rejected
-
-
 @register("dpo", DPOConfig)
 class DPO(Loss):
     """Direct Preference Optimization and its sigmoid/cDPO, IPO and hinge forms (module docstring)."""
 
     needs = Needs(reference=True)
-    summary = "DPO (Rafailov et al. 2023) with cDPO label smoothing, IPO and hinge forms"
+    summary = "DPO with cDPO label smoothing, IPO and hinge forms"
+    paper = "Rafailov et al. 2023, arXiv:2305.18290"
+    options = {"loss_type": LOSS_TYPES}
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

@@ -26,9 +26,10 @@ Margin rewards (`MarginConfig.kind`), each scoring both (x, y_w) and (x, y_l):
   its folder, else the policy's) has the same vocabulary, else the text decoded and re-tokenized.
 
 The official code runs the margin scorers on every batch under no-grad. They never change, so here
-implicit and reward-model margins are computed once, before training (`MODPO.prepare`), and stored
-as per-example columns ``margin<k>_chosen`` / ``margin<k>_rejected``: the same values, one forward
-pass per example instead of one per epoch.
+implicit and reward-model margins are declared as `Needs.scores` and computed once by the pipeline
+before training (`alignlab.scorers`), as per-example fields ``margin<k>_chosen`` /
+``margin<k>_rejected`` (for ``implicit``, S_m(y) − S_ref(y), which the loss multiplies by β_k): the
+same values, one forward pass per example instead of one per epoch.
 
 Metrics, as the official `get_batch_metrics`: ``rewards/chosen|rejected`` = h(y_w), h(y_l),
 ``rewards/margins``, ``rewards/accuracies`` (official: ``accuracy``, train only), and
@@ -37,7 +38,6 @@ Metrics, as the official `get_batch_metrics`: ``rewards/chosen|rejected`` = h(y_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -45,19 +45,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics
-from alignlab.losses.dpo import log_ratios
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, Score, log_ratios, preference_metrics, register
 
 LOSS_TYPES = ("sigmoid", "hinge")
 MARGIN_KINDS = ("column", "length", "implicit", "reward_model")
-#: margins scored by a model once before training, stored as columns `margin<k>_<response>`.
-PRECOMPUTED = ("implicit", "reward_model")
+#: margins scored by a model once before training (`Needs.scores`), as fields `margin<k>_<response>`.
+PRECOMPUTED = {"implicit": "log_ratio", "reward_model": "reward_model"}
 PAIR = ("chosen", "rejected")
-#: pairs per forward pass when scoring margins in `prepare`.
-SCORING_BATCH = 16
-#: logits positions per chunk when scoring (no `(B, T, V)` fp32 logits; see alignlab.chunked).
-SCORING_CHUNK = 128
 
 
 @dataclass
@@ -133,16 +127,17 @@ def margin_field(k: int, margin: MarginConfig, response: str) -> str:
 class MODPO(Loss):
     """Multi-objective DPO with fixed margin rewards (module docstring)."""
 
-    summary = "multi-objective DPO: pairs of one objective, margin rewards of the others (Zhou et al. 2024)"
+    summary = "multi-objective DPO: pairs of one objective, margin rewards of the others"
+    paper = "Zhou et al. 2024, arXiv:2310.03708"
+    options = {"loss_type": LOSS_TYPES}
 
-    @property
-    def needs(self) -> Needs:
-        def fields(kinds: tuple[str, ...]) -> tuple[str, ...]:
-            margins = enumerate(self.cfg.margins, start=1)
-            return tuple(margin_field(k, margin, response) for k, margin in margins if margin.kind in kinds
-                         for response in PAIR)
-
-        return Needs(reference=True, fields=fields(("column",)), prepared_fields=fields(PRECOMPUTED))
+    def __init__(self, cfg: MODPOConfig) -> None:
+        super().__init__(cfg)
+        margins = list(enumerate(cfg.margins, start=1))
+        columns = tuple(margin_field(k, m, r) for k, m in margins if m.kind == "column" for r in PAIR)
+        scores = tuple(Score(f"margin{k}", PRECOMPUTED[m.kind], m.model, option=f"loss.margins[{k - 1}].model")
+                       for k, m in margins if m.kind in PRECOMPUTED)
+        self.needs = Needs(reference=True, fields=columns, scores=scores)
 
     def margin_rewards(self, batch: LossInputs, response: str) -> torch.Tensor:
         """Σ_k w_k·r_k(x, y) of `response`, `(B,)`."""
@@ -154,6 +149,8 @@ class MODPO(Loss):
                 reward = -batch.policy[response].lengths.to(logps.dtype)
             else:
                 reward = batch.fields[margin_field(k, margin, response)].to(logps.dtype)
+                if margin.kind == "implicit":  # the field is S_m(y) − S_ref(y)
+                    reward = margin.beta * reward
             total = total + weight * reward
         return total
 
@@ -169,100 +166,3 @@ class MODPO(Loss):
         metrics = preference_metrics(batch, chosen, rejected)
         metrics["logps/margins"] = metrics["logps/chosen"] - metrics["logps/rejected"]
         return LossOutput(losses, metrics)
-
-    # -- margins scored once, before training ---------------------------------------------------------
-    def prepare(self, ctx: PrepareContext) -> None:
-        """Score every implicit / reward-model margin on the train and eval pairs; add them as columns."""
-        from alignlab.models import ModelError
-
-        for k, margin in enumerate(self.cfg.margins, start=1):
-            if margin.kind not in PRECOMPUTED:
-                continue
-            try:
-                scorer = implicit_scorer if margin.kind == "implicit" else reward_model_scorer
-                score = scorer(margin, ctx)
-            except ModelError as err:
-                raise ModelError(f"loss.margins[{k - 1}].model: {err}") from None
-            for split in ("train", "eval"):
-                dataset = getattr(ctx, split)
-                if dataset is None:
-                    continue
-                scores = {response: [] for response in PAIR}
-                for rows in _batches(dataset):
-                    for response, values in score(rows).items():
-                        scores[response] += values
-                for response in PAIR:
-                    dataset = dataset.add_column(margin_field(k, margin, response), scores[response])
-                setattr(ctx, split, dataset)
-            print(f"modpo: margin {k} ({margin.kind} {margin.model}) scored on the train and eval pairs")
-
-
-def _batches(dataset) -> Iterator[list[dict]]:
-    """The pairs of a tokenized dataset, `SCORING_BATCH` rows at a time."""
-    columns = dataset.select_columns(["prompt_ids", *(f"{r}_ids" for r in PAIR)])
-    for chunk in columns.iter(batch_size=SCORING_BATCH):
-        yield [dict(zip(chunk, values)) for values in zip(*chunk.values())]
-
-
-def implicit_scorer(margin: MarginConfig, ctx: PrepareContext):
-    """A function of a batch of rows giving r = β_k·(S_model(y) − S_ref(y)) for chosen and rejected."""
-    from alignlab.data import PreferenceCollator
-    from alignlab.forward import concatenated_forward
-    from alignlab.models import load_frozen
-
-    model = load_frozen(margin.model, ctx.model, ctx.tokenizer, ctx.seed).to(ctx.device)
-    collate = PreferenceCollator(ctx.tokenizer.pad_token_id, responses=PAIR)
-
-    @torch.no_grad()
-    def score(rows: list[dict]) -> dict[str, list[float]]:
-        batch = {key: value.to(ctx.device) for key, value in collate(rows).items()}
-        ours = concatenated_forward(model, batch, PAIR, chunk_size=SCORING_CHUNK)
-        ref = concatenated_forward(ctx.reference, batch, PAIR, chunk_size=SCORING_CHUNK)
-        return {r: (margin.beta * (ours[r].logps - ref[r].logps)).tolist() for r in PAIR}
-
-    return score
-
-
-def reward_model_scorer(margin: MarginConfig, ctx: PrepareContext):
-    """A function of a batch of rows giving the reward model's score of prompt + response."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from alignlab.models import DTYPES, ModelError, freeze
-
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            margin.model, num_labels=1, dtype=DTYPES[ctx.model.dtype], trust_remote_code=ctx.model.trust_remote_code,
-            use_safetensors=True)
-    except OSError as err:
-        raise ModelError(f"cannot load the sequence-classification reward model {margin.model!r}: "
-                         f"{err}") from None
-    model = freeze(model).to(ctx.device)
-    try:  # the reward model's own tokenizer; the policy's when its folder has none
-        tokenizer = AutoTokenizer.from_pretrained(margin.model)
-    except (OSError, ValueError):
-        tokenizer = ctx.tokenizer
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    same_tokens = tokenizer.get_vocab() == ctx.tokenizer.get_vocab()
-    eos = ctx.tokenizer.eos_token_id
-
-    @torch.no_grad()
-    def score(rows: list[dict]) -> dict[str, list[float]]:
-        out = {}
-        for r in PAIR:
-            ids = [row["prompt_ids"] + _without_eos(row[f"{r}_ids"], eos) for row in rows]
-            if same_tokens:  # the policy's own ids: nothing lost to decoding
-                encoded = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-            else:
-                encoded = tokenizer([ctx.tokenizer.decode(x) for x in ids], return_tensors="pt", padding=True)
-            out[r] = model(**encoded.to(ctx.device)).logits[:, 0].float().tolist()
-        return out
-
-    return score
-
-
-def _without_eos(ids: list[int], eos: int) -> list[int]:
-    """A response's ids without the EOS the pipeline appended (the reward model's tokenizer adds its own)."""
-    return ids[:-1] if ids and ids[-1] == eos else ids

@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.chunked import token_kl
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll, register
 
 VARIANTS = ("npo", "npo_rt", "npo_kl")
 
@@ -69,14 +68,20 @@ def retain_kl(batch: LossInputs) -> torch.Tensor:
 class NPO(Loss):
     """Negative preference optimisation for unlearning, with retain terms (module docstring)."""
 
-    summary = "negative preference optimisation for unlearning; NPO+RT, NPO+KL (Zhang et al. 2024)"
+    summary = "negative preference optimisation for unlearning; NPO+RT, NPO+KL"
+    paper = "Zhang, Lin, Bai & Mei 2024, arXiv:2404.05868"
+    options = {"variant": VARIANTS}
+    headline = {"eval_forget/logps": "forget log-lik.   {:.3f}", "eval_retain/nll": "retain NLL        {:.3f}"}
+    curves = ("forget/logps", "retain/nll")
 
-    @property
-    def needs(self) -> Needs:
-        if self.cfg.variant == "npo":
-            return Needs(reference=True, responses=("completion",))
-        kl = self.cfg.variant == "npo_kl"  # the retain KL reads every non-padding position
-        return Needs(reference=True, responses=("completion", "retain"), full_logits=kl, logits_on_prompt=kl)
+    def __init__(self, cfg: NPOConfig) -> None:
+        super().__init__(cfg)
+        if cfg.variant == "npo":
+            self.needs = Needs(reference=True, responses=("completion",))
+        else:
+            kl = cfg.variant == "npo_kl"  # the retain KL reads every non-padding position
+            self.needs = Needs(reference=True, responses=("completion", "retain"), full_logits=kl,
+                               logits_on_prompt=kl)
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

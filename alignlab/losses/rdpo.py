@@ -17,9 +17,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, preference_metrics
-from alignlab.losses.dpo import log_ratios
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, log_ratios, preference_metrics, register
 
 
 @dataclass
@@ -42,7 +40,8 @@ class RDPO(Loss):
     """Robust DPO for a known label-flip rate ε (module docstring)."""
 
     needs = Needs(reference=True)
-    summary = "robust DPO, de-biased for a known label flip rate (Chowdhury et al. 2024)"
+    summary = "robust DPO, de-biased for a known label flip rate"
+    paper = "Chowdhury, Kini & Natarajan 2024, arXiv:2403.00409"
 
     def forward(self, batch: LossInputs) -> LossOutput:
         beta, eps = self.cfg.beta, self.cfg.epsilon

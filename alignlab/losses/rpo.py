@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, preference_metrics
-from alignlab.losses.dpo import log_ratios
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, log_ratios, preference_metrics, register
 
 SFT_REDUCTIONS = ("sum", "mean")
 
@@ -52,7 +50,9 @@ class RPO(Loss):
     """DPO regularised by the SFT loss of the chosen response (module docstring)."""
 
     needs = Needs(reference=True)
-    summary = "DPO + SFT regulariser on the chosen response (Liu et al. 2024)"
+    summary = "DPO + SFT regulariser on the chosen response"
+    paper = "Liu et al. 2024, arXiv:2405.16436"
+    options = {"sft_reduction": SFT_REDUCTIONS}
 
     def forward(self, batch: LossInputs) -> LossOutput:
         beta, eta = self.cfg.beta, self.cfg.eta

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll
+from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll, register
 
 
 @dataclass
@@ -28,7 +27,8 @@ class SFT(Loss):
     """Token-mean NLL of the chosen responses (module docstring)."""
 
     needs = Needs(reference=False, responses=("chosen",))
-    summary = "supervised fine-tuning: NLL of the chosen responses, the SFT stage before DPO (Rafailov et al. 2023)"
+    summary = "supervised fine-tuning: NLL of the chosen responses, the SFT stage before DPO"
+    paper = "supervised fine-tuning on the preferred responses, the π_SFT that DPO starts from: Rafailov et al. 2023, arXiv:2305.18290"
 
     def forward(self, batch: LossInputs) -> LossOutput:
         chosen = batch.policy["chosen"]

@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignlab.chunked import token_kl
-from alignlab.losses import register
-from alignlab.losses.base import Activations, Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics
+from alignlab.losses.base import (
+    Activations, Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics, register,
+)
 
 #: MaPO hook type -> regex on the reference model's module names (Llama family; GPT-2 style names too).
 #: "residual" is each decoder layer's output, "final_norm" the model's last norm.
@@ -135,21 +136,20 @@ def _rescale(values: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
 class SparsePO(Loss):
     """Preference optimisation with sparse token-level reward and KL masks (module docstring)."""
 
-    summary = "token masks on the reward and the KL: activation (MaPO) or learned sparse masks (Christopoulou et al. 2024)"
+    summary = "token masks on the reward and the KL: activation (MaPO) or learned sparse masks"
+    paper = "Christopoulou et al. 2024, arXiv:2410.05102"
+    options = {"mask": MASKS}
 
     def __init__(self, cfg: SparsePOConfig) -> None:
         super().__init__(cfg)
         self.heads = nn.ModuleDict()
         #: one mask serves both the reward and the KL: the official code then halves λ_u and λ_d
         self.common = cfg.mask == "activation" or not cfg.independent_masks
-
-    @property
-    def needs(self) -> Needs:
-        if self.cfg.mask == "activation":
+        if cfg.mask == "activation":
             activations = Activations(modules=tuple(ACTIVATION_HOOKS.items()))
         else:
             activations = Activations(hidden_states=True)
-        return Needs(reference=True, full_logits=True, activations=activations)
+        self.needs = Needs(reference=True, full_logits=True, activations=activations)
 
     def prepare(self, ctx: PrepareContext) -> None:
         """Learned masks: build the heads (trained with the policy) for the model's hidden size and depth."""

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.chunked import token_kl
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, SequenceLogps, preference_metrics
+from alignlab.losses.base import (
+    Loss, LossInputs, LossOutput, Needs, SequenceLogps, preference_metrics, register,
+)
 
 
 VARIANTS = ("tdpo1", "tdpo2")
@@ -58,7 +59,10 @@ class TDPO(Loss):
     """Token-level DPO with the sequential forward KL (module docstring)."""
 
     needs = Needs(reference=True, full_logits=True)
-    summary = "token-level DPO: sequential forward KL on the full vocabulary, TDPO1/TDPO2 (Zeng et al. 2024)"
+    summary = "token-level DPO: sequential forward KL on the full vocabulary, TDPO1/TDPO2"
+    paper = "Zeng et al. 2024, arXiv:2404.11999"
+    options = {"variant": VARIANTS}
+    curves = ("kl/chosen",)
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

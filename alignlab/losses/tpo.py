@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignlab.losses import register
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll, preference_metrics
+from alignlab.losses.base import (
+    Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll, preference_metrics, register,
+)
 
 LOSS_TYPES = ("sigmoid", "tpo_l", "hinge", "ipo")
 NLL_REDUCTIONS = ("batch_token_mean", "sequence_mean")
@@ -67,12 +68,14 @@ class TPOConfig:
 class TPO(Loss):
     """Triple preference optimisation, reference-free (module docstring)."""
 
-    summary = "triple preference optimisation: pairs + gold NLL, no reference; TPO-L/SimPO form (Saeidi et al. 2024)"
+    summary = "triple preference optimisation: pairs + gold NLL, no reference; TPO-L/SimPO form"
+    paper = "Saeidi et al. 2024, arXiv:2405.16681"
+    options = {"loss_type": LOSS_TYPES, "nll_reduction": NLL_REDUCTIONS}
 
-    @property
-    def needs(self) -> Needs:
-        responses = ("gold", "chosen", "rejected") if self.cfg.alpha > 0 else ("chosen", "rejected")
-        return Needs(reference=False, responses=responses)
+    def __init__(self, cfg: TPOConfig) -> None:
+        super().__init__(cfg)
+        responses = ("gold", "chosen", "rejected") if cfg.alpha > 0 else ("chosen", "rejected")
+        self.needs = Needs(reference=False, responses=responses)
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

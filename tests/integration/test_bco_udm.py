@@ -10,6 +10,7 @@ from alignlab import builtin
 from alignlab.losses import build
 from alignlab.losses.base import PrepareContext
 from alignlab.losses.bco import BCOConfig
+from alignlab.scorers import prompt_embedder
 
 
 def test_udm_weights_are_the_converged_fit_on_hand_pooled_embeddings():
@@ -20,7 +21,8 @@ def test_udm_weights_are_the_converged_fit_on_hand_pooled_embeddings():
     bad = ["review : the book was", "in short , the novel is", "my take : this song felt", "review : the play was"]
     rows = [(p, True) for p in good] + [(p, False) for p in bad]
     data = Dataset.from_list([{"prompt_ids": tok(p)["input_ids"], "label": y} for p, y in rows])
-    ctx = PrepareContext(reference=model, tokenizer=tok, train=data, eval=None, device=torch.device("cpu"), seed=0)
+    ctx = PrepareContext(reference=model, tokenizer=tok, train=data, eval=None, device=torch.device("cpu"), seed=0,
+                         embed_prompts=prompt_embedder(model, tok.pad_token_id, torch.device("cpu")))
     loss = build(BCOConfig(udm=True, prompt_sample_size=1024))
     loss.prepare(ctx)
 

@@ -57,8 +57,14 @@ class Case:
                            fields=fields)
         from datasets import Dataset
 
-        ctx = PrepareContext(reference=self.reference, tokenizer=builtin.build_tokenizer(), train=Dataset.from_list(rows),
-                             eval=None, device=torch.device("cpu"), seed=0, architecture=self.policy.config)
+        from alignlab.scorers import prompt_embedder
+
+        tokenizer = builtin.build_tokenizer()
+        embed = None if self.reference is None else prompt_embedder(self.reference, tokenizer.pad_token_id,
+                                                                     torch.device("cpu"))
+        ctx = PrepareContext(reference=self.reference, tokenizer=tokenizer, train=Dataset.from_list(rows),
+                             eval=None, device=torch.device("cpu"), seed=0, architecture=self.policy.config,
+                             embed_prompts=embed)
         torch.manual_seed(0)  # parameters a loss builds (SparsePO's heads) do not depend on the test order
         self.loss.prepare(ctx)  # e.g. BCO's UDM classifier and weights column, SparsePO's mask heads
         self.loss.double()
@@ -68,7 +74,7 @@ class Case:
     def batch(self, rows=None, pad: int = 0, precomputed=None) -> dict[str, torch.Tensor]:
         needs = self.needs
         seqs = tuple(column(r) for r in needs.responses) if precomputed is not None else ()
-        collator = PreferenceCollator(0, responses=needs.responses, fields=(*needs.fields, *needs.prepared_fields),
+        collator = PreferenceCollator(0, responses=needs.responses, fields=needs.batch_fields,
                                       sequences=seqs)
         batch = collator(rows if rows is not None else (precomputed.to_list() if precomputed is not None else self.rows))
         return pad_columns(batch, pad) if pad else batch

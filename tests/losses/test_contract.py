@@ -44,7 +44,7 @@ def _random_inputs(needs: Needs, leaves: list, batch: int = 3, width: int = 5, v
         return out
 
     fields = {f: torch.randn(batch, generator=gen, dtype=torch.float64)
-              for f in (*needs.fields, *needs.prepared_fields)}
+              for f in needs.batch_fields}
     teachers = {name: seqs(False) for name, _ in needs.teachers}
     return LossInputs(policy=seqs(True), reference=seqs(False) if needs.reference else None, fields=fields,
                       teachers=teachers)
@@ -76,3 +76,41 @@ def test_docstring_cites_paper(name):
 def test_unknown_loss_suggests_nearest():
     with pytest.raises(KeyError, match="Did you mean 'dpo'"):
         get("dpoo")
+
+
+LOSSES_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "alignlab" / "losses"
+#: what a loss file may import of alignlab: the contract and the chunked-logits helpers.
+LOSS_MAY_IMPORT = ("alignlab.losses.base", "alignlab.chunked")
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_a_loss_imports_only_the_contract(name):
+    """A loss never reaches up: no model loading, data or forward code, only base.py and chunked.py.
+    What it needs from models (a reference, teachers, scores, activations) it declares in `Needs`."""
+    import ast
+
+    path = LOSSES_DIR / f"{REGISTRY[name].loss.__module__.rsplit('.', 1)[-1]}.py"
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    ours = {m for m in imported if m == "alignlab" or m.startswith("alignlab.")}
+    assert ours <= set(LOSS_MAY_IMPORT), f"{path.name} imports {sorted(ours - set(LOSS_MAY_IMPORT))}"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_declared_fields(name):
+    """`paper`, `options`, `headline` are declared, and `needs` is a value, never a property."""
+    import dataclasses
+
+    entry = REGISTRY[name]
+    assert re.search(r"\b(19|20)\d\d\b", entry.loss.paper), f"{name}: Loss.paper names no year"
+    defaults = entry.config()
+    for option, values in entry.loss.options.items():
+        assert option in {f.name for f in dataclasses.fields(defaults)}, f"{name}: options names no field {option!r}"
+        assert getattr(defaults, option) in values, f"{name}: the default {option} is not among its options"
+    assert all(key.startswith("eval_") for key in entry.loss.headline), name
+    assert not isinstance(vars(entry.loss).get("needs"), property), f"{name}: set self.needs in __init__"
+    assert isinstance(build(defaults).needs, Needs)

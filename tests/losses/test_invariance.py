@@ -98,7 +98,7 @@ def test_every_forward_switch_gives_the_dense_losses_and_gradients(key, models, 
         precomputed = None
         if mode == "precomputed":
             collator = PreferenceCollator(0, responses=case.needs.responses,
-                                          fields=(*case.needs.fields, *case.needs.prepared_fields))
+                                          fields=case.needs.batch_fields)
             precomputed = precompute(case.reference, case.dataset, collator, forward, case.needs.responses,
                                      identity=key, batch_size=len(case.rows), device="cpu", cache_dir=tmp_path)
         got_losses, got_grads = case.evaluate(case.batch(precomputed=precomputed), forward,

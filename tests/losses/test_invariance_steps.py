@@ -51,7 +51,7 @@ def one_step(case: Case, per_device: int, accumulation: int, output_dir: str) ->
     trainer = AlignTrainer(model=policy, args=args, train_dataset=case.dataset, loss_fn=loss,
                            reference=case.reference, teachers=case.teachers, logit_chunk_size=0,
                            data_collator=PreferenceCollator(0, responses=needs.responses,
-                                                            fields=(*needs.fields, *needs.prepared_fields)))
+                                                            fields=needs.batch_fields))
     trainer.train()
     state = {f"policy.{k}": v.detach().clone() for k, v in policy.state_dict().items()}
     state.update({f"loss.{k}": v.detach().clone() for k, v in loss.state_dict().items()})

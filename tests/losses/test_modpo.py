@@ -22,7 +22,7 @@ import torch
 
 from alignlab.config import ModelConfig
 from alignlab.losses import build
-from alignlab.losses.base import Needs, PrepareContext
+from alignlab.losses.base import Needs, PrepareContext, Score
 from alignlab.losses.modpo import MarginConfig, MODPOConfig
 
 PC, PR, RC, RR = [[-2.0, -3.0]], [[-2.0, -2.0, -2.0, -2.0]], [[-3.0, -3.0]], [[-1.0, -2.0, -2.0, -2.0]]
@@ -72,7 +72,7 @@ def test_two_margins_worked_example(make_pair):
 
 @pytest.mark.parametrize("kind", ["implicit", "reward_model"])
 def test_precomputed_margins_are_read_from_their_columns(make_pair, kind):
-    margin = {"kind": kind, "model": "unused-here"}
+    margin = {"kind": kind, "model": "unused-here", "beta": 1.0}  # implicit: r = β_k·field, here β_k = 1
     out = modpo(beta=0.5, weights=[0.5, 0.5], margins=[margin])(
         inputs(make_pair, margin1_chosen=2.0, margin1_rejected=-1.0))
     assert out.losses.item() == pytest.approx(LOG_1_PLUS_E, rel=1e-12)  # the column example's values
@@ -123,9 +123,21 @@ def test_needs_follow_the_margins():
         COLUMN, {"kind": "length"}, {"kind": "implicit", "model": "m"},
         {"kind": "reward_model", "model": "rm"}])
     assert loss.needs == Needs(reference=True, fields=("score_chosen", "score_rejected"),
-                               prepared_fields=("margin3_chosen", "margin3_rejected", "margin4_chosen",
-                                                "margin4_rejected"))
+                               scores=(Score("margin3", "log_ratio", "m", "loss.margins[2].model"),
+                                       Score("margin4", "reward_model", "rm", "loss.margins[3].model")))
+    assert loss.needs.batch_fields == ("score_chosen", "score_rejected", "margin3_chosen", "margin3_rejected",
+                                       "margin4_chosen", "margin4_rejected")
     assert modpo().needs == Needs(reference=True)
+
+
+def test_implicit_margin_is_beta_k_times_the_scored_log_ratio(make_pair):
+    """The pipeline serves S_m(y) − S_ref(y) (a Score of kind log_ratio); r₁ = β₁·(S_m − S_ref)."""
+    margin = {"kind": "implicit", "model": "m", "beta": 0.3}
+    out = modpo(beta=0.5, weights=[0.5, 0.5], margins=[margin])(
+        inputs(make_pair, margin1_chosen=2.0, margin1_rejected=-1.0))
+    # ρ(y_w) = −5 − (−6) = 1, ρ(y_l) = −8 − (−7) = −1; h(y) = (β·ρ(y) − w₁·β₁·field(y)) / w₀
+    h_w, h_l = (0.5 * 1 - 0.5 * 0.3 * 2.0) / 0.5, (0.5 * -1 - 0.5 * 0.3 * -1.0) / 0.5
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(-(h_w - h_l))), rel=1e-12)
 
 
 # --- validation -------------------------------------------------------------------------------------
@@ -162,16 +174,18 @@ def test_composes_from_the_command_line(compose_run):
         to_typed(compose_run("loss=modpo", "loss.weights=[1,0.1]", "loss.margins=[{kind: implicit}]"))
 
 
-# --- margins scored once before training (prepare) --------------------------------------------------
+# --- margins scored once before training by the pipeline (alignlab.scorers) ------------------------
 
 
 @pytest.fixture
 def prepared(tmp_path):
-    """`prepared(margin)`: a PrepareContext over four builtin pairs (3 train, 1 eval), after MODPO.prepare."""
+    """`prepared(margin)`: a PrepareContext over four builtin pairs (3 train, 1 eval), after the pipeline
+    scored MODPO's declared margins (`alignlab.scorers.add_scores`) and MODPO.prepare ran."""
     from alignlab.builtin import build_model, build_tokenizer
     from alignlab.config import DataConfig
     from alignlab.data import build_datasets
     from alignlab.models import freeze
+    from alignlab.scorers import add_scores
 
     tokenizer = build_tokenizer()
     cfg = DataConfig(path="builtin:sentiment", limit=3, eval_size=1, cache_dir=str(tmp_path / "cache"))
@@ -181,7 +195,9 @@ def prepared(tmp_path):
     def run(margin: dict):
         ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
                              device=torch.device("cpu"), seed=0, model=ModelConfig(name_or_path="builtin:tiny"))
-        build(MODPOConfig(weights=[0.5, 0.5], margins=[margin])).prepare(ctx)
+        loss = build(MODPOConfig(weights=[0.5, 0.5], margins=[margin]))
+        add_scores(loss.needs, ctx)
+        loss.prepare(ctx)
         return ctx
 
     return run
@@ -197,7 +213,7 @@ def _sequence_logp(model, prompt: list[int], response: list[int]) -> float:
     return picked[len(prompt) - 1:].sum().item()
 
 
-def test_implicit_margin_is_beta_times_log_ratio(prepared, tmp_path):
+def test_implicit_margin_scores_the_log_ratio(prepared, tmp_path):
     from alignlab.builtin import build_model
 
     margin_model = build_model(81, seed=1)  # the builtin vocabulary has 81 tokens
@@ -207,8 +223,8 @@ def test_implicit_margin_is_beta_times_log_ratio(prepared, tmp_path):
     for split in (ctx.train, ctx.eval):
         for row in split:
             for r in ("chosen", "rejected"):
-                expected = 0.3 * (_sequence_logp(margin_model, row["prompt_ids"], row[f"{r}_ids"])
-                                  - _sequence_logp(ctx.reference, row["prompt_ids"], row[f"{r}_ids"]))
+                expected = (_sequence_logp(margin_model, row["prompt_ids"], row[f"{r}_ids"])
+                            - _sequence_logp(ctx.reference, row["prompt_ids"], row[f"{r}_ids"]))
                 assert row[f"margin1_{r}"] == pytest.approx(expected, abs=1e-5)
                 assert abs(expected) > 1e-3  # a different model: a real margin
 
