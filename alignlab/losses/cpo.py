@@ -6,7 +6,7 @@ eq. 3 (as the first author's code, fe1ixxu/ALMA `utils/cpo_trainer.py`, cites it
 Reference-free, on pairs; DPO with a uniform reference (π_ref dropped) plus the chosen NLL. With S(y) the
 summed and A(y) = S(y)/|y| the averaged policy log-prob, and u = S(y_w) − S(y_l):
 
-* ``sigmoid`` (eq. 3):  −(1−ε)·log σ(β·u) − ε·log σ(−β·u) + λ·NLL(y_w)   (ε = ``label_smoothing``, 0 in the paper)
+* ``sigmoid`` (eq. 3):  −(1−ε)·log σ(β·u) − ε·log σ(−β·u) + λ·NLL(y_w)   (ε = ``label_smoothing``, paper: 0)
 * ``hinge``:            max(0, 1 − β·u) + λ·NLL(y_w)
 * ``ipo``:              (A(y_w) − A(y_l) − 1/(2β))² + λ·NLL(y_w)   (IPO's form; averaged log-probs, as TRL)
 
@@ -24,15 +24,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from alignlab.losses.base import (Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll,
-                                  preference_metrics)
-from alignlab.losses.simpo import margin_loss, shaped_reward
-
-try:  # the loss contract moves `register` into base (lead's "Loss contract:" commit)
-    from alignlab.losses.base import register
-except ImportError:  # pragma: no cover - until that commit is merged
-    from alignlab.losses import register
+                                  preference_metrics, register)
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 NLL_REDUCTIONS = ("batch_token_mean", "sequence_mean")
@@ -70,8 +65,14 @@ class CPOConfig:
             raise ValueError(f"loss.nll_weight must be >= 0, got {self.nll_weight}")
 
 
+def shaped_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward shape (1 − e^{−α·s})/α of a log-prob s; s itself at α = 0 (as `simpo.shaped_reward`:
+    a loss imports only the contract)."""
+    return logps if alpha == 0 else -torch.expm1(-alpha * logps) / alpha
+
+
 def chosen_nll(batch: LossInputs, reduction: str) -> torch.Tensor:
-    """Per-example shares `(B,)` of the chosen responses' NLL: one token mean over the step, or per sequence."""
+    """Per-example shares `(B,)` of the chosen NLL: one token mean over the step, or per sequence."""
     if reduction == "batch_token_mean":
         return batch_token_mean_nll(batch, "chosen")
     return -batch.policy["chosen"].mean_logps
@@ -82,9 +83,10 @@ class CPO(Loss):
     """Contrastive preference optimisation, reference-free, with the chosen NLL (module docstring)."""
 
     needs = Needs(reference=False)
-    summary = "CPO: reference-free DPO (uniform reference) + chosen NLL (Xu et al. 2024); AlphaPO's α"
+    summary = "CPO: reference-free DPO (uniform reference) + chosen NLL; AlphaPO's reward shape α"
     paper: ClassVar[str] = "Xu et al. 2024, arXiv:2401.08417"
     options: ClassVar[dict[str, tuple[str, ...]]] = {"loss_type": LOSS_TYPES, "nll_reduction": NLL_REDUCTIONS}
+    curves: ClassVar[tuple[str, ...]] = ("nll_loss",)
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg
@@ -96,7 +98,9 @@ class CPO(Loss):
         if cfg.loss_type == "ipo":
             pref = (u - 1 / (2 * cfg.beta)) ** 2
         else:
-            pref = margin_loss(cfg.beta * u, cfg.loss_type, cfg.label_smoothing)
+            z, eps = cfg.beta * u, cfg.label_smoothing
+            hinge = cfg.loss_type == "hinge"
+            pref = torch.relu(1 - z) if hinge else (1 - eps) * F.softplus(-z) + eps * F.softplus(z)
         metrics = preference_metrics(batch, cfg.beta * chosen_score, cfg.beta * rejected_score)
         if cfg.nll_weight == 0:
             return LossOutput(pref, metrics)

@@ -25,13 +25,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, preference_metrics
-from alignlab.losses.cpo import NLL_REDUCTIONS, chosen_nll
+from alignlab.losses.base import (Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll,
+                                  preference_metrics, register)
 
-try:  # the loss contract moves `register` into base (lead's "Loss contract:" commit)
-    from alignlab.losses.base import register
-except ImportError:  # pragma: no cover - until that commit is merged
-    from alignlab.losses import register
+NLL_REDUCTIONS = ("batch_token_mean", "sequence_mean")
 
 
 @dataclass
@@ -61,16 +58,20 @@ class ORPO(Loss):
     """Odds-ratio preference optimisation: SFT + λ·odds-ratio term, reference-free (module docstring)."""
 
     needs = Needs(reference=False)
-    summary = "ORPO: chosen NLL + λ·odds-ratio term, no reference, no SFT stage (Hong et al. 2024)"
+    summary = "ORPO: chosen NLL + λ·odds-ratio term, no reference, no SFT stage"
     paper: ClassVar[str] = "Hong et al. 2024, arXiv:2403.07691"
     options: ClassVar[dict[str, tuple[str, ...]]] = {"nll_reduction": NLL_REDUCTIONS}
+    curves: ClassVar[tuple[str, ...]] = ("log_odds_ratio", "nll_loss")
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg
         chosen, rejected = batch.policy["chosen"].mean_logps, batch.policy["rejected"].mean_logps
         log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
         ratio = F.logsigmoid(log_odds)
-        nll = chosen_nll(batch, cfg.nll_reduction)
+        if cfg.nll_reduction == "batch_token_mean":
+            nll = batch_token_mean_nll(batch, "chosen")
+        else:
+            nll = -batch.policy["chosen"].mean_logps
         metrics = preference_metrics(batch, cfg.lam * chosen, cfg.lam * rejected)
         metrics["log_odds_ratio"] = ratio.detach().mean()
         metrics["log_odds_chosen"] = log_odds.detach().mean()

@@ -27,12 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.losses.base import (Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll,
-                                  preference_metrics)
-
-try:  # the loss contract moves `register` into base (lead's "Loss contract:" commit)
-    from alignlab.losses.base import register
-except ImportError:  # pragma: no cover - until that commit is merged
-    from alignlab.losses import register
+                                  preference_metrics, register)
 
 LOSS_TYPES = ("sigmoid", "hinge")
 
@@ -47,7 +42,7 @@ def shaped_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
 @dataclass
 class SimPOConfig:
     name: str = "simpo"
-    #: β, the reward scale: official default 2.0 (README: 2.0–2.5, up to 10); SimPO needs a much larger β than DPO.
+    #: β, the reward scale: official default 2.0 (README: 2.0–2.5, up to 10); much larger than DPO's.
     beta: float = 2.0
     #: γ, the target reward margin (eq. 5); official gamma_beta_ratio 0.25 × β 2.0 = 0.5, TRL simpo_gamma 0.5.
     gamma: float = 0.5
@@ -86,9 +81,10 @@ class SimPO(Loss):
     """Simple preference optimisation (and AlphaPO's reward shape), reference-free (module docstring)."""
 
     needs = Needs(reference=False)
-    summary = "SimPO: length-normalised reward, margin γ, no reference (Meng et al. 2024); AlphaPO's α"
+    summary = "SimPO: length-normalised reward, margin γ, no reference; AlphaPO's reward shape α"
     paper: ClassVar[str] = "Meng et al. 2024, arXiv:2405.14734"
     options: ClassVar[dict[str, tuple[str, ...]]] = {"loss_type": LOSS_TYPES}
+    curves: ClassVar[tuple[str, ...]] = ("nll_loss",)
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

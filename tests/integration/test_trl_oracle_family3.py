@@ -36,9 +36,10 @@ def setup():
     tok = builtin.build_tokenizer()
     reference = builtin.build_model(len(tok), seed=0).double().eval()
     policy = copy.deepcopy(reference)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a model away from its initialisation, so that no term is at a symmetric point
         for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     rows = builtin.sentiment_pairs(8, seed=3)
     return tok, policy.eval(), rows
 
@@ -47,12 +48,12 @@ def _data(rows):
     from datasets import Dataset
 
     # TRL joins prompt and completion as strings: give the completions their separating space.
-    return Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
-                              for r in rows])
+    return Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"],
+                               "rejected": " " + r["rejected"]} for r in rows])
 
 
 def _examples_from_trl_batch(batch) -> list[dict]:
-    """alignlab's rows from the tokens of TRL's batch: prompt = attended, unlabelled tokens; response = labelled."""
+    """alignlab's rows from TRL's batch: prompt = attended, unlabelled tokens; response = labelled ones."""
     examples = []
     for i in range(batch["chosen_input_ids"].shape[0]):
         ex = {}
@@ -67,7 +68,7 @@ def _examples_from_trl_batch(batch) -> list[dict]:
 
 
 def _ours(policy, examples, pad_id, loss_cfg):
-    """alignlab's batch loss (the mean of the per-example losses, as `trainer.reduce_loss`) and its gradients."""
+    """alignlab's batch loss (the per-example losses' mean, as `trainer.reduce_loss`) and its gradients."""
     model = copy.deepcopy(policy)
     batch = PreferenceCollator(pad_id)(examples)
     inputs = LossInputs(policy=concatenated_forward(model, batch, ("chosen", "rejected")))
@@ -98,8 +99,8 @@ def _cpo_trainer(setup, tmp_path, **kwargs):
     from trl.experimental.cpo import CPOTrainer
 
     tok, policy, rows = setup
-    args = TRLCPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", use_cpu=True,
-                        max_length=512, **kwargs)
+    args = TRLCPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none",
+                        use_cpu=True, max_length=512, **kwargs)
     return CPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=_data(rows), processing_class=tok)
 
 
@@ -108,7 +109,8 @@ SIMPO_CASES = [
     ("simpo-smoothed", dict(beta=2.5, simpo_gamma=1.0, label_smoothing=0.2),
      SimPOConfig(beta=2.5, gamma=1.0, label_smoothing=0.2)),
     ("alphapo", dict(beta=2.0, simpo_gamma=0.5, alpha=0.25), SimPOConfig(beta=2.0, gamma=0.5, alpha=0.25)),
-    ("simpo-sft", dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.3), SimPOConfig(beta=2.0, gamma=0.5, sft_weight=0.3)),
+    ("simpo-sft", dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.3),
+     SimPOConfig(beta=2.0, gamma=0.5, sft_weight=0.3)),
 ]
 
 
@@ -145,7 +147,8 @@ def test_orpo_odds_ratio_term_same_as_trl(setup, tmp_path):
     lam = 0.25
     args = TRLORPOConfig(output_dir=str(tmp_path), beta=lam, per_device_train_batch_size=8, report_to="none",
                          use_cpu=True, max_length=512)
-    trainer = ORPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=_data(rows), processing_class=tok)
+    trainer = ORPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=_data(rows),
+                          processing_class=tok)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer.model.eval()
     chosen_logps, rejected_logps = trainer.concatenated_forward(trainer.model, batch)[:2]
@@ -162,4 +165,5 @@ def test_orpo_odds_ratio_term_same_as_trl(setup, tmp_path):
     # TRL's odds_ratio_loss casts the log-probs to float32 (`.float()`): its side rounds at ~1e-8 relative
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
     for g, w in zip([p.grad for p in model.parameters()], [p.grad for p in trainer.model.parameters()]):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
+        # float32 rounding of TRL's log-probs: within 1e-6 of each gradient tensor's largest entry
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6 * w.abs().max().item())

@@ -79,8 +79,9 @@ def test_gradient():
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"beta": 0.0}, "loss.beta"), ({"loss_type": "simpo"}, "loss.loss_type"), ({"nll_weight": -1.0}, "nll_weight"),
-    ({"nll_reduction": "sum"}, "nll_reduction"), ({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid only"),
+    ({"beta": 0.0}, "loss.beta"), ({"loss_type": "simpo"}, "loss.loss_type"),
+    ({"nll_weight": -1.0}, "nll_weight"), ({"nll_reduction": "sum"}, "nll_reduction"),
+    ({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid only"),
 ])
 def test_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):

@@ -39,7 +39,8 @@ def test_worked_example():
 
 def test_lambda_and_defaults():
     assert ORPOConfig().lam == 0.1 and not build(ORPOConfig()).needs.reference
-    assert build(ORPOConfig(lam=1.0))(pair()).losses.item() == pytest.approx(2.5 + softplus(-LOG_OR), rel=1e-12)
+    expected = 2.5 + softplus(-LOG_OR)
+    assert build(ORPOConfig(lam=1.0))(pair()).losses.item() == pytest.approx(expected, rel=1e-12)
     assert build(ORPOConfig(lam=0.0))(pair()).losses.item() == pytest.approx(2.5, rel=1e-12)
 
 
@@ -53,7 +54,8 @@ def test_nll_reductions_differ_on_uneven_lengths():
 
 
 def test_gradient():
-    # d log OR / dA_w = 1/(1 − e^{A_w}), d log OR / dA_l = −1/(1 − e^{A_l}); d/d log OR of −λ log σ = −λ σ(−log OR)
+    # d log OR/dA_w = 1/(1 − e^{A_w}), d log OR/dA_l = −1/(1 − e^{A_l});
+    # d/d log OR of −λ log σ(log OR) = −λ σ(−log OR)
     batch = pair(grad=True)
     build(ORPOConfig())(batch).losses.sum().backward()
     s = 0.1 * sigmoid(-LOG_OR)
@@ -69,10 +71,12 @@ def test_log1mexp_is_accurate_on_both_branches(x):
 
     # written two independent ways, each exact where it does not cancel (threshold −1, not the code's −ln 2)
     expected = math.log1p(-math.exp(x)) if x < -1 else math.log(-math.expm1(x))
-    assert log1mexp(torch.tensor(x, dtype=torch.float64)).item() == pytest.approx(expected, rel=1e-14, abs=1e-300)
+    got = log1mexp(torch.tensor(x, dtype=torch.float64)).item()
+    assert got == pytest.approx(expected, rel=1e-14, abs=1e-300)
 
 
-@pytest.mark.parametrize("cfg, message", [({"lam": -0.1}, "loss.lam"), ({"nll_reduction": "sum"}, "nll_reduction")])
+@pytest.mark.parametrize("cfg, message", [({"lam": -0.1}, "loss.lam"),
+                                          ({"nll_reduction": "sum"}, "nll_reduction")])
 def test_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         ORPOConfig(**cfg)

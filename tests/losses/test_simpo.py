@@ -52,7 +52,8 @@ def test_hinge_and_label_smoothing():
 
 
 def test_alphapo_reward_shape():
-    # α = 0.5: r(A) = (1 − e^{−αA})/α; r(−2.5) = 2(1 − e^{1.25}) = −4.98068591, r(−2) = 2(1 − e) = −3.43656366;
+    # α = 0.5: r(A) = (1 − e^{−αA})/α; r(−2.5) = 2(1 − e^{1.25}) = −4.98068591,
+    # r(−2) = 2(1 − e) = −3.43656366;
     # z = 2·(−4.98068591 + 3.43656366) − 0.5 = −3.58824452
     r_w, r_l = (1 - math.exp(1.25)) / 0.5, (1 - math.exp(1.0)) / 0.5
     z = 2 * (r_w - r_l) - 0.5
@@ -87,7 +88,8 @@ def test_gradient():
 
 def test_metrics_are_the_length_normalised_rewards():
     m = build(SimPOConfig())(pair()).metrics
-    assert m["rewards/chosen"].item() == pytest.approx(-5.0) and m["rewards/rejected"].item() == pytest.approx(-4.0)
+    assert m["rewards/chosen"].item() == pytest.approx(-5.0)
+    assert m["rewards/rejected"].item() == pytest.approx(-4.0)
     assert m["rewards/accuracies"].item() == 0.0 and m["logps/chosen"].item() == pytest.approx(-5.0)
 
 
