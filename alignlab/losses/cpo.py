@@ -21,7 +21,6 @@ TRL's ``loss_type=simpo`` is the `simpo` loss with ``sft_weight`` = TRL's ``cpo_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,9 +83,9 @@ class CPO(Loss):
 
     needs = Needs(reference=False)
     summary = "CPO: reference-free DPO (uniform reference) + chosen NLL; AlphaPO's reward shape α"
-    paper: ClassVar[str] = "Xu et al. 2024, arXiv:2401.08417"
-    options: ClassVar[dict[str, tuple[str, ...]]] = {"loss_type": LOSS_TYPES, "nll_reduction": NLL_REDUCTIONS}
-    curves: ClassVar[tuple[str, ...]] = ("nll_loss",)
+    paper = "Xu et al. 2024, arXiv:2401.08417"
+    options = {"loss_type": LOSS_TYPES, "nll_reduction": NLL_REDUCTIONS}
+    curves = ("nll_loss",)
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +58,9 @@ class ORPO(Loss):
 
     needs = Needs(reference=False)
     summary = "ORPO: chosen NLL + λ·odds-ratio term, no reference, no SFT stage"
-    paper: ClassVar[str] = "Hong et al. 2024, arXiv:2403.07691"
-    options: ClassVar[dict[str, tuple[str, ...]]] = {"nll_reduction": NLL_REDUCTIONS}
-    curves: ClassVar[tuple[str, ...]] = ("log_odds_ratio", "nll_loss")
+    paper = "Hong, Lee & Thorne 2024, arXiv:2403.07691"
+    options = {"nll_reduction": NLL_REDUCTIONS}
+    curves = ("log_odds_ratio", "nll_loss")
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

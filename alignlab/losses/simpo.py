@@ -21,7 +21,6 @@ i.e. γ = 0.5); TRL's CPOTrainer ``loss_type=simpo`` takes ``simpo_gamma`` = γ.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -82,9 +81,9 @@ class SimPO(Loss):
 
     needs = Needs(reference=False)
     summary = "SimPO: length-normalised reward, margin γ, no reference; AlphaPO's reward shape α"
-    paper: ClassVar[str] = "Meng et al. 2024, arXiv:2405.14734"
-    options: ClassVar[dict[str, tuple[str, ...]]] = {"loss_type": LOSS_TYPES}
-    curves: ClassVar[tuple[str, ...]] = ("nll_loss",)
+    paper = "Meng, Xia & Chen 2024, arXiv:2405.14734"
+    options = {"loss_type": LOSS_TYPES}
+    curves = ("nll_loss",)
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg
