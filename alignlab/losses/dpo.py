@@ -27,6 +27,9 @@ reverse_kl ρ (DPO), forward_kl 1 − e^{−ρ}, js_divergence log 2 + log σ(ρ
 (e^{(a−1)ρ} − 1)/(a − 1), a = ``f_alpha_divergence_coef`` (TRL's parameterisation).
 LD-DPO (Liu et al. 2024, arXiv:2409.06411): ``ld_alpha`` = α < 1 weighs the tokens of the longer response
 beyond the shorter one's length by α in every log-prob, policy and reference (1: DPO).
+WPO (Zhou et al. 2024, arXiv:2406.11827, the weighted objective, eq. 2 as TRL cites it): ``wpo=true``
+multiplies each pair's loss by w(y_w)·w(y_l), w(y) = exp((1/|y|) Σ_t [log πθ(y_t|·) − log Σ_v πθ(v|·)²])
+under the policy, without gradient (TRL's ``use_weighting``); it reads the full-vocabulary logits.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alignlab.chunked import per_token
 from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, log_ratios, preference_metrics, register
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
@@ -69,6 +73,8 @@ class DPOConfig:
     discopop_tau: float = 0.05
     #: LD-DPO's α ∈ [0, 1], the weight of the tokens past the shorter response's length (1: DPO).
     ld_alpha: float = 1.0
+    #: WPO's off-policy weights w(y_w)·w(y_l) on each pair's loss (TRL's use_weighting; full logits).
+    wpo: bool = False
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -115,6 +121,14 @@ def ld_log_ratios(batch: LossInputs, alpha: float) -> tuple[torch.Tensor, torch.
     return out[0], out[1]
 
 
+def wpo_weight(seq) -> torch.Tensor:
+    """WPO's w(y) = exp(token mean of log π(y_t) − log Σ_v π(v)²), `(B,)`, without gradient."""
+    with torch.no_grad():
+        log_sum_sq = per_token(lambda z: torch.logsumexp(2 * z.log_softmax(-1), -1), seq.logits)
+        aligned = ((seq.token_logps - log_sum_sq) * seq.mask).sum(-1)
+        return torch.exp(aligned / seq.lengths.clamp(min=1))
+
+
 def f_scores(ratio: torch.Tensor, divergence: str, coef: float) -> torch.Tensor:
     """f'(π/πref) of f-DPO's divergence, from the log-ratio ρ (TRL's forms)."""
     if divergence == "forward_kl":
@@ -130,11 +144,14 @@ def f_scores(ratio: torch.Tensor, divergence: str, coef: float) -> torch.Tensor:
 class DPO(Loss):
     """Direct Preference Optimization and its sigmoid/cDPO, IPO and hinge forms (module docstring)."""
 
-    needs = Needs(reference=True)
     summary = ("DPO with cDPO, IPO, hinge, length-normalised, EXO, NCA, SPPO-hard, APO, DiscoPOP forms; "
-               "f-DPO divergences; LD-DPO")
+               "f-DPO divergences; LD-DPO; WPO weights")
     paper = "Rafailov et al. 2023, arXiv:2305.18290"
     options = {"loss_type": LOSS_TYPES, "f_divergence": F_DIVERGENCES}
+
+    def __init__(self, cfg: DPOConfig) -> None:
+        super().__init__(cfg)
+        self.needs = Needs(reference=True, full_logits=cfg.wpo)
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg, beta = self.cfg, self.cfg.beta
@@ -177,4 +194,8 @@ class DPO(Loss):
             mix = torch.sigmoid(z / cfg.discopop_tau)
             losses = (1 - mix) * F.softplus(-z) + mix * torch.exp(-z)
         metrics = preference_metrics(batch, beta * chosen_ratio, beta * rejected_ratio)
+        if cfg.wpo:
+            weights = wpo_weight(batch.policy["chosen"]) * wpo_weight(batch.policy["rejected"])
+            losses = losses * weights
+            metrics["wpo/weight"] = weights.mean()
         return LossOutput(losses, metrics)

@@ -41,6 +41,9 @@ CASES = [
      DPOConfig(loss_type="ipo", ipo_length_normalize=True, f_divergence="forward_kl")),
     ("ld_dpo", dict(loss_type=["sigmoid"], ld_alpha=0.5), DPOConfig(ld_alpha=0.5)),
     ("ld_dpo-zero", dict(loss_type=["sigmoid"], ld_alpha=0.0), DPOConfig(ld_alpha=0.0)),
+    ("wpo", dict(loss_type=["sigmoid"], use_weighting=True), DPOConfig(wpo=True)),
+    ("wpo-ipo", dict(loss_type=["ipo"], use_weighting=True),
+     DPOConfig(loss_type="ipo", ipo_length_normalize=True, wpo=True)),
 ]
 
 
@@ -57,8 +60,9 @@ def _float64_fused_forward(model, dtype=torch.float64):
         mask = targets != -100
         logps = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
         logps = logps.to(dtype)
+        log_sum_sq = (torch.logsumexp(2 * logits[:, :-1].log_softmax(-1), -1) * mask).to(dtype)  # WPO's
         zeros = torch.zeros_like(logps)
-        return SimpleNamespace(log_probs=logps, entropy=zeros, log_sum_sq_probs=zeros, mean_logits=zeros,
+        return SimpleNamespace(log_probs=logps, entropy=zeros, log_sum_sq_probs=log_sum_sq, mean_logits=zeros,
                                is_top1=mask & False, aux_loss=None, loss=None)
 
     model.forward = forward

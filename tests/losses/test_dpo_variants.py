@@ -109,3 +109,36 @@ def test_ld_alpha_zero_drops_the_tail():
 def test_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         DPOConfig(**cfg)
+
+
+def _wpo_pair(requires_grad=False):
+    """chosen: two tokens, logits (log 3, 0) each and token 0 (p = 0.75, Σp² = 0.625); rejected: one token,
+    logits (0, 0), p = 0.5 (Σp² = 0.5). Reference log-probs 0.5 below (chosen) / 1 above (rejected) the
+    policy's per token: ρ_w = 1, ρ_l = −1, h = 2."""
+    import torch
+
+    from alignlab.losses.base import LossInputs, SequenceLogps
+
+    def seq(logits, tokens, grad):
+        logits = torch.tensor([logits], dtype=torch.float64)
+        logps = logits.log_softmax(-1)[0, range(len(tokens)), tokens][None].clone().requires_grad_(grad)
+        return SequenceLogps(token_logps=logps, mask=torch.ones_like(logps, dtype=torch.bool), logits=logits)
+
+    chosen = seq([[math.log(3), 0.0]] * 2, [0, 0], requires_grad)
+    rejected = seq([[0.0, 0.0]], [0], requires_grad)
+    ref_chosen = SequenceLogps(chosen.token_logps.detach() - 0.5, chosen.mask)
+    ref_rejected = SequenceLogps(rejected.token_logps.detach() + 1.0, rejected.mask)
+    return LossInputs(policy={"chosen": chosen, "rejected": rejected},
+                      reference={"chosen": ref_chosen, "rejected": ref_rejected})
+
+
+def test_wpo_weights_the_pair_loss():
+    # w(y_w) = exp(mean_t log(0.75/0.625)) = 1.2; w(y_l) = exp(log(0.5/0.5)) = 1: loss 1.2·softplus(−βh)
+    batch = _wpo_pair(requires_grad=True)
+    out = build(DPOConfig(beta=0.5, wpo=True))(batch)
+    assert out.losses.item() == pytest.approx(1.2 * softplus(-1.0), rel=1e-12)
+    assert out.metrics["wpo/weight"].item() == pytest.approx(1.2, rel=1e-12)
+    out.losses.sum().backward()  # the weights carry no gradient: 1.2 × DPO's −β σ(−βh) per chosen token
+    g = -1.2 * 0.5 * sigmoid(-1.0)
+    assert batch.policy["chosen"].token_logps.grad[0].tolist() == pytest.approx([g, g], rel=1e-12)
+    assert build(DPOConfig(wpo=True)).needs.full_logits and not build(DPOConfig()).needs.full_logits
