@@ -38,3 +38,9 @@ def test_reference_free_recipes_never_load_a_reference(recipe, tmp_path, compose
 
     monkeypatch.setattr(alignlab.models, "load_reference", refuse)
     _train(compose_run, tmp_path, recipe, "trainer.max_steps=3")
+
+
+def test_combo_recipe_learns_and_logs_each_term(tmp_path, compose_run):
+    result = _train(compose_run, tmp_path, "combo", "trainer.max_steps=40")
+    assert result.eval_metrics["eval_dpo/rewards/accuracies"] > 0.8
+    assert {"eval_dpo/loss", "eval_bco/loss", "eval_sft/loss", "eval_bco/delta"} <= set(result.eval_metrics)

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 
+from alignlab.losses.combo import ComboConfig
 from alignlab.losses.dpo import DPOConfig
 from test_trl_oracle import _alignlab_loss, setup  # noqa: F401 (the fixture)
 
@@ -44,6 +45,12 @@ CASES = [
     ("wpo", dict(loss_type=["sigmoid"], use_weighting=True), DPOConfig(wpo=True)),
     ("wpo-ipo", dict(loss_type=["ipo"], use_weighting=True),
      DPOConfig(loss_type="ipo", ipo_length_normalize=True, wpo=True)),
+    # combo: TRL's loss_type list with loss_weights (MPO without its BCO term: TRL's bco_pair has no δ)
+    ("combo-dpo-sft", dict(loss_type=["sigmoid", "sft"], loss_weights=[0.8, 1.0]),
+     ComboConfig(terms={"dpo": 0.8, "sft": 1.0}, term_options={})),
+    ("combo-nca-rdpo", dict(loss_type=["nca_pair", "sigmoid"], loss_weights=[0.3, 0.7]),  # rDPO ε = 0 is DPO
+     ComboConfig(terms={"dpo": 0.3, "rdpo": 0.7}, term_options={"dpo": {"loss_type": "nca_pair"},
+                                                                  "rdpo": {"epsilon": 0.0}})),
 ]
 
 
