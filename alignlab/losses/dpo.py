@@ -19,6 +19,10 @@ of the same log-ratios, hence options here; docs/losses.md, "DPO variants"):
     (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))².
   * ``apo_zero`` / ``apo_down``: D'Oosterlinck et al. 2024, arXiv:2408.06266, eqs. 7 / 8:
     (1 − σ(βρ_w)) + σ(βρ_l)  /  σ(βρ_w) + (1 − σ(β(ρ_w − ρ_l))).
+  * ``aot`` / ``aot_unpaired``: AOT, Melnyk et al. 2024, arXiv:2406.05882 (as TRL computes it): the
+    cDPO loss of δ_k = (k-th smallest of the batch's policy margins S(y_w) − S(y_l)) − (k-th smallest of the
+    reference margins), or, unpaired, (k-th smallest ρ_w) − (k-th smallest ρ_l); the k-th loss is reported
+    on the example of rank k. It couples the examples of a batch (`Loss.per_batch_state`).
   * ``discopop``: Chan et al. 2024, arXiv:2406.08414, eq. 5 (log-ratio modulated loss): with z = β·h and
     w = σ(z/τ), (1 − w)·(−log σ(z)) + w·e^{−z}, τ = ``discopop_tau`` (0.05).
 f-DPO (Wang et al. 2023, arXiv:2309.16240): ``f_divergence`` replaces each log-ratio ρ by f'(π/πref) of
@@ -44,7 +48,9 @@ from alignlab.chunked import per_token
 from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, log_ratios, preference_metrics, register
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
-              "apo_down", "discopop")
+              "apo_down", "discopop", "aot", "aot_unpaired")
+#: forms that pair the batch's sorted log-ratios by rank (an example's loss depends on its batch)
+AOT = ("aot", "aot_unpaired")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 #: the forms built on h = ρ(y_w) − ρ(y_l), where f-DPO's log Z(x) cancels (TRL accepts the same ones)
 F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "discopop")
@@ -83,9 +89,10 @@ class DPOConfig:
             raise ValueError(f"loss.loss_type must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"loss.label_smoothing (cDPO's ε) must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
+        if self.label_smoothing and self.loss_type not in ("sigmoid", *AOT):
             raise ValueError(
-                f"loss.label_smoothing is cDPO and applies to loss_type=sigmoid only, not {self.loss_type!r}; "
+                "loss.label_smoothing is cDPO: it applies to loss_type=sigmoid only (and AOT's), "
+                f"not {self.loss_type!r}; "
                 "set loss.label_smoothing=0 (for noisy labels with other forms see the rdpo loss)"
             )
         if self.ipo_length_normalize and self.loss_type != "ipo":
@@ -105,6 +112,9 @@ class DPOConfig:
             raise ValueError(f"loss.discopop_tau must be > 0, got {self.discopop_tau}")
         if not 0.0 <= self.ld_alpha <= 1.0:
             raise ValueError(f"loss.ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.loss_type in AOT and (self.ld_alpha != 1.0 or self.wpo):
+            raise ValueError(f"loss.loss_type={self.loss_type} sorts the batch: loss.ld_alpha and loss.wpo "
+                             "do not apply (TRL refuses them too)")
         if self.ld_alpha != 1.0 and self.ipo_length_normalize:
             raise ValueError("loss.ld_alpha weighs summed log-probs: set loss.ipo_length_normalize=false")
 
@@ -144,7 +154,7 @@ def f_scores(ratio: torch.Tensor, divergence: str, coef: float) -> torch.Tensor:
 class DPO(Loss):
     """Direct Preference Optimization and its sigmoid/cDPO, IPO and hinge forms (module docstring)."""
 
-    summary = ("DPO with cDPO, IPO, hinge, length-normalised, EXO, NCA, SPPO-hard, APO, DiscoPOP forms; "
+    summary = ("DPO with cDPO, IPO, hinge, length-normalised, EXO, NCA, SPPO-hard, APO, DiscoPOP, AOT forms; "
                "f-DPO divergences; LD-DPO; WPO weights")
     paper = "Rafailov et al. 2023, arXiv:2305.18290"
     options = {"loss_type": LOSS_TYPES, "f_divergence": F_DIVERGENCES}
@@ -152,6 +162,10 @@ class DPO(Loss):
     def __init__(self, cfg: DPOConfig) -> None:
         super().__init__(cfg)
         self.needs = Needs(reference=True, full_logits=cfg.wpo)
+        if cfg.loss_type in AOT:
+            self.per_batch_state = ("AOT pairs the sorted log-ratios of the batch by rank: an example's loss "
+                                    "depends on the other examples of its micro-batch (as in TRL, which sorts "
+                                    "each micro-batch), so k micro-batches of b differ from one batch of k·b")
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg, beta = self.cfg, self.cfg.beta
@@ -189,6 +203,17 @@ class DPO(Loss):
             losses = torch.sigmoid(-beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
         elif kind == "apo_down":
             losses = torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(-beta * h)
+        elif kind in AOT:
+            if kind == "aot":  # policy margins against reference margins
+                pol = batch.policy["chosen"].logps - batch.policy["rejected"].logps
+                ref = batch.reference["chosen"].logps - batch.reference["rejected"].logps
+            else:
+                pol, ref = chosen_ratio, rejected_ratio
+            pol_sorted, order = torch.sort(pol)
+            delta = beta * (pol_sorted - torch.sort(ref).values)
+            eps = cfg.label_smoothing
+            ranked = (1 - eps) * F.softplus(-delta) + eps * F.softplus(delta)
+            losses = torch.empty_like(ranked).scatter(0, order, ranked)  # the k-th on the example of rank k
         else:  # discopop
             z = beta * h
             mix = torch.sigmoid(z / cfg.discopop_tau)

@@ -142,3 +142,26 @@ def test_wpo_weights_the_pair_loss():
     g = -1.2 * 0.5 * sigmoid(-1.0)
     assert batch.policy["chosen"].token_logps.grad[0].tolist() == pytest.approx([g, g], rel=1e-12)
     assert build(DPOConfig(wpo=True)).needs.full_logits and not build(DPOConfig()).needs.full_logits
+
+
+def test_aot_pairs_sorted_margins_by_rank():
+    # two pairs: policy margins S_w − S_l = (−5 + 8, −1 + 1) = (3, 0), reference margins (1, −1).
+    # sorted policy (0, 3) against sorted reference (−1, 1): δ = (1, 2); pair 2 has rank 1, pair 1 rank 2.
+    # β = 0.5: pair 1 gets softplus(−1), pair 2 softplus(−0.5)
+    batch = pair_inputs([[-2.0, -3.0], [-1.0]], [[-2.0] * 4, [-1.0]], [[-3.0, -3.0], [-2.0]],
+                        [[-1.0, -2.0, -2.0, -2.0], [-1.0]])
+    loss = build(DPOConfig(beta=0.5, loss_type="aot"))
+    assert loss(batch).losses.tolist() == pytest.approx([softplus(-1.0), softplus(-0.5)], rel=1e-12)
+    assert loss.per_batch_state  # it couples the examples of a batch
+
+
+def test_aot_unpaired_sorts_each_side():
+    # pair 1: ρ_w = 1, ρ_l = −1; pair 2: chosen −1 against −2, ρ_w = 1; rejected −1 against −4, ρ_l = 3.
+    # sorted ρ_w (1, 1), sorted ρ_l (−1, 3): δ = (2, −2), ε = 0.1; ρ_w ties, so only the multiset is fixed.
+    batch = pair_inputs([[-2.0, -3.0], [-1.0]], [[-2.0] * 4, [-1.0]], [[-3.0, -3.0], [-2.0]],
+                        [[-1.0, -2.0, -2.0, -2.0], [-4.0]])
+    losses = build(DPOConfig(beta=0.5, loss_type="aot_unpaired", label_smoothing=0.1))(batch).losses
+    expected = sorted([0.9 * softplus(-1.0) + 0.1 * softplus(1.0),
+                       0.9 * softplus(1.0) + 0.1 * softplus(-1.0)])
+    assert sorted(losses.tolist()) == pytest.approx(expected, rel=1e-12)
+    assert losses.mean().item() == pytest.approx(sum(expected) / 2, rel=1e-12)
