@@ -97,7 +97,8 @@ def test_cli_prints_composed_config():
 
 # --- the embedded default's settings stay bound to it (${embedded:TOY,REAL}) -------------------------
 
-EMBEDDED_RECIPES = ["aligndistil", "asft", "bco", "dpo", "modpo", "npo", "rdpo", "rpo", "sparsepo", "tdpo", "tpo"]
+EMBEDDED_RECIPES = ["aligndistil", "asft", "bco", "combo", "cpo", "dpo", "modpo", "npo", "orpo", "rdpo", "rpo", "simpo",
+                    "sparsepo", "tdpo", "tpo"]
 
 
 @pytest.mark.slow  # plans the sft stage of every recipe: about 60 Hydra compositions

@@ -63,6 +63,7 @@ def build(cfg) -> Loss:
 
 # One import line per loss file.
 from alignlab.losses import aligndistil, asft, bco, dpo, modpo, npo, rdpo, rpo, sft, sparsepo, tdpo, tpo  # noqa: E402,F401
+from alignlab.losses import combo, cpo, orpo, simpo  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "Entry", "Loss", "LossInputs", "LossOutput", "Needs", "SequenceLogps", "build", "get", "option_values",
            "register"]

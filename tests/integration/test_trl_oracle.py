@@ -56,10 +56,12 @@ def _alignlab_loss(setup, loss_cfg) -> float:
             ex[f"{name}_ids"] = tok(r[name], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         examples.append(ex)
     batch = PreferenceCollator(tok.pad_token_id)(examples)
-    with torch.no_grad():
-        pol = concatenated_forward(policy.eval(), batch, ("chosen", "rejected"), chunk_size=4)
+    loss = build(loss_cfg)
+    with torch.no_grad():  # the full logits when the loss reads them (DPO's WPO weights)
+        pol = concatenated_forward(policy.eval(), batch, ("chosen", "rejected"), loss.needs.full_logits,
+                                   chunk_size=4)
         ref = concatenated_forward(reference, batch, ("chosen", "rejected"))
-    return build(loss_cfg)(LossInputs(policy=pol, reference=ref)).losses.mean().item()
+    return loss(LossInputs(policy=pol, reference=ref)).losses.mean().item()
 
 
 def _trl_loss(setup, loss_type, label_smoothing, tmp_path) -> float:
