@@ -52,7 +52,8 @@ def missing(base: type, methods: dict[str, tuple[str, ...]]) -> list[str]:
 
 
 def private_overrides(cls: type, base: type) -> set[str]:
-    return {name for name in vars(cls) if name.startswith("_") and not name.startswith("__") and hasattr(base, name)}
+    return {name for name in vars(cls)
+            if name.startswith("_") and not name.startswith("__") and hasattr(base, name)}
 
 
 def test_aligntrainer_overrides_only_the_listed_private_methods():
