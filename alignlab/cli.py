@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignlab import sweeps
@@ -41,7 +43,8 @@ def _train(argv: list[str]) -> None:
 def _train_hydra(argv: list[str]) -> None:
     import hydra
 
-    from alignlab.compose import register_configs  # deferred, like every heavy import here: torch (losses)
+    # deferred, like every heavy import here: torch (the losses)
+    from alignlab.compose import COMPOSITION_ERRORS, explain, register_configs
 
     register_configs()
 
@@ -65,7 +68,11 @@ def _train_hydra(argv: list[str]) -> None:
             print(f"alignlab: {'error: ' * isinstance(err, UserError)}{err}", file=sys.stderr)
             sys.exit(getattr(err, "exit_code", 2))  # errors.EXIT_CODES
 
-    problem = explain_overrides(argv)
+    overrides, config_dir, config_name = split_argv(argv)
+    # a sweep: every member's keys and options checked before any member trains; a single run: Hydra
+    # composes it once, and a mistake is explained from the exception it raises
+    sweep = any(a in ("-m", "--multirun") for a in argv)
+    problem = explain_overrides(argv) if sweep else _missing_config_dir(config_dir)
     if problem:
         print(f"alignlab: error: {problem}", file=sys.stderr)
         sys.exit(2)
@@ -77,9 +84,35 @@ def _train_hydra(argv: list[str]) -> None:
             print(f"alignlab: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
     sys.argv = ["alignlab train", *argv]
-    _main()
+    try:
+        with _hydra_raises():
+            _main()
+    except COMPOSITION_ERRORS as err:
+        print(f"alignlab: error: {explain(err, overrides, config_dir, config_name)}", file=sys.stderr)
+        sys.exit(2)
     if sweeps.last is not None and any(row["status"] != "ok" for row in sweeps.last[1]):
         sys.exit(2)  # a member failed: the sweep's table says which
+
+
+@contextmanager
+def _hydra_raises() -> Iterator[None]:
+    """`hydra.main` raises its exceptions instead of printing them (Hydra's documented
+    HYDRA_FULL_ERROR=1), so that a mistake is named from the exception itself."""
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+def _missing_config_dir(config_dir: str | None) -> str | None:
+    if config_dir is not None and not Path(config_dir).expanduser().is_dir():
+        return f"--config-dir {config_dir}: no such folder (relative paths start at {os.getcwd()})"
+    return None
 
 
 #: Hydra's flags that take a value (the next argument, or after `=`).
@@ -96,8 +129,8 @@ def explain_overrides(argv: list[str]) -> str | None:
     from alignlab.compose import compose  # deferred: torch (the losses)
 
     overrides, config_dir, config_name = split_argv(argv)
-    if config_dir is not None and not Path(config_dir).expanduser().is_dir():
-        return f"--config-dir {config_dir}: no such folder (relative paths start at {os.getcwd()})"
+    if _missing_config_dir(config_dir):
+        return _missing_config_dir(config_dir)
     if not any(a in ("-m", "--multirun") for a in argv):
         try:
             compose(overrides, config_dir, config_name)

@@ -13,6 +13,7 @@ from pathlib import Path
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -50,6 +51,10 @@ def register_configs() -> None:
     _registered = True
 
 
+#: Hydra's exceptions for a mistake in the overrides or the config files (`explain` names it).
+COMPOSITION_ERRORS = (OverrideParseException, MissingConfigException, ConfigCompositionException)
+
+
 def compose(overrides: list[str], config_dir: str | None = None, config_name: str = "config"):
     """The composed (unresolved) config of `alignlab train [--config-dir DIR] [--config-name NAME] OVERRIDES`.
 
@@ -57,6 +62,14 @@ def compose(overrides: list[str], config_dir: str | None = None, config_name: st
         ConfigError: one line naming the mistake (an unknown key, group option or recipe with the
             nearest valid names; a TRL name with its alignlab key; a bad value), from Hydra's exceptions.
     """
+    try:
+        return _composer(config_dir, config_name)(overrides)
+    except COMPOSITION_ERRORS as err:
+        raise ConfigError(explain(err, overrides, config_dir, config_name)) from None
+
+
+def _composer(config_dir: str | None, config_name: str):
+    """overrides -> the composed config, with Hydra's compose API."""
     register_configs()
     main = str(resource_dir("configs"))
     extra = str(Path(config_dir).expanduser().resolve()) if config_dir else None
@@ -68,23 +81,27 @@ def compose(overrides: list[str], config_dir: str | None = None, config_name: st
         with initialize_config_dir(config_dir=main, version_base=None):
             return hydra_compose(config_name, overrides=[*search, *items])
 
-    try:
-        return attempt(overrides)
-    except OverrideParseException as err:
-        raise ConfigError(f"cannot parse {err.override!r}: {err.message.splitlines()[0]}. Quote values "
-                          "holding { } [ ] , = or spaces for Hydra, e.g. key='\"a value\"'") from None
-    except MissingConfigException as err:
-        raise ConfigError(_missing_option(err, config_dir)) from None
-    except ConfigCompositionException as err:
-        cause = err.__cause__
-        key = getattr(cause, "full_key", None)
-        if key is not None and _is_unknown_key(cause):
-            raise ConfigError(_unknown_key(key, overrides, attempt)) from None
-        # OmegaConf's `msg` is its message without the full_key / object_type lines that str() adds
-        text = cause.msg if isinstance(cause, OmegaConfBaseException) else str(cause or err)
-        where = f"{key}: " if key else ""
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        raise ConfigError(where + "; ".join(lines)) from None
+    return attempt
+
+
+def explain(err: Exception, overrides: list[str], config_dir: str | None = None,
+            config_name: str = "config") -> str:
+    """One line naming the mistake behind one of Hydra's `COMPOSITION_ERRORS`, from the exception's
+    fields (`compose`'s, or the one `hydra.main` raised for `alignlab train`)."""
+    if isinstance(err, OverrideParseException):
+        return (f"cannot parse {err.override!r}: {err.message.splitlines()[0]}. Quote values holding "
+                "{ } [ ] , = or spaces for Hydra, e.g. key='\"a value\"'")
+    if isinstance(err, MissingConfigException):
+        return _missing_option(err, config_dir)
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if key is not None and _is_unknown_key(cause):
+        GlobalHydra.instance().clear()  # hydra.main leaves its own initialised when it fails
+        return _unknown_key(key, overrides, _composer(config_dir, config_name))
+    # OmegaConf's `msg` is its message without the full_key / object_type lines that str() adds
+    text = cause.msg if isinstance(cause, OmegaConfBaseException) else str(cause or err)
+    where = f"{key}: " if key else ""
+    return where + "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _is_unknown_key(error: BaseException) -> bool:

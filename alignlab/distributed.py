@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from alignlab.config import AlignConfig, DeepSpeedConfig
@@ -56,8 +58,6 @@ def init_processes() -> None:
     Trainer / DeepSpeed reuse the group.
     """
     if launched_multiprocess() and not _initialized():
-        from accelerate import PartialState
-
         PartialState(cpu=not torch.cuda.is_available())
 
 
@@ -65,33 +65,28 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+# accelerate's `PartialState` does the process control below. A single process (no process group)
+# never builds one: PartialState() would pick a device before `TrainingArguments` does.
+
 def is_main_process() -> bool:
     """Process 0, or the only process."""
-    return not _initialized() or dist.get_rank() == 0
+    return not _initialized() or PartialState().is_main_process
 
 
 def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if _initialized():
-        dist.barrier()
+        PartialState().wait_for_everyone()
 
 
 def same_on_all(value: Any) -> Any:
     """Process 0's `value` in every process (e.g. a run directory named after the clock)."""
-    if not _initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object_list([value], from_process=0)[0] if _initialized() else value
 
 
 def all_true(flag: bool) -> bool:
     """Whether `flag` holds in every process."""
-    if not _initialized():
-        return flag
-    flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, bool(flag))
-    return all(flags)
+    return all(gather_object([bool(flag)])) if _initialized() else flag
 
 
 @contextmanager
@@ -104,37 +99,33 @@ def main_process_first() -> Iterator[None]:
     if not _initialized():
         yield
         return
-    with _leader_first(dist.get_rank() == 0), _leader_first(int(os.environ.get("LOCAL_RANK", "0")) == 0):
+    state = PartialState()
+    with state.main_process_first(), state.local_main_process_first():
         yield
-
-
-@contextmanager
-def _leader_first(leader: bool) -> Iterator[None]:
-    if not leader:
-        dist.barrier()
-    yield
-    if leader:
-        dist.barrier()
 
 
 # -- DeepSpeed ------------------------------------------------------------------------------------
 
 @contextmanager
-def outside_zero3() -> Iterator[None]:
-    """Models loaded in the block are whole, ordinary models, even after a ZeRO-3 run.
+def whole_models(args=None) -> Iterator[None]:
+    """Models loaded in the block are whole, ordinary models, even while the run's ZeRO-3 `args`
+    (`TrainingArguments`) exist.
 
     transformers loads every model under `deepspeed.zero.Init` (partitioned, with a collective per
-    parameter) while a ZeRO-3 `TrainingArguments` is alive. Work done by one process after training
-    (the end-of-training eval on process 0) must not do that: the other processes are not loading.
+    parameter) while a ZeRO-3 `TrainingArguments` is alive. A model used outside the engine (the base
+    a LoRA adapter is merged into) or loaded by one process alone (the end-of-training eval on process
+    0, while the others are not loading) must not be. transformers' public switch: unset the config,
+    then set the run's back.
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
+    hf = _hf_config(args) if args is not None else None
+    unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        if hf is not None:
+            set_hf_deepspeed_config(hf)
 
 
 def deepspeed_config(cfg: DeepSpeedConfig) -> dict | None:
@@ -198,6 +189,10 @@ def _hf_config(args):
 
 def prepare_frozen(model: nn.Module | None, args) -> nn.Module | None:
     """A frozen model (reference, teacher) ready for the run's engine; idempotent.
+
+    Ours, not `trl.models.utils.prepare_deepspeed` (trl 1.16): TRL's writes the hidden-size settings as
+    dotted top-level keys, which leaves a ZeRO-3 config's "auto" values unfilled, needs an
+    `Accelerator`, and wraps a frozen model in a stage-0 engine without ZeRO-3.
 
     Under ZeRO-3 a DeepSpeed inference engine: parameters partitioned across processes (gathered
     module by module when it runs, including an output head called outside the model's forward,
@@ -273,20 +268,3 @@ def release(model: nn.Module | None) -> None:
     """Free what an engine made by `prepare_frozen` holds (no-op for a plain model)."""
     if model is not None and _is_engine(model):
         model.destroy()
-
-
-@contextmanager
-def unpartitioned_loading() -> Iterator[None]:
-    """`from_pretrained` loads whole weights inside this block, even while a ZeRO-3 run is configured.
-
-    HF partitions every model loaded while ZeRO-3 `TrainingArguments` exist (`zero.Init`); a model
-    used outside the engine (e.g. the base that a LoRA adapter is merged into) must not be.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = ref

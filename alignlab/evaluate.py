@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch.nn.utils.rnn import pad_sequence
 
 from alignlab.config import AlignConfig, to_typed
 from alignlab.data import build_datasets
@@ -109,15 +110,13 @@ def sample(model, other, tokenizer, prompts: list[str], max_new_tokens: int, see
 
 def _right_padded(rows: list[tuple[list[int], list[int]]], pad: int, device) -> dict[str, torch.Tensor]:
     """(prompt ids, completion ids) rows -> a collated batch "x" whose labels are the completion."""
-    width = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (p, c) in enumerate(rows):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, : len(p) + len(c)] = 1
-        labels[i, len(p): len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
-    return {"x_input_ids": ids.to(device), "x_attention_mask": mask.to(device), "x_labels": labels.to(device)}
+    def padded(sequences: list[list[int]], value: int) -> torch.Tensor:
+        return pad_sequence([torch.tensor(s, dtype=torch.long) for s in sequences], batch_first=True,
+                            padding_value=value).to(device)
+
+    return {"x_input_ids": padded([p + c for p, c in rows], pad),
+            "x_attention_mask": padded([[1] * (len(p) + len(c)) for p, c in rows], 0),
+            "x_labels": padded([[-100] * len(p) + c for p, c in rows], -100)}
 
 
 def win_rate(policy_rewards: list[float], reference_rewards: list[float]) -> float:

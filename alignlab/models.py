@@ -13,7 +13,7 @@ from torch import nn
 
 from alignlab.builtin import build_model, build_tokenizer
 from alignlab.config import LoraConfig, ModelConfig
-from alignlab.distributed import unpartitioned_loading
+from alignlab.distributed import whole_models
 from alignlab.errors import ConfigError, UserError, first_line
 
 
@@ -319,16 +319,17 @@ class AdapterDisabled(nn.Module):
             self.policy.train(was_training)
 
 
-def save_merged(cfg: ModelConfig, tokenizer, seed: int, adapter_dir: Path, out_dir: Path) -> None:
+def save_merged(cfg: ModelConfig, tokenizer, seed: int, adapter_dir: Path, out_dir: Path, args=None) -> None:
     """Write `out_dir`: the adapter of `adapter_dir` merged into a freshly loaded full-precision base.
 
     The base is reloaded (unquantised even after QLoRA, as peft recommends for merging) rather than
-    merged in place, so the trained model, possibly partitioned by ZeRO-3, is left untouched. The
-    result loads with plain `AutoModelForCausalLM.from_pretrained`.
+    merged in place, so the trained model, possibly partitioned by ZeRO-3 (`args`: the run's
+    `TrainingArguments`), is left untouched. The result loads with plain
+    `AutoModelForCausalLM.from_pretrained`.
     """
     from peft import PeftModel  # deferred: heavy
 
-    with unpartitioned_loading():
+    with whole_models(args):
         base = _load_causal_lm(replace(cfg, gradient_checkpointing=False, lora=LoraConfig()), tokenizer, seed)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(out_dir))

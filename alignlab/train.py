@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab import checkpoints, distributed, losses
+from alignlab import checkpoints, distributed, losses, models  # models.X: looked up at each call
 from alignlab.builtin import task_reward
 from alignlab.config import TRL_NAMES, AlignConfig, ModelConfig, TrainerConfig, to_typed
 from alignlab.data import PreferenceCollator, build_datasets, check_data_needs
@@ -21,8 +21,6 @@ from alignlab.errors import ConfigError, RunStopped, StoppedAtOnce, UserError, f
 from alignlab.evaluate import evaluate
 from alignlab.forward import ForwardPlan
 from alignlab.losses.base import PAIRWISE_HEADLINE, STANDARD_CURVES, Needs, PrepareContext
-from alignlab.models import (chat_template, check_lora, check_model_folder, load_frozen, load_policy,
-                             load_reference, load_tokenizer, save_merged)
 from alignlab.reference import column as reference_column
 from alignlab.reference import model_identity, precompute
 from alignlab.report import environment, plot_curves, redact
@@ -64,16 +62,16 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
             raise ConfigError(f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
                               f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it")
     check_data_needs(cfg.data, needs.responses, needs.fields)
-    check_model_folder(cfg.model.name_or_path)
+    models.check_model_folder(cfg.model.name_or_path)
     if cfg.model.reference:
-        check_model_folder(cfg.model.reference, "model.reference")
+        models.check_model_folder(cfg.model.reference, "model.reference")
     if cfg.model.tokenizer and not Path(cfg.model.tokenizer).expanduser().exists() and cfg.model.tokenizer.startswith(
             ("/", "./", "../", "~")):
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} does not exist (relative paths start at "
                           f"{Path.cwd()}). Fix: point it at a tokenizer folder, or leave it unset")
-    check_lora(cfg.model, _has_accelerator())
+    models.check_lora(cfg.model, _has_accelerator())
     if cfg.model.chat_template:
-        chat_template(cfg.model.chat_template)  # a wrong name or path fails now, not after loading
+        models.chat_template(cfg.model.chat_template)  # a wrong name or path fails now, not after loading
     check_trainer(cfg.trainer)
 
 
@@ -353,7 +351,7 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
 
     needs = loss_fn.needs
     resume = claimed.resume
-    tokenizer = load_tokenizer(typed.model)
+    tokenizer = models.load_tokenizer(typed.model)
     with distributed.main_process_first():  # one process fills the tokenized cache, the others read it
         data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields)
     if main:
@@ -362,9 +360,10 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
         if unknown:
             print(unknown)
 
-    policy = load_policy(typed.model, tokenizer, typed.seed)
-    reference = load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
-    teachers = {name: load_frozen(path, typed.model, tokenizer, typed.seed) for name, path in needs.teachers}
+    policy = models.load_policy(typed.model, tokenizer, typed.seed)
+    reference = models.load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
+    teachers = {name: models.load_frozen(path, typed.model, tokenizer, typed.seed)
+                for name, path in needs.teachers}
     ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
                          device=policy.device, seed=typed.seed, model=typed.model, architecture=policy.config,
                          embed_prompts=None if reference is None else
@@ -433,7 +432,7 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
         (model_dir / "training_args.bin").unlink(missing_ok=True)
     merged_dir = output_dir / "model_merged" if typed.model.lora.merge_on_save else None
     if merged_dir is not None and main:
-        save_merged(typed.model, tokenizer, typed.seed, model_dir, merged_dir)
+        models.save_merged(typed.model, tokenizer, typed.seed, model_dir, merged_dir, trainer.args)
     if trainer.is_world_process_zero():
         plot_curves(metrics_file, output_dir / "curves.png", (*STANDARD_CURVES, *loss_fn.curves))
     train_losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
@@ -448,7 +447,7 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
         write_record(output_dir, claimed.identity, "finished", step=step)
         print(summary_text(result))
         if typed.eval.generate:
-            end_of_training_eval(typed, output_dir)
+            end_of_training_eval(typed, output_dir, trainer.args)
         if use_wandb:
             _finish_wandb()
     distributed.barrier()  # the run's files are written before any process returns
@@ -494,12 +493,13 @@ def absolute_paths(content: dict) -> dict:
     return content
 
 
-def end_of_training_eval(cfg: AlignConfig, output_dir: Path) -> dict:
-    """`alignlab eval` on the finished run, as configured by `eval.*`; prints its headline figures."""
+def end_of_training_eval(cfg: AlignConfig, output_dir: Path, args=None) -> dict:
+    """`alignlab eval` on the finished run, as configured by `eval.*`; prints its headline figures
+    (`args`: the run's `TrainingArguments`, whose ZeRO-3 setting the eval's models are loaded outside of)."""
     reward = cfg.eval.reward
     if reward == "auto":
         reward = task_reward(cfg.data.path)  # the builtin task's own (builtin.DATASETS), else none
-    with distributed.outside_zero3():  # process 0 alone loads the models
+    with distributed.whole_models(args):  # process 0 alone loads the models
         result = evaluate(output_dir, reward=reward, num_prompts=cfg.eval.num_prompts,
                           max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
     if result.get("num_prompts"):

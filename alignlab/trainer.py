@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from alignlab.checkpoints import (COMPLETE, LOG_STATE, LOSS_STATE, checkpoint_folders, grads_finite, manifest,
                                   mark_complete, non_finite, save_batch)
@@ -124,7 +124,11 @@ class AlignTrainer(Trainer):
         return batches, num_items_in_batch
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # HF's "the last checkpoint in output_dir"
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self._resume_checkpoint = resume_from_checkpoint
+        if resume_from_checkpoint is not None:
+            self.load_loss_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _run_epoch(self, *args, **kwargs):
@@ -216,11 +220,25 @@ class AlignTrainer(Trainer):
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(output_dir) / LOSS_STATE)
 
+    def load_loss_state(self, checkpoint: str | Path) -> None:
+        """Resume the loss module's state from `checkpoint` (nothing for a loss without state); on every
+        resume path, DeepSpeed's included (its engine loads the weights itself)."""
+        if not self.loss_fn.state_dict():
+            return
+        path = Path(checkpoint) / LOSS_STATE
+        if not path.exists():
+            raise UserError(
+                f"cannot resume: {checkpoint} has no {LOSS_STATE}: the loss {self.loss_fn.registry_name!r} "
+                "keeps state (e.g. a running reward mean) that resuming without it would silently reset. "
+                "Fix: resume from a checkpoint this loss wrote, or start a fresh run")
+        # copied onto the buffers' device (safetensors rejects "cpu:0")
+        self.loss_fn.load_state_dict(load_file(path))
+
     def _save_checkpoint(self, model, trial) -> None:
-        """HF's checkpoint and the logging window in progress, then the completion marker (each file's
-        size and checksum, written last: see alignlab.checkpoints), then the rotation of old checkpoints
-        (`save_total_limit`), so that a complete one always exists. A failed write (disk full,
-        permission denied) removes the partial folder and stops the run in one line."""
+        """HF's checkpoint, the loss's state and the logging window in progress, then the completion
+        marker (each file's size and checksum, written last: see alignlab.checkpoints), then the rotation
+        of old checkpoints (`save_total_limit`), so that a complete one always exists. A failed write
+        (disk full, permission denied) removes the partial folder and stops the run in one line."""
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
@@ -228,6 +246,7 @@ class AlignTrainer(Trainer):
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
+            self.save_loss_state(folder)
             self._save_log_state(folder)
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
@@ -285,24 +304,6 @@ class AlignTrainer(Trainer):
         self._metrics["train"] = defaultdict(list, {
             name: [torch.tensor(v, dtype=torch.float32, device=self.args.device) for v in values]
             for name, values in state["metrics"].items()})
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        self.save_loss_state(output_dir)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        # The counterpart of _save_optimizer_and_scheduler, on every resume path (HF skips
-        # _load_from_checkpoint under DeepSpeed, whose engine loads the weights itself).
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not self.loss_fn.state_dict():
-            return
-        path = Path(checkpoint) / LOSS_STATE
-        if not path.exists():
-            raise UserError(
-                f"cannot resume: {checkpoint} has no {LOSS_STATE}: the loss {self.loss_fn.registry_name!r} keeps "
-                "state (e.g. a running reward mean) that resuming without it would silently reset. Fix: resume "
-                "from a checkpoint this loss wrote, or start a fresh run")
-        self.loss_fn.load_state_dict(load_file(path))  # copied onto the buffers' device (safetensors rejects "cpu:0")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Merge the loss's metrics, averaged since the last log and across processes, into `logs`."""

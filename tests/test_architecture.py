@@ -212,12 +212,12 @@ def needless_deferrals(package: Path = PACKAGE) -> list[str]:
     no `HEAVY` module that the importing one does not load already (such an import only hides an edge)."""
     modules = module_files(package)
     heavy = heavy_at_import(package)
-    return [f"alignlab.{name}, line {line}: alignlab.{target} "
-            f"(it loads {sorted(heavy[target]) or 'nothing heavy'})"
-            for name, path in modules.items()
-            for target, line, where in import_statements(name, path, modules)
-            if where == "function" and target in modules
-            and heavy[target] <= heavy[name]]
+    return sorted({f"alignlab.{name}, line {line}: alignlab.{target} "
+                   f"(it loads {sorted(heavy[target]) or 'nothing heavy'})"
+                   for name, path in modules.items()
+                   for target, line, where in import_statements(name, path, modules)
+                   if where == "function" and target in modules
+                   and heavy[target] <= heavy[name]})
 
 
 def test_imports_inside_functions_only_defer_heavy_modules():

@@ -140,3 +140,37 @@ def test_help_of_the_installed_command():
 def test_an_unknown_command_is_refused_with_the_usage():
     out = subprocess.run([sys.executable, "-m", "alignlab.cli", "trian"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr and "usage: alignlab" in out.stderr
+
+
+@pytest.fixture
+def hydra_left_clean():
+    """`cli.main` runs Hydra in this process: leave no Hydra config behind for later tests."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    yield
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
+
+
+def test_a_single_run_is_composed_once_by_hydra(monkeypatch, capsys, hydra_left_clean):
+    import alignlab.compose
+    from alignlab import cli
+
+    calls = []
+    monkeypatch.setattr(alignlab.compose, "compose", lambda *args, **kwargs: calls.append(args))
+    cli.main(["train", "+recipe=dpo", "loss.beta=0.2", "--cfg", "job"])  # Hydra prints the composed config
+    assert calls == [] and "beta: 0.2" in capsys.readouterr().out
+
+
+def test_a_single_run_mistake_is_named_from_hydras_exception(capsys, hydra_left_clean):
+    import os
+
+    from alignlab import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["train", "+recipe=dpo", "loss.bta=1", "--cfg", "job"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "HYDRA_FULL_ERROR" not in os.environ
+    assert err.startswith("alignlab: error: unknown key 'loss.bta'. Did you mean loss.beta? Keys of loss: ")
+    assert len(err.splitlines()) == 1

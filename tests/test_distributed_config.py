@@ -5,6 +5,7 @@ unworkable setups are refused naming the fix, and the multi-process helpers are 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,66 @@ def test_process_helpers_are_no_ops_in_one_process(tmp_path):
     distributed.average_gradients([param])
     assert torch.equal(param.grad, torch.full((2,), 3.0))
     assert not DeepSpeedConfig().enabled and DeepSpeedConfig(path="x.json").enabled
+
+
+def test_whole_models_switches_zero3_off_in_the_block_and_back_after():
+    from transformers.integrations.deepspeed import (is_deepspeed_zero3_enabled, set_hf_deepspeed_config,
+                                                     unset_hf_deepspeed_config)
+
+    class Zero3:  # what TrainingArguments holds as hf_deepspeed_config under deepspeed=zero3
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    class Args:
+        deepspeed = {"zero_optimization": {"stage": 3}}
+        hf_deepspeed_config = Zero3()
+
+    args = Args()
+    set_hf_deepspeed_config(args.hf_deepspeed_config)
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with distributed.whole_models(args):
+            assert not is_deepspeed_zero3_enabled()  # from_pretrained loads whole models here
+        assert is_deepspeed_zero3_enabled()
+        with distributed.whole_models():  # no run arguments: nothing to set back
+            pass
+        assert not is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def _two_processes(rank: int, port: int, out: str) -> None:
+    import os
+    import time
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.init_processes()
+    log = Path(out) / "order.txt"
+    with distributed.main_process_first():
+        if rank == 0:
+            time.sleep(0.5)  # process 1 must still wait
+        with log.open("a") as f:
+            f.write(f"{rank}\n")
+    distributed.barrier()
+    result = {"main": distributed.is_main_process(), "same": distributed.same_on_all(f"from {rank}"),
+              "all_true": distributed.all_true(rank == 0), "all_true_both": distributed.all_true(True)}
+    (Path(out) / f"{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def test_process_helpers_across_two_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_two_processes, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    first, second = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert first == {"main": True, "same": "from 0", "all_true": False, "all_true_both": True}
+    assert second == {"main": False, "same": "from 0", "all_true": False, "all_true_both": True}
+    assert (tmp_path / "order.txt").read_text().split() == ["0", "1"]  # process 0 filled the cache first

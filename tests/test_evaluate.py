@@ -82,3 +82,13 @@ def test_eval_arguments_are_checked_before_any_model_loads(tmp_path, monkeypatch
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("alignlab: error: ") and message in err[0], err
+
+
+def test_right_padded_batch_labels_only_the_completion():
+    from alignlab.evaluate import _right_padded
+
+    batch = _right_padded([([5, 6], [7]), ([5], [8, 9, 2])], pad=0, device="cpu")
+    assert batch["x_input_ids"].tolist() == [[5, 6, 7, 0], [5, 8, 9, 2]]
+    assert batch["x_attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch["x_labels"].tolist() == [[-100, -100, 7, -100], [-100, 8, 9, 2]]
+    assert {t.dtype for t in batch.values()} == {torch.long}
