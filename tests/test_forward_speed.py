@@ -221,21 +221,38 @@ ARCHITECTURES = {"llama": {}, "gpt2": {}, "qwen2": {}, "mistral": {}, "phi": {},
                  "cohere": {"logit_scale": 0.5}, "granite": {"logits_scaling": 4.0}}
 
 
+def _architecture(model_type: str, dtype=torch.float64):
+    """A small random model of `model_type` with sdpa attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, pad_token_id=0, **ARCHITECTURES[model_type])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype).eval()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "cohere"])
+def test_model_facts_hold_in_half_precision(model_type):
+    """In bf16 the probe's allowance for kernel noise hides neither OPT's mixed sequences nor Cohere's scaled
+    logits, and flags no difference in Llama: the same facts as in fp64."""
+    from alignlab.forward import ModelFacts
+
+    plan = ForwardPlan.of(Needs(), logit_chunk_size=4, padding_free=True)
+    facts = [ModelFacts.of(m, m.get_output_embeddings(), plan)
+             for m in (_architecture(model_type), _architecture(model_type, torch.bfloat16))]
+    assert (facts[0].logits_from_head, facts[0].packs) == (facts[1].logits_from_head, facts[1].packs)
+
+
 @pytest.mark.parametrize("layout", ["packed", "shared_prompts"])
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_model_facts_are_what_the_model_does_on_real_batches(model_type, layout):
     """`ModelFacts`, decided once on the fixed probe batch, are what the model does on other batches: a
     wrong decision (chunked logits of a model that scales its own, packing a model that mixes sequences)
     fails here."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from alignlab.forward import ModelFacts
 
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=128, pad_token_id=0, **ARCHITECTURES[model_type])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double().eval()
+    model = _architecture(model_type)
     head = model.get_output_embeddings()
     plan = ForwardPlan.of(Needs(), logit_chunk_size=4, padding_free=layout == "packed",
                           prefix_sharing=layout == "shared_prompts")
