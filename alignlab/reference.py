@@ -91,8 +91,10 @@ def precompute(reference, dataset, collator, plan, responses: tuple[str, ...], *
         results = [score(rows) for rows in batches][:own]  # the repeated batch's result is dropped
         if world > 1:
             rows = sum(map(len, batches[:own]))
-            print(f"reference log-probs: process {rank} scored {rows} of {len(dataset)} rows "
-                  f"({own} batches{', 1 repeated' if len(batches) > own else ''})")
+            repeated = ", 1 repeated" if len(batches) > own else ""
+            # one write, flushed: the processes' lines stay whole in a shared stdout
+            print(f"reference log-probs: process {rank} scored {rows} of {len(dataset)} rows ({own} batches"
+                  f"{repeated})\n", end="", flush=True)
         for result in reassemble(all_gather(results)):
             for r, (flat, counts) in result.items():
                 values[column(r)].extend(row.tolist() for row in flat.split(counts))
