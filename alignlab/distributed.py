@@ -89,6 +89,22 @@ def all_true(flag: bool) -> bool:
     return all(gather_object([bool(flag)])) if _initialized() else flag
 
 
+def process_index_and_count() -> tuple[int, int]:
+    """This process's rank and the number of processes ((0, 1) in a single process)."""
+    if not _initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_gather(value: Any) -> list:
+    """Every process's `value` (picklable), in rank order, in every process (`[value]` in a single one)."""
+    if not _initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 @contextmanager
 def main_process_first() -> Iterator[None]:
     """Process 0 runs the block first, then each node's local process 0, then the others.

@@ -6,9 +6,14 @@ per-token log-probs of each response are stored as a column (`ref_<response>_log
 tokens only) of the tokenized dataset and cached on disk, keyed by a fingerprint of the dataset,
 the reference model and the forward settings, so reruns and the members of a sweep reuse them.
 
-Several processes (torchrun, DeepSpeed) each score the whole dataset, in step (a ZeRO-3 reference
-is partitioned across them, so every forward needs all of them), and get the same values; only
-process 0 writes the cache file, the others keep theirs in memory.
+Several processes (torchrun, DeepSpeed) share the scoring, as TRL's DPOTrainer does: the dataset's
+batches are those of a single-process pass (so every row is scored in the same batch, padded alike,
+and gets the same values), dealt out round-robin (`shard`: batch k to process k % N), each process
+scores its own 1/N, and the results are gathered (`distributed.all_gather`) and put back in row
+order (`reassemble`). The processes run their forwards in step, the same number each (a ZeRO-3
+reference is partitioned across them, so every forward needs all of them): one with a batch fewer
+repeats one and drops its result. Every process then holds all the values; only process 0 writes the
+cache file, the others keep theirs in memory.
 
 Losses that need the reference's full-vocabulary logits (TDPO, SparsePO, NPO+KL) cannot use them:
 `alignlab.train.check_combination` refuses that combination before any model loads.
@@ -23,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from alignlab.distributed import all_true, barrier, is_main_process
+from alignlab.distributed import all_gather, all_true, barrier, is_main_process, process_index_and_count
 from alignlab.losses.base import SequenceLogps
-
 
 #: bump when the stored values change for the same inputs.
 CACHE_VERSION = 1
@@ -72,14 +76,34 @@ def precompute(reference, dataset, collator, plan, responses: tuple[str, ...], *
     head = reference.get_output_embeddings()
     plan = replace(plan, responses=responses, full_logits=False).fitted(reference)
 
-    def score(rows: dict[str, list]) -> dict[str, list]:
-        examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
+    def score(rows: range) -> dict[str, tuple[torch.Tensor, list[int]]]:
+        """Per response: the log-probs of the response tokens of rows `rows`, concatenated; their counts."""
+        columns = dataset[rows.start:rows.stop]
+        examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
         batch = {k: v.to(device) for k, v in collator(examples).items()}
         out = plan(reference, head, batch)
-        return {column(r): [lp[m].tolist() for lp, m in zip(out[r].token_logps.cpu(), out[r].mask.cpu())]
-                for r in responses}
+        return {r: (out[r].token_logps[out[r].mask].cpu(), out[r].mask.sum(-1).tolist()) for r in responses}
 
-    scored = dataset.map(score, batched=True, batch_size=batch_size, new_fingerprint=key[:32],
+    values: dict[str, list] = {column(r): [] for r in responses}
+    if not hit:
+        rank, world = process_index_and_count()
+        batches, own = shard(len(dataset), batch_size, rank, world)
+        results = [score(rows) for rows in batches][:own]  # the repeated batch's result is dropped
+        if world > 1:
+            rows = sum(map(len, batches[:own]))
+            repeated = ", 1 repeated" if len(batches) > own else ""
+            # one write, flushed: the processes' lines stay whole in a shared stdout
+            print(f"reference log-probs: process {rank} scored {rows} of {len(dataset)} rows ({own} batches"
+                  f"{repeated})\n", end="", flush=True)
+        for result in reassemble(all_gather(results)):
+            for r, (flat, counts) in result.items():
+                values[column(r)].extend(row.tolist() for row in flat.split(counts))
+
+    def attach(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
+        return {name: [scores[i] for i in indices] for name, scores in values.items()}
+
+    scored = dataset.map(attach, with_indices=True, batched=True, batch_size=batch_size,
+                         new_fingerprint=key[:32], load_from_cache_file=hit or None,
                          cache_file_name=str(cache_file) if on_disk else None, keep_in_memory=not on_disk,
                          desc="Reference log-probs")
     barrier()  # the cache file is complete before any process goes on
@@ -87,6 +111,27 @@ def precompute(reference, dataset, collator, plan, responses: tuple[str, ...], *
         print(f"reference log-probs: {'reused from cache' if hit else 'computed'} for {len(dataset)} examples "
               f"({cache_file})")
     return scored
+
+
+def shard(n_rows: int, batch_size: int, rank: int, world: int) -> tuple[list[range], int]:
+    """The batches (row ranges) process `rank` of `world` scores, and how many of them are its own.
+
+    Batch k holds rows [k*b, (k+1)*b), as in a single-process pass, and goes to process k % world.
+    Every process gets ceil(batches / world) of them: one with fewer repeats its last (or the first
+    batch), whose result it drops; the first `own` are its own.
+    """
+    n_batches = -(-n_rows // batch_size)
+    batches = [range(k * batch_size, min((k + 1) * batch_size, n_rows))
+               for k in range(rank, n_batches, world)]
+    own = len(batches)
+    filler = batches[-1] if batches else range(min(batch_size, n_rows))
+    return batches + [filler] * (-(-n_batches // world) - own), own
+
+
+def reassemble(per_process: list[list]) -> list:
+    """All batches' results in batch (= row) order, from each process's own ones (in `shard`'s order)."""
+    world = len(per_process)
+    return [per_process[k % world][k // world] for k in range(sum(map(len, per_process)))]
 
 
 def from_columns(inputs: dict[str, torch.Tensor], policy: dict[str, SequenceLogps]) -> dict[str, SequenceLogps]:

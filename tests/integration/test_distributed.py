@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -83,8 +84,10 @@ CASES = {
     # the reference is the adapter-disabled policy (LoRA dropout off: it would draw per-process masks)
     "zero3-dpo-lora": ("zero3", ("+recipe=dpo", "model.lora.enabled=true", "model.lora.dropout=0",
                                  "trainer.learning_rate=1e-2"), ()),
-    # scored in step by both processes with the partitioned reference, cached by process 0; vs a live reference
-    "zero3-dpo-precomputed": ("zero3", ("+recipe=dpo",), ("model.reference_mode=precomputed",)),
+    # scored half each (in step: 2400 rows in 25 batches of 96, the process with 12 repeats one) with the
+    # partitioned reference, gathered, cached by process 0; vs a live reference
+    "zero3-dpo-precomputed": ("zero3", ("+recipe=dpo",), ("model.reference_mode=precomputed",
+                                                         "trainer.per_device_eval_batch_size=96")),
     # teachers as partitioned inference engines, their full logits chunked through gathered frozen heads
     "zero3-aligndistil": ("zero3", ("+recipe=dpo", "loss=aligndistil", "loss.dpo_teacher=builtin:tiny",
                                     "loss.reverse_teacher=builtin:tiny"), ()),
@@ -121,7 +124,19 @@ def test_two_processes_train_like_one(case, tmp_path, compose_run):
     assert out.count("alignlab: run finished") == 1 and out.count("data builtin:sentiment") == 1  # process 0 prints
     if "model.reference_mode=precomputed" in multi_only:
         assert out.count("reference log-probs: computed") == 1
-        assert len(list((tmp_path / "cache" / "reference").glob("reference-*.arrow"))) == 1  # one writer
+        caches = list((tmp_path / "cache" / "reference").glob("reference-*.arrow"))
+        assert len(caches) == 1  # one writer
+        # each process scored half of the rows, to a batch (whole batches, dealt out round-robin), and the
+        # cache holds exactly what one process scoring them all writes
+        share = r"process (\d) scored (\d+ of \d+ rows \(\d+ batches(?:, 1 repeated)?\))"
+        shares = dict(re.findall(share, out))
+        assert shares == {"0": "1248 of 2400 rows (13 batches)",
+                          "1": "1152 of 2400 rows (12 batches, 1 repeated)"}
+        run(compose_run(*common, *multi_only, *STEPS, "trainer.max_steps=1",
+                        f"data.cache_dir={tmp_path / 'one'}"), output_dir=tmp_path / "one-run")
+        one = list((tmp_path / "one" / "reference").glob("reference-*.arrow"))
+        assert [p.name for p in one] == [caches[0].name]  # the same key
+        assert caches[0].read_bytes() == one[0].read_bytes()
 
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path, compose_run):
