@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from alignlab.data import PreferenceCollator
-from alignlab.forward import concatenated_forward
+from alignlab.forward import ForwardPlan
 from alignlab.losses.base import Needs, PrepareContext, Score
 from alignlab.models import DTYPES, ModelError, freeze, load_frozen
 
@@ -65,12 +65,13 @@ def _log_ratio(score: Score, ctx: PrepareContext, responses: tuple[str, ...]) ->
     """S_model(y) − S_ref(y) of each response, the log-probabilities summed over its tokens."""
     model = load_frozen(score.model, ctx.model, ctx.tokenizer, ctx.seed).to(ctx.device)
     collate = PreferenceCollator(ctx.tokenizer.pad_token_id, responses=responses)
+    plan = ForwardPlan(responses, chunk_size=SCORING_CHUNK)  # padded batches; fitted once to each model
+    forward = [(plan.fitted(m), m, m.get_output_embeddings()) for m in (model, ctx.reference)]
 
     @torch.no_grad()
     def run(rows: list[dict]) -> dict[str, list[float]]:
         batch = {key: value.to(ctx.device) for key, value in collate(rows).items()}
-        ours = concatenated_forward(model, batch, responses, chunk_size=SCORING_CHUNK)
-        ref = concatenated_forward(ctx.reference, batch, responses, chunk_size=SCORING_CHUNK)
+        ours, ref = (fitted(m, head, batch) for fitted, m, head in forward)
         return {r: (ours[r].logps - ref[r].logps).tolist() for r in responses}
 
     return run
