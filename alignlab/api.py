@@ -27,8 +27,14 @@ from typing import Any
 from alignlab.errors import ConfigError
 
 
-def train(overrides: Sequence[str] = (), *, dataset: Any = None, eval_dataset: Any = None,
-          config_dir: str | None = None, output_dir: str | Path | None = None):
+def train(
+    overrides: Sequence[str] = (),
+    *,
+    dataset: Any = None,
+    eval_dataset: Any = None,
+    config_dir: str | None = None,
+    output_dir: str | Path | None = None,
+):
     """Train one run, as `alignlab train [--config-dir DIR] OVERRIDES` does (stages first, if any).
 
     Args:
@@ -52,8 +58,9 @@ def train(overrides: Sequence[str] = (), *, dataset: Any = None, eval_dataset: A
     from alignlab.train import run, run_stages
 
     if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError("overrides must be a list of strings such as ['+recipe=dpo', 'loss.beta=0.2'], got "
-                          f"{overrides!r}")
+        raise ConfigError(
+            f"overrides must be a list of strings such as ['+recipe=dpo', 'loss.beta=0.2'], got {overrides!r}"
+        )
     for given, key in ((dataset, "data.path"), (eval_dataset, "data.eval_path")):
         if given is not None and any(o.lstrip("+~").partition("=")[0] == key for o in overrides):
             argument = "eval_dataset" if "eval" in key else "dataset"
@@ -81,8 +88,10 @@ def saved(dataset: Any, root: Path, argument: str, allow_dict: bool = True) -> P
     kinds = (datasets.Dataset, datasets.DatasetDict) if allow_dict else (datasets.Dataset,)
     if not isinstance(dataset, kinds):
         names = " or ".join(kind.__name__ for kind in kinds)
-        raise ConfigError(f"{argument} must be a datasets.{names}, got {type(dataset).__name__}. Fix: build one, "
-                          "e.g. datasets.Dataset.from_list(rows) (an IterableDataset: Dataset.from_generator)")
+        raise ConfigError(
+            f"{argument} must be a datasets.{names}, got {type(dataset).__name__}. Fix: build one, "
+            "e.g. datasets.Dataset.from_list(rows) (an IterableDataset: Dataset.from_generator)"
+        )
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".saving-{uuid.uuid4().hex}"
     dataset.save_to_disk(str(staging))

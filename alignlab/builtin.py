@@ -31,7 +31,17 @@ SUBJECTS_TRAIN = ["film", "movie", "show", "book", "play", "album", "series", "n
 SUBJECTS_HELDOUT = ["game", "musical", "comic", "documentary"]
 OPENINGS_TRAIN = ["review : the {s} was", "my take : this {s} felt", "in short , the {s} is"]
 OPENINGS_HELDOUT = ["honestly , that {s} seemed", "verdict : our {s} looked"]
-POSITIVE = ["wonderful", "great", "brilliant", "charming", "delightful", "superb", "moving", "fresh", "clever"]
+POSITIVE = [
+    "wonderful",
+    "great",
+    "brilliant",
+    "charming",
+    "delightful",
+    "superb",
+    "moving",
+    "fresh",
+    "clever",
+]
 NEGATIVE = ["awful", "dull", "boring", "clumsy", "tedious", "weak", "bland", "messy", "stale"]
 ASPECTS = ["acting", "plot", "music", "writing", "ending", "pacing", "cast", "dialogue"]
 LINKS = ["and the {a} was", "with {a} that felt", ", its {a} simply", "but the {a} stayed"]
@@ -70,7 +80,10 @@ def build_tokenizer():
     # encoding again gives back the same ids
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
         additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -83,17 +96,26 @@ def build_model(vocab_size: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
 
 
-def _completion(rng: random.Random, good: list[str] = POSITIVE,
-                bad: list[str] = NEGATIVE) -> tuple[str, str, str]:
+def _completion(
+    rng: random.Random, good: list[str] = POSITIVE, bad: list[str] = NEGATIVE
+) -> tuple[str, str, str]:
     """One completion skeleton with 2–3 word slots, filled three times: gold, chosen, rejected.
 
     The fillings share every word except the slots, each of which holds a `good` or a `bad` word.
@@ -139,8 +161,9 @@ def understated_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> li
     return _review_pairs("understated", PLAIN, HYPE, n, seed, heldout)
 
 
-def _review_pairs(task: str, good: list[str], bad: list[str], n: int, seed: int,
-                  heldout: bool) -> list[dict[str, str]]:
+def _review_pairs(
+    task: str, good: list[str], bad: list[str], n: int, seed: int, heldout: bool
+) -> list[dict[str, str]]:
     """`n` review rows whose chosen completion has more `good` slot words than the rejected one."""
     rng = random.Random(f"alignlab-{task}-{seed}-{heldout}")
     subjects = SUBJECTS_HELDOUT if heldout else SUBJECTS_TRAIN
@@ -157,7 +180,9 @@ def _review_pairs(task: str, good: list[str], bad: list[str], n: int, seed: int,
 FORGET_SUBJECT = "film"
 
 
-def sentiment_completions(split: str, n: int = 600, seed: int = 0, heldout: bool = False) -> list[dict[str, str]]:
+def sentiment_completions(
+    split: str, n: int = 600, seed: int = 0, heldout: bool = False
+) -> list[dict[str, str]]:
     """`{prompt, completion}` reviews for unlearning: `forget` = reviews of the film, `retain` = the rest.
 
     Completions are the task's responses (gold, chosen or rejected at random), so the forget set
@@ -190,8 +215,9 @@ class BuiltinDataset:
 
 #: `builtin:<name>` data sources.
 DATASETS = {
-    "sentiment": BuiltinDataset(sentiment_pairs, 2400, heldout_eval=True,
-                                reward="alignlab.builtin:sentiment_reward"),
+    "sentiment": BuiltinDataset(
+        sentiment_pairs, 2400, heldout_eval=True, reward="alignlab.builtin:sentiment_reward"
+    ),
     "sentiment-understated": BuiltinDataset(understated_pairs, 2400, heldout_eval=True),
     "sentiment-forget": BuiltinDataset(partial(sentiment_completions, "forget"), 600, heldout_eval=False),
     "sentiment-retain": BuiltinDataset(partial(sentiment_completions, "retain"), 600, heldout_eval=False),
@@ -213,5 +239,7 @@ def sentiment_reward(prompts: list[str], completions: list[str]) -> list[float]:
     scores = []
     for text in completions:
         words = text.split()
-        scores.append((sum(w in positive for w in words) - sum(w in negative for w in words)) / max(len(words), 1))
+        scores.append(
+            (sum(w in positive for w in words) - sum(w in negative for w in words)) / max(len(words), 1)
+        )
     return scores

@@ -92,14 +92,20 @@ def mark_complete(checkpoint: Path, identity: dict | None = None) -> None:
     checkpoint = Path(checkpoint)
     paths = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE)
     hashed = digests(paths)
-    files = {path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size, "digest": hashed[path]}
-             for path in paths}
+    files = {
+        path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size, "digest": hashed[path]}
+        for path in paths
+    }
     for path in paths:
         _fsync_file(path)
     for folder in sorted({p.parent for p in checkpoint.rglob("*")} | {checkpoint}, reverse=True):
         _fsync_dir(folder)
-    manifest = {"format": MANIFEST_FORMAT, "digest": f"sha256 of the sha256 of each {BLOCK >> 20} MiB block",
-                "files": files, **(identity or {})}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "digest": f"sha256 of the sha256 of each {BLOCK >> 20} MiB block",
+        "files": files,
+        **(identity or {}),
+    }
     tmp = checkpoint / (COMPLETE + ".tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(manifest, indent=1))
@@ -155,9 +161,14 @@ def problem(checkpoint: Path, *, loss_state: bool = False, verify: bool = True) 
     if not any(checkpoint.glob("rng_state*.pth")):
         missing.append("rng_state.pth")
     if deepspeed:
-        missing += [f"DeepSpeed {what} (global_step*/*{pattern})" for what, pattern in
-                    (("model states", "model_states.pt"), ("optimizer states", "optim_states.pt"))
-                    if not any(checkpoint.glob(f"global_step*/*{pattern}"))]
+        missing += [
+            f"DeepSpeed {what} (global_step*/*{pattern})"
+            for what, pattern in (
+                ("model states", "model_states.pt"),
+                ("optimizer states", "optim_states.pt"),
+            )
+            if not any(checkpoint.glob(f"global_step*/*{pattern}"))
+        ]
     elif not any((checkpoint / name).exists() for name in WEIGHTS):
         missing.append("model weights")
     if missing:
@@ -174,7 +185,9 @@ def problem(checkpoint: Path, *, loss_state: bool = False, verify: bool = True) 
             return f"{checkpoint} lost {name} after it was saved"
         size = path.stat().st_size
         if size != entry["size"]:
-            return f"{checkpoint}/{name} is {size} bytes, {entry['size']} when saved (truncated or overwritten)"
+            return (
+                f"{checkpoint}/{name} is {size} bytes, {entry['size']} when saved (truncated or overwritten)"
+            )
     hashed = digests([checkpoint / name for name in files])
     for name, entry in files.items():
         if hashed[checkpoint / name] != entry["digest"]:
@@ -184,13 +197,17 @@ def problem(checkpoint: Path, *, loss_state: bool = False, verify: bool = True) 
 
 def checkpoint_folders(output_dir: Path) -> list[Path]:
     """The `checkpoint-N` folders of a run directory, oldest (lowest N) first."""
-    found = sorted((int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
-                   if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir())
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in Path(output_dir).glob("checkpoint-*")
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
+    )
     return [p for _, p in found]
 
 
-def latest_complete(output_dir: Path, *, loss_state: bool = False,
-                    fingerprint: str | None = None) -> tuple[Path | None, list[str]]:
+def latest_complete(
+    output_dir: Path, *, loss_state: bool = False, fingerprint: str | None = None
+) -> tuple[Path | None, list[str]]:
     """The newest resumable `checkpoint-N` in `output_dir` (of the config `fingerprint`, when given),
     and why each newer one was skipped."""
     skipped = []
@@ -218,17 +235,23 @@ def save_batch(batch: dict, path: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in batch.items() if isinstance(v, torch.Tensor)}, path)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in batch.items() if isinstance(v, torch.Tensor)}, path
+    )
     return path
 
 
 def non_finite(what: str, where: str, batch_file: Path | None) -> NonFiniteError:
     """The error of a NaN or infinite `what` ("the loss is nan", "a gradient is NaN or infinite")."""
-    saved = (f"; the batch is saved in {batch_file} (decode its *_input_ids with the tokenizer to see its rows)"
-             if batch_file is not None else "")
+    saved = (
+        f"; the batch is saved in {batch_file} (decode its *_input_ids with the tokenizer to see its rows)"
+        if batch_file is not None
+        else ""
+    )
     return NonFiniteError(
         f"{what} at {where}{saved}. Stopped before the optimizer applies it: the last checkpoint is the last "
-        "good state. Fix: lower trainer.learning_rate, check that batch's data, or prefer bf16 to fp16")
+        "good state. Fix: lower trainer.learning_rate, check that batch's data, or prefer bf16 to fp16"
+    )
 
 
 def truncate_log(metrics_file: Path, checkpoint: str | Path) -> None:
@@ -251,5 +274,7 @@ def truncate_log(metrics_file: Path, checkpoint: str | Path) -> None:
         tmp = metrics_file.with_suffix(".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(metrics_file)
-        print(f"alignlab: {metrics_file.name}: dropped {len(lines) - len(kept)} records logged after step {step}, "
-              "where the run resumes (they are logged again)")
+        print(
+            f"alignlab: {metrics_file.name}: dropped {len(lines) - len(kept)} records logged after step {step}, "
+            "where the run resumes (they are logged again)"
+        )

@@ -72,7 +72,9 @@ class LazyLogits:
 Logits = torch.Tensor | LazyLogits
 
 
-def per_token(fn: Callable[..., torch.Tensor], *sources: Logits, extras: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+def per_token(
+    fn: Callable[..., torch.Tensor], *sources: Logits, extras: tuple[torch.Tensor, ...] = ()
+) -> torch.Tensor:
     """`fn(*logits, *extras)` evaluated over positions, `(B, T)`.
 
     Args:
@@ -90,7 +92,9 @@ def per_token(fn: Callable[..., torch.Tensor], *sources: Logits, extras: tuple[t
     if where is not None:
         return _per_selected_token(fn, sources, extras, where)
     if any(s.where is not None for s in sources):
-        raise ValueError("per_token: some sources hold selected positions and others all; build them the same way")
+        raise ValueError(
+            "per_token: some sources hold selected positions and others all; build them the same way"
+        )
     return _chunked(fn, sources, extras, sources[0].chunk_size)
 
 
@@ -110,13 +114,13 @@ def _chunked(fn, sources, extras, chunk: int) -> torch.Tensor:
     heads = [s.head for s in sources]
 
     def on_chunk(*tensors: torch.Tensor) -> torch.Tensor:
-        hidden, rest = tensors[: len(heads)], tensors[len(heads):]
+        hidden, rest = tensors[: len(heads)], tensors[len(heads) :]
         return fn(*(_fp32(head(h)) for head, h in zip(heads, hidden)), *rest)
 
     out = []
     n_chunks = _agreed_chunk_count(heads, -(-length // chunk))
     for start in range(0, n_chunks * chunk, chunk):
-        parts = [t[:, start:start + chunk] for t in (*(s.hidden for s in sources), *extras)]
+        parts = [t[:, start : start + chunk] for t in (*(s.hidden for s in sources), *extras)]
         if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
             out.append(checkpoint(on_chunk, *parts, use_reentrant=False))
         else:

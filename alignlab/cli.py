@@ -56,7 +56,9 @@ def _train_hydra(argv: list[str]) -> None:
             run_stages(cfg)  # earlier stages of a multi-stage recipe (none for most recipes)
             run(cfg)
         except Exception as err:
-            if sweep_dir() is not None:  # recorded in the member's error.log and the sweep's table; the others run on
+            if (
+                sweep_dir() is not None
+            ):  # recorded in the member's error.log and the sweep's table; the others run on
                 from hydra.core.hydra_config import HydraConfig
 
                 line = sweeps.record_failure(err, Path(HydraConfig.get().runtime.output_dir))
@@ -116,8 +118,20 @@ def _missing_config_dir(config_dir: str | None) -> str | None:
 
 
 #: Hydra's flags that take a value (the next argument, or after `=`).
-_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
-                "--config-path", "-cp", "--info", "-i")
+_VALUE_FLAGS = (
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--config-path",
+    "-cp",
+    "--info",
+    "-i",
+)
 
 
 def explain_overrides(argv: list[str]) -> str | None:
@@ -184,25 +198,32 @@ def sweep_members(overrides: list[str]) -> list[list[str]]:
     except HydraException as err:
         raise ConfigError(f"cannot parse the sweep: {str(err).splitlines()[0]}") from None
     try:
-        sweeps = {i: [str(v) for v in o.sweep_string_iterator()]
-                  for i, o in enumerate(parsed) if o.is_sweep_override()}
+        sweeps = {
+            i: [str(v) for v in o.sweep_string_iterator()]
+            for i, o in enumerate(parsed)
+            if o.is_sweep_override()
+        }
     except Exception:  # noqa: BLE001 - a sweeper's own kind (e.g. optuna's interval()): left to Hydra
         return []
     prefix = {i: parsed[i].input_line.partition("=")[0] for i in sweeps}  # with its + / ++ / ~
     first = [f"{prefix[i]}={sweeps[i][0]}" if i in sweeps else o.input_line for i, o in enumerate(parsed)]
     members = [first]
     for i, values in sweeps.items():
-        members += [[*first[:i], f"{prefix[i]}={value}", *first[i + 1:]] for value in values[1:]]
+        members += [[*first[:i], f"{prefix[i]}={value}", *first[i + 1 :]] for value in values[1:]]
     return members
 
 
 def _eval(argv: list[str]) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="alignlab eval", description="Evaluate a saved run against its reference.")
+    parser = argparse.ArgumentParser(
+        prog="alignlab eval", description="Evaluate a saved run against its reference."
+    )
     parser.add_argument("run_dir", help="a run directory (it holds model/ and config.yaml)")
-    parser.add_argument("--reward", help="module:function(prompts, completions) -> scores, e.g. "
-                                         "alignlab.builtin:sentiment_reward")
+    parser.add_argument(
+        "--reward",
+        help="module:function(prompts, completions) -> scores, e.g. alignlab.builtin:sentiment_reward",
+    )
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -227,14 +248,18 @@ def _eval(argv: list[str]) -> None:
 def _list() -> None:
     from alignlab.losses import REGISTRY, build
 
-    print("losses: what each optimises [its paper]\n"
-          "        needs: what you supply for the default config; then what a loss.OPTION=VALUE changes")
+    print(
+        "losses: what each optimises [its paper]\n"
+        "        needs: what you supply for the default config; then what a loss.OPTION=VALUE changes"
+    )
     for name, entry in sorted(REGISTRY.items()):
         cfg = entry.config()
         items = _need_items(build(cfg).needs, cfg)
         changes = [f"{option}: {change}" for option, change in _needs_by_option(entry, items)]
-        print(f"  {name:<12} {entry.loss.summary} [{entry.loss.paper}]\n"
-              f"  {'':<12} needs: {', '.join(items)}" + "".join(f"; {c}" for c in changes))
+        print(
+            f"  {name:<12} {entry.loss.summary} [{entry.loss.paper}]\n"
+            f"  {'':<12} needs: {', '.join(items)}" + "".join(f"; {c}" for c in changes)
+        )
     print("recipes (alignlab train +recipe=NAME):")
     for name in recipe_names():
         print(f"  {name}")
@@ -248,8 +273,11 @@ def _need_items(needs, cfg) -> list[str]:
     if needs.activations is not None:
         items.append("reference " + ("hidden states" if needs.activations.hidden_states else "activations"))
     responses = [r for r in needs.responses if r != "retain"]
-    items.append("pairs chosen/rejected" if tuple(responses) == ("chosen", "rejected")
-                 else f"response{'s' * (len(responses) > 1)} {'/'.join(responses)}")
+    items.append(
+        "pairs chosen/rejected"
+        if tuple(responses) == ("chosen", "rejected")
+        else f"response{'s' * (len(responses) > 1)} {'/'.join(responses)}"
+    )
     if "retain" in needs.responses:
         items.append("retain set (data.retain)")
     if needs.fields:
@@ -261,7 +289,9 @@ def _need_items(needs, cfg) -> list[str]:
     if needs.prepared_fields:  # the loss computes them itself: nothing to supply, but a step to know of
         items.append(f"{'/'.join(needs.prepared_fields)} (computed before training)")
     for score in needs.scores:  # the pipeline scores every response once, before training
-        items.append(f"{score.name} scores by {score.model} ({score.option or score.kind}, computed before training)")
+        items.append(
+            f"{score.name} scores by {score.model} ({score.option or score.kind}, computed before training)"
+        )
     return items
 
 
@@ -278,7 +308,8 @@ def _needs_by_option(entry, default: list[str]) -> list[tuple[str, str]]:
         removed = [f"-{i}" for i in default if i not in items]
         if added or removed:
             changes.setdefault((option, ", ".join(added + removed)), []).append(
-                str(other).lower() if isinstance(other, bool) else other)
+                str(other).lower() if isinstance(other, bool) else other
+            )
     return [(f"loss.{option}={'|'.join(values)}", change) for (option, change), values in changes.items()]
 
 

@@ -18,12 +18,21 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from alignlab.config import (EMBEDDED_RESOLVER, DataConfig, DeepSpeedConfig, LoggerConfig, ModelConfig,
-                             TrainerConfig, embedded_value, resource_dir, schema, trl_hint)
+from alignlab.config import (
+    EMBEDDED_RESOLVER,
+    DataConfig,
+    DeepSpeedConfig,
+    LoggerConfig,
+    ModelConfig,
+    TrainerConfig,
+    embedded_value,
+    resource_dir,
+    schema,
+    trl_hint,
+)
 from alignlab.errors import ConfigError
 from alignlab.losses import REGISTRY
 from alignlab.stages import register_resolver
-
 
 _registered = False
 
@@ -84,13 +93,16 @@ def _composer(config_dir: str | None, config_name: str):
     return attempt
 
 
-def explain(err: Exception, overrides: list[str], config_dir: str | None = None,
-            config_name: str = "config") -> str:
+def explain(
+    err: Exception, overrides: list[str], config_dir: str | None = None, config_name: str = "config"
+) -> str:
     """One line naming the mistake behind one of Hydra's `COMPOSITION_ERRORS`, from the exception's
     fields (`compose`'s, or the one `hydra.main` raised for `alignlab train`)."""
     if isinstance(err, OverrideParseException):
-        return (f"cannot parse {err.override!r}: {err.message.splitlines()[0]}. Quote values holding "
-                "{ } [ ] , = or spaces for Hydra, e.g. key='\"a value\"'")
+        return (
+            f"cannot parse {err.override!r}: {err.message.splitlines()[0]}. Quote values holding "
+            "{ } [ ] , = or spaces for Hydra, e.g. key='\"a value\"'"
+        )
     if isinstance(err, MissingConfigException):
         return _missing_option(err, config_dir)
     cause = err.__cause__
@@ -116,8 +128,13 @@ def _missing_option(err, config_dir: str | None) -> str:
         return f"config {name!r} not found{f' in {config_dir}' if config_dir else ''}"
     near = difflib.get_close_matches(name, options, n=1)
     hint = f" Did you mean {'+' if group == 'recipe' else ''}{group}={near[0]}?" if near else ""
-    where = "" if config_dir or group != "recipe" else (
-        " (a recipe of your own: alignlab train --config-dir DIR +recipe=NAME, with DIR/recipe/NAME.yaml)")
+    where = (
+        ""
+        if config_dir or group != "recipe"
+        else (
+            " (a recipe of your own: alignlab train --config-dir DIR +recipe=NAME, with DIR/recipe/NAME.yaml)"
+        )
+    )
     return f"unknown {group} {name!r}.{hint} Options: {', '.join(options)}{where}"
 
 

@@ -23,9 +23,16 @@ FORMATS = ("auto", "explicit", "conversational", "hh", "columns")
 REFERENCE_MODES = ("live", "precomputed")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 #: other spellings of `DTYPES` that users bring (TrainingArguments' bf16/fp16, torch's half, ...).
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-                 "float": "float32",
-                 "torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
+DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+    "torch.bfloat16": "bfloat16",
+    "torch.float16": "float16",
+    "torch.float32": "float32",
+}
 
 
 @dataclass
@@ -61,9 +68,12 @@ class LoraConfig:
             raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         targets = self.target_modules
         if not (isinstance(targets, str) and targets) and not (
-                isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)):
-            raise ValueError("model.lora.target_modules must be all-linear, a module name regex, or a list of "
-                             f"module names such as [q_proj,v_proj]; got {targets!r}")
+            isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)
+        ):
+            raise ValueError(
+                "model.lora.target_modules must be all-linear, a module name regex, or a list of "
+                f"module names such as [q_proj,v_proj]; got {targets!r}"
+            )
         if not self.enabled and (self.merge_on_save or self.load_in_4bit):
             option = "merge_on_save" if self.merge_on_save else "load_in_4bit"
             raise ValueError(f"model.lora.{option}=true needs an adapter: set model.lora.enabled=true")
@@ -169,8 +179,9 @@ class DataConfig:
                 f"({self.max_length}) to leave room for the response"
             )
         if self.eval_size < 0 or (self.eval_size >= 1 and self.eval_size != int(self.eval_size)):
-            raise ValueError("data.eval_size must be a fraction below 1 or a whole number of rows, got "
-                             f"{self.eval_size}")
+            raise ValueError(
+                f"data.eval_size must be a fraction below 1 or a whole number of rows, got {self.eval_size}"
+            )
         for name in ("max_prompt_length", "num_proc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
@@ -211,32 +222,56 @@ class TrainerConfig:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "eval_steps",
-                     "save_steps", "dataloader_num_workers"):
+        for name in (
+            "learning_rate",
+            "warmup_steps",
+            "weight_decay",
+            "max_grad_norm",
+            "eval_steps",
+            "save_steps",
+            "dataloader_num_workers",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
-            raise ValueError(f"trainer.max_steps={self.max_steps} with trainer.num_train_epochs="
-                             f"{self.num_train_epochs} trains zero steps. Fix: set trainer.max_steps > 0, or trainer.max_steps=-1 and "
-                             "trainer.num_train_epochs > 0")
+            raise ValueError(
+                f"trainer.max_steps={self.max_steps} with trainer.num_train_epochs="
+                f"{self.num_train_epochs} trains zero steps. Fix: set trainer.max_steps > 0, or trainer.max_steps=-1 and "
+                "trainer.num_train_epochs > 0"
+            )
         for name in sorted(self.extra):
             if name in {f.name for f in fields(self)}:
-                raise ValueError(f"trainer.extra.{name}: {name} is a trainer setting of its own; set trainer.{name} "
-                                  "instead")
+                raise ValueError(
+                    f"trainer.extra.{name}: {name} is a trainer setting of its own; set trainer.{name} "
+                    "instead"
+                )
             if name in TRAINING_ARGUMENTS_SET_BY_ALIGNLAB:
-                raise ValueError(f"trainer.extra.{name}: alignlab sets TrainingArguments.{name} itself "
-                                  f"({TRAINING_ARGUMENTS_SET_BY_ALIGNLAB[name]}); remove trainer.extra.{name}")
+                raise ValueError(
+                    f"trainer.extra.{name}: alignlab sets TrainingArguments.{name} itself "
+                    f"({TRAINING_ARGUMENTS_SET_BY_ALIGNLAB[name]}); remove trainer.extra.{name}"
+                )
 
 
 #: TrainingArguments that alignlab.train.training_arguments derives, and from what.
 TRAINING_ARGUMENTS_SET_BY_ALIGNLAB = {
-    "output_dir": "the run directory", "eval_strategy": "trainer.eval_steps", "save_strategy": "trainer.save_steps",
-    "seed": "seed", "report_to": "logger=", "run_name": "the run directory", "remove_unused_columns": "always false",
-    "label_names": "always empty", "use_cpu": "whether a GPU is present", "deepspeed": "deepspeed=",
+    "output_dir": "the run directory",
+    "eval_strategy": "trainer.eval_steps",
+    "save_strategy": "trainer.save_steps",
+    "seed": "seed",
+    "report_to": "logger=",
+    "run_name": "the run directory",
+    "remove_unused_columns": "always false",
+    "label_names": "always empty",
+    "use_cpu": "whether a GPU is present",
+    "deepspeed": "deepspeed=",
 }
 
 
@@ -286,11 +321,15 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"eval.num_prompts and eval.max_new_tokens must be >= 1, got {self.num_prompts} and "
-                             f"{self.max_new_tokens}; set eval.generate=false to skip sampling")
+            raise ValueError(
+                f"eval.num_prompts and eval.max_new_tokens must be >= 1, got {self.num_prompts} and "
+                f"{self.max_new_tokens}; set eval.generate=false to skip sampling"
+            )
         if self.reward not in (None, "auto") and ":" not in self.reward:
-            raise ValueError(f"eval.reward must be module:function, 'auto' or null, got {self.reward!r} "
-                             "(e.g. eval.reward=alignlab.bench.sentiment:vader_reward)")
+            raise ValueError(
+                f"eval.reward must be module:function, 'auto' or null, got {self.reward!r} "
+                "(e.g. eval.reward=alignlab.bench.sentiment:vader_reward)"
+            )
 
 
 @dataclass
@@ -422,8 +461,10 @@ def trl_hint(key: str) -> str:
     """' In alignlab it is X.' when the last part of `key` is a TRL name kept elsewhere, else ''."""
     leaf = key.rpartition(".")[2]
     if leaf in TRL_NAMES and not TRL_NAMES[leaf].startswith(key):
-        return (f" {leaf} is TRL's (or transformers') name; in alignlab it is {TRL_NAMES[leaf]} "
-                "(docs/from_trl.md).")
+        return (
+            f" {leaf} is TRL's (or transformers') name; in alignlab it is {TRL_NAMES[leaf]} "
+            "(docs/from_trl.md)."
+        )
     return ""
 
 

@@ -45,6 +45,7 @@ _HIDDEN_SIZE_KEYS = {
 
 # -- processes ------------------------------------------------------------------------------------
 
+
 def launched_multiprocess() -> bool:
     """Whether a launcher (torchrun, deepspeed, srun via torchrun) started several processes."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -67,6 +68,7 @@ def _initialized() -> bool:
 
 # accelerate's `PartialState` does the process control below. A single process (no process group)
 # never builds one: PartialState() would pick a device before `TrainingArguments` does.
+
 
 def is_main_process() -> bool:
     """Process 0, or the only process."""
@@ -122,6 +124,7 @@ def main_process_first() -> Iterator[None]:
 
 # -- DeepSpeed ------------------------------------------------------------------------------------
 
+
 @contextmanager
 def whole_models(args=None) -> Iterator[None]:
     """Models loaded in the block are whole, ordinary models, even while the run's ZeRO-3 `args`
@@ -151,8 +154,10 @@ def deepspeed_config(cfg: DeepSpeedConfig) -> dict | None:
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"deepspeed.path={cfg.path!r} is not a readable DeepSpeed JSON config ({err}); fix the "
-                              "path, or pick a built-in one with deepspeed=zero1|zero2|zero3|zero3_offload") from None
+            raise ConfigError(
+                f"deepspeed.path={cfg.path!r} is not a readable DeepSpeed JSON config ({err}); fix the "
+                "path, or pick a built-in one with deepspeed=zero1|zero2|zero3|zero3_offload"
+            ) from None
     return copy.deepcopy(cfg.config) if cfg.config else None
 
 
@@ -162,16 +167,22 @@ def check(cfg: AlignConfig) -> None:
     if ds is None:
         return
     if "deepspeed" in cfg.trainer.extra:
-        raise ConfigError("trainer.extra.deepspeed and the deepspeed group both set a DeepSpeed config; remove "
-                          "trainer.extra.deepspeed and use deepspeed=<option> or deepspeed.path=<json>")
+        raise ConfigError(
+            "trainer.extra.deepspeed and the deepspeed group both set a DeepSpeed config; remove "
+            "trainer.extra.deepspeed and use deepspeed=<option> or deepspeed.path=<json>"
+        )
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise ConfigError("deepspeed is set but the deepspeed package is not installed: "
-                          "pip install 'alignlab[deepspeed]' (or use deepspeed=none)") from None
+        raise ConfigError(
+            "deepspeed is set but the deepspeed package is not installed: "
+            "pip install 'alignlab[deepspeed]' (or use deepspeed=none)"
+        ) from None
     if cfg.model.lora.load_in_4bit and ds.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ConfigError("model.lora.load_in_4bit=true (QLoRA) with ZeRO-3 is not supported here; use deepspeed=zero2 "
-                          "(the 4-bit base is small) or model.lora.load_in_4bit=false")
+        raise ConfigError(
+            "model.lora.load_in_4bit=true (QLoRA) with ZeRO-3 is not supported here; use deepspeed=zero2 "
+            "(the 4-bit base is small) or model.lora.load_in_4bit=false"
+        )
 
 
 def check_loss_parameters(cfg: AlignConfig, loss) -> None:
@@ -181,9 +192,11 @@ def check_loss_parameters(cfg: AlignConfig, loss) -> None:
     heads cannot join them. (Under plain multi-process training they can: `average_gradients`.)
     """
     if cfg.deepspeed.enabled and loss.param_groups():
-        raise ConfigError(f"loss {cfg.loss.name!r} trains parameters of its own (e.g. SparsePO's learned mask heads), "
-                          "which DeepSpeed's ZeRO optimizers cannot take; use deepspeed=none (torchrun still runs "
-                          "several processes, with DDP) or a variant without them (SparsePO: loss.mask=activation)")
+        raise ConfigError(
+            f"loss {cfg.loss.name!r} trains parameters of its own (e.g. SparsePO's learned mask heads), "
+            "which DeepSpeed's ZeRO optimizers cannot take; use deepspeed=none (torchrun still runs "
+            "several processes, with DDP) or a variant without them (SparsePO: loss.mask=activation)"
+        )
 
 
 def average_gradients(params) -> None:
@@ -233,9 +246,11 @@ def prepare_frozen(model: nn.Module | None, args) -> nn.Module | None:
     for key, value in _HIDDEN_SIZE_KEYS.items():
         if zero.get(key) == "auto":
             if not hidden:
-                raise ConfigError(f"deepspeed: zero_optimization.{key}=auto needs the model's hidden_size, which "
-                                  f"{type(model).__name__}'s config lacks; "
-                                  f"set deepspeed.config.zero_optimization.{key}")
+                raise ConfigError(
+                    f"deepspeed: zero_optimization.{key}=auto needs the model's hidden_size, which "
+                    f"{type(model).__name__}'s config lacks; "
+                    f"set deepspeed.config.zero_optimization.{key}"
+                )
             zero[key] = value(hidden)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()

@@ -76,8 +76,9 @@ def report_dir(run_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def sample(model, other, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-           batch_size: int = 64) -> Generations:
+def sample(
+    model, other, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64
+) -> Generations:
     """Sample one completion per prompt from `model` (ancestral: top_k=0, top_p=1, temperature 1), in
     left-padded batches of `batch_size`; score each under `model` and `other` (summed log-probs of the
     completion tokens, EOS included when sampled). The generator is seeded once with `seed`, so two
@@ -87,12 +88,23 @@ def sample(model, other, tokenizer, prompts: list[str], max_new_tokens: int, see
     torch.manual_seed(seed)
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
-            out = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(
+                model.device
+            )
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             rows = []
-            for ids, mask, new in zip(enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:]):
+            for ids, mask, new in zip(
+                enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]
+            ):
                 new = new.tolist()
                 if tokenizer.eos_token_id in new:  # keep the EOS, drop anything after it
                     new = new[: new.index(tokenizer.eos_token_id) + 1]
@@ -110,13 +122,17 @@ def sample(model, other, tokenizer, prompts: list[str], max_new_tokens: int, see
 
 def _right_padded(rows: list[tuple[list[int], list[int]]], pad: int, device) -> dict[str, torch.Tensor]:
     """(prompt ids, completion ids) rows -> a collated batch "x" whose labels are the completion."""
-    def padded(sequences: list[list[int]], value: int) -> torch.Tensor:
-        return pad_sequence([torch.tensor(s, dtype=torch.long) for s in sequences], batch_first=True,
-                            padding_value=value).to(device)
 
-    return {"x_input_ids": padded([p + c for p, c in rows], pad),
-            "x_attention_mask": padded([[1] * (len(p) + len(c)) for p, c in rows], 0),
-            "x_labels": padded([[-100] * len(p) + c for p, c in rows], -100)}
+    def padded(sequences: list[list[int]], value: int) -> torch.Tensor:
+        return pad_sequence(
+            [torch.tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_value=value
+        ).to(device)
+
+    return {
+        "x_input_ids": padded([p + c for p, c in rows], pad),
+        "x_attention_mask": padded([[1] * (len(p) + len(c)) for p, c in rows], 0),
+        "x_labels": padded([[-100] * len(p) + c for p, c in rows], -100),
+    }
 
 
 def win_rate(policy_rewards: list[float], reference_rewards: list[float]) -> float:
@@ -125,50 +141,83 @@ def win_rate(policy_rewards: list[float], reference_rewards: list[float]) -> flo
     return sum(wins) / len(wins) if wins else float("nan")
 
 
-def evaluate(run_dir: Path, reward: str | None = None, num_prompts: int = 32, max_new_tokens: int = 32,
-             seed: int = 0) -> dict:
+def evaluate(
+    run_dir: Path, reward: str | None = None, num_prompts: int = 32, max_new_tokens: int = 32, seed: int = 0
+) -> dict:
     """Evaluate the saved run in `run_dir`; writes `run_dir/eval/` and returns the figures."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "model").is_dir() or not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a finished alignlab run (it needs model/ and config.yaml)")
     if num_prompts < 1 or max_new_tokens < 1:
-        raise ValueError(f"the number of prompts and of new tokens must be >= 1, got {num_prompts} and {max_new_tokens}")
+        raise ValueError(
+            f"the number of prompts and of new tokens must be >= 1, got {num_prompts} and {max_new_tokens}"
+        )
     scorer = load_reward(reward)  # before any model loads
     cfg = load_run_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)
     # the reference of training: model.reference, or the initial policy (builtin models are rebuilt
     # from the run's seed, so they are the same weights)
     base = _without_adapter(cfg.model)
-    reference = freeze(load_policy(replace(base, name_or_path=cfg.model.reference) if cfg.model.reference else base,
-                                   tokenizer, cfg.seed))
+    reference = freeze(
+        load_policy(
+            replace(base, name_or_path=cfg.model.reference) if cfg.model.reference else base,
+            tokenizer,
+            cfg.seed,
+        )
+    )
     saved = run_dir / "model"
     if (saved / "adapter_config.json").exists():  # a LoRA run: the base with the trained adapter
         from peft import PeftModel
 
         policy = freeze(PeftModel.from_pretrained(load_policy(base, tokenizer, cfg.seed), str(saved)))
     else:
-        policy = freeze(load_policy(replace(base, name_or_path=str(saved), tokenizer=None), tokenizer, cfg.seed))
+        policy = freeze(
+            load_policy(replace(base, name_or_path=str(saved), tokenizer=None), tokenizer, cfg.seed)
+        )
 
     needs = build(cfg.loss).needs  # the held-out prompts of the run's own data, whatever its kind
     data = build_datasets(cfg.data, tokenizer, responses=needs.responses, seed=cfg.seed, fields=needs.fields)
     prompts = _prompts(data, tokenizer, num_prompts) if data is not None and data.eval is not None else []
-    result: dict = {"run": str(run_dir), "num_prompts": len(prompts), "distinct_prompts": len(set(prompts)),
-                    "max_new_tokens": max_new_tokens}
+    result: dict = {
+        "run": str(run_dir),
+        "num_prompts": len(prompts),
+        "distinct_prompts": len(set(prompts)),
+        "max_new_tokens": max_new_tokens,
+    }
     if prompts:
         pol = sample(policy, reference, tokenizer, prompts, max_new_tokens, seed)
         ref = sample(reference, policy, tokenizer, prompts, max_new_tokens, seed)
         logratios = pol.logps_self - pol.logps_other
         result["kl_policy_reference"] = float(logratios.mean())
         result["logratios"] = [round(float(x), 4) for x in logratios]
-        result["length_policy"] = {"mean": statistics.fmean(pol.lengths), "median": statistics.median(pol.lengths)}
-        result["length_reference"] = {"mean": statistics.fmean(ref.lengths), "median": statistics.median(ref.lengths)}
+        result["length_policy"] = {
+            "mean": statistics.fmean(pol.lengths),
+            "median": statistics.median(pol.lengths),
+        }
+        result["length_reference"] = {
+            "mean": statistics.fmean(ref.lengths),
+            "median": statistics.median(ref.lengths),
+        }
         if scorer is not None:
-            pr, rr = list(map(float, scorer(prompts, pol.completions))), list(map(float, scorer(prompts, ref.completions)))
-            result.update(reward=reward, reward_policy=statistics.fmean(pr), reward_reference=statistics.fmean(rr),
-                          win_rate=win_rate(pr, rr), rewards_policy=pr, rewards_reference=rr)
-        result["samples"] = [{"prompt": p, "policy": a, "reference": b}
-                             for p, a, b in list(zip(prompts, pol.completions, ref.completions))[:5]]
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+            pr, rr = (
+                list(map(float, scorer(prompts, pol.completions))),
+                list(map(float, scorer(prompts, ref.completions))),
+            )
+            result.update(
+                reward=reward,
+                reward_policy=statistics.fmean(pr),
+                reward_reference=statistics.fmean(rr),
+                win_rate=win_rate(pr, rr),
+                rewards_policy=pr,
+                rewards_reference=rr,
+            )
+        result["samples"] = [
+            {"prompt": p, "policy": a, "reference": b}
+            for p, a, b in list(zip(prompts, pol.completions, ref.completions))[:5]
+        ]
+    summary = (
+        json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    )
     result["held_out"] = summary.get("eval", {})
     out = report_dir(run_dir)
     out.mkdir()
@@ -192,8 +241,12 @@ def plot_eval(result: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     ax = axes[0][0]
     ax.hist(result["logratios"], bins=20, color="tab:blue", alpha=0.8)
-    ax.axvline(result["kl_policy_reference"], color="k", ls="--",
-               label=f"mean = KL estimate {result['kl_policy_reference']:.3f}")
+    ax.axvline(
+        result["kl_policy_reference"],
+        color="k",
+        ls="--",
+        label=f"mean = KL estimate {result['kl_policy_reference']:.3f}",
+    )
     ax.set(xlabel="log π(y|x) − log π_ref(y|x), y ~ π", ylabel="samples", title="KL(π‖π_ref) from samples")
     ax.legend(fontsize=8)
     if panels == 2:
@@ -201,10 +254,23 @@ def plot_eval(result: dict, out: Path) -> Path:
         lo = min(result["rewards_policy"] + result["rewards_reference"])
         hi = max(result["rewards_policy"] + result["rewards_reference"])
         bins = [lo + (hi - lo) * i / 20 for i in range(21)] if hi > lo else 10
-        ax.hist(result["rewards_reference"], bins=bins, alpha=0.6, label=f"reference (mean {result['reward_reference']:.3f})")
-        ax.hist(result["rewards_policy"], bins=bins, alpha=0.6, label=f"policy (mean {result['reward_policy']:.3f})")
-        ax.set(xlabel=f"reward ({result['reward']})", ylabel="samples",
-               title=f"reward; policy win rate {result['win_rate']:.3f}")
+        ax.hist(
+            result["rewards_reference"],
+            bins=bins,
+            alpha=0.6,
+            label=f"reference (mean {result['reward_reference']:.3f})",
+        )
+        ax.hist(
+            result["rewards_policy"],
+            bins=bins,
+            alpha=0.6,
+            label=f"policy (mean {result['reward_policy']:.3f})",
+        )
+        ax.set(
+            xlabel=f"reward ({result['reward']})",
+            ylabel="samples",
+            title=f"reward; policy win rate {result['win_rate']:.3f}",
+        )
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -228,7 +294,11 @@ def load_run_config(path: Path):
 def _without_adapter(model_cfg):
     """The run's model config with LoRA switched off (the adapter, if any, is loaded from the run)."""
     lora = getattr(model_cfg, "lora", None)
-    return replace(model_cfg, lora=replace(lora, enabled=False, merge_on_save=False)) if lora is not None else model_cfg
+    return (
+        replace(model_cfg, lora=replace(lora, enabled=False, merge_on_save=False))
+        if lora is not None
+        else model_cfg
+    )
 
 
 def _prompts(data, tokenizer, n: int) -> list[str]:
@@ -249,22 +319,34 @@ def report_markdown(result: dict) -> str:
     lines = [f"# Evaluation of {result['run']}", ""]
     if result.get("held_out"):
         lines += ["## Held-out preference metrics (end of training)", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in result["held_out"].items()
-                  if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second")) and k != "epoch"]
+        lines += [
+            f"| {k} | {v:.4f} |"
+            for k, v in result["held_out"].items()
+            if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second")) and k != "epoch"
+        ]
         lines.append("")
     if result.get("num_prompts"):
         distinct = result.get("distinct_prompts", result["num_prompts"])
         on = f"{distinct} distinct " if distinct < result["num_prompts"] else ""
-        lines += [f"## Generation ({result['num_prompts']} samples on {on}held-out prompts, up to "
-                  f"{result['max_new_tokens']} tokens)",
-                  "", "| figure | policy | reference |", "|---|---|---|",
-                  f"| KL(π‖π_ref), from policy samples | {result['kl_policy_reference']:.4f} | 0 |",
-                  f"| mean length (tokens) | {result['length_policy']['mean']:.1f} | {result['length_reference']['mean']:.1f} |"]
+        lines += [
+            f"## Generation ({result['num_prompts']} samples on {on}held-out prompts, up to "
+            f"{result['max_new_tokens']} tokens)",
+            "",
+            "| figure | policy | reference |",
+            "|---|---|---|",
+            f"| KL(π‖π_ref), from policy samples | {result['kl_policy_reference']:.4f} | 0 |",
+            f"| mean length (tokens) | {result['length_policy']['mean']:.1f} | {result['length_reference']['mean']:.1f} |",
+        ]
         if "win_rate" in result:
-            lines += [f"| mean reward ({result['reward']}) | {result['reward_policy']:.4f} | {result['reward_reference']:.4f} |",
-                      f"| win rate against the reference | {result['win_rate']:.3f} | 0.5 |"]
+            lines += [
+                f"| mean reward ({result['reward']}) | {result['reward_policy']:.4f} | {result['reward_reference']:.4f} |",
+                f"| win rate against the reference | {result['win_rate']:.3f} | 0.5 |",
+            ]
         if result.get("plot"):
             lines += ["", f"![reward and KL]({Path(result['plot']).name})"]
         lines += ["", "Samples:", ""]
-        lines += [f"- *{s['prompt']}* → policy: {s['policy']!r}; reference: {s['reference']!r}" for s in result["samples"]]
+        lines += [
+            f"- *{s['prompt']}* → policy: {s['policy']!r}; reference: {s['reference']!r}"
+            for s in result["samples"]
+        ]
     return "\n".join(lines) + "\n"

@@ -107,13 +107,21 @@ class ModelFacts:
             hidden = padded.hidden_states[-1]
             from_head = packs = None
             if plan.chunk_size and head is not None:  # the same op as in the model: close in any dtype
-                from_head = torch.allclose(chunkable_head(head)(hidden)[real].float(),
-                                           padded.logits[real].float(), atol=1e-4, rtol=1e-3)
+                from_head = torch.allclose(
+                    chunkable_head(head)(hidden)[real].float(),
+                    padded.logits[real].float(),
+                    atol=1e-4,
+                    rtol=1e-3,
+                )
             if plan.layout != "padded":  # final hidden states: logits of a random model hide a difference
                 packing = _packing(plan.layout, ids, mask, batch["labels"], len(plan.responses))
-                packed = model(input_ids=ids.flatten()[packing.index], position_ids=packing.position_ids,
-                               attention_mask=packing.mask_for(attn), output_hidden_states=True,
-                               use_cache=False)
+                packed = model(
+                    input_ids=ids.flatten()[packing.index],
+                    position_ids=packing.position_ids,
+                    attention_mask=packing.mask_for(attn),
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
                 tol = 1e-4 if hidden.dtype in (torch.float32, torch.float64) else 5e-2  # half: kernel noise
                 unpacked = packing.unpack(packed.hidden_states[-1])
                 packs = torch.allclose(unpacked[real].float(), hidden[real].float(), atol=tol, rtol=tol)
@@ -126,23 +134,28 @@ def _probe_batch(responses: tuple[str, ...], device) -> dict[str, torch.Tensor]:
     """Three examples (prompts of 3, 2, 1 tokens, which all responses share) as the forward runs them: the
     rows of every response concatenated (`ids`, `mask`, `labels`), right-padded, uneven enough that
     packing saves rows; ids below 16, in any vocabulary."""
-    rows = [(prompt, completion) for k in range(len(responses))
-            for prompt, completion in (([5, 6, 7], [8 + k, 9, 10 + k]), ([7, 5], [11 - k]), ([6], [9 + k]))]
+    rows = [
+        (prompt, completion)
+        for k in range(len(responses))
+        for prompt, completion in (([5, 6, 7], [8 + k, 9, 10 + k]), ([7, 5], [11 - k]), ([6], [9 + k]))
+    ]
     width = max(len(p) + len(c) for p, c in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, (prompt, completion) in enumerate(rows):
-        ids[i, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-        labels[i, len(prompt):len(prompt) + len(completion)] = torch.tensor(completion)
+        ids[i, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+        labels[i, len(prompt) : len(prompt) + len(completion)] = torch.tensor(completion)
     return {"ids": ids.to(device), "mask": (ids != 0).long().to(device), "labels": labels.to(device)}
 
 
-def _packing(layout: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             n_responses: int) -> Packing | None:
+def _packing(
+    layout: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, n_responses: int
+) -> Packing | None:
     """The `Packing` of a concatenated batch in `layout` (`LAYOUTS`), None for padded rows."""
     if layout == "shared_prompts":
-        return Packing.shared_prompts(attention_mask, input_ids=input_ids, labels=labels,
-                                      n_responses=n_responses)
+        return Packing.shared_prompts(
+            attention_mask, input_ids=input_ids, labels=labels, n_responses=n_responses
+        )
     return Packing.of(attention_mask) if layout == "packed" else None
 
 
@@ -180,9 +193,17 @@ class ForwardPlan:
     attn_implementation: str | None = None
 
     @classmethod
-    def of(cls, needs: Needs, *, logit_chunk_size: int = 0, skip_unused_logits: bool = True,
-           padding_free: bool = False, prefix_sharing: bool = False, reference_mode: str = "live",
-           loss_name: str = "") -> ForwardPlan:
+    def of(
+        cls,
+        needs: Needs,
+        *,
+        logit_chunk_size: int = 0,
+        skip_unused_logits: bool = True,
+        padding_free: bool = False,
+        prefix_sharing: bool = False,
+        reference_mode: str = "live",
+        loss_name: str = "",
+    ) -> ForwardPlan:
         """The run's plan from the loss's needs and the `model.*` switches, or a one-line `ConfigError`
         for settings that cannot give the loss what it needs (before any model loads).
 
@@ -191,21 +212,32 @@ class ForwardPlan:
         gradients (tests/losses/test_invariance.py)."""
         if reference_mode == "precomputed":
             if not needs.reference:
-                raise ConfigError(f"loss {loss_name!r} is reference-free: model.reference_mode=precomputed "
-                                  "has no reference to precompute; remove it")
+                raise ConfigError(
+                    f"loss {loss_name!r} is reference-free: model.reference_mode=precomputed "
+                    "has no reference to precompute; remove it"
+                )
             if needs.full_logits or needs.activations is not None:
                 what = "full-vocabulary logits" if needs.full_logits else "activations"
                 raise ConfigError(
                     f"loss {loss_name!r} needs the reference model's {what} at every step, which precomputed "
-                    "reference log-probs do not keep; set model.reference_mode=live")
+                    "reference log-probs do not keep; set model.reference_mode=live"
+                )
         if logit_chunk_size < 0:
             raise ConfigError(f"model.logit_chunk_size must be >= 0, got {logit_chunk_size}")
         layout = "shared_prompts" if prefix_sharing else "packed" if padding_free else "padded"
-        return cls(needs.responses, needs.full_logits, needs.logits_on_prompt, needs.activations,
-                   logit_chunk_size, skip_unused_logits, layout)
+        return cls(
+            needs.responses,
+            needs.full_logits,
+            needs.logits_on_prompt,
+            needs.activations,
+            logit_chunk_size,
+            skip_unused_logits,
+            layout,
+        )
 
-    def fitted(self, model: nn.Module | None, head: nn.Module | None = None, *,
-               reference: bool = False) -> ForwardPlan | None:
+    def fitted(
+        self, model: nn.Module | None, head: nn.Module | None = None, *, reference: bool = False
+    ) -> ForwardPlan | None:
         """This plan for one model (None for none), decided once from its `ModelFacts`: dense logits for a
         model whose logits are not the head's, padded batches for one that does not keep packed
         sequences apart (each with a warning); the activations for the live `reference` only.
@@ -228,14 +260,23 @@ class ForwardPlan:
             log.warning("%s: logits are not head(last hidden state); using dense logits", facts.name)
             chunk = 0
         if layout != "padded" and not facts.packs:
-            log.warning("%s: packed sequences attend to each other (the model ignores packed position_ids); "
-                        "using padded batches", facts.name)
+            log.warning(
+                "%s: packed sequences attend to each other (the model ignores packed position_ids); "
+                "using padded batches",
+                facts.name,
+            )
             layout = "padded"
-        return replace(self, chunk_size=chunk, layout=layout, attn_implementation=facts.attn_implementation,
-                       activations=self.activations if reference else None)
+        return replace(
+            self,
+            chunk_size=chunk,
+            layout=layout,
+            attn_implementation=facts.attn_implementation,
+            activations=self.activations if reference else None,
+        )
 
-    def __call__(self, model: nn.Module, head: nn.Module | None,
-                 batch: dict[str, torch.Tensor]) -> dict[str, SequenceLogps]:
+    def __call__(
+        self, model: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor]
+    ) -> dict[str, SequenceLogps]:
         """Run `model` once on all `responses` of `batch` stacked along the batch dimension.
 
         Args:
@@ -269,11 +310,21 @@ class ForwardPlan:
         both = per_token(_logps_and_mean_logit, logits, extras=(labels,))
         token_logps = both[..., 0] * mask
         mean_logit = (both[..., 1].detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        parts = zip(token_logps.chunk(n), mask.chunk(n), mean_logit.chunk(n), input_mask.chunk(n),
-                    logits.split(n) if isinstance(logits, LazyLogits) else logits.chunk(n))
+        parts = zip(
+            token_logps.chunk(n),
+            mask.chunk(n),
+            mean_logit.chunk(n),
+            input_mask.chunk(n),
+            logits.split(n) if isinstance(logits, LazyLogits) else logits.chunk(n),
+        )
         result = {
-            name: SequenceLogps(token_logps=r_logps, mask=r_mask, mean_logit=r_mean, input_mask=r_input,
-                                logits=r_logits if self.full_logits else None)
+            name: SequenceLogps(
+                token_logps=r_logps,
+                mask=r_mask,
+                mean_logit=r_mean,
+                input_mask=r_input,
+                logits=r_logits if self.full_logits else None,
+            )
             for name, (r_logps, r_mask, r_mean, r_input, r_logits) in zip(responses, parts)
         }
         if acts is not None:
@@ -295,8 +346,11 @@ class ForwardPlan:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
             unpack = _same
         else:
-            inputs = {"input_ids": input_ids.flatten()[packing.index], "position_ids": packing.position_ids,
-                      "attention_mask": packing.mask_for(self.attn_implementation)}
+            inputs = {
+                "input_ids": input_ids.flatten()[packing.index],
+                "position_ids": packing.position_ids,
+                "attention_mask": packing.mask_for(self.attn_implementation),
+            }
             unpack = packing.unpack
         captured: dict[str, list[torch.Tensor]] = {}
         with _capturing(model, activations, captured):
@@ -318,11 +372,20 @@ class ModelPlans:
     teachers: dict[str, ForwardPlan] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, plan: ForwardPlan, policy: nn.Module, reference: nn.Module | None = None,
-            teachers: dict[str, nn.Module] | None = None, policy_head: nn.Module | None = None) -> ModelPlans:
+    def fit(
+        cls,
+        plan: ForwardPlan,
+        policy: nn.Module,
+        reference: nn.Module | None = None,
+        teachers: dict[str, nn.Module] | None = None,
+        policy_head: nn.Module | None = None,
+    ) -> ModelPlans:
         """`plan` fitted to each model (`ForwardPlan.fitted`); `policy_head` that of the unwrapped policy."""
-        return cls(plan.fitted(policy, policy_head), plan.fitted(reference, reference=True),
-                   {name: plan.fitted(m) for name, m in (teachers or {}).items()})
+        return cls(
+            plan.fitted(policy, policy_head),
+            plan.fitted(reference, reference=True),
+            {name: plan.fitted(m) for name, m in (teachers or {}).items()},
+        )
 
 
 def _same(values: torch.Tensor) -> torch.Tensor:
@@ -343,12 +406,17 @@ def _capturing(model: nn.Module, activations: Activations | None, into: dict[str
         if torch.is_tensor(tensor) and tensor.dim() == 3:
             into.setdefault(kind, []).append(tensor.detach().mean(-1))
 
-    hooks = [module.register_forward_hook(partial(keep, kind))
-             for name, module in _modules_of(model).named_modules()
-             for kind, pattern in patterns if pattern.search(name)]
+    hooks = [
+        module.register_forward_hook(partial(keep, kind))
+        for name, module in _modules_of(model).named_modules()
+        for kind, pattern in patterns
+        if pattern.search(name)
+    ]
     if not hooks:
-        raise ValueError(f"{type(model).__name__}: no module name matches the activations the loss reads "
-                         f"({', '.join(p for _, p in activations.modules)})")
+        raise ValueError(
+            f"{type(model).__name__}: no module name matches the activations the loss reads "
+            f"({', '.join(p for _, p in activations.modules)})"
+        )
     try:
         yield
     finally:
@@ -366,8 +434,10 @@ def _right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
     """The attention mask as bool, refused unless every row is 1s then 0s (packing assumes it)."""
     real = attention_mask.bool()
     if not torch.equal(real, torch.arange(real.shape[1], device=real.device) < real.sum(-1, keepdim=True)):
-        raise ValueError("model.padding_free / model.prefix_sharing need right-padded batches (1s then 0s in every "
-                         "attention mask row); set them to false for this collator")
+        raise ValueError(
+            "model.padding_free / model.prefix_sharing need right-padded batches (1s then 0s in every "
+            "attention mask row); set them to false for this collator"
+        )
     return real
 
 
@@ -422,11 +492,14 @@ class Packing:
         allowed = (((q == kv) | prompt) & causal).unsqueeze(1)
         if kind == "sdpa":
             return allowed
-        return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min
+        )
 
     @classmethod
-    def shared_prompts(cls, attention_mask: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                       n_responses: int) -> Packing:
+    def shared_prompts(
+        cls, attention_mask: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, n_responses: int
+    ) -> Packing:
         """One row per example: its prompt once, then each of its responses (prefix sharing).
 
         Rows `r·B + i` of the concatenated batch are response r of example i; a prompt is the
@@ -463,17 +536,24 @@ class Packing:
             owner[i, :p] = -1
             for k, start, first, shares in members:
                 n = lengths[k] - first
-                index[i, start:start + n] = k * t + torch.arange(first, lengths[k])
-                positions[i, start:start + n] = torch.arange(first, lengths[k])
-                owner[i, start:start + n] = k
-                shares_prompt[i, start:start + n] = shares
+                index[i, start : start + n] = k * t + torch.arange(first, lengths[k])
+                positions[i, start : start + n] = torch.arange(first, lengths[k])
+                owner[i, start : start + n] = k
+                shares_prompt[i, start : start + n] = shares
                 if shares:
                     source[k, :p] = i * width + torch.arange(p)
-                source[k, first:lengths[k]] = i * width + start + torch.arange(n)
+                source[k, first : lengths[k]] = i * width + start + torch.arange(n)
             positions[i, used:] = torch.arange(width - used)
         device = attention_mask.device
-        return cls(index.to(device), positions.to(device), source.to(device), real, b * width < rows * t,
-                   owner.to(device), shares_prompt.to(device))
+        return cls(
+            index.to(device),
+            positions.to(device),
+            source.to(device),
+            real,
+            b * width < rows * t,
+            owner.to(device),
+            shares_prompt.to(device),
+        )
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> Packing:
@@ -499,8 +579,8 @@ class Packing:
             start = 0
             for i in members:
                 n = lengths[i]
-                index[r, start:start + n] = i * t + torch.arange(n)
-                positions[r, start:start + n] = torch.arange(n)
+                index[r, start : start + n] = i * t + torch.arange(n)
+                positions[r, start : start + n] = torch.arange(n)
                 source[i, :n] = r * width + start + torch.arange(n)
                 start += n
             positions[r, start:] = torch.arange(width - start)
@@ -529,14 +609,21 @@ def _attn_implementation(model: nn.Module) -> str | None:
 def _shared_prompt_mask_kind(attn_implementation: str | None) -> str:
     """The attention implementation, refused unless it takes prefix sharing's 4D mask (sdpa, eager)."""
     if attn_implementation not in ("sdpa", "eager"):
-        raise ConfigError(f"model.prefix_sharing needs a 4D attention mask, which attn_implementation "
-                          f"{attn_implementation!r} does not take; set model.attn_implementation=sdpa "
-                          "(or eager) or model.prefix_sharing=false")
+        raise ConfigError(
+            f"model.prefix_sharing needs a 4D attention mask, which attn_implementation "
+            f"{attn_implementation!r} does not take; set model.attn_implementation=sdpa "
+            "(or eager) or model.prefix_sharing=false"
+        )
     return attn_implementation
 
 
-def concatenated_forward(model: nn.Module, batch: dict[str, torch.Tensor], responses: tuple[str, ...],
-                         full_logits: bool = False, chunk_size: int = 0) -> dict[str, SequenceLogps]:
+def concatenated_forward(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    responses: tuple[str, ...],
+    full_logits: bool = False,
+    chunk_size: int = 0,
+) -> dict[str, SequenceLogps]:
     """A one-off plan (`chunk_size`, padded batches) for an unwrapped model, run once (see `ForwardPlan`)."""
     plan = ForwardPlan(responses, full_logits, chunk_size=chunk_size).fitted(model)
     return plan(model, model.get_output_embeddings(), batch)

@@ -16,7 +16,6 @@ from alignlab.config import LoraConfig, ModelConfig
 from alignlab.distributed import whole_models
 from alignlab.errors import ConfigError, UserError, first_line
 
-
 BUILTIN_PREFIX = "builtin:"
 #: the embedded model; `builtin:tiny@DIR` is the same model with the weights saved in DIR (e.g. its SFT stage).
 TINY = f"{BUILTIN_PREFIX}tiny"
@@ -37,8 +36,11 @@ def _source(name: str) -> str:
 def _bare_bpe(folder: Path) -> bool:
     """A folder holding only a byte-level BPE vocabulary (vocab.json + merges.txt), which AutoTokenizer
     cannot place without a tokenizer config."""
-    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and not any(
-        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "config.json"))
+    return (
+        (folder / "vocab.json").is_file()
+        and (folder / "merges.txt").is_file()
+        and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "config.json"))
+    )
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -61,8 +63,10 @@ def load_tokenizer(cfg: ModelConfig):
                 "Set model.name_or_path (or model.tokenizer) to a folder with tokenizer files."
             ) from None
         except (ValueError, ImportError) as err:
-            raise ModelError(f"cannot load tokenizer {name!r}: {first_line(err)}. Fix: point model.tokenizer at a "
-                             "folder with tokenizer.json (or tokenizer_config.json + its vocabulary files)") from None
+            raise ModelError(
+                f"cannot load tokenizer {name!r}: {first_line(err)}. Fix: point model.tokenizer at a "
+                "folder with tokenizer.json (or tokenizer_config.json + its vocabulary files)"
+            ) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(
@@ -80,11 +84,11 @@ def load_tokenizer(cfg: ModelConfig):
 CHAT_TEMPLATES = {
     # "role: content" lines; the prompt ends with "assistant: " (the README's stories260k example)
     "plain": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-             "{% if add_generation_prompt %}assistant: {% endif %}",
+    "{% if add_generation_prompt %}assistant: {% endif %}",
     # ChatML as Qwen and TRL's setup_chat_format write it; its markers are plain text to a tokenizer
     # that lacks them as special tokens
     "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
 }
 
 
@@ -106,21 +110,29 @@ def chat_template(value: str) -> str:
         if (path / "chat_template.jinja").is_file():
             return (path / "chat_template.jinja").read_text(encoding="utf-8")
         config = path / "tokenizer_config.json"
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+        template = (
+            json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+        )
         if isinstance(template, str) and template:
             return template
-        raise ModelError(f"model.chat_template={value!r}: the folder holds no chat template (chat_template.jinja, or "
-                         "chat_template in tokenizer_config.json). Fix: name a file, a folder with one, or a template "
-                         f"name ({', '.join(CHAT_TEMPLATES)})")
+        raise ModelError(
+            f"model.chat_template={value!r}: the folder holds no chat template (chat_template.jinja, or "
+            "chat_template in tokenizer_config.json). Fix: name a file, a folder with one, or a template "
+            f"name ({', '.join(CHAT_TEMPLATES)})"
+        )
     if path.is_file():
         text = path.read_text(encoding="utf-8")
         if "{{" in text or "{%" in text:
             return text
-        raise ModelError(f"model.chat_template={value!r}: the file holds no Jinja ({{{{ }}}} or {{% %}}). Fix: point "
-                         "it at a chat template file")
-    raise ModelError(f"model.chat_template={value!r} is not a template name ({', '.join(CHAT_TEMPLATES)}), an existing "
-                     f"file or folder (relative paths start at {Path.cwd()}), or Jinja text (with {{{{ or {{%). Fix: "
-                     "correct it")
+        raise ModelError(
+            f"model.chat_template={value!r}: the file holds no Jinja ({{{{ }}}} or {{% %}}). Fix: point "
+            "it at a chat template file"
+        )
+    raise ModelError(
+        f"model.chat_template={value!r} is not a template name ({', '.join(CHAT_TEMPLATES)}), an existing "
+        f"file or folder (relative paths start at {Path.cwd()}), or Jinja text (with {{{{ or {{%). Fix: "
+        "correct it"
+    )
 
 
 #: files that make a folder a tokenizer.
@@ -139,23 +151,35 @@ def check_model_folder(name: str, key: str = "model.name_or_path") -> None:
     path = Path(name).expanduser()
     if not path.exists():
         if name.startswith(("/", "./", "../", "~")):
-            raise ModelError(f"{key}={name!r} does not exist (relative paths start at {Path.cwd()}). Fix: point it at "
-                             "a model folder (config.json + *.safetensors) or a hub name")
+            raise ModelError(
+                f"{key}={name!r} does not exist (relative paths start at {Path.cwd()}). Fix: point it at "
+                "a model folder (config.json + *.safetensors) or a hub name"
+            )
         return  # a hub name
     if not path.is_dir():
-        raise ModelError(f"{key}={name!r} is a file. Fix: point it at the model's folder (config.json + *.safetensors)")
+        raise ModelError(
+            f"{key}={name!r} is a file. Fix: point it at the model's folder (config.json + *.safetensors)"
+        )
     if (path / "adapter_config.json").is_file():  # a peft adapter: transformers loads its base with it
         return
     if not (path / "config.json").is_file():
         found = [f for f in TOKENIZER_FILES if (path / f).is_file()]
         what = f"holds only a tokenizer ({', '.join(found)})" if found else "holds no config.json"
-        use = f", and model.tokenizer={name} to use this tokenizer" if found and key == "model.name_or_path" else ""
-        raise ModelError(f"{key}={name!r} is not a model folder: it {what}. Fix: set {key} to a folder with config.json "
-                         f"and *.safetensors weights{use}")
+        use = (
+            f", and model.tokenizer={name} to use this tokenizer"
+            if found and key == "model.name_or_path"
+            else ""
+        )
+        raise ModelError(
+            f"{key}={name!r} is not a model folder: it {what}. Fix: set {key} to a folder with config.json "
+            f"and *.safetensors weights{use}"
+        )
     if not any(path.glob("*.safetensors")):
-        raise ModelError(f"{key}={name!r} holds no *.safetensors weights (alignlab never loads pickled .bin weights). "
-                         "Fix: convert them once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
-                         ".save_pretrained(dir, safe_serialization=True)")
+        raise ModelError(
+            f"{key}={name!r} holds no *.safetensors weights (alignlab never loads pickled .bin weights). "
+            "Fix: convert them once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(dir, safe_serialization=True)"
+        )
 
 
 def load_policy(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
@@ -173,8 +197,10 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
     if source.startswith(BUILTIN_PREFIX):
         base, _, source = source.partition("@")  # builtin:tiny@DIR: the tiny model's weights saved in DIR
         if base != TINY:
-            raise ModelError(f"unknown builtin model {cfg.name_or_path!r}; the only one is 'builtin:tiny' "
-                             "(or 'builtin:tiny@DIR', its weights saved in DIR)")
+            raise ModelError(
+                f"unknown builtin model {cfg.name_or_path!r}; the only one is 'builtin:tiny' "
+                "(or 'builtin:tiny@DIR', its weights saved in DIR)"
+            )
     if not source:
         model = build_model(len(tokenizer), seed)
     else:
@@ -192,16 +218,26 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
                 f"cannot load model {cfg.name_or_path!r}: {first_line(err)}. Set model.name_or_path to a local folder "
                 "with config.json and *.safetensors, or a hub name on a machine with network access."
             ) from None
-        except (ValueError, ImportError) as err:  # e.g. an unknown attention implementation, flash-attn absent
-            setting = f"model.attn_implementation={cfg.attn_implementation}" if cfg.attn_implementation else "the model"
-            raise ModelError(f"cannot load model {cfg.name_or_path!r} ({setting}): {first_line(err)} Fix: use "
-                             "model.attn_implementation=sdpa or eager (flash_attention_2 needs a GPU and the flash-attn "
-                             "package), or leave it unset") from None
+        except (
+            ValueError,
+            ImportError,
+        ) as err:  # e.g. an unknown attention implementation, flash-attn absent
+            setting = (
+                f"model.attn_implementation={cfg.attn_implementation}"
+                if cfg.attn_implementation
+                else "the model"
+            )
+            raise ModelError(
+                f"cannot load model {cfg.name_or_path!r} ({setting}): {first_line(err)} Fix: use "
+                "model.attn_implementation=sdpa or eager (flash_attention_2 needs a GPU and the flash-attn "
+                "package), or leave it unset"
+            ) from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ModelError(
             f"the tokenizer has {len(tokenizer)} tokens but model {cfg.name_or_path!r} embeds only {rows}: they do "
-            "not belong together. Fix: set model.tokenizer to the model's own tokenizer (or leave it unset)")
+            "not belong together. Fix: set model.tokenizer to the model's own tokenizer (or leave it unset)"
+        )
     if cfg.dtype not in ("auto", "float32") and not cfg.lora.load_in_4bit:
         model.to(DTYPES[cfg.dtype])
     if model.config.pad_token_id is None:
@@ -227,12 +263,16 @@ def load_reference(cfg: ModelConfig, policy: nn.Module, tokenizer, seed: int) ->
 def load_frozen(name_or_path: str, cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
     """Any extra frozen model (reference, teacher, margin reward model) through the policy's loading
     path: same dtype, attention implementation, pad-token handling and trust settings; no adapter."""
-    frozen = _load_causal_lm(replace(cfg, name_or_path=name_or_path, gradient_checkpointing=False, lora=LoraConfig()),
-                             tokenizer, seed)
+    frozen = _load_causal_lm(
+        replace(cfg, name_or_path=name_or_path, gradient_checkpointing=False, lora=LoraConfig()),
+        tokenizer,
+        seed,
+    )
     return freeze(frozen)
 
 
 # -- LoRA / QLoRA ---------------------------------------------------------------------------------
+
 
 def add_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     """Wrap `model` in a peft `PeftModel` with fresh LoRA adapters (B = 0: it starts as the base)."""
@@ -241,15 +281,25 @@ def add_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
 
     lora = cfg.lora
     if lora.load_in_4bit:  # fp32 norms and head, input grads for checkpointing (the QLoRA recipe)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=targets, task_type="CAUSAL_LM")
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(model, peft_config)
     except ValueError as err:  # e.g. target modules not found in the model
-        raise ConfigError(f"model.lora.target_modules={lora.target_modules!r}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"model.lora.target_modules={lora.target_modules!r}: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def _nf4_config(cfg: ModelConfig):
@@ -257,8 +307,12 @@ def _nf4_config(cfg: ModelConfig):
     from transformers import BitsAndBytesConfig
 
     compute = DTYPES[cfg.dtype] if cfg.dtype in ("bfloat16", "float16") else torch.bfloat16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
 def check_lora(cfg: ModelConfig, has_gpu: bool) -> None:
@@ -266,16 +320,22 @@ def check_lora(cfg: ModelConfig, has_gpu: bool) -> None:
     if not cfg.lora.load_in_4bit:
         return
     if not has_gpu:
-        raise ConfigError("model.lora.load_in_4bit=true (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit kernels) and "
-                          "this machine has none; set model.lora.load_in_4bit=false to train LoRA on the "
-                          "full-precision base")
+        raise ConfigError(
+            "model.lora.load_in_4bit=true (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit kernels) and "
+            "this machine has none; set model.lora.load_in_4bit=false to train LoRA on the "
+            "full-precision base"
+        )
     if cfg.name_or_path.startswith(BUILTIN_PREFIX):
-        raise ConfigError(f"model.lora.load_in_4bit=true quantises weights loaded with from_pretrained; "
-                          f"{cfg.name_or_path!r} is built in memory: set model.name_or_path to a real model")
+        raise ConfigError(
+            f"model.lora.load_in_4bit=true quantises weights loaded with from_pretrained; "
+            f"{cfg.name_or_path!r} is built in memory: set model.name_or_path to a real model"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError("model.lora.load_in_4bit=true (QLoRA) needs bitsandbytes: pip install bitsandbytes") from None
+        raise ConfigError(
+            "model.lora.load_in_4bit=true (QLoRA) needs bitsandbytes: pip install bitsandbytes"
+        ) from None
 
 
 class AdapterDisabled(nn.Module):

@@ -44,15 +44,28 @@ def model_identity(name_or_path: str, dtype: str, seed: int) -> str:
     """What identifies the reference's weights: its files (name, size, mtime) or its name and seed."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
-                       if p.suffix in (".safetensors", ".json"))
+        files = sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in path.iterdir()
+            if p.suffix in (".safetensors", ".json")
+        )
         return json.dumps([str(path.resolve()), dtype, files])
     return json.dumps([name_or_path, dtype, seed])  # hub names and builtin:tiny (seeded random init)
 
 
 @torch.no_grad()
-def precompute(reference, dataset, collator, plan, responses: tuple[str, ...], *, identity: str,
-               batch_size: int, device, cache_dir: Path):
+def precompute(
+    reference,
+    dataset,
+    collator,
+    plan,
+    responses: tuple[str, ...],
+    *,
+    identity: str,
+    batch_size: int,
+    device,
+    cache_dir: Path,
+):
     """`dataset` with a `ref_<r>_logps` column per response, from the cache when it has it.
 
     Args:
@@ -67,7 +80,9 @@ def precompute(reference, dataset, collator, plan, responses: tuple[str, ...], *
         device: where the reference runs.
         cache_dir: where the scored dataset is cached.
     """
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, dataset._fingerprint, identity, list(responses)]).encode())
+    key = hashlib.sha256(
+        json.dumps([CACHE_VERSION, dataset._fingerprint, identity, list(responses)]).encode()
+    )
     key = key.hexdigest()
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"reference-{key[:40]}.arrow"
@@ -78,7 +93,7 @@ def precompute(reference, dataset, collator, plan, responses: tuple[str, ...], *
 
     def score(rows: range) -> dict[str, tuple[torch.Tensor, list[int]]]:
         """Per response: the log-probs of the response tokens of rows `rows`, concatenated; their counts."""
-        columns = dataset[rows.start:rows.stop]
+        columns = dataset[rows.start : rows.stop]
         examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
         batch = {k: v.to(device) for k, v in collator(examples).items()}
         out = plan(reference, head, batch)
@@ -93,8 +108,12 @@ def precompute(reference, dataset, collator, plan, responses: tuple[str, ...], *
             rows = sum(map(len, batches[:own]))
             repeated = ", 1 repeated" if len(batches) > own else ""
             # one write, flushed: the processes' lines stay whole in a shared stdout
-            print(f"reference log-probs: process {rank} scored {rows} of {len(dataset)} rows ({own} batches"
-                  f"{repeated})\n", end="", flush=True)
+            print(
+                f"reference log-probs: process {rank} scored {rows} of {len(dataset)} rows ({own} batches"
+                f"{repeated})\n",
+                end="",
+                flush=True,
+            )
         for result in reassemble(all_gather(results)):
             for r, (flat, counts) in result.items():
                 values[column(r)].extend(row.tolist() for row in flat.split(counts))
@@ -102,14 +121,23 @@ def precompute(reference, dataset, collator, plan, responses: tuple[str, ...], *
     def attach(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
         return {name: [scores[i] for i in indices] for name, scores in values.items()}
 
-    scored = dataset.map(attach, with_indices=True, batched=True, batch_size=batch_size,
-                         new_fingerprint=key[:32], load_from_cache_file=hit or None,
-                         cache_file_name=str(cache_file) if on_disk else None, keep_in_memory=not on_disk,
-                         desc="Reference log-probs")
+    scored = dataset.map(
+        attach,
+        with_indices=True,
+        batched=True,
+        batch_size=batch_size,
+        new_fingerprint=key[:32],
+        load_from_cache_file=hit or None,
+        cache_file_name=str(cache_file) if on_disk else None,
+        keep_in_memory=not on_disk,
+        desc="Reference log-probs",
+    )
     barrier()  # the cache file is complete before any process goes on
     if is_main_process():
-        print(f"reference log-probs: {'reused from cache' if hit else 'computed'} for {len(dataset)} examples "
-              f"({cache_file})")
+        print(
+            f"reference log-probs: {'reused from cache' if hit else 'computed'} for {len(dataset)} examples "
+            f"({cache_file})"
+        )
     return scored
 
 
@@ -121,8 +149,9 @@ def shard(n_rows: int, batch_size: int, rank: int, world: int) -> tuple[list[ran
     batch), whose result it drops; the first `own` are its own.
     """
     n_batches = -(-n_rows // batch_size)
-    batches = [range(k * batch_size, min((k + 1) * batch_size, n_rows))
-               for k in range(rank, n_batches, world)]
+    batches = [
+        range(k * batch_size, min((k + 1) * batch_size, n_rows)) for k in range(rank, n_batches, world)
+    ]
     own = len(batches)
     filler = batches[-1] if batches else range(min(batch_size, n_rows))
     return batches + [filler] * (-(-n_batches // world) - own), own
@@ -134,15 +163,19 @@ def reassemble(per_process: list[list]) -> list:
     return [per_process[k % world][k // world] for k in range(sum(map(len, per_process)))]
 
 
-def from_columns(inputs: dict[str, torch.Tensor], policy: dict[str, SequenceLogps]) -> dict[str, SequenceLogps]:
+def from_columns(
+    inputs: dict[str, torch.Tensor], policy: dict[str, SequenceLogps]
+) -> dict[str, SequenceLogps]:
     """Reference `SequenceLogps` rebuilt from a batch's `ref_<r>_logps` columns, on the policy's masks."""
     out = {}
     for name, seq in policy.items():
         values = inputs[column(name)]  # (B, L), NaN-padded
         valid = ~torch.isnan(values)
         if not torch.equal(valid.sum(-1), seq.mask.sum(-1)):
-            raise RuntimeError(f"precomputed reference log-probs of {name!r} do not match the batch's response "
-                               "tokens; the cache is stale: delete it (data.cache_dir) and rerun")
+            raise RuntimeError(
+                f"precomputed reference log-probs of {name!r} do not match the batch's response "
+                "tokens; the cache is stale: delete it (data.cache_dir) and rerun"
+            )
         token = torch.zeros_like(seq.token_logps)
         token[seq.mask] = values[valid].to(token.dtype)
         out[name] = SequenceLogps(token_logps=token, mask=seq.mask, input_mask=seq.input_mask)

@@ -11,13 +11,30 @@ from importlib import metadata
 from pathlib import Path
 
 #: packages whose versions decide a run's results.
-PACKAGES = ("alignlab", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed",
-            "hydra-core", "omegaconf", "safetensors", "tokenizers", "scikit-learn", "wandb")
+PACKAGES = (
+    "alignlab",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "deepspeed",
+    "hydra-core",
+    "omegaconf",
+    "safetensors",
+    "tokenizers",
+    "scikit-learn",
+    "wandb",
+)
 
 
 #: config keys whose values are credentials: never written to a run's files.
-SECRET_KEY = re.compile(r"((^|_)(hub_token|hf_token|access_token|auth_token|api_?key|secret(_key)?|password|passwd|"
-                        r"credentials?)|^token)$", re.IGNORECASE)
+SECRET_KEY = re.compile(
+    r"((^|_)(hub_token|hf_token|access_token|auth_token|api_?key|secret(_key)?|password|passwd|"
+    r"credentials?)|^token)$",
+    re.IGNORECASE,
+)
 REDACTED = "<redacted>"
 
 
@@ -52,18 +69,33 @@ def environment() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "git": _git_revision(), "argv": redact(list(sys.argv))}
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "git": _git_revision(),
+        "argv": redact(list(sys.argv)),
+    }
 
 
 def _git_revision() -> dict | None:
     """The commit of the alignlab checkout and whether it had uncommitted changes, if it is one."""
     repo = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(dirty)}
@@ -93,7 +125,7 @@ def plot_curves(metrics_file: Path, out: Path, curves: tuple[str, ...]) -> Path 
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -45,16 +45,37 @@ LOCK = ".alignlab.lock"
 #: config keys (and key prefixes) that may change when a run resumes; every other key is part of the
 #: config fingerprint, so resuming under another seed, loss, model, data or optimiser is refused.
 MAY_CHANGE_ON_RESUME = (
-    "output_dir", "stages_dir", "trainer.resume_from_checkpoint", "trainer.resume_any_config",
-    "trainer.overwrite_output_dir", "trainer.logging_steps", "trainer.eval_steps", "trainer.save_steps",
-    "trainer.save_total_limit", "trainer.max_steps", "trainer.num_train_epochs", "trainer.per_device_eval_batch_size",
-    "trainer.dataloader_num_workers", "data.cache_dir", "data.num_proc", "logger", "eval",
+    "output_dir",
+    "stages_dir",
+    "trainer.resume_from_checkpoint",
+    "trainer.resume_any_config",
+    "trainer.overwrite_output_dir",
+    "trainer.logging_steps",
+    "trainer.eval_steps",
+    "trainer.save_steps",
+    "trainer.save_total_limit",
+    "trainer.max_steps",
+    "trainer.num_train_epochs",
+    "trainer.per_device_eval_batch_size",
+    "trainer.dataloader_num_workers",
+    "data.cache_dir",
+    "data.num_proc",
+    "logger",
+    "eval",
 )
 #: what a run leaves in its directory; a directory holding any of them belongs to a run.
 ARTIFACTS = ("checkpoint-*", "model", "model_merged", "summary.json", "metrics.jsonl", RECORD)
 #: what `trainer.overwrite_output_dir=true` removes (after the new run has passed validation).
-REPLACED = (*ARTIFACTS, "curves.png", "eval", "data_report.json", "nonfinite-step*.safetensors", "error.log",
-            "config.yaml", "environment.json")
+REPLACED = (
+    *ARTIFACTS,
+    "curves.png",
+    "eval",
+    "data_report.json",
+    "nonfinite-step*.safetensors",
+    "error.log",
+    "config.yaml",
+    "environment.json",
+)
 
 
 # -- identity ----------------------------------------------------------------------------------------
@@ -130,12 +151,20 @@ class RunLock:
             handle.close()
             raise RunDirectoryBusy(
                 f"{self.path.parent} is in use by another run ({holder}). Fix: wait for it to finish (or stop it), "
-                "or pick another run directory (hydra.run.dir=... / output_dir=...)") from None
+                "or pick another run directory (hydra.run.dir=... / output_dir=...)"
+            ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                 "command": " ".join(redact(list(sys.argv)))}))  # no credentials in files
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": " ".join(redact(list(sys.argv))),
+                }
+            )
+        )  # no credentials in files
         handle.flush()
         self._file = handle
         return self
@@ -191,8 +220,15 @@ class Claim:
     replace: bool = False
 
 
-def claim(output_dir: Path, value: str | None, ours: Identity, *, overwrite: bool = False,
-          any_config: bool = False, loss_state: bool = False) -> Claim:
+def claim(
+    output_dir: Path,
+    value: str | None,
+    ours: Identity,
+    *,
+    overwrite: bool = False,
+    any_config: bool = False,
+    loss_state: bool = False,
+) -> Claim:
     """Decide, before writing anything, whether and how this run may use `output_dir` (see module doc).
 
     Raises:
@@ -202,60 +238,81 @@ def claim(output_dir: Path, value: str | None, ours: Identity, *, overwrite: boo
     overwrite_fix = "pass trainer.overwrite_output_dir=true to replace it"
     if overwrite:
         if value is not None:
-            raise ConfigError("trainer.overwrite_output_dir=true replaces what the run directory holds, and "
-                              f"trainer.resume_from_checkpoint={value} resumes from it: pass only one of them")
+            raise ConfigError(
+                "trainer.overwrite_output_dir=true replaces what the run directory holds, and "
+                f"trainer.resume_from_checkpoint={value} resumes from it: pass only one of them"
+            )
         if _artifacts(output_dir):
-            print(f"alignlab: trainer.overwrite_output_dir=true: replacing the earlier run in {output_dir} "
-                  "(once this run has passed validation)")
+            print(
+                f"alignlab: trainer.overwrite_output_dir=true: replacing the earlier run in {output_dir} "
+                "(once this run has passed validation)"
+            )
         return Claim(None, ours, replace=True)
     if value is not None and value != "latest":
         checkpoint = Path(value)
         reason = checkpoints.problem(checkpoint, loss_state=loss_state)
         if reason:
-            raise UserError(f"cannot resume: {reason}. Fix: pass a complete checkpoint, or "
-                            "trainer.resume_from_checkpoint=latest to take the newest complete one")
+            raise UserError(
+                f"cannot resume: {reason}. Fix: pass a complete checkpoint, or "
+                "trainer.resume_from_checkpoint=latest to take the newest complete one"
+            )
         return Claim(value, _resumed_identity(checkpoint, ours, any_config))
 
     record = read_record(output_dir)
     other_run = record is not None and record.get("fingerprint") != ours.fingerprint and not any_config
     if value is None:
         if finished(output_dir):
-            raise UserError(f"{output_dir} holds a finished run. Fix: resume it with "
-                            "trainer.resume_from_checkpoint=latest, pick another run directory, or " + overwrite_fix)
+            raise UserError(
+                f"{output_dir} holds a finished run. Fix: resume it with "
+                "trainer.resume_from_checkpoint=latest, pick another run directory, or " + overwrite_fix
+            )
         found = checkpoints.checkpoint_folders(output_dir)
         if found:
-            raise UserError(f"{output_dir} holds checkpoints of an unfinished run ({found[-1].name} the newest). "
-                            "Fix: resume it with trainer.resume_from_checkpoint=latest, pick another run directory, "
-                            "or " + overwrite_fix)
+            raise UserError(
+                f"{output_dir} holds checkpoints of an unfinished run ({found[-1].name} the newest). "
+                "Fix: resume it with trainer.resume_from_checkpoint=latest, pick another run directory, "
+                "or " + overwrite_fix
+            )
         if other_run:
-            raise UserError(f"{output_dir} belongs to another run (run {record.get('run_id')}, another config). "
-                            "Fix: pick another run directory, or " + overwrite_fix)
+            raise UserError(
+                f"{output_dir} belongs to another run (run {record.get('run_id')}, another config). "
+                "Fix: pick another run directory, or " + overwrite_fix
+            )
         return Claim(None, ours)
 
     # latest: the newest verified checkpoint of this run's config
-    path, skipped = checkpoints.latest_complete(output_dir, loss_state=loss_state,
-                                                fingerprint=None if any_config else ours.fingerprint)
+    path, skipped = checkpoints.latest_complete(
+        output_dir, loss_state=loss_state, fingerprint=None if any_config else ours.fingerprint
+    )
     for reason in skipped:
         print(f"alignlab: skipping {reason}")
     if path is not None:
         print(f"alignlab: resuming from {path}")
         return Claim(str(path), _resumed_identity(path, ours, any_config))
-    others = [p for p in checkpoints.checkpoint_folders(output_dir) if checkpoints.other_config(p, ours.fingerprint)]
+    others = [
+        p for p in checkpoints.checkpoint_folders(output_dir) if checkpoints.other_config(p, ours.fingerprint)
+    ]
     if others or other_run:
         if others:
             diff = differences(checkpoints.identity_of(others[-1]).get("config", {}), ours.config)
             what = f"checkpoints of another run ({others[-1].name} the newest), whose config differs ({diff})"
         else:
             what = f"another run (run {record.get('run_id')}), whose config differs"
-        raise UserError(f"trainer.resume_from_checkpoint=latest: {output_dir} holds {what}. Fix: pick another run "
-                        "directory, pass trainer.resume_any_config=true to resume it under this config, or "
-                        + overwrite_fix)
+        raise UserError(
+            f"trainer.resume_from_checkpoint=latest: {output_dir} holds {what}. Fix: pick another run "
+            "directory, pass trainer.resume_any_config=true to resume it under this config, or "
+            + overwrite_fix
+        )
     if finished(output_dir):
-        raise UserError(f"trainer.resume_from_checkpoint=latest: {output_dir} holds a finished run and no checkpoint "
-                        f"of it (its model is in {output_dir / 'model'}): nothing to resume. Fix: pick another run "
-                        "directory, or " + overwrite_fix)
-    print(f"alignlab: trainer.resume_from_checkpoint=latest: no complete checkpoint in {output_dir} yet; "
-          "starting a fresh run")
+        raise UserError(
+            f"trainer.resume_from_checkpoint=latest: {output_dir} holds a finished run and no checkpoint "
+            f"of it (its model is in {output_dir / 'model'}): nothing to resume. Fix: pick another run "
+            "directory, or " + overwrite_fix
+        )
+    print(
+        f"alignlab: trainer.resume_from_checkpoint=latest: no complete checkpoint in {output_dir} yet; "
+        "starting a fresh run"
+    )
     return Claim(None, ours)
 
 
@@ -267,10 +324,14 @@ def _resumed_identity(checkpoint: Path, ours: Identity, any_config: bool) -> Ide
     if theirs.get("fingerprint") != ours.fingerprint:
         diff = differences(theirs.get("config", {}), ours.config)
         if not any_config:
-            raise UserError(f"cannot resume {checkpoint}: it was written under another config ({diff}). Fix: resume "
-                            "with the config it was written with, or pass trainer.resume_any_config=true to resume it "
-                            "under this one (training then continues under the new settings)")
-        print(f"alignlab: trainer.resume_any_config=true: resuming {checkpoint} under another config ({diff})")
+            raise UserError(
+                f"cannot resume {checkpoint}: it was written under another config ({diff}). Fix: resume "
+                "with the config it was written with, or pass trainer.resume_any_config=true to resume it "
+                "under this one (training then continues under the new settings)"
+            )
+        print(
+            f"alignlab: trainer.resume_any_config=true: resuming {checkpoint} under another config ({diff})"
+        )
     return Identity(theirs.get("run_id") or ours.run_id, ours.config)
 
 
@@ -302,24 +363,35 @@ def resume_command(output_dir: Path) -> str:
     if Path(hydra.runtime.output_dir).resolve() != Path(output_dir).resolve():
         # a stage of a multi-stage run: the same command reuses the finished stages and resumes this one
         return shlex.join(["alignlab", "train", *overrides, f"hydra.run.dir={hydra.runtime.output_dir}"])
-    keep = [o for o in overrides if not re.match(
-        r"[+~]*(trainer\.resume_from_checkpoint|trainer\.overwrite_output_dir|output_dir)=", o)]
-    return shlex.join(["alignlab", "train", *keep, "trainer.resume_from_checkpoint=latest",
-                       f"hydra.run.dir={output_dir}"])
+    keep = [
+        o
+        for o in overrides
+        if not re.match(
+            r"[+~]*(trainer\.resume_from_checkpoint|trainer\.overwrite_output_dir|output_dir)=", o
+        )
+    ]
+    return shlex.join(
+        ["alignlab", "train", *keep, "trainer.resume_from_checkpoint=latest", f"hydra.run.dir={output_dir}"]
+    )
 
 
 #: OS errors that mean the run directory cannot be written, and what to do.
 _STORAGE = {
-    errno.ENOSPC: ("no space left on its disk", "free space (or lower trainer.save_total_limit, or use a run "
-                                                 "directory on a larger disk)"),
+    errno.ENOSPC: (
+        "no space left on its disk",
+        "free space (or lower trainer.save_total_limit, or use a run directory on a larger disk)",
+    ),
     errno.EDQUOT: ("the disk quota is exceeded", "free space within the quota, or use another disk"),
     errno.EACCES: ("permission denied", "make it writable, or pick another run directory"),
     errno.EPERM: ("permission denied", "make it writable, or pick another run directory"),
     errno.EROFS: ("the file system is read-only", "pick a run directory on a writable disk"),
 }
 #: what torch.save and safetensors say when a write fails (they drop the errno).
-_WRITE_FAILED = re.compile(r"iostream error|PytorchStreamWriter failed|file write failed|No space left|"
-                           r"unexpected pos|Disk quota|Read-only file system|Permission denied", re.I)
+_WRITE_FAILED = re.compile(
+    r"iostream error|PytorchStreamWriter failed|file write failed|No space left|"
+    r"unexpected pos|Disk quota|Read-only file system|Permission denied",
+    re.I,
+)
 
 
 def free_bytes(path: Path) -> int | None:
@@ -331,8 +403,9 @@ def free_bytes(path: Path) -> int | None:
     return None
 
 
-def storage_error(err: BaseException, path: Path, what: str, *, tail: str = "",
-                  resume: str = "") -> StorageError | None:
+def storage_error(
+    err: BaseException, path: Path, what: str, *, tail: str = "", resume: str = ""
+) -> StorageError | None:
     """One line for an error writing `path` (disk full, permission denied), or None if `err` is not one:
     `tail` says more of what happened, `resume` is the command to run once it is fixed."""
     code = getattr(err, "errno", None)
@@ -341,18 +414,29 @@ def storage_error(err: BaseException, path: Path, what: str, *, tail: str = "",
             return None
         free = free_bytes(path)
         text = str(err)
-        code = (errno.EACCES if "ermission" in text else errno.EROFS if "Read-only" in text
-                else errno.ENOSPC if free is None or free < 256 * 2**20 or "space" in text.lower() else None)
+        code = (
+            errno.EACCES
+            if "ermission" in text
+            else errno.EROFS
+            if "Read-only" in text
+            else errno.ENOSPC
+            if free is None or free < 256 * 2**20 or "space" in text.lower()
+            else None
+        )
         if code is None:
-            return StorageError(f"cannot {what} {path}: the write failed ({text.splitlines()[0][:120]}){tail}"
-                                + (f"; resume with: {resume}" if resume else ""))
+            return StorageError(
+                f"cannot {what} {path}: the write failed ({text.splitlines()[0][:120]}){tail}"
+                + (f"; resume with: {resume}" if resume else "")
+            )
     cause, fix = _STORAGE[code]
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = free_bytes(path)
         cause += f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
     where = getattr(err, "filename", None) or path
-    return StorageError(f"cannot {what} {where}: {cause}{tail}. Fix: {fix}"
-                        + (f", then resume with: {resume}" if resume else ""))
+    return StorageError(
+        f"cannot {what} {where}: {cause}{tail}. Fix: {fix}"
+        + (f", then resume with: {resume}" if resume else "")
+    )
 
 
 def check_writable(folder: Path) -> None:
@@ -366,7 +450,9 @@ def check_writable(folder: Path) -> None:
             pass
     except OSError as err:
         err.filename = None  # name the folder, not the probe
-        raise storage_error(err, Path(folder), "write in") or StorageError(f"cannot write in {folder}: {err}") from None
+        raise storage_error(err, Path(folder), "write in") or StorageError(
+            f"cannot write in {folder}: {err}"
+        ) from None
 
 
 # -- signals ----------------------------------------------------------------------------------------------
@@ -405,8 +491,11 @@ class Interrupts:
             return
         self.received = name
         if signum == signal.SIGINT:
-            print("\nalignlab: Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again stops at once)",
-                  file=sys.stderr, flush=True)
+            print(
+                "\nalignlab: Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again stops at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 INTERRUPTS = Interrupts()
@@ -416,5 +505,6 @@ def interrupted(output_dir: Path, step: int | None, checkpoint: Path | None) -> 
     """The one line of a run stopped by a signal, with the exact command that resumes it."""
     where = f"at step {step}" if step is not None else "during start-up, before training"
     saved = f"checkpoint saved: {checkpoint}" if checkpoint else "no checkpoint yet (resuming starts afresh)"
-    return Interrupted(f"stopped by {INTERRUPTS.received} {where}; {saved}. Resume with: "
-                       f"{resume_command(output_dir)}")
+    return Interrupted(
+        f"stopped by {INTERRUPTS.received} {where}; {saved}. Resume with: {resume_command(output_dir)}"
+    )

@@ -85,10 +85,16 @@ def _reward_model(score: Score, ctx: PrepareContext, responses: tuple[str, ...])
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            score.model, num_labels=1, dtype=DTYPES[ctx.model.dtype], trust_remote_code=ctx.model.trust_remote_code,
-            use_safetensors=True)
+            score.model,
+            num_labels=1,
+            dtype=DTYPES[ctx.model.dtype],
+            trust_remote_code=ctx.model.trust_remote_code,
+            use_safetensors=True,
+        )
     except OSError as err:
-        raise ModelError(f"cannot load the sequence-classification reward model {score.model!r}: {err}") from None
+        raise ModelError(
+            f"cannot load the sequence-classification reward model {score.model!r}: {err}"
+        ) from None
     model = freeze(model).to(ctx.device)
     try:  # the reward model's own tokenizer; the policy's when its folder has none
         tokenizer = AutoTokenizer.from_pretrained(score.model)
@@ -121,7 +127,9 @@ def _without_eos(ids: list[int], eos: int) -> list[int]:
     return ids[:-1] if ids and ids[-1] == eos else ids
 
 
-def prompt_embedder(model, pad_id: int, device, batch_size: int = 32) -> Callable[[list[list[int]]], torch.Tensor]:
+def prompt_embedder(
+    model, pad_id: int, device, batch_size: int = 32
+) -> Callable[[list[list[int]]], torch.Tensor]:
     """`PrepareContext.embed_prompts`: prompts -> `(N, H)`, the last hidden state of `model` mean-pooled
     over each prompt's tokens (right-padded batches; padding is masked out of the model and the mean)."""
     from torch.nn.utils.rnn import pad_sequence
@@ -130,11 +138,19 @@ def prompt_embedder(model, pad_id: int, device, batch_size: int = 32) -> Callabl
     def embed(prompts: list[list[int]]) -> torch.Tensor:
         out = []
         for start in range(0, len(prompts), batch_size):
-            chunk = [torch.tensor(p, dtype=torch.long) for p in prompts[start:start + batch_size]]
+            chunk = [torch.tensor(p, dtype=torch.long) for p in prompts[start : start + batch_size]]
             ids = pad_sequence(chunk, batch_first=True, padding_value=pad_id)
             mask = pad_sequence([torch.ones_like(p) for p in chunk], batch_first=True, padding_value=0)
-            hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                           use_cache=False).hidden_states[-1].float()
+            hidden = (
+                model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
+                .hidden_states[-1]
+                .float()
+            )
             m = mask.to(device).unsqueeze(-1)
             out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
         return torch.cat(out) if out else torch.zeros(0, 0)

@@ -99,8 +99,10 @@ def plan(cfg: DictConfig, until: str | None = None) -> list[Stage]:
     stages: dict[str, list[str]] = OmegaConf.to_container(cfg.stages, resolve=False)  # type: ignore
     if until is not None and until not in stages:
         known = ", ".join(stages) or "none"
-        raise ConfigError(f"${{{RESOLVER}:{until}}}: this config has no stage named {until!r} (its stages: "
-                          f"{known}). Fix: declare it under stages: {{{until}: [overrides...]}}")
+        raise ConfigError(
+            f"${{{RESOLVER}:{until}}}: this config has no stage named {until!r} (its stages: "
+            f"{known}). Fix: declare it under stages: {{{until}: [overrides...]}}"
+        )
     root = Path(cfg.stages_dir).expanduser().resolve()
     planned: list[Stage] = []
     for name, overrides in stages.items():
@@ -177,17 +179,22 @@ def _stage_directory(name: str, _root_: DictConfig) -> str:
         return str(plan(_root_, until=name)[-1].directory)
     current, earlier = planning  # resolving a stage's own config: only earlier stages exist yet
     if name == current:
-        raise ConfigError(f"stage {current!r} refers to its own directory ${{{RESOLVER}:{name}}}: a stage "
-                          "inherits every setting of the run, so override this one in the stage's overrides "
-                          "(e.g. \"model.reference=null\")")
+        raise ConfigError(
+            f"stage {current!r} refers to its own directory ${{{RESOLVER}:{name}}}: a stage "
+            "inherits every setting of the run, so override this one in the stage's overrides "
+            '(e.g. "model.reference=null")'
+        )
     if name not in earlier:
-        raise ConfigError(f"stage {current!r} refers to ${{{RESOLVER}:{name}}}, which is not a stage before "
-                          f"it (stages run in order; before it: {', '.join(earlier) or 'none'})")
+        raise ConfigError(
+            f"stage {current!r} refers to ${{{RESOLVER}:{name}}}, which is not a stage before "
+            f"it (stages run in order; before it: {', '.join(earlier) or 'none'})"
+        )
     return str(earlier[name])
 
 
-def _stage_config(cfg: DictConfig, name: str, overrides: list[str],
-                  earlier: Mapping[str, Path]) -> DictConfig:
+def _stage_config(
+    cfg: DictConfig, name: str, overrides: list[str], earlier: Mapping[str, Path]
+) -> DictConfig:
     """`cfg` with the stage's overrides applied and no stages, resolved."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -200,8 +207,10 @@ def _stage_config(cfg: DictConfig, name: str, overrides: list[str],
         raise ConfigError(f"stage {name!r}: {first_line(err)}") from None
     for text, override in zip(overrides, parsed, strict=True):
         if override.is_sweep_override() or override.type.name != "CHANGE" or override.package is not None:
-            raise ConfigError(f"stage {name!r}: override {text!r} is not supported in a stage; use key=value "
-                              "or group=option")
+            raise ConfigError(
+                f"stage {name!r}: override {text!r} is not supported in a stage; use key=value "
+                "or group=option"
+            )
         try:
             _apply(stage, override.key_or_group, override.value())
         except Exception as err:  # omegaconf / hydra errors: unknown key, wrong type, unknown option

@@ -73,7 +73,9 @@ def member_row(member_dir: Path) -> dict:
 
 def summarize(sweep_dir: Path) -> list[dict]:
     """The rows of every member directory (numbered folders) of a sweep, in member order."""
-    members = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    members = sorted(
+        (p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
     return [member_row(p) for p in members]
 
 
@@ -82,13 +84,26 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
     varying = _varying(rows)
     columns = [c for c in FIGURES if any(c in row for row in rows)]
     header = ["member", "overrides", "status", *columns]
-    table = [[row["member"], " ".join(o for o in row["overrides"] if o in varying) or "-", row["status"],
-              *(_fmt(row.get(c)) for c in columns)] for row in rows]
+    table = [
+        [
+            row["member"],
+            " ".join(o for o in row["overrides"] if o in varying) or "-",
+            row["status"],
+            *(_fmt(row.get(c)) for c in columns),
+        ]
+        for row in rows
+    ]
     md = sweep_dir / "sweep.md"
     failed = sum(row["status"] != "ok" for row in rows)
-    lines = [f"# Sweep {sweep_dir}", "", f"{len(rows)} members, {failed} not ok. Common overrides: "
-             + (" ".join(o for o in (rows[0]["overrides"] if rows else []) if o not in varying) or "none"), "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"# Sweep {sweep_dir}",
+        "",
+        f"{len(rows)} members, {failed} not ok. Common overrides: "
+        + (" ".join(o for o in (rows[0]["overrides"] if rows else []) if o not in varying) or "none"),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in table]
     md.write_text("\n".join(lines) + "\n")
     path = sweep_dir / "sweep.csv"
@@ -110,8 +125,10 @@ class SweepSummary(Callback):
         rows = summarize(sweep_dir)
         md, _ = write_summary(sweep_dir, rows)
         failed = [row["member"] for row in rows if row["status"] != "ok"]
-        print(f"alignlab: sweep of {len(rows)} members, {len(failed)} not ok"
-              f"{' (' + ', '.join(failed) + ')' if failed else ''}; summary in {md} and sweep.csv")
+        print(
+            f"alignlab: sweep of {len(rows)} members, {len(failed)} not ok"
+            f"{' (' + ', '.join(failed) + ')' if failed else ''}; summary in {md} and sweep.csv"
+        )
         last = (sweep_dir, rows)
 
 

@@ -24,8 +24,19 @@ from alignlab.losses.base import PAIRWISE_HEADLINE, STANDARD_CURVES, Needs, Prep
 from alignlab.reference import column as reference_column
 from alignlab.reference import model_identity, precompute
 from alignlab.report import environment, plot_curves, redact
-from alignlab.rundir import (INTERRUPTS, Identity, RunLock, claim, identity_config, interrupted, new_run_id,
-                             resume_command, storage_error, take_over, write_record)
+from alignlab.rundir import (
+    INTERRUPTS,
+    Identity,
+    RunLock,
+    claim,
+    identity_config,
+    interrupted,
+    new_run_id,
+    resume_command,
+    storage_error,
+    take_over,
+    write_record,
+)
 from alignlab.scorers import add_scores, prompt_embedder
 from alignlab.stages import ERROR_LOG, RESOLVER, Stage, StageError, plan, require_finished, used_stages
 
@@ -59,16 +70,23 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
     check_forward(cfg.loss.name, cfg.model, needs)
     for name, path in needs.teachers:
         if not path or "${" in path:
-            raise ConfigError(f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
-                              f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it")
+            raise ConfigError(
+                f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
+                f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it"
+            )
     check_data_needs(cfg.data, needs.responses, needs.fields)
     models.check_model_folder(cfg.model.name_or_path)
     if cfg.model.reference:
         models.check_model_folder(cfg.model.reference, "model.reference")
-    if cfg.model.tokenizer and not Path(cfg.model.tokenizer).expanduser().exists() and cfg.model.tokenizer.startswith(
-            ("/", "./", "../", "~")):
-        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r} does not exist (relative paths start at "
-                          f"{Path.cwd()}). Fix: point it at a tokenizer folder, or leave it unset")
+    if (
+        cfg.model.tokenizer
+        and not Path(cfg.model.tokenizer).expanduser().exists()
+        and cfg.model.tokenizer.startswith(("/", "./", "../", "~"))
+    ):
+        raise ConfigError(
+            f"model.tokenizer={cfg.model.tokenizer!r} does not exist (relative paths start at "
+            f"{Path.cwd()}). Fix: point it at a tokenizer folder, or leave it unset"
+        )
     models.check_lora(cfg.model, _has_accelerator())
     if cfg.model.chat_template:
         models.chat_template(cfg.model.chat_template)  # a wrong name or path fails now, not after loading
@@ -87,28 +105,44 @@ def check_trainer(trainer: TrainerConfig) -> None:
     from transformers import SchedulerType, TrainingArguments
     from transformers.training_args import OptimizerNames
 
-    for name, value, options in (("optim", trainer.optim, [o.value for o in OptimizerNames]),
-                                 ("lr_scheduler_type", trainer.lr_scheduler_type, [o.value for o in SchedulerType])):
+    for name, value, options in (
+        ("optim", trainer.optim, [o.value for o in OptimizerNames]),
+        ("lr_scheduler_type", trainer.lr_scheduler_type, [o.value for o in SchedulerType]),
+    ):
         if value not in options:
             near = difflib.get_close_matches(value, options, n=1)
             hint = f" Did you mean trainer.{name}={near[0]}?" if near else ""
-            raise ConfigError(f"trainer.{name}={value!r} is not one of transformers' options.{hint} Options: "
-                              f"{', '.join(options)}")
-    if ("8bit" in trainer.optim or "bnb" in trainer.optim) and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"trainer.optim={trainer.optim} needs bitsandbytes: pip install bitsandbytes (or use "
-                          "trainer.optim=adamw_torch)")
+            raise ConfigError(
+                f"trainer.{name}={value!r} is not one of transformers' options.{hint} Options: "
+                f"{', '.join(options)}"
+            )
+    if ("8bit" in trainer.optim or "bnb" in trainer.optim) and importlib.util.find_spec(
+        "bitsandbytes"
+    ) is None:
+        raise ConfigError(
+            f"trainer.optim={trainer.optim} needs bitsandbytes: pip install bitsandbytes (or use "
+            "trainer.optim=adamw_torch)"
+        )
 
     known = [f.name for f in fields(TrainingArguments) if f.init]
     for name in sorted(trainer.extra):
         if name in TRL_NAMES:
-            raise ConfigError(f"trainer.extra.{name}: {name} is TRL's (or transformers') name; in alignlab it is "
-                              f"{TRL_NAMES[name]} (docs/from_trl.md)")
+            raise ConfigError(
+                f"trainer.extra.{name}: {name} is TRL's (or transformers') name; in alignlab it is "
+                f"{TRL_NAMES[name]} (docs/from_trl.md)"
+            )
         if name not in known:
             near = difflib.get_close_matches(name, known, n=1)
             own = {f.name for f in fields(TrainerConfig)}
-            hint = f" Did you mean trainer.{'' if near and near[0] in own else 'extra.'}{near[0]}?" if near else ""
-            raise ConfigError(f"trainer.extra.{name}: transformers.TrainingArguments has no field {name!r}.{hint} "
-                              "Fix: remove it or correct the name")
+            hint = (
+                f" Did you mean trainer.{'' if near and near[0] in own else 'extra.'}{near[0]}?"
+                if near
+                else ""
+            )
+            raise ConfigError(
+                f"trainer.extra.{name}: transformers.TrainingArguments has no field {name!r}.{hint} "
+                "Fix: remove it or correct the name"
+            )
 
 
 def vocabulary_warning(train, tokenizer, model, path: str, rows: int = 1000) -> str | None:
@@ -125,18 +159,25 @@ def vocabulary_warning(train, tokenizer, model, path: str, rows: int = 1000) -> 
     if share > 0.5:
         name = model.tokenizer or model.name_or_path
         known = " (it knows only the words of builtin:sentiment)" if name.startswith("builtin:") else ""
-        return (f"  warning: {share:.0%} of the tokens of data.path={path} are unknown to the tokenizer of {name}{known}. "
-                "Fix: set model.name_or_path to a model for this data (and model.tokenizer if it is separate)")
+        return (
+            f"  warning: {share:.0%} of the tokens of data.path={path} are unknown to the tokenizer of {name}{known}. "
+            "Fix: set model.name_or_path to a model for this data (and model.tokenizer if it is separate)"
+        )
     return None
 
 
 def forward_plan(loss_name: str, model: ModelConfig, needs: Needs):
     """The run's `alignlab.forward.ForwardPlan` from the loss's needs and the `model.*` switches; refuses
     (`ConfigError`) settings that cannot give the loss what it needs, before any model loads."""
-    return ForwardPlan.of(needs, logit_chunk_size=model.logit_chunk_size,
-                          skip_unused_logits=model.skip_unused_logits, padding_free=model.padding_free,
-                          prefix_sharing=model.prefix_sharing, reference_mode=model.reference_mode,
-                          loss_name=loss_name)
+    return ForwardPlan.of(
+        needs,
+        logit_chunk_size=model.logit_chunk_size,
+        skip_unused_logits=model.skip_unused_logits,
+        padding_free=model.padding_free,
+        prefix_sharing=model.prefix_sharing,
+        reference_mode=model.reference_mode,
+        loss_name=loss_name,
+    )
 
 
 def check_forward(loss_name: str, model: ModelConfig, needs: Needs) -> None:
@@ -144,30 +185,59 @@ def check_forward(loss_name: str, model: ModelConfig, needs: Needs) -> None:
     forward_plan(loss_name, model, needs)
 
 
-def _precompute_reference(cfg: AlignConfig, reference, ctx: PrepareContext, collator, plan, batch_size: int,
-                          device) -> None:
+def _precompute_reference(
+    cfg: AlignConfig, reference, ctx: PrepareContext, collator, plan, batch_size: int, device
+) -> None:
     """Replace ctx.train / ctx.eval with copies carrying the reference's per-token log-probs (cached),
     computed through the run's forward `plan`."""
     quantized = cfg.model.lora.load_in_4bit and not cfg.model.reference  # the reference is the 4-bit base
-    identity = model_identity(cfg.model.reference or cfg.model.name_or_path,
-                              cfg.model.dtype + ("+nf4" if quantized else ""), cfg.seed)
+    identity = model_identity(
+        cfg.model.reference or cfg.model.name_or_path,
+        cfg.model.dtype + ("+nf4" if quantized else ""),
+        cfg.seed,
+    )
     cache_dir = Path(cfg.data.cache_dir or Path.home() / ".cache" / "alignlab") / "reference"
-    score = partial(precompute, reference, collator=collator, plan=plan,
-                    responses=collator.responses, identity=identity, batch_size=batch_size, device=device,
-                    cache_dir=cache_dir)
+    score = partial(
+        precompute,
+        reference,
+        collator=collator,
+        plan=plan,
+        responses=collator.responses,
+        identity=identity,
+        batch_size=batch_size,
+        device=device,
+        cache_dir=cache_dir,
+    )
     ctx.train = score(ctx.train)
     if ctx.eval is not None:
         ctx.eval = score(ctx.eval)
 
 
-def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: bool, report_to: list[str],
-                       deepspeed: dict | None = None):
+def training_arguments(
+    t: TrainerConfig,
+    output_dir: Path,
+    seed: int,
+    has_eval: bool,
+    report_to: list[str],
+    deepspeed: dict | None = None,
+):
     """HF `TrainingArguments` from `trainer.*`; `deepspeed` is a DeepSpeed config dict (its "auto"
     values are filled from these arguments by HF Trainer)."""
     from transformers import TrainingArguments
 
-    known = {k: v for k, v in asdict(t).items() if k not in (
-        "eval_steps", "save_steps", "resume_from_checkpoint", "resume_any_config", "overwrite_output_dir", "extra")}
+    known = {
+        k: v
+        for k, v in asdict(t).items()
+        if k
+        not in (
+            "eval_steps",
+            "save_steps",
+            "resume_from_checkpoint",
+            "resume_any_config",
+            "overwrite_output_dir",
+            "extra",
+        )
+    }
     try:
         return TrainingArguments(
             output_dir=str(output_dir),
@@ -186,7 +256,9 @@ def training_arguments(t: TrainerConfig, output_dir: Path, seed: int, has_eval: 
             **t.extra,
         )
     except (ValueError, TypeError) as err:  # a value TrainingArguments refuses, e.g. in trainer.extra
-        raise ConfigError(f"trainer: transformers.TrainingArguments refused the settings: {first_line(err)}") from None
+        raise ConfigError(
+            f"trainer: transformers.TrainingArguments refused the settings: {first_line(err)}"
+        ) from None
 
 
 def _has_accelerator() -> bool:
@@ -219,9 +291,13 @@ def _setup_wandb(cfg, raw: DictConfig, output_dir: Path) -> None:
 
     if wandb.run is not None:  # left open by an earlier run in this process (a stage, a sweep member)
         wandb.finish()
-    wandb.init(project=os.environ["WANDB_PROJECT"], name=output_dir.name, group=cfg.logger.group or sweep_dir(),
-               dir=os.environ["WANDB_DIR"],  # W&B reads $WANDB_DIR once per process; each run has its own
-               config={"alignlab": redact(absolute_paths(OmegaConf.to_container(raw, resolve=True)))})
+    wandb.init(
+        project=os.environ["WANDB_PROJECT"],
+        name=output_dir.name,
+        group=cfg.logger.group or sweep_dir(),
+        dir=os.environ["WANDB_DIR"],  # W&B reads $WANDB_DIR once per process; each run has its own
+        config={"alignlab": redact(absolute_paths(OmegaConf.to_container(raw, resolve=True)))},
+    )
 
 
 def _finish_wandb() -> None:
@@ -252,15 +328,18 @@ def run_stages(cfg: DictConfig) -> list[Stage]:
     used = used_stages(cfg)
     for stage in stages:
         if stage.name not in used:
-            print(f"stage {stage.name}: not used by this run (nothing refers to "
-                  f"${{{RESOLVER}:{stage.name}}}); skipped")
+            print(
+                f"stage {stage.name}: not used by this run (nothing refers to "
+                f"${{{RESOLVER}:{stage.name}}}); skipped"
+            )
     stages = [stage for stage in stages if stage.name in used]
     for done, stage in enumerate(stages):
         if stage.finished:
             print(f"stage {stage.name}: reusing {stage.directory}")
             continue
-        resuming = (" (resuming from its last checkpoint)"
-                    if stage.config.trainer.resume_from_checkpoint else "")
+        resuming = (
+            " (resuming from its last checkpoint)" if stage.config.trainer.resume_from_checkpoint else ""
+        )
         print(f"stage {stage.name}: training in {stage.directory}{resuming}")
         try:
             run(stage.config, output_dir=stage.directory)
@@ -322,11 +401,15 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, stack: contextlib.ExitS
             raise
         raise error from None
     except KeyboardInterrupt:  # the second Ctrl-C (alignlab.rundir.Interrupts)
-        raise StoppedAtOnce("stopped at once by a second Ctrl-C; resume from the last complete checkpoint with: "
-                            f"{resume_command(output_dir)}") from None
+        raise StoppedAtOnce(
+            "stopped at once by a second Ctrl-C; resume from the last complete checkpoint with: "
+            f"{resume_command(output_dir)}"
+        ) from None
 
 
-def _claim(output_dir: Path, typed: AlignConfig, ours, loss_state: bool, main: bool, stack: contextlib.ExitStack):
+def _claim(
+    output_dir: Path, typed: AlignConfig, ours, loss_state: bool, main: bool, stack: contextlib.ExitStack
+):
     """Process 0 locks the run directory (for the run's lifetime) and decides what the run may do there
     (`alignlab.rundir.claim`); every process gets the decision, or the same error."""
     decision = error = None
@@ -334,9 +417,14 @@ def _claim(output_dir: Path, typed: AlignConfig, ours, loss_state: bool, main: b
         try:
             lock = RunLock(output_dir).acquire()
             stack.callback(lock.release)
-            decision = claim(output_dir, typed.trainer.resume_from_checkpoint, ours,
-                             overwrite=typed.trainer.overwrite_output_dir, any_config=typed.trainer.resume_any_config,
-                             loss_state=loss_state)
+            decision = claim(
+                output_dir,
+                typed.trainer.resume_from_checkpoint,
+                ours,
+                overwrite=typed.trainer.overwrite_output_dir,
+                any_config=typed.trainer.resume_any_config,
+                loss_state=loss_state,
+            )
         except (UserError, RunStopped) as err:
             error = err
     decision, error = distributed.same_on_all((decision, error))
@@ -345,15 +433,18 @@ def _claim(output_dir: Path, typed: AlignConfig, ours, loss_state: bool, main: b
     return decision
 
 
-def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_fn, main: bool,
-           start: float) -> RunResult:
+def _train(
+    cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_fn, main: bool, start: float
+) -> RunResult:
     from alignlab.trainer import AlignTrainer, MetricsFileCallback  # deferred: it imports transformers
 
     needs = loss_fn.needs
     resume = claimed.resume
     tokenizer = models.load_tokenizer(typed.model)
     with distributed.main_process_first():  # one process fills the tokenized cache, the others read it
-        data = build_datasets(typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields)
+        data = build_datasets(
+            typed.data, tokenizer, responses=needs.responses, seed=typed.seed, fields=needs.fields
+        )
     if main:
         print(data.report.summary())
         unknown = vocabulary_warning(data.train, tokenizer, typed.model, typed.data.path)
@@ -362,12 +453,22 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
 
     policy = models.load_policy(typed.model, tokenizer, typed.seed)
     reference = models.load_reference(typed.model, policy, tokenizer, typed.seed) if needs.reference else None
-    teachers = {name: models.load_frozen(path, typed.model, tokenizer, typed.seed)
-                for name, path in needs.teachers}
-    ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
-                         device=policy.device, seed=typed.seed, model=typed.model, architecture=policy.config,
-                         embed_prompts=None if reference is None else
-                         prompt_embedder(reference, tokenizer.pad_token_id, policy.device))
+    teachers = {
+        name: models.load_frozen(path, typed.model, tokenizer, typed.seed) for name, path in needs.teachers
+    }
+    ctx = PrepareContext(
+        reference=reference,
+        tokenizer=tokenizer,
+        train=data.train,
+        eval=data.eval,
+        device=policy.device,
+        seed=typed.seed,
+        model=typed.model,
+        architecture=policy.config,
+        embed_prompts=None
+        if reference is None
+        else prompt_embedder(reference, tokenizer.pad_token_id, policy.device),
+    )
     add_scores(needs, ctx)  # scores of other frozen models the loss declared (MODPO's margins)
     loss_fn.prepare(ctx)
     distributed.check_loss_parameters(typed, loss_fn)
@@ -375,19 +476,27 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
     use_wandb = "wandb" in typed.logger.report_to
     if use_wandb:
         _setup_wandb(typed, cfg, output_dir)
-    args = training_arguments(typed.trainer, output_dir, typed.seed, data.eval is not None, typed.logger.report_to,
-                              distributed.deepspeed_config(typed.deepspeed))
+    args = training_arguments(
+        typed.trainer,
+        output_dir,
+        typed.seed,
+        data.eval is not None,
+        typed.logger.report_to,
+        distributed.deepspeed_config(typed.deepspeed),
+    )
     # on the device; under ZeRO-3 partitioned inference engines (models were loaded whole: the loss's
     # prepare() above may use the reference before any engine exists)
     reference = distributed.prepare_frozen(reference, args)
     teachers = {name: distributed.prepare_frozen(m, args) for name, m in teachers.items()}
-    collator = PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses,
-                                  fields=needs.batch_fields)
+    collator = PreferenceCollator(
+        tokenizer.pad_token_id, responses=needs.responses, fields=needs.batch_fields
+    )
     plan = forward_plan(typed.loss.name, typed.model, needs)  # the forward pass, decided once for the run
     precomputed = needs.reference and typed.model.reference_mode == "precomputed"
     if precomputed:  # score the data once with the reference, then free it
-        _precompute_reference(typed, reference, ctx, collator, plan, args.per_device_eval_batch_size,
-                              args.device)
+        _precompute_reference(
+            typed, reference, ctx, collator, plan, args.per_device_eval_batch_size, args.device
+        )
         distributed.release(reference)
         reference = None
         collator.sequences = tuple(reference_column(r) for r in needs.responses)
@@ -422,13 +531,17 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
             saved = output_dir / f"checkpoint-{step}"
             raise interrupted(output_dir, step, saved if (saved / checkpoints.COMPLETE).exists() else None)
         if main:
-            print(f"alignlab: {INTERRUPTS.received} after the last step: finishing the final evaluation and save")
+            print(
+                f"alignlab: {INTERRUPTS.received} after the last step: finishing the final evaluation and save"
+            )
     eval_metrics = trainer.evaluate() if ctx.eval is not None else {}
 
     model_dir = output_dir / "model"
     trainer.save_model(str(model_dir))
     trainer.save_loss_state(model_dir)  # e.g. BCO's δ and UDM classifier, beside the final model
-    if main:  # HF's pickled TrainingArguments: no pickles in a model others load; config.yaml has the settings
+    if (
+        main
+    ):  # HF's pickled TrainingArguments: no pickles in a model others load; config.yaml has the settings
         (model_dir / "training_args.bin").unlink(missing_ok=True)
     merged_dir = output_dir / "model_merged" if typed.model.lora.merge_on_save else None
     if merged_dir is not None and main:
@@ -436,14 +549,32 @@ def _train(cfg: DictConfig, typed: AlignConfig, output_dir: Path, claimed, loss_
     if trainer.is_world_process_zero():
         plot_curves(metrics_file, output_dir / "curves.png", (*STANDARD_CURVES, *loss_fn.curves))
     train_losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
-    result = RunResult(output_dir, model_dir, metrics_file, train_losses, eval_metrics, time.time() - start,
-                       merged_dir, typed.model.lora.enabled, divergence_warnings(trainer.state.log_history),
-                       dict(loss_fn.headline))
+    result = RunResult(
+        output_dir,
+        model_dir,
+        metrics_file,
+        train_losses,
+        eval_metrics,
+        time.time() - start,
+        merged_dir,
+        typed.model.lora.enabled,
+        divergence_warnings(trainer.state.log_history),
+        dict(loss_fn.headline),
+    )
     if main:
-        (output_dir / "summary.json").write_text(json.dumps(
-            {"train_losses": train_losses, "eval": eval_metrics, "wall_seconds": result.wall_seconds,
-             "model_dir": str(model_dir), "merged_model_dir": str(merged_dir) if merged_dir else None,
-             "warnings": result.warnings}, indent=2))
+        (output_dir / "summary.json").write_text(
+            json.dumps(
+                {
+                    "train_losses": train_losses,
+                    "eval": eval_metrics,
+                    "wall_seconds": result.wall_seconds,
+                    "model_dir": str(model_dir),
+                    "merged_model_dir": str(merged_dir) if merged_dir else None,
+                    "warnings": result.warnings,
+                },
+                indent=2,
+            )
+        )
         write_record(output_dir, claimed.identity, "finished", step=step)
         print(summary_text(result))
         if typed.eval.generate:
@@ -467,14 +598,18 @@ def save_run_files(cfg: DictConfig, output_dir: Path) -> None:
 
 
 #: settings naming local files or folders; a saved config stores them absolute (`absolute_paths`).
-PATH_KEYS = {"model": ("name_or_path", "tokenizer", "reference"), "data": ("path", "eval_path", "retain", "cache_dir"),
-             "deepspeed": ("path",)}
+PATH_KEYS = {
+    "model": ("name_or_path", "tokenizer", "reference"),
+    "data": ("path", "eval_path", "retain", "cache_dir"),
+    "deepspeed": ("path",),
+}
 
 
 def absolute_paths(content: dict) -> dict:
     """`content` (a resolved config) with every relative path to an existing file or folder made absolute:
     the `PATH_KEYS` and any string of the loss config (teachers, margin models), so that `alignlab eval
     RUN_DIR` works from any directory. Hub names and builtin sources are left as they are."""
+
     def fix(value):
         if isinstance(value, str) and value and not value.startswith("builtin:") and Path(value).exists():
             return str(Path(value).resolve())
@@ -500,20 +635,31 @@ def end_of_training_eval(cfg: AlignConfig, output_dir: Path, args=None) -> dict:
     if reward == "auto":
         reward = task_reward(cfg.data.path)  # the builtin task's own (builtin.DATASETS), else none
     with distributed.whole_models(args):  # process 0 alone loads the models
-        result = evaluate(output_dir, reward=reward, num_prompts=cfg.eval.num_prompts,
-                          max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
+        result = evaluate(
+            output_dir,
+            reward=reward,
+            num_prompts=cfg.eval.num_prompts,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            seed=cfg.seed,
+        )
     if result.get("num_prompts"):
-        line = f"  eval: KL(policy||ref) {result['kl_policy_reference']:.3f} on {result['num_prompts']} prompts"
+        line = (
+            f"  eval: KL(policy||ref) {result['kl_policy_reference']:.3f} on {result['num_prompts']} prompts"
+        )
         if "win_rate" in result:
-            line += (f", reward {result['reward_policy']:.3f} (reference {result['reward_reference']:.3f}), "
-                     f"win rate {result['win_rate']:.3f}")
+            line += (
+                f", reward {result['reward_policy']:.3f} (reference {result['reward_reference']:.3f}), "
+                f"win rate {result['win_rate']:.3f}"
+            )
         print(line + f"; {result['report']}")
     return result
 
 
 #: (training key, held-out key, what it is, higher is better, the change that counts as a move).
-DIVERGENCE = (("rewards/accuracies", "eval_rewards/accuracies", "accuracy", True, 0.02),
-              ("loss", "eval_loss", "loss", False, 0.02))
+DIVERGENCE = (
+    ("rewards/accuracies", "eval_rewards/accuracies", "accuracy", True, 0.02),
+    ("loss", "eval_loss", "loss", False, 0.02),
+)
 
 
 def divergence_warnings(history: list[dict]) -> list[str]:
@@ -538,23 +684,32 @@ def divergence_warnings(history: list[dict]) -> list[str]:
         t0, t1 = before[-1], after[-1]
         better = 1 if higher else -1
         if better * (e1 - e0) < -moved and better * (t1 - t0) > moved:
-            lines.append(f"held-out {name} went from {e0:.3f} (step {s0}) to {e1:.3f} (step {s1}) while training "
-                         f"{name} went from {t0:.3f} to {t1:.3f}: the policy is fitting the training pairs at the "
-                         "expense of unseen ones; consider fewer steps, a larger loss.beta or more data")
+            lines.append(
+                f"held-out {name} went from {e0:.3f} (step {s0}) to {e1:.3f} (step {s1}) while training "
+                f"{name} went from {t0:.3f} to {t1:.3f}: the policy is fitting the training pairs at the "
+                "expense of unseen ones; consider fewer steps, a larger loss.beta or more data"
+            )
     return lines
 
 
 def summary_text(result: RunResult) -> str:
     lines = ["", "alignlab: run finished in %.0f s" % result.wall_seconds]
     if result.train_losses:
-        lines.append(f"  train loss        {result.train_losses[0]:.4f} (first log) -> {result.train_losses[-1]:.4f} (last)")
-    lines += [f"  {text.format(result.eval_metrics[key])}" for key, text in result.headline.items()
-              if key in result.eval_metrics]
+        lines.append(
+            f"  train loss        {result.train_losses[0]:.4f} (first log) -> {result.train_losses[-1]:.4f} (last)"
+        )
+    lines += [
+        f"  {text.format(result.eval_metrics[key])}"
+        for key, text in result.headline.items()
+        if key in result.eval_metrics
+    ]
     lines.append(f"  {'adapter' if result.adapter else 'model'} + tokenizer {result.model_dir}")
     if result.merged_dir is not None:
         lines.append(f"  merged model      {result.merged_dir}")
-    lines += [f"  metrics           {result.metrics_file} (curves: {result.output_dir / 'curves.png'})",
-              f"  run directory     {result.output_dir}"]
+    lines += [
+        f"  metrics           {result.metrics_file} (curves: {result.output_dir / 'curves.png'})",
+        f"  run directory     {result.output_dir}",
+    ]
     lines += [f"alignlab: warning: {warning}" for warning in result.warnings]
     return "\n".join(lines)
 
@@ -563,5 +718,7 @@ def _hydra_output_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        raise ConfigError("no output directory: pass output_dir=... when calling alignlab.train.run outside the CLI")
+        raise ConfigError(
+            "no output directory: pass output_dir=... when calling alignlab.train.run outside the CLI"
+        )
     return HydraConfig.get().runtime.output_dir

@@ -19,14 +19,23 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from alignlab.checkpoints import (COMPLETE, LOG_STATE, LOSS_STATE, checkpoint_folders, grads_finite, manifest,
-                                  mark_complete, non_finite, save_batch)
+from alignlab.checkpoints import (
+    COMPLETE,
+    LOG_STATE,
+    LOSS_STATE,
+    checkpoint_folders,
+    grads_finite,
+    manifest,
+    mark_complete,
+    non_finite,
+    save_batch,
+)
 from alignlab.distributed import average_gradients, prepare_frozen
 from alignlab.errors import UserError
-from alignlab.rundir import INTERRUPTS, resume_command, storage_error
 from alignlab.forward import ForwardPlan, ModelPlans
 from alignlab.losses.base import Loss, LossInputs, Needs, StepTokens
 from alignlab.reference import from_columns as reference_from_columns
+from alignlab.rundir import INTERRUPTS, resume_command, storage_error
 
 
 def reduce_loss(losses: torch.Tensor) -> torch.Tensor:
@@ -38,14 +47,24 @@ def reduce_loss(losses: torch.Tensor) -> torch.Tensor:
     return losses.mean()
 
 
-def loss_inputs(plans: ModelPlans, needs: Needs, inputs: dict[str, torch.Tensor], policy: nn.Module,
-                policy_unwrapped: nn.Module, *, reference: nn.Module | None = None,
-                teachers: dict[str, nn.Module] | None = None, precomputed_reference: bool = False,
-                training: bool = True, step: StepTokens | None = None) -> LossInputs:
+def loss_inputs(
+    plans: ModelPlans,
+    needs: Needs,
+    inputs: dict[str, torch.Tensor],
+    policy: nn.Module,
+    policy_unwrapped: nn.Module,
+    *,
+    reference: nn.Module | None = None,
+    teachers: dict[str, nn.Module] | None = None,
+    precomputed_reference: bool = False,
+    training: bool = True,
+    step: StepTokens | None = None,
+) -> LossInputs:
     """What a loss receives for one collated batch: the policy's forward (with gradient), and without
     gradient the reference's (live, with the activations the loss declared, or rebuilt from the
     batch's precomputed columns) and every teacher's, plus the batch's per-example fields; each model
     through the run's forward plan fitted to it (`plans`)."""
+
     def run(plan, model, head_of):
         return plan(model, head_of.get_output_embeddings(), inputs)
 
@@ -58,8 +77,9 @@ def loss_inputs(plans: ModelPlans, needs: Needs, inputs: dict[str, torch.Tensor]
             ref = run(plans.reference, reference, reference)
         teacher_out = {name: run(plans.teachers[name], m, m) for name, m in (teachers or {}).items()}
     fields = {name: inputs[name] for name in needs.batch_fields}
-    return LossInputs(policy=policy_out, reference=ref, teachers=teacher_out, fields=fields, training=training,
-                      step=step)
+    return LossInputs(
+        policy=policy_out, reference=ref, teachers=teacher_out, fields=fields, training=training, step=step
+    )
 
 
 class AlignTrainer(Trainer):
@@ -81,9 +101,17 @@ class AlignTrainer(Trainer):
     # compute_loss returns a per-batch mean; HF Trainer scales it for gradient accumulation.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *, loss_fn: Loss, reference: nn.Module | None = None,
-                 teachers: dict[str, nn.Module] | None = None, forward_plan: ForwardPlan | None = None,
-                 precomputed_reference: bool = False, identity: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        loss_fn: Loss,
+        reference: nn.Module | None = None,
+        teachers: dict[str, nn.Module] | None = None,
+        forward_plan: ForwardPlan | None = None,
+        precomputed_reference: bool = False,
+        identity: dict | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.identity = identity
         self._resume_checkpoint: str | None = None
@@ -96,9 +124,13 @@ class AlignTrainer(Trainer):
         # on the device, or under ZeRO-3 partitioned inference engines (alignlab.distributed)
         self.reference = prepare_frozen(reference, self.args)
         self.teachers = {name: prepare_frozen(m, self.args) for name, m in (teachers or {}).items()}
-        self.plans = ModelPlans.fit(forward_plan or ForwardPlan.of(self.needs), self.model, self.reference,
-                                    self.teachers)
-        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.plans = ModelPlans.fit(
+            forward_plan or ForwardPlan.of(self.needs), self.model, self.reference, self.teachers
+        )
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         #: (global step, micro-batches seen in it): names the batch a non-finite loss or gradient came from
         self._micro = (-1, 0)
         #: token counts of the current optimizer step (`get_batch_samples`), for step-wide token means
@@ -118,9 +150,11 @@ class AlignTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts.to(self.args.device), "sum").cpu()
         values = [int(c) for c in counts.tolist()]
-        self._step_tokens = StepTokens(tokens=dict(zip(names, values[:len(names)])),
-                                       positions=dict(zip(names, values[len(names):])),
-                                       micro_batches=max(len(batches), 1) * self.accelerator.num_processes)
+        self._step_tokens = StepTokens(
+            tokens=dict(zip(names, values[: len(names)])),
+            positions=dict(zip(names, values[len(names) :])),
+            micro_batches=max(len(batches), 1) * self.accelerator.num_processes,
+        )
         return batches, num_items_in_batch
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -140,10 +174,18 @@ class AlignTrainer(Trainer):
         return super()._run_epoch(*args, **kwargs)
 
     def _loss_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LossInputs:
-        return loss_inputs(self.plans, self.needs, inputs, model, self.accelerator.unwrap_model(model),
-                           reference=self.reference, teachers=self.teachers,
-                           precomputed_reference=self.precomputed_reference, training=model.training,
-                           step=self._step_tokens if model.training else None)
+        return loss_inputs(
+            self.plans,
+            self.needs,
+            inputs,
+            model,
+            self.accelerator.unwrap_model(model),
+            reference=self.reference,
+            teachers=self.teachers,
+            precomputed_reference=self.precomputed_reference,
+            training=model.training,
+            step=self._step_tokens if model.training else None,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.loss_fn(self._loss_inputs(model, inputs))
@@ -168,8 +210,11 @@ class AlignTrainer(Trainer):
                 p.grad = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         average_gradients(self.loss_fn.parameters())
-        if not self.args.fp16 and not self.is_deepspeed_enabled and \
-                not grads_finite([*model.parameters(), *self.loss_fn.parameters()]):
+        if (
+            not self.args.fp16
+            and not self.is_deepspeed_enabled
+            and not grads_finite([*model.parameters(), *self.loss_fn.parameters()])
+        ):
             raise non_finite("a gradient is NaN or infinite", self._where(), self._save_bad_batch(inputs))
         return loss
 
@@ -177,16 +222,26 @@ class AlignTrainer(Trainer):
         """Under DeepSpeed, whose gradients `training_step` cannot see: after each optimizer step, before
         any log or save, a non-finite gradient norm stops the run (the engine has applied the step, so
         nothing is saved: the last checkpoint stays the last good state)."""
-        if (self.is_deepspeed_enabled and grad_norm is not None and not self.args.fp16
-                and not math.isfinite(float(grad_norm))):
-            raise non_finite(f"the gradient norm is {float(grad_norm)}",
-                             f"step {self.state.global_step} (epoch {self.state.epoch:.2f})", None)
+        if (
+            self.is_deepspeed_enabled
+            and grad_norm is not None
+            and not self.args.fp16
+            and not math.isfinite(float(grad_norm))
+        ):
+            raise non_finite(
+                f"the gradient norm is {float(grad_norm)}",
+                f"step {self.state.global_step} (epoch {self.state.epoch:.2f})",
+                None,
+            )
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def _where(self) -> str:
         k, n = self._micro[1], self.args.gradient_accumulation_steps
-        return (f"step {self.state.global_step + 1}, micro-batch {k} of {n} (epoch {self.state.epoch or 0:.2f}"
-                + (f", process {self.args.process_index}" if self.args.world_size > 1 else "") + ")")
+        return (
+            f"step {self.state.global_step + 1}, micro-batch {k} of {n} (epoch {self.state.epoch or 0:.2f}"
+            + (f", process {self.args.process_index}" if self.args.world_size > 1 else "")
+            + ")"
+        )
 
     def _save_bad_batch(self, inputs: dict) -> Path | None:
         """The offending batch in the run directory, named after its step (and process)."""
@@ -218,7 +273,9 @@ class AlignTrainer(Trainer):
         state = self.loss_fn.state_dict()
         if state and self.args.should_save:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(output_dir) / LOSS_STATE)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(output_dir) / LOSS_STATE
+            )
 
     def load_loss_state(self, checkpoint: str | Path) -> None:
         """Resume the loss module's state from `checkpoint` (nothing for a loss without state); on every
@@ -230,7 +287,8 @@ class AlignTrainer(Trainer):
             raise UserError(
                 f"cannot resume: {checkpoint} has no {LOSS_STATE}: the loss {self.loss_fn.registry_name!r} "
                 "keeps state (e.g. a running reward mean) that resuming without it would silently reset. "
-                "Fix: resume from a checkpoint this loss wrote, or start a fresh run")
+                "Fix: resume from a checkpoint this loss wrote, or start a fresh run"
+            )
         # copied onto the buffers' device (safetensors rejects "cpu:0")
         self.loss_fn.load_state_dict(load_file(path))
 
@@ -242,7 +300,9 @@ class AlignTrainer(Trainer):
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
-            (folder / COMPLETE).unlink(missing_ok=True)  # overwriting a checkpoint: incomplete until re-marked
+            (folder / COMPLETE).unlink(
+                missing_ok=True
+            )  # overwriting a checkpoint: incomplete until re-marked
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
@@ -257,13 +317,22 @@ class AlignTrainer(Trainer):
         except Exception as err:
             if storage_error(err, folder, "write") is None:
                 raise
-            raise storage_error(err, folder, "write", tail=self._after_failed_save(run_dir, folder),
-                                resume=resume_command(run_dir)) from None
+            raise storage_error(
+                err,
+                folder,
+                "write",
+                tail=self._after_failed_save(run_dir, folder),
+                resume=resume_command(run_dir),
+            ) from None
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save and limit:
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _after_failed_save(self, run_dir: Path, folder: Path) -> str:
         """What a failed save leaves: the partial folder removed, the last complete checkpoint, how to resume."""
@@ -272,12 +341,20 @@ class AlignTrainer(Trainer):
         if self.args.should_save:
             shutil.rmtree(folder, ignore_errors=True)
         previous = [p for p in checkpoint_folders(run_dir) if p != folder and manifest(p) is not None]
-        kept = f"{previous[-1].name} is the last complete checkpoint" if previous else "no checkpoint is complete yet"
+        kept = (
+            f"{previous[-1].name} is the last complete checkpoint"
+            if previous
+            else "no checkpoint is complete yet"
+        )
         return f" at step {self.state.global_step} (the partial {folder.name} was removed; {kept})"
 
     # -- the logging window in progress, so that the log after a resume equals the uninterrupted run's --
     def _log_state_file(self, folder: Path) -> Path:
-        name = LOG_STATE if self.args.world_size <= 1 else LOG_STATE.replace(".json", f"_{self.args.process_index}.json")
+        name = (
+            LOG_STATE
+            if self.args.world_size <= 1
+            else LOG_STATE.replace(".json", f"_{self.args.process_index}.json")
+        )
         return Path(folder) / name
 
     def _save_log_state(self, folder: Path) -> None:
@@ -286,9 +363,14 @@ class AlignTrainer(Trainer):
         if not hasattr(self, "_tr_loss"):
             return
         Path(folder).mkdir(parents=True, exist_ok=True)
-        state = {"tr_loss": self._tr_loss.item(), "total_loss_scalar": self._total_loss_scalar,
-                 "last_logged": self._globalstep_last_logged,
-                 "metrics": {name: [v.tolist() for v in values] for name, values in self._metrics["train"].items()}}
+        state = {
+            "tr_loss": self._tr_loss.item(),
+            "total_loss_scalar": self._total_loss_scalar,
+            "last_logged": self._globalstep_last_logged,
+            "metrics": {
+                name: [v.tolist() for v in values] for name, values in self._metrics["train"].items()
+            },
+        }
         self._log_state_file(folder).write_text(json.dumps(state))
 
     def _restore_log_state(self) -> None:
@@ -297,13 +379,21 @@ class AlignTrainer(Trainer):
         if not path or not path.is_file() or not hasattr(self, "_tr_loss"):
             return
         state = json.loads(path.read_text())
-        self._tr_loss += torch.tensor(state["tr_loss"], dtype=self._tr_loss.dtype, device=self._tr_loss.device)
+        self._tr_loss += torch.tensor(
+            state["tr_loss"], dtype=self._tr_loss.dtype, device=self._tr_loss.device
+        )
         self._total_loss_scalar = state["total_loss_scalar"]
         self._globalstep_last_logged = state["last_logged"]
-        self._initial_global_step = 0  # HF's train_loss: the mean over the whole run, as without the interruption
-        self._metrics["train"] = defaultdict(list, {
-            name: [torch.tensor(v, dtype=torch.float32, device=self.args.device) for v in values]
-            for name, values in state["metrics"].items()})
+        self._initial_global_step = (
+            0  # HF's train_loss: the mean over the whole run, as without the interruption
+        )
+        self._metrics["train"] = defaultdict(
+            list,
+            {
+                name: [torch.tensor(v, dtype=torch.float32, device=self.args.device) for v in values]
+                for name, values in state["metrics"].items()
+            },
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Merge the loss's metrics, averaged since the last log and across processes, into `logs`."""
@@ -329,8 +419,11 @@ class AlignTrainer(Trainer):
             names = sorted(set().union(*gathered))
         if not names:
             return {}
-        sums = torch.tensor([[torch.stack(mine[n]).sum().item(), len(mine[n])] if n in mine else [0.0, 0.0]
-                             for n in names], dtype=torch.float64, device=self.args.device)
+        sums = torch.tensor(
+            [[torch.stack(mine[n]).sum().item(), len(mine[n])] if n in mine else [0.0, 0.0] for n in names],
+            dtype=torch.float64,
+            device=self.args.device,
+        )
         sums = self.accelerator.reduce(sums, "sum")
         return {name: (total / count).item() for name, (total, count) in zip(names, sums) if count > 0}
 

@@ -46,12 +46,26 @@ def _model(workload: str):
     if workload == "w1":
         if STORIES.exists():
             return AutoModelForCausalLM.from_pretrained(STORIES, attn_implementation="sdpa")
-        config = LlamaConfig(hidden_size=64, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=4,
-                             intermediate_size=172, vocab_size=512, tie_word_embeddings=True)
+        config = LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=5,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            intermediate_size=172,
+            vocab_size=512,
+            tie_word_embeddings=True,
+        )
     else:
-        config = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                             intermediate_size=1376, vocab_size=50257, max_position_embeddings=1024,
-                             tie_word_embeddings=True)
+        config = LlamaConfig(
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            intermediate_size=1376,
+            vocab_size=50257,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config)
 
@@ -63,11 +77,20 @@ def _batches(workload: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
     size, lo, hi, bsz = {"w1": (None, 8, 32, 16), "w2": (None, 32, 256, 4)}[workload]
 
     def ids(lo_, hi_):
-        return torch.randint(3, vocab, (int(torch.randint(lo_, hi_ + 1, (1,), generator=gen)),), generator=gen).tolist()
+        return torch.randint(
+            3, vocab, (int(torch.randint(lo_, hi_ + 1, (1,), generator=gen)),), generator=gen
+        ).tolist()
 
     collate = PreferenceCollator(pad_token_id=0)
-    return [collate([{"prompt_ids": ids(lo, hi), "chosen_ids": ids(lo, hi), "rejected_ids": ids(lo, hi)}
-                     for _ in range(bsz)]) for _ in range(n)]
+    return [
+        collate(
+            [
+                {"prompt_ids": ids(lo, hi), "chosen_ids": ids(lo, hi), "rejected_ids": ids(lo, hi)}
+                for _ in range(bsz)
+            ]
+        )
+        for _ in range(n)
+    ]
 
 
 def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
@@ -82,14 +105,21 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
     pairs = ("chosen", "rejected")
     real = [sum(int(b[f"{r}_attention_mask"].sum()) for r in pairs) for b in batches[1:]]
     total = [sum(b[f"{r}_attention_mask"].numel() for r in pairs) for b in batches[1:]]
-    print(f"{workload}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
-          f"padding {1 - sum(real) / sum(total):.0%} of batch positions, {statistics.mean(real):.0f} real tokens/batch, "
-          f"threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"{workload}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
+        f"padding {1 - sum(real) / sum(total):.0%} of batch positions, {statistics.mean(real):.0f} real tokens/batch, "
+        f"threads {torch.get_num_threads()}",
+        flush=True,
+    )
     plans = {}  # name -> (policy's plan, reference's plan), fitted once as in a run
     for name in variants:
         skip, packed, shared = VARIANTS[name]
-        plan = ForwardPlan(pairs, chunk_size=chunk, skip_unused_logits=skip,
-                           layout="shared_prompts" if shared else "packed" if packed else "padded")
+        plan = ForwardPlan(
+            pairs,
+            chunk_size=chunk,
+            skip_unused_logits=skip,
+            layout="shared_prompts" if shared else "packed" if packed else "padded",
+        )
         plans[name] = (plan.fitted(policy), plan.fitted(reference))
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i, batch in enumerate(batches):
@@ -108,8 +138,11 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
     for name in variants:
         step = statistics.median(t[0] for t in times[name])
         wall = statistics.median(t[1] for t in times[name])
-        print(f"  {name:20s} CPU {step * 1000:7.0f} ms/step (wall {wall * 1000:7.0f} ms)   policy tokens/CPU-s "
-              f"{statistics.mean(real) / step:8.0f}   x{base / step:.2f} vs {variants[0]}", flush=True)
+        print(
+            f"  {name:20s} CPU {step * 1000:7.0f} ms/step (wall {wall * 1000:7.0f} ms)   policy tokens/CPU-s "
+            f"{statistics.mean(real) / step:8.0f}   x{base / step:.2f} vs {variants[0]}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -118,8 +151,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=128, help="model.logit_chunk_size")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 makes the CPU time a stable measure on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 makes the CPU time a stable measure on a shared machine",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for workload in ("w1", "w2") if args.workload == "both" else (args.workload,):

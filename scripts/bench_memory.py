@@ -45,10 +45,18 @@ def _model(source: str):
         return AutoModelForCausalLM.from_pretrained(STORIES)
     spec = dict(kv.split("=") for kv in source.removeprefix("config:").split(","))
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=int(spec["hidden"]), num_hidden_layers=int(spec["layers"]), num_attention_heads=int(spec["heads"]),
-        num_key_value_heads=int(spec["heads"]), intermediate_size=int(spec["intermediate"]),
-        vocab_size=int(spec["vocab"]), max_position_embeddings=1024, tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=int(spec["hidden"]),
+            num_hidden_layers=int(spec["layers"]),
+            num_attention_heads=int(spec["heads"]),
+            num_key_value_heads=int(spec["heads"]),
+            intermediate_size=int(spec["intermediate"]),
+            vocab_size=int(spec["vocab"]),
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def measure(workload: str, loss_name: str, chunk: int) -> dict:
@@ -71,7 +79,9 @@ def measure(workload: str, loss_name: str, chunk: int) -> dict:
         ids = torch.randint(3, vocab, (b, t))
         labels = ids.clone()
         labels[:, : t // 2] = -100
-        batch.update({f"{r}_input_ids": ids, f"{r}_attention_mask": torch.ones_like(ids), f"{r}_labels": labels})
+        batch.update(
+            {f"{r}_input_ids": ids, f"{r}_attention_mask": torch.ones_like(ids), f"{r}_labels": labels}
+        )
     loss_fn = build(REGISTRY[loss_name].config())
     plan = ForwardPlan(("chosen", "rejected"), loss_fn.needs.full_logits, chunk_size=chunk)
     policy_plan, reference_plan = plan.fitted(policy), plan.fitted(reference)
@@ -81,8 +91,15 @@ def measure(workload: str, loss_name: str, chunk: int) -> dict:
         ref = reference_plan(reference, reference.get_output_embeddings(), batch)
     loss_fn(LossInputs(policy=pol, reference=ref)).losses.mean().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"workload": workload, "loss": loss_name, "chunk": chunk, "batch": b, "seq_len": t, "vocab": vocab,
-            "peak_increase_mib": round(peak - base, 1)}
+    return {
+        "workload": workload,
+        "loss": loss_name,
+        "chunk": chunk,
+        "batch": b,
+        "seq_len": t,
+        "vocab": vocab,
+        "peak_increase_mib": round(peak - base, 1),
+    }
 
 
 def main() -> None:
@@ -100,15 +117,24 @@ def main() -> None:
             continue
         for loss_name in LOSSES:
             for chunk in CHUNKS:
-                out = subprocess.run([sys.executable, __file__, "--one", workload, loss_name, str(chunk)],
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", workload, loss_name, str(chunk)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(rows[-1], file=sys.stderr)
-    lines = ["| workload | B × T | vocab | loss | logits | peak memory of one step (MiB) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | B × T | vocab | loss | logits | peak memory of one step (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         kind = f"chunked ({r['chunk']})" if r["chunk"] else "dense"
-        lines.append(f"| {r['workload']} | {r['batch']} × {r['seq_len']} | {r['vocab']} | {r['loss']} | {kind} | "
-                     f"{r['peak_increase_mib']} |")
+        lines.append(
+            f"| {r['workload']} | {r['batch']} × {r['seq_len']} | {r['vocab']} | {r['loss']} | {kind} | "
+            f"{r['peak_increase_mib']} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.markdown:

@@ -81,8 +81,14 @@ def groups(split: str, n: int, s: Settings, seed: int, cache: Path) -> list[dict
     """k VADER-scored samples of the reference for each of the first n openings of `split` (cached)."""
     path = cache / f"groups-{split}-{n}-k{s.samples_per_prompt}-t{s.max_new_tokens}-seed{seed}.jsonl"
     if not path.exists():
-        rows = sentiment.sample_groups(MODEL, sentiment.story_prompts(split)[:n], s.samples_per_prompt, seed,
-                                       s.max_new_tokens, whole_sentences=True)
+        rows = sentiment.sample_groups(
+            MODEL,
+            sentiment.story_prompts(split)[:n],
+            s.samples_per_prompt,
+            seed,
+            s.max_new_tokens,
+            whole_sentences=True,
+        )
         write_jsonl(path, rows)
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -102,8 +108,15 @@ def pairs_of(gs: list[dict]) -> list[dict]:
     for g in gs:
         r = ranked(g)
         if len(r) >= 2 and r[0][0] > r[-1][0]:
-            rows.append({"prompt": g["prompt"], "chosen": r[0][1], "rejected": r[-1][1],
-                         "chosen_score": r[0][0], "rejected_score": r[-1][0]})
+            rows.append(
+                {
+                    "prompt": g["prompt"],
+                    "chosen": r[0][1],
+                    "rejected": r[-1][1],
+                    "chosen_score": r[0][0],
+                    "rejected_score": r[-1][0],
+                }
+            )
     return rows
 
 
@@ -121,8 +134,12 @@ def triples_of(gs: list[dict]) -> list[dict]:
 def unpaired_of(gs: list[dict]) -> tuple[list[dict], float]:
     """BCO thumbs-up / down: every sample above the median score is desirable, below it undesirable."""
     median = statistics.median(s for g in gs for s in g["scores"])
-    rows = [{"prompt": g["prompt"], "completion": t, "label": s > median}
-            for g in gs for s, t in zip(g["scores"], g["completions"]) if t and s != median]
+    rows = [
+        {"prompt": g["prompt"], "completion": t, "label": s > median}
+        for g in gs
+        for s, t in zip(g["scores"], g["completions"])
+        if t and s != median
+    ]
     return rows, median
 
 
@@ -130,18 +147,34 @@ def flipped(rows: list[dict], rate: float, seed: int) -> list[dict]:
     """The pairs with chosen and rejected swapped in a random `rate` fraction of them (fixed seed)."""
     rng = random.Random(seed)
     flip = set(rng.sample(range(len(rows)), round(rate * len(rows))))
-    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in flip else r for i, r in enumerate(rows)]
+    return [
+        {**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in flip else r
+        for i, r in enumerate(rows)
+    ]
 
 
 def build_data(s: Settings, seed: int, cache: Path) -> dict[str, Path]:
-    train, held_out = groups("train", s.train_prompts, s, seed, cache), groups("eval", s.eval_prompts, s, seed + 1, cache)
+    train, held_out = (
+        groups("train", s.train_prompts, s, seed, cache),
+        groups("eval", s.eval_prompts, s, seed + 1, cache),
+    )
     d = cache / f"data-{'tiny' if s.tiny else 'full'}-seed{seed}"
     pairs = pairs_of(train)
     unpaired, median = unpaired_of(train)
-    forget = [{"prompt": g["prompt"], "completion": t} for g in train if FORGET_NAME in g["prompt"].split()
-              for t in g["completions"] if t]
-    retain = [{"prompt": g["prompt"], "completion": t} for g in train if FORGET_NAME not in g["prompt"].split()
-              for t in g["completions"] if t]
+    forget = [
+        {"prompt": g["prompt"], "completion": t}
+        for g in train
+        if FORGET_NAME in g["prompt"].split()
+        for t in g["completions"]
+        if t
+    ]
+    retain = [
+        {"prompt": g["prompt"], "completion": t}
+        for g in train
+        if FORGET_NAME not in g["prompt"].split()
+        for t in g["completions"]
+        if t
+    ]
     paths = {
         "pairs": write_jsonl(d / "pairs.jsonl", pairs),
         "eval_pairs": write_jsonl(d / "eval_pairs.jsonl", pairs_of(held_out)),
@@ -151,25 +184,37 @@ def build_data(s: Settings, seed: int, cache: Path) -> dict[str, Path]:
         "eval_unpaired": write_jsonl(d / "eval_unpaired.jsonl", unpaired_of(held_out)[0]),
         "forget": write_jsonl(d / "forget.jsonl", forget),
         "retain": write_jsonl(d / "retain.jsonl", retain[: len(retain) // 2]),  # trained on (NPO+RT) / never
-        "retain_heldout": write_jsonl(d / "retain_heldout.jsonl", retain[len(retain) // 2:][:400]),
+        "retain_heldout": write_jsonl(d / "retain_heldout.jsonl", retain[len(retain) // 2 :][:400]),
     }
     for rate in s.flips:
-        paths[f"flip{rate}"] = write_jsonl(d / f"pairs_flip{int(rate * 100)}.jsonl", flipped(pairs, rate, seed))
+        paths[f"flip{rate}"] = write_jsonl(
+            d / f"pairs_flip{int(rate * 100)}.jsonl", flipped(pairs, rate, seed)
+        )
     scores = [x for g in train for x in g["scores"]]
-    stats = {"train_prompts": len(train), "samples": len(scores), "pairs": len(pairs),
-             "triples": sum(1 for _ in open(paths["triples"])), "unpaired": len(unpaired),
-             "desirable": sum(r["label"] for r in unpaired), "median_score": median,
-             "mean_score": statistics.fmean(scores), "zero_scores": sum(x == 0 for x in scores) / len(scores),
-             "chosen_mean": statistics.fmean(r["chosen_score"] for r in pairs),
-             "rejected_mean": statistics.fmean(r["rejected_score"] for r in pairs),
-             "eval_prompts": len(held_out), "forget": len(forget)}
+    stats = {
+        "train_prompts": len(train),
+        "samples": len(scores),
+        "pairs": len(pairs),
+        "triples": sum(1 for _ in open(paths["triples"])),
+        "unpaired": len(unpaired),
+        "desirable": sum(r["label"] for r in unpaired),
+        "median_score": median,
+        "mean_score": statistics.fmean(scores),
+        "zero_scores": sum(x == 0 for x in scores) / len(scores),
+        "chosen_mean": statistics.fmean(r["chosen_score"] for r in pairs),
+        "rejected_mean": statistics.fmean(r["rejected_score"] for r in pairs),
+        "eval_prompts": len(held_out),
+        "forget": len(forget),
+    }
     (d / "stats.json").write_text(json.dumps(stats, indent=2))
     return {**paths, "stats": stats}
 
 
 # -- training + evaluation through alignlab -----------------------------------------------------------
 class Bench:
-    def __init__(self, s: Settings, data: dict, runs: Path, seed: int, reuse: bool, train: bool = True) -> None:
+    def __init__(
+        self, s: Settings, data: dict, runs: Path, seed: int, reuse: bool, train: bool = True
+    ) -> None:
         self.s, self.data, self.runs, self.seed, self.reuse = s, data, runs, seed, reuse
         #: False: report the finished runs only (`--report-only`), train nothing
         self.may_train = train
@@ -178,16 +223,36 @@ class Bench:
 
     def common(self, data: str, eval_data: str, steps: int | None = None) -> list[str]:
         s = self.s
-        return [f"model.name_or_path={MODEL}", f"data.path={self.data[data]}", f"data.eval_path={self.data[eval_data]}",
-                "data.max_length=80", "data.max_prompt_length=32", f"data.cache_dir={self.runs / 'tokenized'}",
-                f"trainer.max_steps={steps or s.steps}", f"trainer.per_device_train_batch_size={s.batch_size}",
-                "trainer.per_device_eval_batch_size=64", f"trainer.learning_rate={s.lr}", "trainer.warmup_steps=0",
-                "trainer.logging_steps=10", "trainer.eval_steps=0", "trainer.save_steps=0",
-                "eval.reward=alignlab.bench.sentiment:vader_reward", f"eval.num_prompts={s.eval_prompts}",
-                f"eval.max_new_tokens={s.max_new_tokens}", f"seed={self.seed}", f"stages_dir={self.runs / 'stages'}"]
+        return [
+            f"model.name_or_path={MODEL}",
+            f"data.path={self.data[data]}",
+            f"data.eval_path={self.data[eval_data]}",
+            "data.max_length=80",
+            "data.max_prompt_length=32",
+            f"data.cache_dir={self.runs / 'tokenized'}",
+            f"trainer.max_steps={steps or s.steps}",
+            f"trainer.per_device_train_batch_size={s.batch_size}",
+            "trainer.per_device_eval_batch_size=64",
+            f"trainer.learning_rate={s.lr}",
+            "trainer.warmup_steps=0",
+            "trainer.logging_steps=10",
+            "trainer.eval_steps=0",
+            "trainer.save_steps=0",
+            "eval.reward=alignlab.bench.sentiment:vader_reward",
+            f"eval.num_prompts={s.eval_prompts}",
+            f"eval.max_new_tokens={s.max_new_tokens}",
+            f"seed={self.seed}",
+            f"stages_dir={self.runs / 'stages'}",
+        ]
 
-    def train(self, name: str, overrides: list[str], data: str = "pairs", eval_data: str = "eval_pairs",
-              steps: int | None = None) -> dict | None:
+    def train(
+        self,
+        name: str,
+        overrides: list[str],
+        data: str = "pairs",
+        eval_data: str = "eval_pairs",
+        steps: int | None = None,
+    ) -> dict | None:
         from hydra import compose, initialize_config_dir
 
         from alignlab.compose import register_configs
@@ -213,14 +278,25 @@ class Bench:
             (out / "bench_seconds").write_text(f"{time.time() - start:.1f}")
         figures = json.loads(done.read_text())
         summary = json.loads((out / "summary.json").read_text())
-        r = {"name": name, "reward": figures["reward_policy"], "reference_reward": figures["reward_reference"],
-             "kl": figures["kl_policy_reference"], "win_rate": figures["win_rate"],
-             "length": figures["length_policy"]["mean"], "reference_length": figures["length_reference"]["mean"],
-             "accuracy": summary["eval"].get("eval_rewards/accuracies"), "run": str(out),
-             "seconds": float((out / "bench_seconds").read_text()), "sample": figures["samples"][0]["policy"]}
+        r = {
+            "name": name,
+            "reward": figures["reward_policy"],
+            "reference_reward": figures["reward_reference"],
+            "kl": figures["kl_policy_reference"],
+            "win_rate": figures["win_rate"],
+            "length": figures["length_policy"]["mean"],
+            "reference_length": figures["length_reference"]["mean"],
+            "accuracy": summary["eval"].get("eval_rewards/accuracies"),
+            "run": str(out),
+            "seconds": float((out / "bench_seconds").read_text()),
+            "sample": figures["samples"][0]["policy"],
+        }
         self.results[name] = r
-        print(f"bench: {name}: reward {r['reward']:.3f} (ref {r['reference_reward']:.3f}) KL {r['kl']:.3f} "
-              f"win {r['win_rate']:.3f} [{r['seconds']:.0f} s]", flush=True)
+        print(
+            f"bench: {name}: reward {r['reward']:.3f} (ref {r['reference_reward']:.3f}) KL {r['kl']:.3f} "
+            f"win {r['win_rate']:.3f} [{r['seconds']:.0f} s]",
+            flush=True,
+        )
         return r
 
 
@@ -233,7 +309,11 @@ LOSSES = {
     "rpo": (["loss=rpo"], "pairs", "eval_pairs"),
     "asft": (["loss=asft"], "pairs", "eval_pairs"),
     "tpo": (["loss=tpo"], "triples", "eval_triples"),
-    "modpo": (["loss=modpo", "loss.weights=[1.0,0.1]", "loss.margins=[{kind:length}]"], "pairs", "eval_pairs"),
+    "modpo": (
+        ["loss=modpo", "loss.weights=[1.0,0.1]", "loss.margins=[{kind:length}]"],
+        "pairs",
+        "eval_pairs",
+    ),
     "bco": (["loss=bco"], "pairs", "eval_pairs"),
 }
 
@@ -247,16 +327,24 @@ def study_frontier(b: Bench, betas: list[float]) -> None:
         # on swapped pairs; then the student
         reverse = b.train(f"s6-reverse-b{beta}", ["loss=dpo", f"loss.beta={beta}", "data.swap_pairs=true"])
         if reverse is not None and f"s1-dpo-b{beta}" in b.results:
-            b.train(f"s1-aligndistil-b{beta}", ["loss=aligndistil", f"loss.beta={beta}",
-                                                f"loss.dpo_teacher={b.runs / f's1-dpo-b{beta}' / 'model'}",
-                                                f"loss.reverse_teacher={Path(reverse['run']) / 'model'}"])
+            b.train(
+                f"s1-aligndistil-b{beta}",
+                [
+                    "loss=aligndistil",
+                    f"loss.beta={beta}",
+                    f"loss.dpo_teacher={b.runs / f's1-dpo-b{beta}' / 'model'}",
+                    f"loss.reverse_teacher={Path(reverse['run']) / 'model'}",
+                ],
+            )
 
 
 def study_flips(b: Bench) -> None:
     beta = 0.1
     for rate in b.s.flips:
         b.train(f"s2-dpo-flip{rate}", ["loss=dpo", f"loss.beta={beta}"], f"flip{rate}")
-        b.train(f"s2-rdpo-flip{rate}", ["loss=rdpo", f"loss.beta={beta}", f"loss.epsilon={rate}"], f"flip{rate}")
+        b.train(
+            f"s2-rdpo-flip{rate}", ["loss=rdpo", f"loss.beta={beta}", f"loss.epsilon={rate}"], f"flip{rate}"
+        )
 
 
 def study_bco_unpaired(b: Bench) -> None:
@@ -269,7 +357,9 @@ def study_modpo(b: Bench) -> None:
             b.results["s4-modpo-w0.0"] = b.results["s1-dpo-b0.1"]
             continue
         overrides = ["loss=modpo", "loss.beta=0.1"]
-        overrides += [f"loss.weights=[1.0,{w}]", "loss.margins=[{kind:length}]"] if w else ["loss.weights=[1.0]"]
+        overrides += (
+            [f"loss.weights=[1.0,{w}]", "loss.margins=[{kind:length}]"] if w else ["loss.weights=[1.0]"]
+        )
         b.train(f"s4-modpo-w{w}", overrides)
 
 
@@ -299,12 +389,25 @@ def study_unlearning(b: Bench) -> list[dict]:
     methods are compared at the same amount of forgetting, as in the NPO paper's Figure 1."""
     forget = [json.loads(x) for x in open(b.data["forget"])][:200]
     retain = [json.loads(x) for x in open(b.data["retain_heldout"])][:200]
-    rows = [{"method": "reference", "forget_nll": token_nll(MODEL, forget), "retain_nll": token_nll(MODEL, retain)}]
-    methods = [("NPO (β=0.1)", ["loss=npo", "loss.beta=0.1"]),
-               ("GA (NPO, β=1e-4: its β→0 limit)", ["loss=npo", "loss.beta=0.0001"]),
-               ("NPO+RT (β=0.1)", ["loss=npo", "loss.beta=0.1", "loss.variant=npo_rt", f"data.retain={b.data['retain']}"]),
-               ("GA+RT (β=1e-4)", ["loss=npo", "loss.beta=0.0001", "loss.variant=npo_rt",
-                                   f"data.retain={b.data['retain']}"])]
+    rows = [
+        {
+            "method": "reference",
+            "forget_nll": token_nll(MODEL, forget),
+            "retain_nll": token_nll(MODEL, retain),
+        }
+    ]
+    methods = [
+        ("NPO (β=0.1)", ["loss=npo", "loss.beta=0.1"]),
+        ("GA (NPO, β=1e-4: its β→0 limit)", ["loss=npo", "loss.beta=0.0001"]),
+        (
+            "NPO+RT (β=0.1)",
+            ["loss=npo", "loss.beta=0.1", "loss.variant=npo_rt", f"data.retain={b.data['retain']}"],
+        ),
+        (
+            "GA+RT (β=1e-4)",
+            ["loss=npo", "loss.beta=0.0001", "loss.variant=npo_rt", f"data.retain={b.data['retain']}"],
+        ),
+    ]
     steps = b.s.npo_steps
     for name, overrides in methods[:2] if b.s.tiny else methods:
         run = f"s5-{name.split()[0].lower()}-{steps}"
@@ -319,21 +422,42 @@ def study_unlearning(b: Bench) -> list[dict]:
             from alignlab.train import run as train
 
             register_configs()
-            common = [o for o in b.common("forget", "forget", steps)
-                      if not o.startswith(("data.eval_path", "trainer.save_steps"))]
+            common = [
+                o
+                for o in b.common("forget", "forget", steps)
+                if not o.startswith(("data.eval_path", "trainer.save_steps"))
+            ]
             with initialize_config_dir(config_dir=str(resource_dir("configs")), version_base=None):
-                cfg = compose("config", overrides=[*overrides, *common, "data.eval_size=0", "eval.generate=false",
-                                                   "trainer.learning_rate=1e-3", f"trainer.save_steps={b.s.npo_every}",
-                                                   "trainer.save_total_limit=null"])  # every checkpoint is scored
+                cfg = compose(
+                    "config",
+                    overrides=[
+                        *overrides,
+                        *common,
+                        "data.eval_size=0",
+                        "eval.generate=false",
+                        "trainer.learning_rate=1e-3",
+                        f"trainer.save_steps={b.s.npo_every}",
+                        "trainer.save_total_limit=null",
+                    ],
+                )  # every checkpoint is scored
             shutil.rmtree(out, ignore_errors=True)
             train(cfg, output_dir=out)
         seconds = json.loads((out / "summary.json").read_text())["wall_seconds"]
         for step in range(b.s.npo_every, steps + 1, b.s.npo_every):
             model_dir = out / "model" if step == steps else out / f"checkpoint-{step}"
-            rows.append({"method": name, "steps": step, "seconds": seconds if step == steps else 0.0,
-                         "forget_nll": token_nll(model_dir, forget), "retain_nll": token_nll(model_dir, retain)})
-        print(f"bench: {run}: forget NLL {rows[-1]['forget_nll']:.3f} retain NLL {rows[-1]['retain_nll']:.3f}",
-              flush=True)
+            rows.append(
+                {
+                    "method": name,
+                    "steps": step,
+                    "seconds": seconds if step == steps else 0.0,
+                    "forget_nll": token_nll(model_dir, forget),
+                    "retain_nll": token_nll(model_dir, retain),
+                }
+            )
+        print(
+            f"bench: {run}: forget NLL {rows[-1]['forget_nll']:.3f} retain NLL {rows[-1]['retain_nll']:.3f}",
+            flush=True,
+        )
     return rows
 
 
@@ -374,16 +498,28 @@ def plot_frontier(b: Bench, out: Path) -> None:
     ref = next(iter(b.results.values()))["reference_reward"]
     ax.scatter([0], [ref], marker="*", s=160, color="k", label="reference", zorder=5)
     for loss in [*LOSSES, "aligndistil"]:
-        pts = sorted((r["kl"], r["reward"], beta) for beta in b.s.betas
-                     if (r := b.results.get(f"s1-{loss}-b{beta}")) is not None)
+        pts = sorted(
+            (r["kl"], r["reward"], beta)
+            for beta in b.s.betas
+            if (r := b.results.get(f"s1-{loss}-b{beta}")) is not None
+        )
         if pts:
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=loss, alpha=0.85)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=loss, alpha=0.85)
             for kl, rew, beta in pts:
-                ax.annotate(f"β={beta}", (kl, rew), fontsize=6, color=line.get_color(), xytext=(3, 2),
-                            textcoords="offset points")
+                ax.annotate(
+                    f"β={beta}",
+                    (kl, rew),
+                    fontsize=6,
+                    color=line.get_color(),
+                    xytext=(3, 2),
+                    textcoords="offset points",
+                )
     ax.set_xscale("symlog", linthresh=1.0)
-    ax.set(xlabel="KL(π‖π_ref), nats per completion (from policy samples)", ylabel="mean VADER reward of samples",
-           title="Controlled sentiment on stories260k: reward vs KL")
+    ax.set(
+        xlabel="KL(π‖π_ref), nats per completion (from policy samples)",
+        ylabel="mean VADER reward of samples",
+        title="Controlled sentiment on stories260k: reward vs KL",
+    )
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -391,8 +527,14 @@ def plot_frontier(b: Bench, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_xy(points: list[tuple[float, float, str]], xlabel: str, ylabel: str, title: str, out: Path,
-            extra: list[tuple[float, float, str]] = ()) -> None:
+def plot_xy(
+    points: list[tuple[float, float, str]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    out: Path,
+    extra: list[tuple[float, float, str]] = (),
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -424,8 +566,11 @@ def plot_unlearning(rows: list[dict], out: Path) -> None:
     for method in dict.fromkeys(r["method"] for r in rows[1:]):
         pts = [ref] + [r for r in rows[1:] if r["method"] == method]
         ax.plot([p["forget_nll"] for p in pts], [p["retain_nll"] for p in pts], "o-", label=method)
-    ax.set(xlabel="forget NLL per token (higher = more forgotten)", ylabel="held-out retain NLL per token (lower = better)",
-           title=f"Unlearning the stories of {FORGET_NAME}")
+    ax.set(
+        xlabel="forget NLL per token (higher = more forgotten)",
+        ylabel="held-out retain NLL per token (lower = better)",
+        title=f"Unlearning the stories of {FORGET_NAME}",
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -437,139 +582,233 @@ def verdict(ok: bool) -> str:
     return "**holds**" if ok else "**does not hold**"
 
 
-def report(b: Bench, unlearning: list[dict], stats: dict, wall: float, command: str, docs: Path, figs: Path) -> str:
+def report(
+    b: Bench, unlearning: list[dict], stats: dict, wall: float, command: str, docs: Path, figs: Path
+) -> str:
     import torch
 
     R = b.results
     s = b.s
     mid = 0.1 if 0.1 in s.betas else s.betas[0]
     rel = os.path.relpath(figs, docs.parent if docs.suffix else docs)
-    lines = ["# Benchmarks: controlled sentiment on stories260k", "",
-             "The IMDb controlled-sentiment experiment of DPO (Rafailov et al. 2023, §6.1), also used by TDPO, "
-             "rDPO and SparsePO, rebuilt for a 2-core CPU. Generated by one command; every number below comes "
-             "from its last run.", "",
-             "```bash", command, "```", "",
-             f"- machine: {platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-             f"torch {torch.__version__}; shared with other jobs while measured",
-             (f"- this report was assembled from the finished runs in `{b.runs.name}/` (`--report-only`, "
-              f"{wall / 60:.1f} min); " if not b.may_train else f"- wall time of this invocation: **{wall / 60:.1f} min**; ")
-             + f"training + evaluation summed over its "
-             f"{len(R) + len({r['method'] for r in unlearning[1:]}) - ('s4-modpo-w0.0' in R)} runs: **{run_seconds(b, unlearning) / 60:.1f} min** "
-             "(runs reused with `--reuse` count their original time); sampling the data once more, cached "
-             "afterwards in `runs/cache/sentiment/` by seed and size",
-             f"- seeds: data {b.seed} (train openings) / {b.seed + 1} (held-out openings), training `seed={b.seed}`",
-             "", "## Set-up", "",
-             "- **policy = reference**: `../shared/models/stories260k`, Karpathy's TinyStories Llama (260K parameters, "
-             "vocabulary 512); full fine-tuning.",
-             "- **ground-truth reward**: VADER compound score of the completion (`alignlab.bench.sentiment.vader`, "
-             "PyPI `vadersentiment`), in [-1, 1]. It plays the role of the IMDb sentiment classifier.",
-             f"- **data**: {stats['train_prompts']} story openings with neutral wording (`alignlab.bench.sentiment.story_prompts`; "
-             f"held-out openings use other character names), {s.samples_per_prompt} samples of the reference each "
-             f"(ancestral sampling, up to {s.max_new_tokens} tokens, cut after the last full sentence), "
-             f"VADER-scored: mean score {stats['mean_score']:.3f}, {stats['zero_scores']:.0%} of samples score exactly 0.",
-             f"  - pairs: best vs worst sample, ties skipped: {stats['pairs']} pairs "
-             f"(chosen mean {stats['chosen_mean']:.3f}, rejected mean {stats['rejected_mean']:.3f});",
-             f"  - TPO triples (gold = best, chosen = second, rejected = worst): {stats['triples']};",
-             f"  - BCO thumbs-up / down (score above / below the median {stats['median_score']:.3f}; at the median "
-             f"skipped): {stats['unpaired']} ({stats['desirable']} desirable).",
-             f"- **training**: `alignlab.train.run` on a composed config per run: {s.steps} steps, batch "
-             f"{s.batch_size}, AdamW lr {s.lr}, constant after no warm-up (linear decay), full fine-tuning.",
-             f"- **evaluation**: the end-of-training eval (`eval.reward=alignlab.bench.sentiment:vader_reward`, "
-             f"`eval.num_prompts={s.eval_prompts}`, `eval.max_new_tokens={s.max_new_tokens}`): one sample per "
-             "held-out opening from the policy and from the reference (the same seed), mean VADER reward, "
-             "win rate against the reference's sample (ties ½), KL(π‖π_ref) = mean over the policy's samples of "
-             "log π(y|x) − log π_ref(y|x) (nats per completion). ± is the standard error over prompts.",
-             "", "## 1. Reward against KL, every preference loss at each β", "",
-             f"![reward vs KL]({rel}/frontier.png)", "",
-             "| loss | β | reward | KL | win rate | held-out acc. | mean length |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Benchmarks: controlled sentiment on stories260k",
+        "",
+        "The IMDb controlled-sentiment experiment of DPO (Rafailov et al. 2023, §6.1), also used by TDPO, "
+        "rDPO and SparsePO, rebuilt for a 2-core CPU. Generated by one command; every number below comes "
+        "from its last run.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"- machine: {platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}; shared with other jobs while measured",
+        (
+            f"- this report was assembled from the finished runs in `{b.runs.name}/` (`--report-only`, "
+            f"{wall / 60:.1f} min); "
+            if not b.may_train
+            else f"- wall time of this invocation: **{wall / 60:.1f} min**; "
+        )
+        + f"training + evaluation summed over its "
+        f"{len(R) + len({r['method'] for r in unlearning[1:]}) - ('s4-modpo-w0.0' in R)} runs: **{run_seconds(b, unlearning) / 60:.1f} min** "
+        "(runs reused with `--reuse` count their original time); sampling the data once more, cached "
+        "afterwards in `runs/cache/sentiment/` by seed and size",
+        f"- seeds: data {b.seed} (train openings) / {b.seed + 1} (held-out openings), training `seed={b.seed}`",
+        "",
+        "## Set-up",
+        "",
+        "- **policy = reference**: `../shared/models/stories260k`, Karpathy's TinyStories Llama (260K parameters, "
+        "vocabulary 512); full fine-tuning.",
+        "- **ground-truth reward**: VADER compound score of the completion (`alignlab.bench.sentiment.vader`, "
+        "PyPI `vadersentiment`), in [-1, 1]. It plays the role of the IMDb sentiment classifier.",
+        f"- **data**: {stats['train_prompts']} story openings with neutral wording (`alignlab.bench.sentiment.story_prompts`; "
+        f"held-out openings use other character names), {s.samples_per_prompt} samples of the reference each "
+        f"(ancestral sampling, up to {s.max_new_tokens} tokens, cut after the last full sentence), "
+        f"VADER-scored: mean score {stats['mean_score']:.3f}, {stats['zero_scores']:.0%} of samples score exactly 0.",
+        f"  - pairs: best vs worst sample, ties skipped: {stats['pairs']} pairs "
+        f"(chosen mean {stats['chosen_mean']:.3f}, rejected mean {stats['rejected_mean']:.3f});",
+        f"  - TPO triples (gold = best, chosen = second, rejected = worst): {stats['triples']};",
+        f"  - BCO thumbs-up / down (score above / below the median {stats['median_score']:.3f}; at the median "
+        f"skipped): {stats['unpaired']} ({stats['desirable']} desirable).",
+        f"- **training**: `alignlab.train.run` on a composed config per run: {s.steps} steps, batch "
+        f"{s.batch_size}, AdamW lr {s.lr}, constant after no warm-up (linear decay), full fine-tuning.",
+        f"- **evaluation**: the end-of-training eval (`eval.reward=alignlab.bench.sentiment:vader_reward`, "
+        f"`eval.num_prompts={s.eval_prompts}`, `eval.max_new_tokens={s.max_new_tokens}`): one sample per "
+        "held-out opening from the policy and from the reference (the same seed), mean VADER reward, "
+        "win rate against the reference's sample (ties ½), KL(π‖π_ref) = mean over the policy's samples of "
+        "log π(y|x) − log π_ref(y|x) (nats per completion). ± is the standard error over prompts.",
+        "",
+        "## 1. Reward against KL, every preference loss at each β",
+        "",
+        f"![reward vs KL]({rel}/frontier.png)",
+        "",
+        "| loss | β | reward | KL | win rate | held-out acc. | mean length |",
+        "|---|---|---|---|---|---|---|",
+    ]
     ref = next(iter(R.values()))
-    lines.append(f"| reference | – | {ref['reference_reward']:.3f} | 0 | 0.5 | – | {ref['reference_length']:.1f} |")
+    lines.append(
+        f"| reference | – | {ref['reference_reward']:.3f} | 0 | 0.5 | – | {ref['reference_length']:.1f} |"
+    )
     for loss in [*LOSSES, "aligndistil"]:
         for beta in s.betas:
             r = R.get(f"s1-{loss}-b{beta}")
             if r:
-                lines.append(f"| {loss} | {beta} | {r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
-                             f"{r['win_rate']:.3f} | {fmt(r['accuracy'])} | {r['length']:.1f} |")
-    lines += ["", "β is each loss's own β (for ASFT the β of its log-sigmoid terms, for TPO the β of its preference "
-              "term, for MODPO w = (1, 0.1) with the length margin, for AlignDistil the teachers' DPO β). "
-              "Held-out accuracy: the loss's own preference accuracy on held-out pairs, where it logs one.",
-              "", "**npo** is not in this study: it is an unlearning loss (it has no chosen response to move "
-              "towards), see study 5.", ""]
+                lines.append(
+                    f"| {loss} | {beta} | {r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
+                    f"{r['win_rate']:.3f} | {fmt(r['accuracy'])} | {r['length']:.1f} |"
+                )
+    lines += [
+        "",
+        "β is each loss's own β (for ASFT the β of its log-sigmoid terms, for TPO the β of its preference "
+        "term, for MODPO w = (1, 0.1) with the length margin, for AlignDistil the teachers' DPO β). "
+        "Held-out accuracy: the loss's own preference accuracy on held-out pairs, where it logs one.",
+        "",
+        "**npo** is not in this study: it is an unlearning loss (it has no chosen response to move "
+        "towards), see study 5.",
+        "",
+    ]
     # study 2
-    lines += ["## 2. DPO against rDPO under label flips", "",
-              f"β = 0.1; a random 20% / 40% of the training pairs have chosen and rejected swapped (seed {b.seed}); "
-              "rDPO is told the true flip rate (ε). Held-out pairs are clean.", "",
-              "| flip rate | DPO reward | DPO KL | DPO acc. | rDPO reward | rDPO KL | rDPO acc. |", "|---|---|---|---|---|---|---|"]
-    rows2 = [(0.0, R.get(f"s1-dpo-b{mid}"), R.get(f"s1-rdpo-b{mid}"))] + \
-        [(rate, R.get(f"s2-dpo-flip{rate}"), R.get(f"s2-rdpo-flip{rate}")) for rate in s.flips]
+    lines += [
+        "## 2. DPO against rDPO under label flips",
+        "",
+        f"β = 0.1; a random 20% / 40% of the training pairs have chosen and rejected swapped (seed {b.seed}); "
+        "rDPO is told the true flip rate (ε). Held-out pairs are clean.",
+        "",
+        "| flip rate | DPO reward | DPO KL | DPO acc. | rDPO reward | rDPO KL | rDPO acc. |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows2 = [(0.0, R.get(f"s1-dpo-b{mid}"), R.get(f"s1-rdpo-b{mid}"))] + [
+        (rate, R.get(f"s2-dpo-flip{rate}"), R.get(f"s2-rdpo-flip{rate}")) for rate in s.flips
+    ]
     for rate, d, r in rows2:
         if d and r:
-            lines.append(f"| {rate:.0%}{' (ε = 0.1)' if rate == 0 else ''} | {d['reward']:.3f} ± {se(d['run']):.3f} | "
-                         f"{d['kl']:.2f} | {fmt(d['accuracy'])} | {r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
-                         f"{fmt(r['accuracy'])} |")
+            lines.append(
+                f"| {rate:.0%}{' (ε = 0.1)' if rate == 0 else ''} | {d['reward']:.3f} ± {se(d['run']):.3f} | "
+                f"{d['kl']:.2f} | {fmt(d['accuracy'])} | {r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
+                f"{fmt(r['accuracy'])} |"
+            )
     clean_d, clean_r = rows2[0][1], rows2[0][2]
-    drops = [(rate, clean_d["reward"] - d["reward"], clean_r["reward"] - r["reward"]) for rate, d, r in rows2[1:]
-             if d and r and clean_d and clean_r]
+    drops = [
+        (rate, clean_d["reward"] - d["reward"], clean_r["reward"] - r["reward"])
+        for rate, d, r in rows2[1:]
+        if d and r and clean_d and clean_r
+    ]
     if drops:
         ok = all(dr < dd for _, dd, dr in drops)
-        lines += ["", "Claim (rDPO paper): *rDPO degrades less than DPO under label flips* — " + verdict(ok) + " here: "
-                  + "; ".join(f"at {rate:.0%} the reward drops by {dd:.3f} for DPO and {dr:.3f} for rDPO"
-                              for rate, dd, dr in drops) + ".", ""]
+        lines += [
+            "",
+            "Claim (rDPO paper): *rDPO degrades less than DPO under label flips* — "
+            + verdict(ok)
+            + " here: "
+            + "; ".join(
+                f"at {rate:.0%} the reward drops by {dd:.3f} for DPO and {dr:.3f} for rDPO"
+                for rate, dd, dr in drops
+            )
+            + ".",
+            "",
+        ]
     # study 3
     paired, unp = R.get(f"s1-bco-b{mid}"), R.get("s3-bco-unpaired")
     if unp:
-        lines += ["## 3. BCO on unpaired thumbs-up / down", "",
-                  "| data | reward | KL | win rate |", "|---|---|---|---|"]
+        lines += [
+            "## 3. BCO on unpaired thumbs-up / down",
+            "",
+            "| data | reward | KL | win rate |",
+            "|---|---|---|---|",
+        ]
         if paired:
-            lines.append(f"| pairs, unpaired (chosen = up, rejected = down) | {paired['reward']:.3f} ± "
-                         f"{se(paired['run']):.3f} | {paired['kl']:.2f} | {paired['win_rate']:.3f} |")
-        lines += [f"| every sample labelled by the median score | {unp['reward']:.3f} ± {se(unp['run']):.3f} | "
-                  f"{unp['kl']:.2f} | {unp['win_rate']:.3f} |", "",
-                  "BCO at β = 0.1. " + ("Thumbs-up/down labels alone improve the reward over the reference "
-                                        f"({unp['reward']:.3f} against {unp['reference_reward']:.3f})"
-                                        if unp["reward"] > unp["reference_reward"] else
-                                        "Thumbs-up/down labels alone do not improve the reward over the reference here")
-                  + ".", ""]
+            lines.append(
+                f"| pairs, unpaired (chosen = up, rejected = down) | {paired['reward']:.3f} ± "
+                f"{se(paired['run']):.3f} | {paired['kl']:.2f} | {paired['win_rate']:.3f} |"
+            )
+        lines += [
+            f"| every sample labelled by the median score | {unp['reward']:.3f} ± {se(unp['run']):.3f} | "
+            f"{unp['kl']:.2f} | {unp['win_rate']:.3f} |",
+            "",
+            "BCO at β = 0.1. "
+            + (
+                "Thumbs-up/down labels alone improve the reward over the reference "
+                f"({unp['reward']:.3f} against {unp['reference_reward']:.3f})"
+                if unp["reward"] > unp["reference_reward"]
+                else "Thumbs-up/down labels alone do not improve the reward over the reference here"
+            )
+            + ".",
+            "",
+        ]
     # study 4
-    front = [(R[f"s4-modpo-w{w}"]["length"], R[f"s4-modpo-w{w}"]["reward"], f"w_len={w}") for w in s.modpo_w
-             if f"s4-modpo-w{w}" in R]
+    front = [
+        (R[f"s4-modpo-w{w}"]["length"], R[f"s4-modpo-w{w}"]["reward"], f"w_len={w}")
+        for w in s.modpo_w
+        if f"s4-modpo-w{w}" in R
+    ]
     if front:
-        plot_xy(front, "mean completion length (tokens) of policy samples", "mean VADER reward",
-                "MODPO: sentiment pairs + length margin, w = (1, w_len)", figs / "modpo_front.png",
-                [(ref["reference_length"], ref["reference_reward"], "reference")])
-        lines += ["## 4. MODPO: sentiment and brevity", "",
-                  "MODPO on the sentiment pairs with the length margin r = −|y| (tokens), w = (1, w_len), β = 0.1; "
-                  "w_len = 0 is DPO.", "", f"![MODPO front]({rel}/modpo_front.png)", "",
-                  "| w_len | reward | KL | mean length |", "|---|---|---|---|"]
-        lines += [f"| {w} | {R[f's4-modpo-w{w}']['reward']:.3f} ± {se(R[f's4-modpo-w{w}']['run']):.3f} | "
-                  f"{R[f's4-modpo-w{w}']['kl']:.2f} | {R[f's4-modpo-w{w}']['length']:.1f} |" for w in s.modpo_w
-                  if f"s4-modpo-w{w}" in R]
+        plot_xy(
+            front,
+            "mean completion length (tokens) of policy samples",
+            "mean VADER reward",
+            "MODPO: sentiment pairs + length margin, w = (1, w_len)",
+            figs / "modpo_front.png",
+            [(ref["reference_length"], ref["reference_reward"], "reference")],
+        )
+        lines += [
+            "## 4. MODPO: sentiment and brevity",
+            "",
+            "MODPO on the sentiment pairs with the length margin r = −|y| (tokens), w = (1, w_len), β = 0.1; "
+            "w_len = 0 is DPO.",
+            "",
+            f"![MODPO front]({rel}/modpo_front.png)",
+            "",
+            "| w_len | reward | KL | mean length |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {w} | {R[f's4-modpo-w{w}']['reward']:.3f} ± {se(R[f's4-modpo-w{w}']['run']):.3f} | "
+            f"{R[f's4-modpo-w{w}']['kl']:.2f} | {R[f's4-modpo-w{w}']['length']:.1f} |"
+            for w in s.modpo_w
+            if f"s4-modpo-w{w}" in R
+        ]
         lengths = [p[0] for p in front]
         ok = all(a >= b_ for a, b_ in zip(lengths, lengths[1:])) and lengths[-1] < lengths[0]
         rewards = [p[1] for p in front]
         why = ""
         if not ok and max(lengths) - min(lengths) < 0.5:
-            why = (f" Every sample is capped at {s.max_new_tokens} tokens: stories260k almost never ends a story that "
-                   "early, and this short training does not teach it to, so the length objective cannot show in "
-                   "samples; its weight still costs sentiment reward and adds KL (the margin is paid in the loss).")
-        lines += ["", f"Claim (MODPO paper): *raising a margin's weight moves the policy along that objective* — "
-                  f"{verdict(ok)} here for length: mean length {' → '.join(f'{x:.1f}' for x in lengths)} and reward "
-                  f"{' → '.join(f'{x:.3f}' for x in rewards)} as w_len grows.{why}", ""]
+            why = (
+                f" Every sample is capped at {s.max_new_tokens} tokens: stories260k almost never ends a story that "
+                "early, and this short training does not teach it to, so the length objective cannot show in "
+                "samples; its weight still costs sentiment reward and adds KL (the margin is paid in the loss)."
+            )
+        lines += [
+            "",
+            f"Claim (MODPO paper): *raising a margin's weight moves the policy along that objective* — "
+            f"{verdict(ok)} here for length: mean length {' → '.join(f'{x:.1f}' for x in lengths)} and reward "
+            f"{' → '.join(f'{x:.3f}' for x in rewards)} as w_len grows.{why}",
+            "",
+        ]
     # study 5
     if unlearning:
         plot_unlearning(unlearning, figs / "unlearning.png")
         base = unlearning[0]
-        lines += ["## 5. NPO against gradient ascent", "",
-                  f"Forget set: the reference's samples for the openings that name {FORGET_NAME} ({stats['forget']} "
-                  "completions); utility: per-token NLL of held-out retain completions (other characters' openings, "
-                  "never trained on). Gradient ascent is NPO at β = 1e-4, its documented β → 0 limit "
-                  "(alignlab/losses/npo.py: the gradient 2σ(βρ)∇ρ tends to ∇ρ); RT adds the retain NLL "
-                  f"(NPO+RT, and GA+RT = gradient difference). lr 1e-3, the same for all; each method is one run of "
-                  f"{s.npo_steps} steps whose checkpoint every {s.npo_every} steps is scored, so the methods are compared "
-                  "at equal forgetting (the NPO paper's Figure 1 compares forget quality against utility the same way).",
-                  "", f"![unlearning]({rel}/unlearning.png)", "",
-                  "| method | steps | forget NLL ↑ | retain NLL ↓ |", "|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r.get('steps', 0)} | {r['forget_nll']:.3f} | {r['retain_nll']:.3f} |" for r in unlearning]
+        lines += [
+            "## 5. NPO against gradient ascent",
+            "",
+            f"Forget set: the reference's samples for the openings that name {FORGET_NAME} ({stats['forget']} "
+            "completions); utility: per-token NLL of held-out retain completions (other characters' openings, "
+            "never trained on). Gradient ascent is NPO at β = 1e-4, its documented β → 0 limit "
+            "(alignlab/losses/npo.py: the gradient 2σ(βρ)∇ρ tends to ∇ρ); RT adds the retain NLL "
+            f"(NPO+RT, and GA+RT = gradient difference). lr 1e-3, the same for all; each method is one run of "
+            f"{s.npo_steps} steps whose checkpoint every {s.npo_every} steps is scored, so the methods are compared "
+            "at equal forgetting (the NPO paper's Figure 1 compares forget quality against utility the same way).",
+            "",
+            f"![unlearning]({rel}/unlearning.png)",
+            "",
+            "| method | steps | forget NLL ↑ | retain NLL ↓ |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['method']} | {r.get('steps', 0)} | {r['forget_nll']:.3f} | {r['retain_nll']:.3f} |"
+            for r in unlearning
+        ]
         trajectories: dict[str, list[dict]] = {}
         for r in unlearning[1:]:
             trajectories.setdefault(r["method"].split()[0], [base]).append(r)
@@ -581,38 +820,65 @@ def report(b: Bench, unlearning: list[dict], stats: dict, wall: float, command: 
             matched = [(f, retain_at(trajectories[a], f), retain_at(trajectories[g_], f)) for f in levels]
             matched = [(f, n, g) for f, n, g in matched if n is not None and g is not None]
             if not matched:
-                lines += ["", f"Claim (NPO paper): *{a} keeps retain utility better than {g_}* — not testable here: "
-                          f"their trajectories reach no common level of forgetting above the reference's "
-                          f"{base['forget_nll']:.2f} + 0.5."]
+                lines += [
+                    "",
+                    f"Claim (NPO paper): *{a} keeps retain utility better than {g_}* — not testable here: "
+                    f"their trajectories reach no common level of forgetting above the reference's "
+                    f"{base['forget_nll']:.2f} + 0.5.",
+                ]
                 continue
             ok = all(n < g - 0.02 for _, n, g in matched)
-            lines += ["", f"Claim (NPO paper): *{a} keeps retain utility better than {g_}* — {verdict(ok)} here at "
-                      "equal forgetting: " + "; ".join(f"at forget NLL {f:.2f} the retain NLL is {n:.2f} for {a} and "
-                                                       f"{g:.2f} for {g_}" for f, n, g in matched)
-                      + f" (reference {base['retain_nll']:.2f})."
-                      + ("" if ok else " Forget and retain stories come from one distribution (only a name differs), "
-                         "so forgetting one costs the other at a similar rate whichever the loss; NPO's bounded "
-                         "gradient slows forgetting down but does not separate the two.")]
+            lines += [
+                "",
+                f"Claim (NPO paper): *{a} keeps retain utility better than {g_}* — {verdict(ok)} here at "
+                "equal forgetting: "
+                + "; ".join(
+                    f"at forget NLL {f:.2f} the retain NLL is {n:.2f} for {a} and {g:.2f} for {g_}"
+                    for f, n, g in matched
+                )
+                + f" (reference {base['retain_nll']:.2f})."
+                + (
+                    ""
+                    if ok
+                    else " Forget and retain stories come from one distribution (only a name differs), "
+                    "so forgetting one costs the other at a similar rate whichever the loss; NPO's bounded "
+                    "gradient slows forgetting down but does not separate the two."
+                ),
+            ]
         lines.append("")
     # study 6
-    lines += ["## 6. AlignDistil: teachers and student", "",
-              "The DPO teacher is study 1's DPO run at the same β, the reverse teacher DPO on swapped pairs; the student "
-              "is trained with AlignDistil's token-adaptive extrapolated teacher (β₂ = default) on the chosen responses.", "",
-              "| β | DPO teacher reward / KL | reverse teacher reward / KL | student reward / KL |", "|---|---|---|---|"]
+    lines += [
+        "## 6. AlignDistil: teachers and student",
+        "",
+        "The DPO teacher is study 1's DPO run at the same β, the reverse teacher DPO on swapped pairs; the student "
+        "is trained with AlignDistil's token-adaptive extrapolated teacher (β₂ = default) on the chosen responses.",
+        "",
+        "| β | DPO teacher reward / KL | reverse teacher reward / KL | student reward / KL |",
+        "|---|---|---|---|",
+    ]
     for beta in s.betas:
         t, rv, st = R.get(f"s1-dpo-b{beta}"), R.get(f"s6-reverse-b{beta}"), R.get(f"s1-aligndistil-b{beta}")
         if t and rv and st:
-            lines.append(f"| {beta} | {t['reward']:.3f} / {t['kl']:.2f} | {rv['reward']:.3f} / {rv['kl']:.2f} | "
-                         f"{st['reward']:.3f} / {st['kl']:.2f} |")
+            lines.append(
+                f"| {beta} | {t['reward']:.3f} / {t['kl']:.2f} | {rv['reward']:.3f} / {rv['kl']:.2f} | "
+                f"{st['reward']:.3f} / {st['kl']:.2f} |"
+            )
     lines.append("")
     # study 7
     pairs7 = [(beta, R.get(f"s1-dpo-b{beta}"), R.get(f"s1-tdpo-b{beta}")) for beta in s.betas]
     pairs7 = [(beta, d, t) for beta, d, t in pairs7 if d and t]
     if pairs7:
-        lines += ["## 7. TDPO against DPO: KL at similar reward", "",
-                  "| β | DPO reward | DPO KL | TDPO reward | TDPO KL |", "|---|---|---|---|---|"]
-        lines += [f"| {beta} | {d['reward']:.3f} ± {se(d['run']):.3f} | {d['kl']:.2f} | {t['reward']:.3f} ± "
-                  f"{se(t['run']):.3f} | {t['kl']:.2f} |" for beta, d, t in pairs7]
+        lines += [
+            "## 7. TDPO against DPO: KL at similar reward",
+            "",
+            "| β | DPO reward | DPO KL | TDPO reward | TDPO KL |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {beta} | {d['reward']:.3f} ± {se(d['run']):.3f} | {d['kl']:.2f} | {t['reward']:.3f} ± "
+            f"{se(t['run']):.3f} | {t['kl']:.2f} |"
+            for beta, d, t in pairs7
+        ]
         # the reference itself is on every frontier (β → ∞: reward of the reference at KL 0)
         dpo_pts = sorted([(ref["reference_reward"], 0.0)] + [(d["reward"], d["kl"]) for _, d, _ in pairs7])
 
@@ -626,40 +892,68 @@ def report(b: Bench, unlearning: list[dict], stats: dict, wall: float, command: 
         inside = [(rw, kt, kd) for rw, kt, kd in cmp if kd is not None]
         if inside:
             ok = all(kt < kd for _, kt, kd in inside)
-            lines += ["", "Claim (TDPO paper): *TDPO reaches a given reward at lower KL than DPO* — " + verdict(ok)
-                      + " here: " + "; ".join(f"at reward {rw:.3f} TDPO's KL is {kt:.2f}, DPO's (interpolated) {kd:.2f}"
-                                              for rw, kt, kd in inside) + ".", ""]
+            lines += [
+                "",
+                "Claim (TDPO paper): *TDPO reaches a given reward at lower KL than DPO* — "
+                + verdict(ok)
+                + " here: "
+                + "; ".join(
+                    f"at reward {rw:.3f} TDPO's KL is {kt:.2f}, DPO's (interpolated) {kd:.2f}"
+                    for rw, kt, kd in inside
+                )
+                + ".",
+                "",
+            ]
         else:
-            lines += ["", "Claim (TDPO paper): *TDPO reaches a given reward at lower KL than DPO* — not testable "
-                      "directly here: no TDPO point falls inside DPO's reward range; compare the points in the frontier "
-                      "plot.", ""]
-    lines += ["## Caveats", "",
-              "- One seed, one data draw. With about 100 held-out openings the standard error of a mean reward is "
-              "±0.03 to ±0.04 (given per row): differences under about 0.08 are not evidence.",
-              f"- A fixed, short budget for every loss ({s.steps} steps at lr {s.lr}): losses are compared where they "
-              "are after the same number of updates, not at their optima, so β moves the points less than the theory "
-              "(a larger β means a tighter optimum, but none of these runs gets near its optimum).",
-              "- KL is a Monte-Carlo estimate from one sample per prompt; it can be noisy, and a loss that changes "
-              "the model's habits outside the sentiment (e.g. where it puts EOS, or which names it uses) pays KL "
-              "for it without any reward. Completions are capped at "
-              f"{s.max_new_tokens} tokens; training completions were cut after their last full sentence (EOS "
-              "appended by the data pipeline), so an SFT term teaches the policy to end early, which costs KL.",
-              "- VADER is a lexicon: the policy raises its reward by using more positive words (\"happy\", "
-              "\"loved\", \"fun\"), which is exactly what the IMDb task rewards as well; the samples in each run's "
-              "`eval/report.md` show it.",
-              "- TPO is trained on triples and evaluated on the held-out openings that have three distinct samples, "
-              "so its reference reward differs from the others'; compare it by its win rate and its gain over its "
-              "own reference.", ""]
-    missing = [f"s1-{loss}-b{beta}" for beta in s.betas for loss in [*s.losses, "aligndistil"]
-               if f"s1-{loss}-b{beta}" not in R]
+            lines += [
+                "",
+                "Claim (TDPO paper): *TDPO reaches a given reward at lower KL than DPO* — not testable "
+                "directly here: no TDPO point falls inside DPO's reward range; compare the points in the frontier "
+                "plot.",
+                "",
+            ]
+    lines += [
+        "## Caveats",
+        "",
+        "- One seed, one data draw. With about 100 held-out openings the standard error of a mean reward is "
+        "±0.03 to ±0.04 (given per row): differences under about 0.08 are not evidence.",
+        f"- A fixed, short budget for every loss ({s.steps} steps at lr {s.lr}): losses are compared where they "
+        "are after the same number of updates, not at their optima, so β moves the points less than the theory "
+        "(a larger β means a tighter optimum, but none of these runs gets near its optimum).",
+        "- KL is a Monte-Carlo estimate from one sample per prompt; it can be noisy, and a loss that changes "
+        "the model's habits outside the sentiment (e.g. where it puts EOS, or which names it uses) pays KL "
+        "for it without any reward. Completions are capped at "
+        f"{s.max_new_tokens} tokens; training completions were cut after their last full sentence (EOS "
+        "appended by the data pipeline), so an SFT term teaches the policy to end early, which costs KL.",
+        '- VADER is a lexicon: the policy raises its reward by using more positive words ("happy", '
+        '"loved", "fun"), which is exactly what the IMDb task rewards as well; the samples in each run\'s '
+        "`eval/report.md` show it.",
+        "- TPO is trained on triples and evaluated on the held-out openings that have three distinct samples, "
+        "so its reference reward differs from the others'; compare it by its win rate and its gain over its "
+        "own reference.",
+        "",
+    ]
+    missing = [
+        f"s1-{loss}-b{beta}"
+        for beta in s.betas
+        for loss in [*s.losses, "aligndistil"]
+        if f"s1-{loss}-b{beta}" not in R
+    ]
     if missing:
-        lines += ["## Runs not in this report", "",
-                  "Not trained when this report was assembled (the full command trains them): "
-                  + ", ".join(f"`{m}`" for m in missing) + ".", ""]
+        lines += [
+            "## Runs not in this report",
+            "",
+            "Not trained when this report was assembled (the full command trains them): "
+            + ", ".join(f"`{m}`" for m in missing)
+            + ".",
+            "",
+        ]
     if b.failures:
         lines += ["## Failed runs", ""] + [f"- `{name}`: {err}" for name, err in b.failures.items()] + [""]
     lines += ["## Runs", "", "| run | seconds |", "|---|---|"]
-    lines += [f"| {name} | {r['seconds']:.0f} |" for name, r in R.items() if not name.startswith("s4-modpo-w0")]
+    lines += [
+        f"| {name} | {r['seconds']:.0f} |" for name, r in R.items() if not name.startswith("s4-modpo-w0")
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -669,11 +963,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md", help="the report (markdown)")
     p.add_argument("--figures", type=Path, default=None, help="PNG folder (default: <out folder>/benchmarks)")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_sentiment", help="run directories")
-    p.add_argument("--cache", type=Path, default=REPO / "runs" / "cache" / "sentiment", help="sampled data cache")
+    p.add_argument(
+        "--cache", type=Path, default=REPO / "runs" / "cache" / "sentiment", help="sampled data cache"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in --runs instead of retraining")
     p.add_argument("--only", default="1234567", help="the studies to run, e.g. 12 (default: all)")
-    p.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs in --runs")
+    p.add_argument(
+        "--report-only", action="store_true", help="train nothing: report the finished runs in --runs"
+    )
     args = p.parse_args(argv)
     if not MODEL.exists():
         print(f"bench_sentiment: needs {MODEL} (the ../shared folder beside the repository)", file=sys.stderr)
@@ -702,8 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
     text = report(b, unlearning, data["stats"], time.time() - start, command, args.out, figs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    (args.runs / "results.json").write_text(json.dumps({"results": b.results, "unlearning": unlearning,
-                                                        "stats": data["stats"]}, indent=2))
+    (args.runs / "results.json").write_text(
+        json.dumps({"results": b.results, "unlearning": unlearning, "stats": data["stats"]}, indent=2)
+    )
     print(f"bench_sentiment: {args.out} and {figs} in {(time.time() - start) / 60:.1f} min")
     return 0
 

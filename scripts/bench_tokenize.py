@@ -56,22 +56,34 @@ def timed_build(path: Path, cache: Path, num_proc: int, tokenizer) -> tuple[floa
     from alignlab.config import DataConfig
     from alignlab.data import build_datasets
 
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(REPO / "configs" / "data" / "hh_rlhf.yaml"),
-                                              {"path": str(path), "cache_dir": str(cache), "num_proc": num_proc}))
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(DataConfig),
+            OmegaConf.load(REPO / "configs" / "data" / "hh_rlhf.yaml"),
+            {"path": str(path), "cache_dir": str(cache), "num_proc": num_proc},
+        )
+    )
     start = time.perf_counter()
     prepared = build_datasets(cfg, tokenizer)
-    return time.perf_counter() - start, {"rows": prepared.report.train_rows + prepared.report.eval_rows,
-                                         "cache_hit": prepared.report.cache_hit}
+    return time.perf_counter() - start, {
+        "rows": prepared.report.train_rows + prepared.report.eval_rows,
+        "cache_hit": prepared.report.cache_hit,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--copies", type=int, default=4, help="copies of the 2,312 pairs (unique text each)")
-    p.add_argument("--num-proc", type=int, default=os.cpu_count() or 2, help="worker processes of the parallel run")
+    p.add_argument(
+        "--num-proc", type=int, default=os.cpu_count() or 2, help="worker processes of the parallel run"
+    )
     args = p.parse_args(argv)
     if not HH.exists() or not GPT2.exists():
-        print(f"bench_tokenize: needs {HH} and {GPT2} (the ../shared folder beside the repository)", file=sys.stderr)
+        print(
+            f"bench_tokenize: needs {HH} and {GPT2} (the ../shared folder beside the repository)",
+            file=sys.stderr,
+        )
         return 2
     from datasets.utils.logging import disable_progress_bar
     from transformers import GPT2TokenizerFast
@@ -79,11 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     disable_progress_bar()
     tokenizer = GPT2TokenizerFast(vocab=str(GPT2 / "vocab.json"), merges=str(GPT2 / "merges.txt"))
     tokenizer.pad_token = tokenizer.eos_token
-    times: dict[str, list[float]] = {"cold, num_proc=1": [], f"cold, num_proc={args.num_proc}": [], "warm (cache hit)": []}
+    times: dict[str, list[float]] = {
+        "cold, num_proc=1": [],
+        f"cold, num_proc={args.num_proc}": [],
+        "warm (cache hit)": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = data_file(Path(tmp), args.copies)
         for rep in range(args.repeats):
-            for label, num_proc in ((f"cold, num_proc={args.num_proc}", args.num_proc), ("cold, num_proc=1", 1)):
+            for label, num_proc in (
+                (f"cold, num_proc={args.num_proc}", args.num_proc),
+                ("cold, num_proc=1", 1),
+            ):
                 cache = Path(tmp) / f"cache-{rep}-{num_proc}"
                 seconds, info = timed_build(path, cache, num_proc, tokenizer)
                 assert not info["cache_hit"], "a cold run hit the cache"
@@ -93,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             times["warm (cache hit)"].append(seconds)
             print(f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     cold = statistics.median(times["cold, num_proc=1"])
-    print(f"\n{info['rows']} pairs tokenised ({args.copies} × 2,312 HH-RLHF pairs, GPT-2 tokenizer, max_length 256), "
-          f"{os.cpu_count()} CPU cores, medians of {args.repeats}\n")
-    print("| data.num_proc, cache | seconds (median [min–max]) | speed-up over cold, one process |\n|---|---|---|")
+    print(
+        f"\n{info['rows']} pairs tokenised ({args.copies} × 2,312 HH-RLHF pairs, GPT-2 tokenizer, max_length 256), "
+        f"{os.cpu_count()} CPU cores, medians of {args.repeats}\n"
+    )
+    print(
+        "| data.num_proc, cache | seconds (median [min–max]) | speed-up over cold, one process |\n|---|---|---|"
+    )
     for label, xs in times.items():
         med = statistics.median(xs)
         print(f"| {label} | {med:.2f} [{min(xs):.2f}–{max(xs):.2f}] | {cold / med:.2f}× |")

@@ -73,13 +73,29 @@ SWITCHES = {
 #: the model shapes built from config (W2, W3), Llama with tied embeddings and the GPT-2 tokenizer.
 SHAPES = {
     "w2": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 1376},
-    "w3": {"hidden_size": 1536, "num_hidden_layers": 16, "num_attention_heads": 12, "intermediate_size": 4096},
-    "w3-quick": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
+    "w3": {
+        "hidden_size": 1536,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 12,
+        "intermediate_size": 4096,
+    },
+    "w3-quick": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+    },
 }
 #: dense bf16 peak FLOP/s of a GPU (datasheet, without sparsity), by a substring of its name; the
 #: first match wins.
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312e12,
-             "L40S": 362.1e12}
+PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100": 989.4e12,
+    "H200": 989.4e12,
+    "GH200": 989.4e12,
+    "A100": 312e12,
+    "L40S": 362.1e12,
+}
 
 
 @dataclasses.dataclass
@@ -108,23 +124,72 @@ class Workload:
 
 def workloads(quick: bool) -> dict[str, Workload]:
     if quick:
-        return {"w1": Workload("w1", batch=4, max_length=64, max_prompt_length=48, n_pairs=24, warmup=1, steps=2,
-                               repeats=1),
-                "w2": Workload("w2", batch=2, max_length=1024, max_prompt_length=512, n_pairs=4, warmup=1, steps=1,
-                               repeats=1, consume_only=True, shape="w2"),
-                "w3": Workload("w3", batch=2, max_length=1024, max_prompt_length=512, n_pairs=4, warmup=1, steps=1,
-                               repeats=1, consume_only=True, shape="w3-quick")}
-    return {"w1": Workload("w1", batch=16, max_length=64, max_prompt_length=48, n_pairs=500, warmup=3, steps=25,
-                           repeats=3),
-            "w2": Workload("w2", batch=4, max_length=1024, max_prompt_length=512, n_pairs=256, warmup=1, steps=3,
-                           repeats=2, consume_only=True, shape="w2"),
-            "w3": Workload("w3", batch=8, max_length=1024, max_prompt_length=512, n_pairs=256, warmup=2, steps=10,
-                           repeats=2, consume_only=True, shape="w3", dtype="bfloat16", gpu_only=True)}
+        return {
+            "w1": Workload(
+                "w1", batch=4, max_length=64, max_prompt_length=48, n_pairs=24, warmup=1, steps=2, repeats=1
+            ),
+            "w2": Workload(
+                "w2",
+                batch=2,
+                max_length=1024,
+                max_prompt_length=512,
+                n_pairs=4,
+                warmup=1,
+                steps=1,
+                repeats=1,
+                consume_only=True,
+                shape="w2",
+            ),
+            "w3": Workload(
+                "w3",
+                batch=2,
+                max_length=1024,
+                max_prompt_length=512,
+                n_pairs=4,
+                warmup=1,
+                steps=1,
+                repeats=1,
+                consume_only=True,
+                shape="w3-quick",
+            ),
+        }
+    return {
+        "w1": Workload(
+            "w1", batch=16, max_length=64, max_prompt_length=48, n_pairs=500, warmup=3, steps=25, repeats=3
+        ),
+        "w2": Workload(
+            "w2",
+            batch=4,
+            max_length=1024,
+            max_prompt_length=512,
+            n_pairs=256,
+            warmup=1,
+            steps=3,
+            repeats=2,
+            consume_only=True,
+            shape="w2",
+        ),
+        "w3": Workload(
+            "w3",
+            batch=8,
+            max_length=1024,
+            max_prompt_length=512,
+            n_pairs=256,
+            warmup=2,
+            steps=10,
+            repeats=2,
+            consume_only=True,
+            shape="w3",
+            dtype="bfloat16",
+            gpu_only=True,
+        ),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
 # Preparing a workload: the model folder and the data files both frameworks read.
 # ----------------------------------------------------------------------------------------------------
+
 
 def _split_hh(text_chosen: str, text_rejected: str) -> tuple[str, str, str] | None:
     """HH transcripts -> (prompt up to and including the last "\\n\\nAssistant:", chosen, rejected)."""
@@ -135,7 +200,7 @@ def _split_hh(text_chosen: str, text_rejected: str) -> tuple[str, str, str] | No
     prompt = text_chosen[: cut + len(marker)]
     if not text_rejected.startswith(prompt):
         return None
-    return prompt, text_chosen[len(prompt):], text_rejected[len(prompt):]
+    return prompt, text_chosen[len(prompt) :], text_rejected[len(prompt) :]
 
 
 def _hh_rows(tokenizer, n: int, low: int, high: int) -> list[dict]:
@@ -208,7 +273,9 @@ def prepare(workload: Workload, work: Path) -> dict:
         model_dir = work / f"model-{workload.shape}"  # one folder per shape: --quick never feeds a full run
         tok = _config_model(model_dir, SHAPES[workload.shape])
         rows = _hh_rows(tok, workload.n_pairs, 32, 256)
-        source = f"HH-RLHF harmless-base test, first {len(rows)} pairs with prompt and responses 32-256 tokens"
+        source = (
+            f"HH-RLHF harmless-base test, first {len(rows)} pairs with prompt and responses 32-256 tokens"
+        )
         sep = ""  # HH responses start with their own space
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -218,7 +285,11 @@ def prepare(workload: Workload, work: Path) -> dict:
         for r in ("chosen", "rejected"):
             a = _ids_alignlab(tok, row["prompt"], row[r])
             b = _ids_trl(tok, row["prompt"], sep + row[r])
-            if a != b or len(a[0]) + len(a[1]) > workload.max_length or len(a[0]) > workload.max_prompt_length:
+            if (
+                a != b
+                or len(a[0]) + len(a[1]) > workload.max_length
+                or len(a[0]) > workload.max_prompt_length
+            ):
                 ok = False
         if ok:
             kept.append(row)
@@ -227,8 +298,13 @@ def prepare(workload: Workload, work: Path) -> dict:
     if workload.consume_only:
         kept = kept[: workload.batch * (workload.warmup + workload.steps)]
     _write_files(kept, work, sep)
-    return {"model": str(model_dir), "source": source, "rows": len(kept), "dropped_tokenisation": dropped,
-            "sep": sep}
+    return {
+        "model": str(model_dir),
+        "source": source,
+        "rows": len(kept),
+        "dropped_tokenisation": dropped,
+        "sep": sep,
+    }
 
 
 def _write_files(rows: list[dict], work: Path, sep: str) -> None:
@@ -236,15 +312,38 @@ def _write_files(rows: list[dict], work: Path, sep: str) -> None:
         (work / name).write_text("".join(json.dumps(r) + "\n" for r in records))
 
     score = lambda row, r: float(row.get(f"{r}_score", 1.0 if r == "chosen" else 0.0))
-    dump("pairs.jsonl", [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-                          "vader_chosen": score(r, "chosen"), "vader_rejected": score(r, "rejected")} for r in rows])
-    dump("trl.jsonl", [{"prompt": r["prompt"], "chosen": sep + r["chosen"], "rejected": sep + r["rejected"]}
-                       for r in rows])
+    dump(
+        "pairs.jsonl",
+        [
+            {
+                "prompt": r["prompt"],
+                "chosen": r["chosen"],
+                "rejected": r["rejected"],
+                "vader_chosen": score(r, "chosen"),
+                "vader_rejected": score(r, "rejected"),
+            }
+            for r in rows
+        ],
+    )
+    dump(
+        "trl.jsonl",
+        [{"prompt": r["prompt"], "chosen": sep + r["chosen"], "rejected": sep + r["rejected"]} for r in rows],
+    )
     # TPO's triples: gold = the chosen response, chosen = the rejected one, rejected = the next row's
     # rejected response (off-prompt, so the worst): three distinct responses of this workload's lengths
-    dump("triples.jsonl", [{"prompt": r["prompt"], "gold": r["chosen"], "chosen": r["rejected"],
-                            "rejected": rows[(i + 1) % len(rows)]["rejected"]} for i, r in enumerate(rows)
-                           if len({r["chosen"], r["rejected"], rows[(i + 1) % len(rows)]["rejected"]}) == 3])
+    dump(
+        "triples.jsonl",
+        [
+            {
+                "prompt": r["prompt"],
+                "gold": r["chosen"],
+                "chosen": r["rejected"],
+                "rejected": rows[(i + 1) % len(rows)]["rejected"],
+            }
+            for i, r in enumerate(rows)
+            if len({r["chosen"], r["rejected"], rows[(i + 1) % len(rows)]["rejected"]}) == 3
+        ],
+    )
     # NPO: forget the rejected responses, retain the chosen ones
     dump("forget.jsonl", [{"prompt": r["prompt"], "completion": r["rejected"]} for r in rows])
     dump("retain.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
@@ -262,10 +361,16 @@ def _config_model(model_dir: Path, shape: dict):
         raise RuntimeError(f"the GPT-2 tokenizer built from {GPT2} has {len(tok)} tokens, expected 50257")
     if not (model_dir / "config.json").exists():
         torch.manual_seed(0)
-        config = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], vocab_size=len(tok),
-                             max_position_embeddings=1024,
-                             tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.eos_token_id)
+        config = LlamaConfig(
+            **shape,
+            num_key_value_heads=shape["num_attention_heads"],
+            vocab_size=len(tok),
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+        )
         LlamaForCausalLM(config).save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
     return tok
@@ -274,6 +379,7 @@ def _config_model(model_dir: Path, shape: dict):
 # ----------------------------------------------------------------------------------------------------
 # One measurement, in its own process.
 # ----------------------------------------------------------------------------------------------------
+
 
 def _status_mib(key: str) -> float:
     with open("/proc/self/status") as f:
@@ -369,16 +475,25 @@ class Probe:
     def result(self, warmup: int, baseline: float, flops_of=None, peak: float | None = None) -> dict:
         """`flops_of(tokens, mean_length)`: model FLOPs of a step (see `dpo_flops_per_token`); with
         `peak` (FLOP/s), the MFU of the timed steps."""
-        steps = [b - a for a, b in zip(self.step_ends[warmup - 1:], self.step_ends[warmup:])]
-        tokens = self.tokens[warmup: warmup + len(steps)]
-        rows = self.rows[warmup: warmup + len(steps)]
-        flops = sum(flops_of(t, t / r) for t, r in zip(tokens, rows)) / sum(steps) if flops_of and steps else None
-        return {"model_tflops_per_s": None if flops is None else flops / 1e12,
-                "mfu": None if flops is None or not peak else flops / peak,"step_times": steps, "tokens": tokens, "pad_fraction": 1 - sum(self.tokens) / max(1, sum(self.slots)),
-                "tokens_per_s": sum(tokens) / sum(steps) if steps else None,
-                "first_loss": self.first_loss, "first_metrics": self.first_metrics,
-                "peak_mib": None if self.peak_mib is None else round(self.peak_mib - baseline, 1),
-                "cuda_peak_mib": self.cuda_peak_mib, "precompute_s": round(self.precompute_s, 2)}
+        steps = [b - a for a, b in zip(self.step_ends[warmup - 1 :], self.step_ends[warmup:])]
+        tokens = self.tokens[warmup : warmup + len(steps)]
+        rows = self.rows[warmup : warmup + len(steps)]
+        flops = (
+            sum(flops_of(t, t / r) for t, r in zip(tokens, rows)) / sum(steps) if flops_of and steps else None
+        )
+        return {
+            "model_tflops_per_s": None if flops is None else flops / 1e12,
+            "mfu": None if flops is None or not peak else flops / peak,
+            "step_times": steps,
+            "tokens": tokens,
+            "pad_fraction": 1 - sum(self.tokens) / max(1, sum(self.slots)),
+            "tokens_per_s": sum(tokens) / sum(steps) if steps else None,
+            "first_loss": self.first_loss,
+            "first_metrics": self.first_metrics,
+            "peak_mib": None if self.peak_mib is None else round(self.peak_mib - baseline, 1),
+            "cuda_peak_mib": self.cuda_peak_mib,
+            "precompute_s": round(self.precompute_s, 2),
+        }
 
 
 def dpo_flops_per_token(config: dict, context: float, live_reference: bool = True) -> float:
@@ -390,8 +505,9 @@ def dpo_flops_per_token(config: dict, context: float, live_reference: bool = Tru
     implementation computes, without gradient checkpointing's recomputation; alignlab's skipped head
     positions count as computed, so its savings show as a higher MFU.
     """
-    d, layers, inter, vocab = (config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                                   "vocab_size"))
+    d, layers, inter, vocab = (
+        config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    )
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or d // heads
@@ -458,19 +574,40 @@ def measure(spec: dict) -> dict:
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
         rows = [json.loads(line) for line in (work / "trl.jsonl").read_text().splitlines()]
-        args = DPOConfig(output_dir=str(scratch / "out"), per_device_train_batch_size=spec["batch"],
-                         per_device_eval_batch_size=spec["batch"], max_length=spec["max_length"],
-                         learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                         max_grad_norm=1.0, optim="adamw_torch", max_steps=steps,
-                         bf16=spec["dtype"] == "bfloat16", fp16=False,
-                         gradient_checkpointing=spec["gradient_checkpointing"],
-                         precompute_ref_log_probs=spec["reference_mode"] == "precomputed",
-                         train_sampling_strategy="sequential", logging_steps=10**6, save_strategy="no",
-                         eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
-                         disable_tqdm=True, seed=spec["seed"], dataset_num_proc=None)
+        args = DPOConfig(
+            output_dir=str(scratch / "out"),
+            per_device_train_batch_size=spec["batch"],
+            per_device_eval_batch_size=spec["batch"],
+            max_length=spec["max_length"],
+            learning_rate=spec["lr"],
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch",
+            max_steps=steps,
+            bf16=spec["dtype"] == "bfloat16",
+            fp16=False,
+            gradient_checkpointing=spec["gradient_checkpointing"],
+            precompute_ref_log_probs=spec["reference_mode"] == "precomputed",
+            train_sampling_strategy="sequential",
+            logging_steps=10**6,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            seed=spec["seed"],
+            dataset_num_proc=None,
+        )
         os.environ["HF_DATASETS_CACHE"] = str(scratch / "datasets")
-        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                             callbacks=[probe.callback()])
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            callbacks=[probe.callback()],
+        )
         trainer.train()
     else:
         train_module._precompute_reference = probe.timed(train_module._precompute_reference)
@@ -483,8 +620,12 @@ def measure(spec: dict) -> dict:
         cfg = _compose(_alignlab_overrides(spec, scratch))
         train_module.run(cfg, output_dir=scratch / "run")
     out = _result(probe, spec, baseline)
-    out.update(imports_s=round(imports_s, 2), baseline_rss_mib=round(baseline_rss, 1), exact_peak=exact_peak,
-               setup_s=round((probe.train_begin or t0) - t0 - imports_s, 2))
+    out.update(
+        imports_s=round(imports_s, 2),
+        baseline_rss_mib=round(baseline_rss, 1),
+        exact_peak=exact_peak,
+        setup_s=round((probe.train_begin or t0) - t0 - imports_s, 2),
+    )
     return out
 
 
@@ -507,20 +648,37 @@ def _alignlab_overrides(spec: dict, scratch: Path) -> list[str]:
     work = Path(spec["work"])
     data = {"pairs": work / "pairs.jsonl", "triples": work / "triples.jsonl", "forget": work / "forget.jsonl"}
     overrides = [
-        f"loss={spec['loss']}", f"model.name_or_path={spec['model']}", f"data.path={data[spec['data']]}",
-        "data.format=explicit", "data.eval_size=0", f"data.max_length={spec['max_length']}",
-        f"data.max_prompt_length={spec['max_prompt_length']}", f"data.cache_dir={scratch / 'cache'}",
-        f"trainer.per_device_train_batch_size={spec['batch']}", f"trainer.per_device_eval_batch_size={spec['batch']}",
-        f"trainer.max_steps={steps_of(spec)}", f"trainer.learning_rate={spec['lr']}", "trainer.warmup_steps=0",
-        "trainer.optim=adamw_torch", "trainer.lr_scheduler_type=linear", "trainer.max_grad_norm=1.0",
-        "trainer.logging_steps=1000000", "trainer.eval_steps=0", "trainer.save_steps=0",
-        "+trainer.extra.train_sampling_strategy=sequential", "+trainer.extra.disable_tqdm=true",
-        f"seed={spec['seed']}", f"model.reference_mode={spec['reference_mode']}",
+        f"loss={spec['loss']}",
+        f"model.name_or_path={spec['model']}",
+        f"data.path={data[spec['data']]}",
+        "data.format=explicit",
+        "data.eval_size=0",
+        f"data.max_length={spec['max_length']}",
+        f"data.max_prompt_length={spec['max_prompt_length']}",
+        f"data.cache_dir={scratch / 'cache'}",
+        f"trainer.per_device_train_batch_size={spec['batch']}",
+        f"trainer.per_device_eval_batch_size={spec['batch']}",
+        f"trainer.max_steps={steps_of(spec)}",
+        f"trainer.learning_rate={spec['lr']}",
+        "trainer.warmup_steps=0",
+        "trainer.optim=adamw_torch",
+        "trainer.lr_scheduler_type=linear",
+        "trainer.max_grad_norm=1.0",
+        "trainer.logging_steps=1000000",
+        "trainer.eval_steps=0",
+        "trainer.save_steps=0",
+        "+trainer.extra.train_sampling_strategy=sequential",
+        "+trainer.extra.disable_tqdm=true",
+        f"seed={spec['seed']}",
+        f"model.reference_mode={spec['reference_mode']}",
         f"model.gradient_checkpointing={str(spec['gradient_checkpointing']).lower()}",
         f"trainer.bf16={str(spec['dtype'] == 'bfloat16').lower()}",
     ]
-    overrides += [f"model.{k}={_yaml(v)}" for k, v in spec.get("switches", {}).items()
-                  if k not in ("reference_mode", "gradient_checkpointing")]
+    overrides += [
+        f"model.{k}={_yaml(v)}"
+        for k, v in spec.get("switches", {}).items()
+        if k not in ("reference_mode", "gradient_checkpointing")
+    ]
     overrides += LOSS_OVERRIDES.get(spec["loss"], [])
     if "eval" in {f.name for f in dataclasses.fields(AlignConfig)}:
         overrides.append("eval.generate=false")  # no sampling after training
@@ -570,33 +728,77 @@ def _compose(overrides: list[str]):
 PEAK_TFLOPS: float | None = None
 
 
-def _spec(w: Workload, info: dict, work: Path, framework: str, reference_mode: str = "live", loss: str = "dpo",
-          switches: dict | None = None, threads: int = 2) -> dict:
+def _spec(
+    w: Workload,
+    info: dict,
+    work: Path,
+    framework: str,
+    reference_mode: str = "live",
+    loss: str = "dpo",
+    switches: dict | None = None,
+    threads: int = 2,
+) -> dict:
     switches = dict(switches or {})
-    gc = w.trl_gradient_checkpointing if framework == "trl" else switches.get(
-        "gradient_checkpointing", w.alignlab_gradient_checkpointing)
-    return {"framework": framework, "workload": w.name, "work": str(work), "model": info["model"],
-            "batch": w.batch, "max_length": w.max_length, "max_prompt_length": w.max_prompt_length,
-            "warmup": w.warmup, "steps": w.steps, "lr": w.learning_rate, "seed": 42, "threads": threads,
-            "reference_mode": switches.get("reference_mode", reference_mode), "loss": loss,
-            "data": LOSS_DATA.get(loss, "pairs"), "gradient_checkpointing": gc, "switches": switches,
-            "dtype": w.dtype, "peak_tflops": PEAK_TFLOPS}
+    gc = (
+        w.trl_gradient_checkpointing
+        if framework == "trl"
+        else switches.get("gradient_checkpointing", w.alignlab_gradient_checkpointing)
+    )
+    return {
+        "framework": framework,
+        "workload": w.name,
+        "work": str(work),
+        "model": info["model"],
+        "batch": w.batch,
+        "max_length": w.max_length,
+        "max_prompt_length": w.max_prompt_length,
+        "warmup": w.warmup,
+        "steps": w.steps,
+        "lr": w.learning_rate,
+        "seed": 42,
+        "threads": threads,
+        "reference_mode": switches.get("reference_mode", reference_mode),
+        "loss": loss,
+        "data": LOSS_DATA.get(loss, "pairs"),
+        "gradient_checkpointing": gc,
+        "switches": switches,
+        "dtype": w.dtype,
+        "peak_tflops": PEAK_TFLOPS,
+    }
 
 
 def run_child(spec: dict, log: Path) -> dict:
     """`measure(spec)` in a fresh interpreter; its output goes to `log`."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TQDM_DISABLE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(spec["threads"]),
+        "MKL_NUM_THREADS": str(spec["threads"]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     start = time.time()
     with log.open("a") as f:
         f.write(f"\n### {json.dumps(spec)}\n")
         f.flush()
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=f, text=True, check=False)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(spec)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=f,
+            text=True,
+            check=False,
+        )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return {**spec, "error": f"exit {proc.returncode}; see {log}", "wall_s": round(time.time() - start, 1)}
+        return {
+            **spec,
+            "error": f"exit {proc.returncode}; see {log}",
+            "wall_s": round(time.time() - start, 1),
+        }
     return {**spec, **json.loads(lines[-1]), "wall_s": round(time.time() - start, 1)}
 
 
@@ -607,16 +809,28 @@ def _has_gpu() -> bool:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     try:
         import torch
 
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:
         gpu = None
-    return {"nproc": os.cpu_count(), "cpu": cpu, "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-            "gpu": gpu, "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "time_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def available_switches() -> dict[str, tuple[str, object]]:
@@ -635,18 +849,24 @@ def summarise(records: list[dict]) -> dict:
     ok = [r for r in records if "error" not in r]
     steps = [s for r in ok for s in r["step_times"]]
     tps = [r["tokens_per_s"] for r in ok if r.get("tokens_per_s")]
-    return {"n": len(ok), "errors": [r["error"] for r in records if "error" in r],
-            "step_s": _median(steps), "step_min": min(steps, default=float("nan")),
-            "step_max": max(steps, default=float("nan")),
-            "tokens_per_s": _median(tps), "tps_min": min(tps, default=float("nan")), "tps_max": max(tps, default=float("nan")),
-            "peak_mib": _median([r["peak_mib"] for r in ok if r.get("peak_mib") is not None]),
-            "cuda_peak_mib": _median([r["cuda_peak_mib"] for r in ok if r.get("cuda_peak_mib") is not None]),
-            "pad_fraction": _median([r["pad_fraction"] for r in ok]),
-            "model_tflops_per_s": _median([r["model_tflops_per_s"] for r in ok if r.get("model_tflops_per_s")]),
-            "mfu": _median([r["mfu"] for r in ok if r.get("mfu")]),
-            "precompute_s": _median([r["precompute_s"] for r in ok]),
-            "first_loss": ok[0]["first_loss"] if ok else None,
-            "first_metrics": ok[0]["first_metrics"] if ok else {}}
+    return {
+        "n": len(ok),
+        "errors": [r["error"] for r in records if "error" in r],
+        "step_s": _median(steps),
+        "step_min": min(steps, default=float("nan")),
+        "step_max": max(steps, default=float("nan")),
+        "tokens_per_s": _median(tps),
+        "tps_min": min(tps, default=float("nan")),
+        "tps_max": max(tps, default=float("nan")),
+        "peak_mib": _median([r["peak_mib"] for r in ok if r.get("peak_mib") is not None]),
+        "cuda_peak_mib": _median([r["cuda_peak_mib"] for r in ok if r.get("cuda_peak_mib") is not None]),
+        "pad_fraction": _median([r["pad_fraction"] for r in ok]),
+        "model_tflops_per_s": _median([r["model_tflops_per_s"] for r in ok if r.get("model_tflops_per_s")]),
+        "mfu": _median([r["mfu"] for r in ok if r.get("mfu")]),
+        "precompute_s": _median([r["precompute_s"] for r in ok]),
+        "first_loss": ok[0]["first_loss"] if ok else None,
+        "first_metrics": ok[0]["first_metrics"] if ok else {},
+    }
 
 
 def trl_section(w: Workload, info: dict, work: Path, log: Path, modes: tuple[str, ...]) -> list[dict]:
@@ -665,13 +885,19 @@ def trl_section(w: Workload, info: dict, work: Path, log: Path, modes: tuple[str
 
 def _progress(rec: dict) -> None:
     if "error" in rec:
-        print(f"  {rec['workload']} {rec['framework']} {rec['loss']} {rec['reference_mode']} {rec.get('label', '')}: "
-              f"FAILED {rec['error']}", file=sys.stderr)
+        print(
+            f"  {rec['workload']} {rec['framework']} {rec['loss']} {rec['reference_mode']} {rec.get('label', '')}: "
+            f"FAILED {rec['error']}",
+            file=sys.stderr,
+        )
         return
     st = rec["step_times"]
-    print(f"  {rec['workload']} {rec['framework']:8} {rec['loss']:11} {rec['reference_mode']:11} "
-          f"{rec.get('label', ''):22} step {_median(st):.3f}s tok/s {rec['tokens_per_s'] or 0:.0f} "
-          f"peak {rec['peak_mib']} MiB loss0 {rec['first_loss']!r} ({rec['wall_s']} s)", file=sys.stderr)
+    print(
+        f"  {rec['workload']} {rec['framework']:8} {rec['loss']:11} {rec['reference_mode']:11} "
+        f"{rec.get('label', ''):22} step {_median(st):.3f}s tok/s {rec['tokens_per_s'] or 0:.0f} "
+        f"peak {rec['peak_mib']} MiB loss0 {rec['first_loss']!r} ({rec['wall_s']} s)",
+        file=sys.stderr,
+    )
 
 
 def fmt(x, digits=3) -> str:
@@ -681,27 +907,41 @@ def fmt(x, digits=3) -> str:
 
 
 def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[list[str], dict]:
-    lines = [(f"| {name} | reference | framework | step time, s (median [min–max]) | tokens/s (median [min–max]) | "
-             "peak memory above imports, MiB | padding | precompute pass, s | step-0 loss | step-0 logps/chosen |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"| {name} | reference | framework | step time, s (median [min–max]) | tokens/s (median [min–max]) | "
+            "peak memory above imports, MiB | padding | precompute pass, s | step-0 loss | step-0 logps/chosen |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     ratios = {}
     for mode in modes:
-        s = {fw: summarise([r for r in records if r["reference_mode"] == mode and r["framework"] == fw])
-             for fw in ("alignlab", "trl")}
+        s = {
+            fw: summarise([r for r in records if r["reference_mode"] == mode and r["framework"] == fw])
+            for fw in ("alignlab", "trl")
+        }
         for fw in ("alignlab", "trl"):
             x = s[fw]
             mem = _memory(x)
-            lines.append(f"| | {mode} | {fw} | {fmt(x['step_s'])} [{fmt(x['step_min'])}–{fmt(x['step_max'])}] | "
-                         f"{fmt(x['tokens_per_s'], 0)} [{fmt(x['tps_min'], 0)}–{fmt(x['tps_max'], 0)}] | {fmt(mem, 0)} | "
-                         f"{fmt(x['pad_fraction'], 2)} | {fmt(x['precompute_s'], 1) if mode == 'precomputed' else '—'} | "
-                         f"{fmt(x['first_loss'], 7)} | {fmt(x['first_metrics'].get('logps/chosen'), 4)} |")
+            lines.append(
+                f"| | {mode} | {fw} | {fmt(x['step_s'])} [{fmt(x['step_min'])}–{fmt(x['step_max'])}] | "
+                f"{fmt(x['tokens_per_s'], 0)} [{fmt(x['tps_min'], 0)}–{fmt(x['tps_max'], 0)}] | {fmt(mem, 0)} | "
+                f"{fmt(x['pad_fraction'], 2)} | {fmt(x['precompute_s'], 1) if mode == 'precomputed' else '—'} | "
+                f"{fmt(x['first_loss'], 7)} | {fmt(x['first_metrics'].get('logps/chosen'), 4)} |"
+            )
         a, t = s["alignlab"], s["trl"]
-        agree = (a["first_loss"] is not None and t["first_loss"] is not None
-                 and abs(a["first_loss"] - t["first_loss"]) <= 1e-5)
+        agree = (
+            a["first_loss"] is not None
+            and t["first_loss"] is not None
+            and abs(a["first_loss"] - t["first_loss"]) <= 1e-5
+        )
         paired = []  # alignlab / TRL tokens/s of each repeat: the two ran back to back under the same load
         for rep in sorted({r["repeat"] for r in records}):
-            pair = {r["framework"]: r.get("tokens_per_s") for r in records
-                    if r["repeat"] == rep and r["reference_mode"] == mode and "error" not in r}
+            pair = {
+                r["framework"]: r.get("tokens_per_s")
+                for r in records
+                if r["repeat"] == rep and r["reference_mode"] == mode and "error" not in r
+            }
             if pair.get("alignlab") and pair.get("trl"):
                 paired.append(pair["alignlab"] / pair["trl"])
         ratios[mode] = {
@@ -711,29 +951,42 @@ def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[l
             "peak_memory": _memory(a) / _memory(t) if _memory(t) else None,
             "mfu": {"alignlab": a["mfu"], "trl": t["mfu"]},
             "model_tflops_per_s": {"alignlab": a["model_tflops_per_s"], "trl": t["model_tflops_per_s"]},
-            "loss0_diff": (abs(a["first_loss"] - t["first_loss"])
-                           if a["first_loss"] is not None and t["first_loss"] is not None else None),
+            "loss0_diff": (
+                abs(a["first_loss"] - t["first_loss"])
+                if a["first_loss"] is not None and t["first_loss"] is not None
+                else None
+            ),
             "logps_chosen0_diff": _diff(a["first_metrics"], t["first_metrics"], "logps/chosen"),
             "logps_rejected0_diff": _diff(a["first_metrics"], t["first_metrics"], "logps/rejected"),
             "loss0_agree": agree,
             "errors": a["errors"] + t["errors"],
         }
     lines.append("")
-    lines.append(f"| {name}: alignlab / TRL | tokens/s (of medians) | tokens/s, per A/B pair [min–max] | peak memory | "
-                 "step-0 loss |Δ| | step-0 logps/chosen |Δ| | step-0 logps/rejected |Δ| |")
+    lines.append(
+        f"| {name}: alignlab / TRL | tokens/s (of medians) | tokens/s, per A/B pair [min–max] | peak memory | "
+        "step-0 loss |Δ| | step-0 logps/chosen |Δ| | step-0 logps/rejected |Δ| |"
+    )
     lines.append("|---|---|---|---|---|---|---|")
     for mode, r in ratios.items():
         p = r["tokens_per_s_paired"]
-        lines.append(f"| {mode} reference | {fmt(r['tokens_per_s'], 2)}× | {fmt(_median(p), 2)}× "
-                     f"[{fmt(min(p, default=None), 2)}–{fmt(max(p, default=None), 2)}] | {fmt(r['peak_memory'], 2)}× | "
-                     f"{_sci(r['loss0_diff'])} | {_sci(r['logps_chosen0_diff'])} | {_sci(r['logps_rejected0_diff'])} |")
+        lines.append(
+            f"| {mode} reference | {fmt(r['tokens_per_s'], 2)}× | {fmt(_median(p), 2)}× "
+            f"[{fmt(min(p, default=None), 2)}–{fmt(max(p, default=None), 2)}] | {fmt(r['peak_memory'], 2)}× | "
+            f"{_sci(r['loss0_diff'])} | {_sci(r['logps_chosen0_diff'])} | {_sci(r['logps_rejected0_diff'])} |"
+        )
     if any(not math.isnan(x) for r in ratios.values() for x in r["model_tflops_per_s"].values()):
-        lines += ["", f"| {name}: model FLOPs (`dpo_flops_per_token`) | reference | alignlab TFLOP/s | TRL TFLOP/s | "
-                  "alignlab MFU | TRL MFU |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"| {name}: model FLOPs (`dpo_flops_per_token`) | reference | alignlab TFLOP/s | TRL TFLOP/s | "
+            "alignlab MFU | TRL MFU |",
+            "|---|---|---|---|---|---|",
+        ]
         for mode, r in ratios.items():
             f, m = r["model_tflops_per_s"], r["mfu"]
-            lines.append(f"| | {mode} | {fmt(f['alignlab'], 1)} | {fmt(f['trl'], 1)} | {_pct(m['alignlab'])} | "
-                         f"{_pct(m['trl'])} |")
+            lines.append(
+                f"| | {mode} | {fmt(f['alignlab'], 1)} | {fmt(f['trl'], 1)} | {_pct(m['alignlab'])} | "
+                f"{_pct(m['trl'])} |"
+            )
     return lines, ratios
 
 
@@ -759,8 +1012,13 @@ def relative_table(name: str, records: list[dict], key: str, base_label: str) ->
     for r in records:
         groups.setdefault(r[key], []).append(r)
     base = summarise(groups.get(base_label, []))
-    lines = [(f"| {name} | step time, s (median [min–max]) | tokens/s | × {base_label} tokens/s | peak memory, MiB | "
-             f"× {base_label} memory | padding | step-0 loss |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"| {name} | step time, s (median [min–max]) | tokens/s | × {base_label} tokens/s | peak memory, MiB | "
+            f"× {base_label} memory | padding | step-0 loss |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, recs in groups.items():
         s = summarise(recs)
         if not s["n"]:
@@ -768,9 +1026,11 @@ def relative_table(name: str, records: list[dict], key: str, base_label: str) ->
             continue
         rt = s["tokens_per_s"] / base["tokens_per_s"] if base["n"] else float("nan")
         rm = _memory(s) / _memory(base) if base["n"] and _memory(base) else float("nan")
-        lines.append(f"| {label} | {fmt(s['step_s'])} [{fmt(s['step_min'])}–{fmt(s['step_max'])}] | "
-                     f"{fmt(s['tokens_per_s'], 0)} | {fmt(rt, 2)}× | {fmt(_memory(s), 0)} | {fmt(rm, 2)}× | "
-                     f"{fmt(s['pad_fraction'], 2)} | {fmt(s['first_loss'], 5)} |")
+        lines.append(
+            f"| {label} | {fmt(s['step_s'])} [{fmt(s['step_min'])}–{fmt(s['step_max'])}] | "
+            f"{fmt(s['tokens_per_s'], 0)} | {fmt(rt, 2)}× | {fmt(_memory(s), 0)} | {fmt(rm, 2)}× | "
+            f"{fmt(s['pad_fraction'], 2)} | {fmt(s['first_loss'], 5)} |"
+        )
     return lines
 
 
@@ -785,7 +1045,9 @@ def main() -> None:
     parser.add_argument("--w2-losses", default="dpo,tdpo,aligndistil", help="losses of the W2 loss table")
     parser.add_argument("--repeats", type=int, help="override the workloads' repeats")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_trl")
-    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the MFU (default: PEAK_BF16)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the MFU (default: PEAK_BF16)"
+    )
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
@@ -805,18 +1067,22 @@ def main() -> None:
     for name in args.workloads.split(","):
         w = all_w[name]
         if w.gpu_only and not args.quick and not _has_gpu():
-            sys.exit(f"bench_trl: workload {name} measures GPU throughput (bf16, MFU) and needs a GPU; this machine has none")
+            sys.exit(
+                f"bench_trl: workload {name} measures GPU throughput (bf16, MFU) and needs a GPU; this machine has none"
+            )
         if args.repeats:
             w.repeats = args.repeats
         work = args.out / "work" / name
         info = prepare(w, work)
         results["workloads"][name] = {**dataclasses.asdict(w), **info}
         print(f"{name}: {info}", file=sys.stderr)
-        md.append(f"### {name.upper()}: {info['source']}; {info['rows']} pairs kept "
-                  f"({info['dropped_tokenisation']} dropped: tokenised differently or too long); batch {w.batch}, "
-                  f"max_length {w.max_length}, {w.warmup} warm-up + {w.steps} timed steps × {w.repeats} repeats; "
-                  f"gradient checkpointing TRL {'on' if w.trl_gradient_checkpointing else 'off'}, "
-                  f"alignlab {'on' if w.alignlab_gradient_checkpointing else 'off'}")
+        md.append(
+            f"### {name.upper()}: {info['source']}; {info['rows']} pairs kept "
+            f"({info['dropped_tokenisation']} dropped: tokenised differently or too long); batch {w.batch}, "
+            f"max_length {w.max_length}, {w.warmup} warm-up + {w.steps} timed steps × {w.repeats} repeats; "
+            f"gradient checkpointing TRL {'on' if w.trl_gradient_checkpointing else 'off'}, "
+            f"alignlab {'on' if w.alignlab_gradient_checkpointing else 'off'}"
+        )
         md.append("")
         alignlab_runs: dict[str, list[dict]] = {}  # the TRL comparison's alignlab runs, reused below
         if "trl" in sections:
@@ -826,14 +1092,16 @@ def main() -> None:
             results["workloads"][name]["ratios"] = ratios
             md += lines + [""]
             for mode in modes:
-                alignlab_runs[mode] = [r for r in recs if r["framework"] == "alignlab" and r["reference_mode"] == mode]
+                alignlab_runs[mode] = [
+                    r for r in recs if r["framework"] == "alignlab" and r["reference_mode"] == mode
+                ]
         repeats = 1 if name in ("w2", "w3") else max(1, w.repeats - 1)
         if "losses" in sections:
             names = args.losses.split(",") if name == "w1" else args.w2_losses.split(",")
             recs = [{**r, "section": "losses"} for r in alignlab_runs.get("live", []) if "dpo" in names]
             todo = [n for n in names if not (n == "dpo" and recs)]
             for rep in range(repeats):
-                for loss in (todo if rep % 2 == 0 else todo[::-1]):
+                for loss in todo if rep % 2 == 0 else todo[::-1]:
                     rec = run_child(_spec(w, info, work, "alignlab", loss=loss), log)
                     rec.update(section="losses", repeat=rep)
                     recs.append(rec)
@@ -853,7 +1121,9 @@ def main() -> None:
                         continue
                     if key == "gradient_checkpointing":
                         value = not w.alignlab_gradient_checkpointing
-                    rec = run_child(_spec(w, info, work, "alignlab", switches={key: value} if key else None), log)
+                    rec = run_child(
+                        _spec(w, info, work, "alignlab", switches={key: value} if key else None), log
+                    )
                     rec.update(section="switches", repeat=rep, label=label)
                     recs.append(rec)
                     _progress(rec)
@@ -869,9 +1139,16 @@ def write(results: dict, md: list[str], out: Path) -> str:
     """results.json and results.md in `out`; returns the markdown."""
     results["machine_end"] = machine()
     m0, m1 = results["machine_start"], results["machine_end"]
-    header = [(f"Machine: {m0['nproc']} CPUs, {m0['cpu']}; GPU: {m0['gpu'] or 'none'}; load average (1, 5, 15 min) "
-              f"{' '.join(m0['loadavg'])} at the start ({m0['time_utc']}), {' '.join(m1['loadavg'])} at the end "
-              f"({m1['time_utc']})."), "", f"Command: `python {results['command']}`", ""]
+    header = [
+        (
+            f"Machine: {m0['nproc']} CPUs, {m0['cpu']}; GPU: {m0['gpu'] or 'none'}; load average (1, 5, 15 min) "
+            f"{' '.join(m0['loadavg'])} at the start ({m0['time_utc']}), {' '.join(m1['loadavg'])} at the end "
+            f"({m1['time_utc']})."
+        ),
+        "",
+        f"Command: `python {results['command']}`",
+        "",
+    ]
     text = "\n".join(header + md) + "\n"
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(text)

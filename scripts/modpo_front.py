@@ -36,15 +36,18 @@ def sequence_logp(model, prompt: list[int], response: list[int]) -> float:
     ids = torch.tensor([prompt + response])
     logp = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
     picked = logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
-    return picked[len(prompt) - 1:].sum().item()
+    return picked[len(prompt) - 1 :].sum().item()
 
 
 def margins(model, reference, pairs: list[dict]) -> tuple[float, float]:
     """Mean ρ(y_w) − ρ(y_l) over `pairs` and the fraction of pairs where it is > 0."""
     values = []
     for row in pairs:
-        rho = {r: sequence_logp(model, row["prompt_ids"], row[f"{r}_ids"])
-               - sequence_logp(reference, row["prompt_ids"], row[f"{r}_ids"]) for r in ("chosen", "rejected")}
+        rho = {
+            r: sequence_logp(model, row["prompt_ids"], row[f"{r}_ids"])
+            - sequence_logp(reference, row["prompt_ids"], row[f"{r}_ids"])
+            for r in ("chosen", "rejected")
+        }
         values.append(rho["chosen"] - rho["rejected"])
     return sum(values) / len(values), sum(v > 0 for v in values) / len(values)
 
@@ -62,8 +65,15 @@ def main() -> None:
     runs = {}
     for w in WEIGHTS:
         name = f"w{w[0]}_{w[1]}"
-        result = train(["+recipe=modpo", f"loss.weights=[{w[0]},{w[1]}]", "eval.generate=false",
-                        f"data.cache_dir={out / 'cache'}"], output_dir=out / name)
+        result = train(
+            [
+                "+recipe=modpo",
+                f"loss.weights=[{w[0]},{w[1]}]",
+                "eval.generate=false",
+                f"data.cache_dir={out / 'cache'}",
+            ],
+            output_dir=out / name,
+        )
         runs[f"({w[0]:g}, {w[1]:g})"] = result.model_dir
     saved = OmegaConf.load(Path(result.output_dir) / "config.yaml")
     # builtin:tiny@<the sft stage's model>: the SFT model, the policy's start and the reference
@@ -72,7 +82,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(reference_dir)
     reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float64).eval()
     pairs = {path: held_out_pairs(path, tokenizer, out / "cache") for path in OBJECTIVES}
-    results, lines = {}, ["| w | sentiment margin (accuracy) | understated margin (accuracy) |", "|---|---|---|"]
+    results, lines = (
+        {},
+        ["| w | sentiment margin (accuracy) | understated margin (accuracy) |", "|---|---|---|"],
+    )
     for label, model_dir in runs.items():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
         results[label] = {path: margins(model, reference, pairs[path]) for path in OBJECTIVES}

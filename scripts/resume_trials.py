@@ -47,19 +47,38 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, LOG_EVERY, EVAL_EVERY = 16, 3, 4, 8
-CASES = ("sigkill_step", "sigkill_save", "sigkill_final", "sigterm_step", "sigint_step", "signal_final",
-         "corrupt_file", "stale_dir", "concurrent")
+CASES = (
+    "sigkill_step",
+    "sigkill_save",
+    "sigkill_final",
+    "sigterm_step",
+    "sigint_step",
+    "signal_final",
+    "corrupt_file",
+    "stale_dir",
+    "concurrent",
+)
 #: cases that need a child process (a real SIGKILL, or two runs at once)
 CHILD_CASES = ("sigkill_step", "sigkill_save", "sigkill_final", "concurrent")
 TIMING = ("_runtime", "_per_second")
 
 
 def overrides(loss: str, cache: Path, seed: int = 7) -> list[str]:
-    return [f"+recipe={loss}", f"trainer.max_steps={STEPS}", f"trainer.save_steps={SAVE_EVERY}",
-            f"trainer.logging_steps={LOG_EVERY}", f"trainer.eval_steps={EVAL_EVERY}", "trainer.save_total_limit=null",
-            "trainer.per_device_train_batch_size=8", f"data.limit={28 if loss == 'bco' else 56}", "data.eval_size=8",
-            "eval.generate=false", "model.name_or_path=builtin:tiny",  # the random tiny model: no SFT stage
-            f"data.cache_dir={cache}", f"seed={seed}"]
+    return [
+        f"+recipe={loss}",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.save_steps={SAVE_EVERY}",
+        f"trainer.logging_steps={LOG_EVERY}",
+        f"trainer.eval_steps={EVAL_EVERY}",
+        "trainer.save_total_limit=null",
+        "trainer.per_device_train_batch_size=8",
+        f"data.limit={28 if loss == 'bco' else 56}",
+        "data.eval_size=8",
+        "eval.generate=false",
+        "model.name_or_path=builtin:tiny",  # the random tiny model: no SFT stage
+        f"data.cache_dir={cache}",
+        f"seed={seed}",
+    ]
 
 
 def compose(items: list[str]):
@@ -104,9 +123,10 @@ def child(argv: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from transformers import TrainerCallback
+
     import alignlab.checkpoints
     import alignlab.trainer
-    from transformers import TrainerCallback
 
     trainer_cls = alignlab.trainer.AlignTrainer
     kill = lambda: os.kill(os.getpid(), getattr(signal, sig))  # noqa: E731
@@ -132,8 +152,11 @@ def child(argv: list[str]) -> None:
     trainer_cls.__init__, trainer_cls.train = patched_init, patched_train
     if when == "save":  # inside the save of checkpoint-STEP, after POINT
         step, point = arg.split(":")
-        save_model, save_opt, mark = trainer_cls.save_model, trainer_cls._save_optimizer_and_scheduler, \
-            alignlab.trainer.mark_complete
+        save_model, save_opt, mark = (
+            trainer_cls.save_model,
+            trainer_cls._save_optimizer_and_scheduler,
+            alignlab.trainer.mark_complete,
+        )
 
         def save_model_then(self, output_dir=None, _internal_call=False):
             save_model(self, output_dir, _internal_call)
@@ -168,13 +191,30 @@ def child(argv: list[str]) -> None:
 
 
 def spawn(when: str, arg, sig: str, items: list[str], out: Path, wait: bool = True):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "child", when, str(arg), sig, "--", *items,
-           f"hydra.run.dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "child",
+        when,
+        str(arg),
+        sig,
+        "--",
+        *items,
+        f"hydra.run.dir={out}",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "offline",
+    }
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=env)
+    return subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=env
+    )
 
 
 # -- comparison -------------------------------------------------------------------------------------------
@@ -199,7 +239,11 @@ def compare(run_dir: Path, reference: Path) -> str | None:
 
     if not (run_dir / "summary.json").exists():
         return "the run did not finish (no summary.json)"
-    for name in ("model/model.safetensors", f"checkpoint-{STEPS}/optimizer.pt", "model/loss_state.safetensors"):
+    for name in (
+        "model/model.safetensors",
+        f"checkpoint-{STEPS}/optimizer.pt",
+        "model/loss_state.safetensors",
+    ):
         ours, theirs = run_dir / name, reference / name
         if not theirs.exists():
             continue
@@ -339,7 +383,9 @@ def _signal_case(bench, rng, loss, out, t, sig):
     except Interrupted as err:
         if step == STEPS:
             return f"stopped in the last step instead of finishing: {err}"
-        if f"stopped by {name} at step {step}; checkpoint saved" not in str(err) or "Resume with:" not in str(err):
+        if f"stopped by {name} at step {step}; checkpoint saved" not in str(err) or "Resume with:" not in str(
+            err
+        ):
             return f"unexpected message: {err}"
         bench.resume(loss, out)
     else:
@@ -390,15 +436,25 @@ def _killed_after(reference: Path, out: Path, step: int) -> None:
         (out / name).unlink(missing_ok=True)
     record = json.loads((out / "alignlab_run.json").read_text())
     (out / "alignlab_run.json").write_text(json.dumps({**record, "status": "running"}))
-    kept = [line for line in (out / "metrics.jsonl").read_text().splitlines(keepends=True)
-            if json.loads(line)["step"] <= step and "train_runtime" not in line]
+    kept = [
+        line
+        for line in (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+        if json.loads(line)["step"] <= step and "train_runtime" not in line
+    ]
     (out / "metrics.jsonl").write_text("".join(kept))
 
 
 def case_corrupt_file(bench, rng, loss, out, t):
     step = rng.choice(range(2 * SAVE_EVERY, STEPS + 1, SAVE_EVERY))
-    files = ["model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth",
-             "log_state.json", *(["loss_state.safetensors"] if loss == "bco" else [])]
+    files = [
+        "model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng_state.pth",
+        "log_state.json",
+        *(["loss_state.safetensors"] if loss == "bco" else []),
+    ]
     name, damage = rng.choice(files), rng.choice(DAMAGE)
     t.detail = f"{loss}, checkpoint-{step}/{name}: {damage}"
     reference = bench.reference(loss)
@@ -411,7 +467,7 @@ def case_corrupt_file(bench, rng, loss, out, t):
         path.write_bytes(b"")
     elif damage == "alter":
         i = rng.randrange(len(data))
-        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
     else:
         path.unlink()
     from alignlab.checkpoints import latest_complete
@@ -451,8 +507,11 @@ def case_stale_dir(bench, rng, loss, out, t):
 
 def _listing(folder: Path) -> list[tuple[str, int, int]]:
     """Every file under `folder` (the lock file aside) with its size and modification time."""
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in folder.rglob("*") if p.is_file() and p.name != ".alignlab.lock")
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != ".alignlab.lock"
+    )
 
 
 def case_concurrent(bench, rng, loss, out, t):
@@ -461,8 +520,9 @@ def case_concurrent(bench, rng, loss, out, t):
     reference = bench.reference(loss)
     first = spawn("slow", 0.2, "SIGCONT", bench.items(loss), out, wait=False)
     time.sleep(delay)
-    second = spawn("slow", 0.2, "SIGCONT", [*bench.items(loss), "trainer.resume_from_checkpoint=latest"], out,
-                   wait=False)
+    second = spawn(
+        "slow", 0.2, "SIGCONT", [*bench.items(loss), "trainer.resume_from_checkpoint=latest"], out, wait=False
+    )
     outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
     codes = sorted((p.returncode, i) for i, p in enumerate((first, second)))
     if [code for code, _ in codes] != [0, 6]:
@@ -497,7 +557,10 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seed, args.seed + args.trials):
                 t = trial(bench, case, seed)
                 rows.append(t)
-                print(f"{t.case:<14} seed {t.seed:<3} {t.seconds:5.1f} s  {t.outcome:<6}  {t.detail}", flush=True)
+                print(
+                    f"{t.case:<14} seed {t.seed:<3} {t.seconds:5.1f} s  {t.outcome:<6}  {t.detail}",
+                    flush=True,
+                )
                 if args.doc:  # after every trial: an interrupted session still leaves its table
                     write_doc(args.doc, summary(rows), rows, args)
     print(summary(rows))
@@ -509,7 +572,9 @@ def summary(rows: list[Trial]) -> str:
     for case in dict.fromkeys(t.case for t in rows):
         mine = [t for t in rows if t.case == case]
         exact = sum(t.outcome == "exact" for t in mine)
-        lines.append(f"| {case} | {len(mine)} | {exact}/{len(mine)} | {sum(t.seconds for t in mine) / len(mine):.1f} |")
+        lines.append(
+            f"| {case} | {len(mine)} | {exact}/{len(mine)} | {sum(t.seconds for t in mine) / len(mine):.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -524,7 +589,8 @@ def write_doc(path: Path, table: str, rows: list[Trial], args) -> None:
         "trial is compared with an uninterrupted run of the same config on the final weights, the last "
         "checkpoint's optimizer state, the loss's state (BCO's δ) and every record of `metrics.jsonl` "
         "(timing fields aside). *Exact* means all of them are bitwise equal.\n\n"
-        f"{table}\n\nFailures:\n\n{details}\n")
+        f"{table}\n\nFailures:\n\n{details}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -54,14 +54,23 @@ def run_and_resume(tmp_path):
     from alignlab.train import run
 
     def go(recipe: str, steps: int, save_every: int, *overrides: str):
-        common = (f"+recipe={recipe}", f"trainer.max_steps={steps}", f"trainer.save_steps={save_every}",
-                  "trainer.logging_steps=1", "trainer.eval_steps=0", "data.eval_size=0",
-                  f"data.cache_dir={tmp_path / 'cache'}", *overrides)
+        common = (
+            f"+recipe={recipe}",
+            f"trainer.max_steps={steps}",
+            f"trainer.save_steps={save_every}",
+            "trainer.logging_steps=1",
+            "trainer.eval_steps=0",
+            "data.eval_size=0",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *overrides,
+        )
         full = run(_compose_run(*common), output_dir=tmp_path / "full")
         checkpoint = f"checkpoint-{save_every}"
         (tmp_path / "resumed").mkdir()
         shutil.copytree(full.output_dir / checkpoint, tmp_path / "resumed" / checkpoint)
-        resumed = run(_compose_run(*common, "trainer.resume_from_checkpoint=latest"), output_dir=tmp_path / "resumed")
+        resumed = run(
+            _compose_run(*common, "trainer.resume_from_checkpoint=latest"), output_dir=tmp_path / "resumed"
+        )
         return full, resumed
 
     return go

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
 #: what a loss may import inside the package: the loss contract and the chunked kernels.
 LOSS_IMPORTS = ("losses.base", "chunked")
 
+
 def module_files(package: Path = PACKAGE) -> dict[str, Path]:
     """Module name (without ``alignlab.``; "" for the package itself) -> its file."""
     modules = {}
@@ -55,7 +56,7 @@ def import_statements(name: str, path: Path, modules: dict[str, Path]) -> list[t
         if full != "alignlab" and not full.startswith("alignlab."):
             found.append((f"ext:{full.partition('.')[0]}", line, where))
             return
-        target = full[len("alignlab."):] if full != "alignlab" else ""
+        target = full[len("alignlab.") :] if full != "alignlab" else ""
         while target and target not in modules:  # `import alignlab.x.Y`: Y is no module
             target = target.rpartition(".")[0]
         if target != name:
@@ -78,7 +79,7 @@ def import_statements(name: str, path: Path, modules: dict[str, Path]) -> list[t
                 base = node.module or ""
             for alias in node.names:
                 full = f"{base}.{alias.name}"
-                short = full[len("alignlab."):] if full.startswith("alignlab.") else None
+                short = full[len("alignlab.") :] if full.startswith("alignlab.") else None
                 add(full if short in modules else base, node.lineno, where)
         for child in ast.iter_child_nodes(node):
             visit(child, where)
@@ -116,7 +117,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt) and nxt in graph:
                 state[nxt] = 1
                 path.append(nxt)
@@ -152,11 +153,15 @@ def _matches(module: str, patterns) -> bool:
 
 
 def _describe(cycle: list[str], graph) -> str:
-    steps = [f"alignlab.{a or '__init__'} -> alignlab.{b} (line {graph[a][b]})"
-             for a, b in zip(cycle, cycle[1:])]
+    steps = [
+        f"alignlab.{a or '__init__'} -> alignlab.{b} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:])
+    ]
     knots = "; ".join(f"{len(knot)} modules: {', '.join(knot)}" for knot in tangled(graph))
-    return (f"import cycle of {len(cycle) - 1} modules:\n  " + "\n  ".join(steps)
-            + f"\nall cycles' modules: {knots}")
+    return (
+        f"import cycle of {len(cycle) - 1} modules:\n  "
+        + "\n  ".join(steps)
+        + f"\nall cycles' modules: {knots}"
+    )
 
 
 def test_no_import_cycle():
@@ -169,32 +174,55 @@ def test_layers_import_downward_only():
     graph = import_graph()
     unplaced = sorted(m for m in graph if m and layer_of(m) is None)
     assert not unplaced, f"modules in no layer (add them to LAYERS in {__name__}): {unplaced}"
-    upward = [f"alignlab.{a} ({LAYERS[layer_of(a)][0]}) imports alignlab.{b} ({LAYERS[layer_of(b)][0]}), "
-              f"line {line}"
-              for a, targets in sorted(graph.items()) if a
-              for b, line in sorted(targets.items()) if b and layer_of(b) > layer_of(a)]
+    upward = [
+        f"alignlab.{a} ({LAYERS[layer_of(a)][0]}) imports alignlab.{b} ({LAYERS[layer_of(b)][0]}), "
+        f"line {line}"
+        for a, targets in sorted(graph.items())
+        if a
+        for b, line in sorted(targets.items())
+        if b and layer_of(b) > layer_of(a)
+    ]
     assert not upward, "a lower layer imports a higher one:\n  " + "\n  ".join(upward)
 
 
 def test_losses_import_only_the_loss_contract():
     graph = import_graph()
-    outside = [f"alignlab.{a} imports alignlab.{b} (line {line})" for a, targets in sorted(graph.items())
-               if _matches(a, ["losses", "losses.*"])
-               for b, line in sorted(targets.items()) if not _matches(b, LOSS_IMPORTS)]
+    outside = [
+        f"alignlab.{a} imports alignlab.{b} (line {line})"
+        for a, targets in sorted(graph.items())
+        if _matches(a, ["losses", "losses.*"])
+        for b, line in sorted(targets.items())
+        if not _matches(b, LOSS_IMPORTS)
+    ]
     assert not outside, "a loss depends on losses/, chunked.py and torch only:\n  " + "\n  ".join(outside)
 
 
 #: third-party modules worth deferring into a function: importing them takes seconds (or a GPU stack).
-HEAVY = {"torch", "transformers", "trl", "deepspeed", "datasets", "peft", "accelerate", "matplotlib", "wandb",
-         "bitsandbytes", "tokenizers", "safetensors", "vaderSentiment"}
+HEAVY = {
+    "torch",
+    "transformers",
+    "trl",
+    "deepspeed",
+    "datasets",
+    "peft",
+    "accelerate",
+    "matplotlib",
+    "wandb",
+    "bitsandbytes",
+    "tokenizers",
+    "safetensors",
+    "vaderSentiment",
+}
 
 
 def heavy_at_import(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> the `HEAVY` modules importing it loads (its own import-time imports, transitively)."""
     modules = module_files(package)
     statements = {name: import_statements(name, path, modules) for name, path in modules.items()}
-    heavy = {name: {t[4:] for t, _, where in found if where == "top" and t[4:] in HEAVY}
-             for name, found in statements.items()}
+    heavy = {
+        name: {t[4:] for t, _, where in found if where == "top" and t[4:] in HEAVY}
+        for name, found in statements.items()
+    }
     changed = True
     while changed:
         changed = False
@@ -212,21 +240,27 @@ def needless_deferrals(package: Path = PACKAGE) -> list[str]:
     no `HEAVY` module that the importing one does not load already (such an import only hides an edge)."""
     modules = module_files(package)
     heavy = heavy_at_import(package)
-    return sorted({f"alignlab.{name}, line {line}: alignlab.{target} "
-                   f"(it loads {sorted(heavy[target]) or 'nothing heavy'})"
-                   for name, path in modules.items()
-                   for target, line, where in import_statements(name, path, modules)
-                   if where == "function" and target in modules
-                   and heavy[target] <= heavy[name]})
+    return sorted(
+        {
+            f"alignlab.{name}, line {line}: alignlab.{target} "
+            f"(it loads {sorted(heavy[target]) or 'nothing heavy'})"
+            for name, path in modules.items()
+            for target, line, where in import_statements(name, path, modules)
+            if where == "function" and target in modules and heavy[target] <= heavy[name]
+        }
+    )
 
 
 def test_imports_inside_functions_only_defer_heavy_modules():
     needless = needless_deferrals()
-    assert not needless, ("imports inside functions that defer nothing heavy; import them at the top:\n  "
-                          + "\n  ".join(needless))
+    assert not needless, (
+        "imports inside functions that defer nothing heavy; import them at the top:\n  "
+        + "\n  ".join(needless)
+    )
 
 
 # The checker itself, on small packages written here: a test that cannot fail proves nothing.
+
 
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     root = tmp_path / "alignlab"
@@ -238,12 +272,15 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_checker_finds_a_cycle_through_an_import_inside_a_function(tmp_path):
-    root = _package(tmp_path, {
-        "__init__.py": "",
-        "a.py": "from alignlab.b import thing\n",
-        "b.py": "def thing():\n    from alignlab import c\n",
-        "c.py": "import alignlab.a\n",
-    })
+    root = _package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "a.py": "from alignlab.b import thing\n",
+            "b.py": "def thing():\n    from alignlab import c\n",
+            "c.py": "import alignlab.a\n",
+        },
+    )
     graph = import_graph(root)
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert tangled(graph) == [["a", "b", "c"]]
@@ -251,13 +288,16 @@ def test_checker_finds_a_cycle_through_an_import_inside_a_function(tmp_path):
 
 
 def test_checker_reads_packages_and_relative_imports(tmp_path):
-    root = _package(tmp_path, {
-        "__init__.py": "",
-        "losses/__init__.py": "from alignlab.losses import dpo\nfrom .base import Loss\n",
-        "losses/base.py": "Loss = object\n",
-        "losses/dpo.py": "from ..losses.base import Loss\nfrom alignlab.losses.base import Loss as L\n",
-        "config.py": "from alignlab.losses.base import Loss\n",
-    })
+    root = _package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "losses/__init__.py": "from alignlab.losses import dpo\nfrom .base import Loss\n",
+            "losses/base.py": "Loss = object\n",
+            "losses/dpo.py": "from ..losses.base import Loss\nfrom alignlab.losses.base import Loss as L\n",
+            "config.py": "from alignlab.losses.base import Loss\n",
+        },
+    )
     graph = import_graph(root)
     assert graph["losses"] == {}  # a package importing its own submodules
     assert graph["losses.dpo"] == {"losses.base": 1}
@@ -267,22 +307,31 @@ def test_checker_reads_packages_and_relative_imports(tmp_path):
     assert find_cycle(graph) == ["config", "losses.base", "config"]
 
 
-@pytest.mark.parametrize("module, layer", [("errors", "foundation"), ("losses.dpo", "losses"),
-                                           ("cli", "entry"), ("data.collate", "parts")])
+@pytest.mark.parametrize(
+    "module, layer",
+    [("errors", "foundation"), ("losses.dpo", "losses"), ("cli", "entry"), ("data.collate", "parts")],
+)
 def test_layer_names(module, layer):
     assert LAYERS[layer_of(module)][0] == layer
 
 
 def test_checker_tells_a_needless_deferral_from_a_heavy_one(tmp_path):
-    root = _package(tmp_path, {
-        "__init__.py": "",
-        "light.py": "import json\n",
-        "heavy.py": "import torch\n",
-        "cli.py": ("def main():\n    from alignlab import heavy  # deferred: torch\n"
-                   "    from alignlab import light\n"),
-        "models.py": "import torch\n\ndef load():\n    from alignlab.heavy import x\n",
-        "data.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import transformers\n",
-    })
+    root = _package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "light.py": "import json\n",
+            "heavy.py": "import torch\n",
+            "cli.py": (
+                "def main():\n    from alignlab import heavy  # deferred: torch\n"
+                "    from alignlab import light\n"
+            ),
+            "models.py": "import torch\n\ndef load():\n    from alignlab.heavy import x\n",
+            "data.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import transformers\n",
+        },
+    )
     assert heavy_at_import(root)["data"] == set() and heavy_at_import(root)["cli"] == set()
-    assert needless_deferrals(root) == ["alignlab.cli, line 3: alignlab.light (it loads nothing heavy)",
-                                        "alignlab.models, line 4: alignlab.heavy (it loads ['torch'])"]
+    assert needless_deferrals(root) == [
+        "alignlab.cli, line 3: alignlab.light (it loads nothing heavy)",
+        "alignlab.models, line 4: alignlab.heavy (it loads ['torch'])",
+    ]

@@ -30,7 +30,8 @@ GROUPS = [
 def test_pairs_take_best_against_worst_and_skip_ties():
     assert _bench().pairs_of(GROUPS) == [
         {"prompt": "p1", "chosen": "c", "rejected": "b", "chosen_score": 0.9, "rejected_score": -0.2},
-        {"prompt": "p3", "chosen": "i", "rejected": "j", "chosen_score": 0.3, "rejected_score": -0.4}]
+        {"prompt": "p3", "chosen": "i", "rejected": "j", "chosen_score": 0.3, "rejected_score": -0.4},
+    ]
 
 
 def test_triples_gold_second_worst():
@@ -42,7 +43,14 @@ def test_unpaired_labels_split_at_the_median():
     rows, median = _bench().unpaired_of(GROUPS)
     assert median == 0.0  # the 12 scores sorted: -0.4 -0.4 -0.2 0 0 0 0 0 0.3 0.3 0.5 0.9
     assert [(r["completion"], r["label"]) for r in rows] == [
-        ("a", True), ("b", False), ("c", True), ("i", True), ("i", True), ("j", False), ("j", False)]
+        ("a", True),
+        ("b", False),
+        ("c", True),
+        ("i", True),
+        ("i", True),
+        ("j", False),
+        ("j", False),
+    ]
 
 
 def test_flips_swap_the_requested_fraction():
@@ -53,9 +61,11 @@ def test_flips_swap_the_requested_fraction():
 
 
 def test_retain_nll_is_interpolated_at_equal_forgetting():
-    trajectory = [{"forget_nll": 1.0, "retain_nll": 1.0},   # the reference
-                  {"forget_nll": 3.0, "retain_nll": 2.0},   # after some steps
-                  {"forget_nll": 5.0, "retain_nll": 6.0}]
+    trajectory = [
+        {"forget_nll": 1.0, "retain_nll": 1.0},  # the reference
+        {"forget_nll": 3.0, "retain_nll": 2.0},  # after some steps
+        {"forget_nll": 5.0, "retain_nll": 6.0},
+    ]
     retain_at = _bench().retain_at
     assert retain_at(trajectory, 2.0) == pytest.approx(1.5)
     assert retain_at(trajectory, 4.0) == pytest.approx(4.0)
@@ -66,17 +76,43 @@ def test_retain_nll_is_interpolated_at_equal_forgetting():
 def test_tiny_benchmark_writes_its_report_and_figures(shared_path, tmp_path):
     shared_path("models", "stories260k")
     out = tmp_path / "docs" / "benchmarks.md"
-    assert _bench().main(["--tiny", "--out", str(out), "--runs", str(tmp_path / "runs"),
-                          "--cache", str(tmp_path / "cache")]) == 0
+    assert (
+        _bench().main(
+            [
+                "--tiny",
+                "--out",
+                str(out),
+                "--runs",
+                str(tmp_path / "runs"),
+                "--cache",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
-    for section in ("## 1. Reward against KL", "## 2. DPO against rDPO", "## 3. BCO", "## 4. MODPO",
-                    "## 5. NPO against gradient ascent", "## 6. AlignDistil", "## 7. TDPO"):
+    for section in (
+        "## 1. Reward against KL",
+        "## 2. DPO against rDPO",
+        "## 3. BCO",
+        "## 4. MODPO",
+        "## 5. NPO against gradient ascent",
+        "## 6. AlignDistil",
+        "## 7. TDPO",
+    ):
         assert section in text
     assert "python scripts/bench_sentiment.py --tiny" in text and "## Failed runs" not in text
     for png in ("frontier.png", "modpo_front.png", "unlearning.png"):
         assert (tmp_path / "docs" / "benchmarks" / png).read_bytes()[:4] == b"\x89PNG"
     results = json.loads((tmp_path / "runs" / "results.json").read_text())
-    assert {"s1-dpo-b0.1", "s2-rdpo-flip0.4", "s3-bco-unpaired", "s1-aligndistil-b0.1"} <= set(results["results"])
+    assert {"s1-dpo-b0.1", "s2-rdpo-flip0.4", "s3-bco-unpaired", "s1-aligndistil-b0.1"} <= set(
+        results["results"]
+    )
     # study 5: the reference, then each method's checkpoints (steps 1 and 2 of the tiny run): a trajectory
     assert [(r["method"].split()[0], r.get("steps", 0)) for r in results["unlearning"]] == [
-        ("reference", 0), ("NPO", 1), ("NPO", 2), ("GA", 1), ("GA", 2)]
+        ("reference", 0),
+        ("NPO", 1),
+        ("NPO", 2),
+        ("GA", 1),
+        ("GA", 2),
+    ]

@@ -37,8 +37,14 @@ def test_step_times_are_intervals_between_step_ends_after_warmup():
 def test_dpo_model_flops_count_every_matmul_and_attention():
     # d=4, 1 layer, 2 heads of 2 (kv too), MLP 8, vocab 10: q,o 2*(4*4) + k,v 2*(4*4) = 64, MLP 3*4*8 = 96,
     # head 10*4 = 40 -> 200 weights in matmuls; a forward token: 2*200 + 4*1*4*T, T = 5 -> 480 FLOPs
-    config = {"hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
-              "intermediate_size": 8, "vocab_size": 10}
+    config = {
+        "hidden_size": 4,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 8,
+        "vocab_size": 10,
+    }
     flops = _bench().dpo_flops_per_token
     assert flops(config, 5, live_reference=True) == 4 * 480  # policy forward + backward (3), reference (1)
     assert flops(config, 5, live_reference=False) == 3 * 480
@@ -75,8 +81,25 @@ def test_quick_run_against_trl_agrees_at_step_0_and_writes_the_table(shared_path
     pytest.importorskip("trl")
     shared_path("models", "stories260k")
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workloads", "w1", "--sections", "trl",
-                           "--modes", "live", "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--workloads",
+            "w1",
+            "--sections",
+            "trl",
+            "--modes",
+            "live",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     records = [r for r in results["records"] if r["section"] == "trl"]

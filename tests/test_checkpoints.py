@@ -8,7 +8,15 @@ import json
 
 import pytest
 
-from alignlab.checkpoints import COMPLETE, LOSS_STATE, latest_complete, manifest, mark_complete, problem, truncate_log
+from alignlab.checkpoints import (
+    COMPLETE,
+    LOSS_STATE,
+    latest_complete,
+    manifest,
+    mark_complete,
+    problem,
+    truncate_log,
+)
 
 
 def _checkpoint(folder, files, *, complete=True, identity=None):
@@ -22,8 +30,12 @@ def _checkpoint(folder, files, *, complete=True, identity=None):
 
 
 PLAIN = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "model.safetensors", "rng_state.pth")
-DEEPSPEED = ("trainer_state.json", "rng_state.pth", "global_step4/mp_rank_00_model_states.pt",
-             "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt")
+DEEPSPEED = (
+    "trainer_state.json",
+    "rng_state.pth",
+    "global_step4/mp_rank_00_model_states.pt",
+    "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+)
 
 
 @pytest.mark.parametrize("files", [PLAIN, DEEPSPEED], ids=["plain", "deepspeed"])
@@ -48,13 +60,16 @@ def test_a_digest_is_the_sha256_of_the_blocks_sha256s(tmp_path, monkeypatch):
     assert alignlab.checkpoints.digests([path])[path] == hashlib.sha256(b"".join(blocks)).hexdigest()
 
 
-@pytest.mark.parametrize("files, reason", [
-    ([f for f in PLAIN if f != "optimizer.pt"], "lacks optimizer.pt"),
-    ([f for f in PLAIN if f != "rng_state.pth"], "lacks rng_state.pth"),
-    ([f for f in PLAIN if f != "model.safetensors"], "lacks model weights"),
-    ([f for f in DEEPSPEED if "optim_states" not in f], "lacks DeepSpeed optimizer states"),
-    ([f for f in DEEPSPEED if "model_states" not in f], "lacks DeepSpeed model states"),
-])
+@pytest.mark.parametrize(
+    "files, reason",
+    [
+        ([f for f in PLAIN if f != "optimizer.pt"], "lacks optimizer.pt"),
+        ([f for f in PLAIN if f != "rng_state.pth"], "lacks rng_state.pth"),
+        ([f for f in PLAIN if f != "model.safetensors"], "lacks model weights"),
+        ([f for f in DEEPSPEED if "optim_states" not in f], "lacks DeepSpeed optimizer states"),
+        ([f for f in DEEPSPEED if "model_states" not in f], "lacks DeepSpeed model states"),
+    ],
+)
 def test_a_checkpoint_without_a_file_a_resume_needs_is_named_with_its_reason(tmp_path, files, reason):
     assert reason in problem(_checkpoint(tmp_path / "checkpoint-4", files))
 
@@ -69,12 +84,15 @@ def test_the_loss_state_is_required_when_the_loss_keeps_state(tmp_path):
     assert f"lacks {LOSS_STATE}" in problem(checkpoint, loss_state=True)
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda f: f.write_bytes(f.read_bytes()[:5]), "is 5 bytes, 24 when saved (truncated"),
-    (lambda f: f.write_bytes(b""), "is 0 bytes, 24 when saved"),
-    (lambda f: f.write_text("contents of optimizer.PT"), "does not match its checksum"),
-    (lambda f: f.unlink(), "lacks optimizer.pt"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:5]), "is 5 bytes, 24 when saved (truncated"),
+        (lambda f: f.write_bytes(b""), "is 0 bytes, 24 when saved"),
+        (lambda f: f.write_text("contents of optimizer.PT"), "does not match its checksum"),
+        (lambda f: f.unlink(), "lacks optimizer.pt"),
+    ],
+)
 def test_a_file_changed_after_the_save_fails_verification(tmp_path, damage, reason):
     checkpoint = _checkpoint(tmp_path / "checkpoint-4", PLAIN)
     damage(checkpoint / "optimizer.pt")
@@ -100,12 +118,20 @@ def test_latest_takes_the_newest_verified_checkpoint_and_names_the_skipped(tmp_p
     _checkpoint(tmp_path / "checkpoint-14", PLAIN, complete=False)
     path, skipped = latest_complete(tmp_path)
     assert path == tmp_path / "checkpoint-10"
-    assert len(skipped) == 2 and "checkpoint-14" in skipped[0] and "checkpoint-12/scheduler.pt is 0 bytes" in skipped[1]
+    assert (
+        len(skipped) == 2
+        and "checkpoint-14" in skipped[0]
+        and "checkpoint-12/scheduler.pt is 0 bytes" in skipped[1]
+    )
 
 
 def test_latest_takes_only_checkpoints_of_this_config(tmp_path):
-    _checkpoint(tmp_path / "checkpoint-2", PLAIN, identity={"run_id": "a", "fingerprint": "mine", "config": {}})
-    _checkpoint(tmp_path / "checkpoint-4", PLAIN, identity={"run_id": "b", "fingerprint": "theirs", "config": {}})
+    _checkpoint(
+        tmp_path / "checkpoint-2", PLAIN, identity={"run_id": "a", "fingerprint": "mine", "config": {}}
+    )
+    _checkpoint(
+        tmp_path / "checkpoint-4", PLAIN, identity={"run_id": "b", "fingerprint": "theirs", "config": {}}
+    )
     path, skipped = latest_complete(tmp_path, fingerprint="mine")
     assert path == tmp_path / "checkpoint-2"
     assert "checkpoint-4: written by another run (run b)" in skipped[0]
@@ -131,8 +157,13 @@ def test_the_log_drops_the_end_of_an_interrupted_train_call(tmp_path):
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
     log = tmp_path / "metrics.jsonl"
-    records = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 2, "eval_loss": 0.4},
-               {"step": 2, "train_runtime": 1.0, "train_loss": 0.7}, {"step": 2, "eval_loss": 0.4}]
+    records = [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 0.5},
+        {"step": 2, "eval_loss": 0.4},
+        {"step": 2, "train_runtime": 1.0, "train_loss": 0.7},
+        {"step": 2, "eval_loss": 0.4},
+    ]
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     truncate_log(log, checkpoint)
     assert [json.loads(line) for line in log.read_text().splitlines()] == records[:3]

@@ -13,28 +13,41 @@ import pytest
 from alignlab.cli import explain_overrides
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["+recipe=dpo", "loss.bta=1"], "unknown key 'loss.bta'. Did you mean loss.beta?"),
-    (["+recipe=dpx"], "unknown recipe 'dpx'. Did you mean +recipe=dpo?"),
-    (["loss=tdop"], "unknown loss 'tdop'. Did you mean loss=tdpo?"),
-    (["model=tny"], "unknown model 'tny'. Did you mean model=tiny?"),
-    (["trainer.learning_rate=fast"], "could not be converted to Float"),
-    (["+recipe=tpo", "trainer.lerning_rate=1"], "Did you mean trainer.learning_rate?"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["+recipe=dpo", "loss.bta=1"], "unknown key 'loss.bta'. Did you mean loss.beta?"),
+        (["+recipe=dpx"], "unknown recipe 'dpx'. Did you mean +recipe=dpo?"),
+        (["loss=tdop"], "unknown loss 'tdop'. Did you mean loss=tdpo?"),
+        (["model=tny"], "unknown model 'tny'. Did you mean model=tiny?"),
+        (["trainer.learning_rate=fast"], "could not be converted to Float"),
+        (["+recipe=tpo", "trainer.lerning_rate=1"], "Did you mean trainer.learning_rate?"),
+    ],
+)
 def test_mistakes_get_one_line_with_a_suggestion(argv, expected):
     problem = explain_overrides(argv)
     assert problem is not None and expected in problem and "\n" not in problem
 
 
-@pytest.mark.parametrize("argv", [["+recipe=dpo", "loss.beta=0.2"], ["+recipe=dpo", "--cfg", "job"],
-                                  ["-m", "+recipe=dpo", "loss.beta=0.1,0.2"], ["hydra.run.dir=/tmp/x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["+recipe=dpo", "loss.beta=0.2"],
+        ["+recipe=dpo", "--cfg", "job"],
+        ["-m", "+recipe=dpo", "loss.beta=0.1,0.2"],
+        ["hydra.run.dir=/tmp/x"],
+    ],
+)
 def test_valid_overrides_pass(argv):
     assert explain_overrides(argv) is None
 
 
 def test_cli_exit_code_and_stderr():
-    out = subprocess.run([sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "loss.bta=1"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "loss.bta=1"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and out.stderr.startswith("alignlab: error: unknown key 'loss.bta'")
     assert "Traceback" not in out.stderr
 
@@ -54,24 +67,34 @@ def _declared_losses() -> dict[str, dict[str, str]]:
                 continue
             for deco in node.decorator_list:
                 if isinstance(deco, ast.Call) and getattr(deco.func, "id", None) == "register":
-                    declared = {t.id: item.value.value for item in node.body if isinstance(item, ast.Assign)
-                                for t in item.targets if getattr(t, "id", None) in ("summary", "paper")}
+                    declared = {
+                        t.id: item.value.value
+                        for item in node.body
+                        if isinstance(item, ast.Assign)
+                        for t in item.targets
+                        if getattr(t, "id", None) in ("summary", "paper")
+                    }
                     losses[deco.args[0].value] = {**declared, "doc": doc, "file": path.name}
     return losses
 
 
 def _list_output() -> tuple[dict[str, tuple[str, str]], list[str]]:
     """`alignlab list` parsed: loss name -> (its line, its needs line), and the recipe names."""
-    out = subprocess.run([sys.executable, "-m", "alignlab.cli", "list"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "alignlab.cli", "list"], capture_output=True, text=True, check=True
+    )
     lines = out.stdout.splitlines()
     split = next(i for i, line in enumerate(lines) if line.startswith("recipes"))
     losses, body = {}, lines[:split]
     for i, line in enumerate(body):
         match = re.match(r"^  ([a-z0-9_]+) +(\S.*)$", line)
         if match:
-            assert i + 1 < len(body) and body[i + 1].lstrip().startswith("needs: "), (line, body[i + 1:i + 2])
+            assert i + 1 < len(body) and body[i + 1].lstrip().startswith("needs: "), (
+                line,
+                body[i + 1 : i + 2],
+            )
             losses[match.group(1)] = (match.group(2), body[i + 1].strip())
-    recipes = [line.strip() for line in lines[split + 1:] if line.strip()]
+    recipes = [line.strip() for line in lines[split + 1 :] if line.strip()]
     return losses, recipes
 
 
@@ -92,7 +115,9 @@ def test_list_shows_every_registered_loss_with_its_paper(listed):
         # the declared paper is the one the module docstring opens with
         arxiv = re.search(r"arXiv:(\d{4}\.\d{4,5})", spec["doc"])
         authors = re.search(r"—\s*(.+?\b(?:19|20)\d\d)\b", spec["doc"])
-        assert arxiv and authors, f"{spec['file']}: the docstring should open 'NAME — Authors Year, ..., arXiv:ID'"
+        assert arxiv and authors, (
+            f"{spec['file']}: the docstring should open 'NAME — Authors Year, ..., arXiv:ID'"
+        )
         assert f"arXiv:{arxiv.group(1)}" in spec["paper"], (name, spec["paper"])
         assert authors.group(1).split()[0] in spec["paper"] and authors.group(1)[-4:] in spec["paper"], name
 
@@ -102,10 +127,14 @@ def test_list_needs_name_what_the_user_supplies(listed):
     needs = {name: needs_line for name, (_, needs_line) in losses.items()}
     assert "label" in needs["bco"] and "completion" in needs["bco"]  # unpaired feedback: its label column
     assert "loss.udm=true" in needs["bco"] and "loss.paired=true" in needs["bco"]
-    assert re.search(r"teachers dpo \(loss\.dpo_teacher\), reverse \(loss\.reverse_teacher\)", needs["aligndistil"])
+    assert re.search(
+        r"teachers dpo \(loss\.dpo_teacher\), reverse \(loss\.reverse_teacher\)", needs["aligndistil"]
+    )
     assert "data.retain" not in needs["npo"].split(";")[0]  # plain NPO has no retain set ...
     for variant in ("npo_rt", "npo_kl"):  # ... its RT and KL variants do
-        assert re.search(rf"loss\.variant=[\w|]*\b{variant}\b[\w|]*: [^;]*data\.retain", needs["npo"]), needs["npo"]
+        assert re.search(rf"loss\.variant=[\w|]*\b{variant}\b[\w|]*: [^;]*data\.retain", needs["npo"]), needs[
+            "npo"
+        ]
     for name in ("asft", "tpo", "aligndistil"):
         assert "no reference" in needs[name], (name, needs[name])
     for name in ("dpo", "bco", "npo", "tdpo", "modpo"):
@@ -122,8 +151,9 @@ def test_list_shows_every_recipe(listed):
 
 @pytest.mark.parametrize("flag", ["--help", "-h", None])
 def test_help(flag):
-    out = subprocess.run([sys.executable, "-m", "alignlab.cli", *([flag] if flag else [])],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "alignlab.cli", *([flag] if flag else [])], capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.startswith("usage: alignlab"), out
     for command in ("train", "eval", "list"):
         assert re.search(rf"^  {command}\b", out.stdout, re.M), (command, out.stdout)

@@ -88,7 +88,9 @@ def test_bad_values_fail_validation(overrides, message):
 def test_cli_prints_composed_config():
     out = subprocess.run(
         [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "loss.beta=0.3", "--cfg", "job"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     cfg = OmegaConf.to_container(OmegaConf.create(out))  # as printed, interpolations unresolved
     assert cfg["loss"]["name"] == "dpo" and cfg["loss"]["beta"] == 0.3
@@ -97,8 +99,23 @@ def test_cli_prints_composed_config():
 
 # --- the embedded default's settings stay bound to it (${embedded:TOY,REAL}) -------------------------
 
-EMBEDDED_RECIPES = ["aligndistil", "asft", "bco", "combo", "cpo", "dpo", "modpo", "npo", "orpo", "rdpo", "rpo", "simpo",
-                    "sparsepo", "tdpo", "tpo"]
+EMBEDDED_RECIPES = [
+    "aligndistil",
+    "asft",
+    "bco",
+    "combo",
+    "cpo",
+    "dpo",
+    "modpo",
+    "npo",
+    "orpo",
+    "rdpo",
+    "rpo",
+    "simpo",
+    "sparsepo",
+    "tdpo",
+    "tpo",
+]
 
 
 @pytest.mark.slow  # plans the sft stage of every recipe: about 60 Hydra compositions
@@ -110,7 +127,9 @@ def test_every_recipe_on_the_embedded_default_uses_the_toy_settings_and_the_sft_
         cfg = _compose([f"+recipe={recipe}"])
         typed = to_typed(cfg)
         assert "sft" in used_stages(cfg), recipe
-        assert typed.model.name_or_path.startswith("builtin:tiny@") and typed.model.name_or_path.endswith("/model")
+        assert typed.model.name_or_path.startswith("builtin:tiny@") and typed.model.name_or_path.endswith(
+            "/model"
+        )
         assert typed.trainer.learning_rate >= 1e-4 and typed.trainer.max_steps > 0, recipe  # seconds on a CPU
         assert (typed.data.max_length, typed.data.max_prompt_length) == (48, 16), recipe
 
@@ -119,12 +138,19 @@ def test_every_recipe_on_the_embedded_default_uses_the_toy_settings_and_the_sft_
 def test_naming_a_model_gives_real_settings_and_no_sft_stage(recipe, tmp_path):
     from alignlab.stages import used_stages
 
-    cfg = _compose([f"+recipe={recipe}", f"model.name_or_path={tmp_path / 'my-model'}",
-                    f"data.path={tmp_path / 'pairs.jsonl'}"])
+    cfg = _compose(
+        [
+            f"+recipe={recipe}",
+            f"model.name_or_path={tmp_path / 'my-model'}",
+            f"data.path={tmp_path / 'pairs.jsonl'}",
+        ]
+    )
     typed = to_typed(cfg)
     assert "sft" not in used_stages(cfg)
     assert typed.model.name_or_path == str(tmp_path / "my-model")
-    assert typed.trainer.learning_rate <= 1e-5 and typed.trainer.max_steps == -1  # epochs, at a real model's rate
+    assert (
+        typed.trainer.learning_rate <= 1e-5 and typed.trainer.max_steps == -1
+    )  # epochs, at a real model's rate
     assert typed.trainer.num_train_epochs >= 1 and typed.trainer.per_device_train_batch_size == 8
     assert (typed.data.max_length, typed.data.max_prompt_length) == (1024, 512)
     assert typed.eval.num_prompts == 8
@@ -133,14 +159,29 @@ def test_naming_a_model_gives_real_settings_and_no_sft_stage(recipe, tmp_path):
 def test_dpo_real_settings_are_trl_and_the_handbook():
     typed = to_typed(_compose(["+recipe=dpo", "model.name_or_path=org/model", "data.path=org/pairs"]))
     t = typed.trainer
-    assert (t.learning_rate, t.per_device_train_batch_size, t.num_train_epochs, t.warmup_steps) == (1e-6, 8, 1, 0.1)
+    assert (t.learning_rate, t.per_device_train_batch_size, t.num_train_epochs, t.warmup_steps) == (
+        1e-6,
+        8,
+        1,
+        0.1,
+    )
     assert typed.loss.beta == 0.1
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny", "org/model"])
 def test_command_line_settings_win_on_either_model(model):
-    typed = to_typed(_compose(["+recipe=dpo", f"model.name_or_path={model}", "trainer.learning_rate=2e-4",
-                               "trainer.max_steps=7", "data.max_length=100", "data.max_prompt_length=50"]))
+    typed = to_typed(
+        _compose(
+            [
+                "+recipe=dpo",
+                f"model.name_or_path={model}",
+                "trainer.learning_rate=2e-4",
+                "trainer.max_steps=7",
+                "data.max_length=100",
+                "data.max_prompt_length=50",
+            ]
+        )
+    )
     assert (typed.trainer.learning_rate, typed.trainer.max_steps) == (2e-4, 7)
     assert (typed.data.max_length, typed.data.max_prompt_length) == (100, 50)
 

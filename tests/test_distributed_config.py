@@ -33,8 +33,9 @@ def test_options_become_deepspeed_configs(option, stage, compose_run):
 
 def test_none_is_the_default_and_override_and_path_work(compose_run, tmp_path):
     assert distributed.deepspeed_config(to_typed(compose_run("+recipe=dpo")).deepspeed) is None
-    typed = to_typed(compose_run("+recipe=dpo", "deepspeed=zero2",
-                                 "deepspeed.config.zero_optimization.overlap_comm=false"))
+    typed = to_typed(
+        compose_run("+recipe=dpo", "deepspeed=zero2", "deepspeed.config.zero_optimization.overlap_comm=false")
+    )
     assert distributed.deepspeed_config(typed.deepspeed)["zero_optimization"]["overlap_comm"] is False
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
@@ -49,11 +50,14 @@ def test_unknown_deepspeed_keys_and_options_fail_at_compose_time(compose_run):
         compose_run("+recipe=dpo", "deepspeed=zero4")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("deepspeed.path=/nonexistent/ds.json",), "deepspeed.path='/nonexistent/ds.json' is not a readable"),
-    (("deepspeed=zero2", "+trainer.extra.deepspeed=ds.json"), "remove trainer.extra.deepspeed"),
-    (("deepspeed=zero3", "model.lora.enabled=true", "model.lora.load_in_4bit=true"), "QLoRA.* ZeRO-3"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("deepspeed.path=/nonexistent/ds.json",), "deepspeed.path='/nonexistent/ds.json' is not a readable"),
+        (("deepspeed=zero2", "+trainer.extra.deepspeed=ds.json"), "remove trainer.extra.deepspeed"),
+        (("deepspeed=zero3", "model.lora.enabled=true", "model.lora.load_in_4bit=true"), "QLoRA.* ZeRO-3"),
+    ],
+)
 def test_unworkable_setups_are_refused(overrides, message, compose_run):
     with pytest.raises(ConfigError, match=message):
         distributed.check(to_typed(compose_run("+recipe=dpo", *overrides)))
@@ -65,8 +69,12 @@ def test_a_loss_with_its_own_parameters_is_refused_under_deepspeed(compose_run):
             return [{"params": [torch.nn.Parameter(torch.zeros(1))]}]
 
     with pytest.raises(ConfigError, match="deepspeed=none"):
-        distributed.check_loss_parameters(to_typed(compose_run("+recipe=sparsepo", "deepspeed=zero2")), Heads())
-    distributed.check_loss_parameters(to_typed(compose_run("+recipe=sparsepo")), Heads())  # fine without DeepSpeed
+        distributed.check_loss_parameters(
+            to_typed(compose_run("+recipe=sparsepo", "deepspeed=zero2")), Heads()
+        )
+    distributed.check_loss_parameters(
+        to_typed(compose_run("+recipe=sparsepo")), Heads()
+    )  # fine without DeepSpeed
 
 
 def test_frozen_models_without_deepspeed_are_placed_on_the_device():
@@ -84,7 +92,9 @@ def test_frozen_models_without_deepspeed_are_placed_on_the_device():
 
 def test_process_helpers_are_no_ops_in_one_process(tmp_path):
     assert distributed.is_main_process() and not distributed.launched_multiprocess()
-    assert distributed.same_on_all("x") == "x" and distributed.all_true(True) and not distributed.all_true(False)
+    assert (
+        distributed.same_on_all("x") == "x" and distributed.all_true(True) and not distributed.all_true(False)
+    )
     with distributed.main_process_first():
         (tmp_path / "ran").touch()
     assert (tmp_path / "ran").exists()
@@ -97,8 +107,11 @@ def test_process_helpers_are_no_ops_in_one_process(tmp_path):
 
 
 def test_whole_models_switches_zero3_off_in_the_block_and_back_after():
-    from transformers.integrations.deepspeed import (is_deepspeed_zero3_enabled, set_hf_deepspeed_config,
-                                                     unset_hf_deepspeed_config)
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
 
     class Zero3:  # what TrainingArguments holds as hf_deepspeed_config under deepspeed=zero3
         config = {"zero_optimization": {"stage": 3}}
@@ -128,8 +141,14 @@ def _two_processes(rank: int, port: int, out: str) -> None:
     import os
     import time
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     distributed.init_processes()
     log = Path(out) / "order.txt"
     with distributed.main_process_first():
@@ -138,8 +157,12 @@ def _two_processes(rank: int, port: int, out: str) -> None:
         with log.open("a") as f:
             f.write(f"{rank}\n")
     distributed.barrier()
-    result = {"main": distributed.is_main_process(), "same": distributed.same_on_all(f"from {rank}"),
-              "all_true": distributed.all_true(rank == 0), "all_true_both": distributed.all_true(True)}
+    result = {
+        "main": distributed.is_main_process(),
+        "same": distributed.same_on_all(f"from {rank}"),
+        "all_true": distributed.all_true(rank == 0),
+        "all_true_both": distributed.all_true(True),
+    }
     (Path(out) / f"{rank}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
 

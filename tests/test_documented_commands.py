@@ -35,9 +35,9 @@ def _args(tokens: list[str]) -> list[str] | None:
     for i, word in enumerate(tokens):
         module = word == "alignlab.cli" and i > 0 and tokens[i - 1] in ("-m", "--module")
         if module or word == "alignlab" or word.endswith("/alignlab"):
-            rest = tokens[i + 1:]
+            rest = tokens[i + 1 :]
             ends = [j for j, w in enumerate(rest) if w in ("&&", "||", ";", "|")]
-            return rest[:ends[0]] if ends else rest
+            return rest[: ends[0]] if ends else rest
     return None
 
 
@@ -75,7 +75,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
         for span in INLINE.finditer(text):
             command = span.group(1)
             if not PLACEHOLDER.search(command):
-                number = text[:span.start()].count("\n") + 1
+                number = text[: span.start()].count("\n") + 1
                 found.append((f"{doc.name}:{number}: {command[:80]}", shlex.split(command)[1:]))
     from alignlab.cli import USAGE
 
@@ -99,7 +99,9 @@ def test_the_docs_hold_commands():
 def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
     from alignlab.cli import explain_overrides, main
 
-    assert not any(c in arg for arg in args for c in "<>"), f"{where}: a <placeholder> is a redirection in a shell"
+    assert not any(c in arg for arg in args for c in "<>"), (
+        f"{where}: a <placeholder> is a redirection in a shell"
+    )
     command = args[0]
     if command == "list":
         main(["list"])
@@ -117,12 +119,11 @@ def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
     else:
         assert command == "train", where
         from alignlab import losses
+        from alignlab.cli import split_argv, sweep_members
         from alignlab.compose import compose
         from alignlab.data import check_data_needs
         from alignlab.stages import plan
         from alignlab.train import to_typed
-
-        from alignlab.cli import split_argv, sweep_members
 
         overrides, config_dir, config_name = split_argv(args[1:])
         if config_dir is not None:  # an example of one's own recipe: give it one, in a fresh folder
@@ -130,7 +131,8 @@ def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
             for recipe in (o.split("=", 1)[1] for o in overrides if o.startswith("+recipe=")):
                 (tmp_path / config_dir / "recipe").mkdir(parents=True, exist_ok=True)
                 (tmp_path / config_dir / "recipe" / f"{recipe}.yaml").write_text(
-                    "# @package _global_\ndefaults:\n  - override /loss: dpo\n")
+                    "# @package _global_\ndefaults:\n  - override /loss: dpo\n"
+                )
         assert explain_overrides(args[1:]) is None, where
         for overrides in sweep_members(overrides):
             cfg = compose(overrides, config_dir, config_name)

@@ -49,7 +49,9 @@ def test_end_of_training_eval_asks_the_task_for_its_reward(monkeypatch, tmp_path
     from alignlab import train
 
     seen = {}
-    monkeypatch.setattr(train, "evaluate", lambda run_dir, reward, **kw: seen.setdefault("reward", reward) and {})
+    monkeypatch.setattr(
+        train, "evaluate", lambda run_dir, reward, **kw: seen.setdefault("reward", reward) and {}
+    )
     mine = replace(builtin.DATASETS["sentiment"], reward="mine:score")
     monkeypatch.setitem(builtin.DATASETS, "sentiment", mine)
     train.end_of_training_eval(train.to_typed(compose_run("+recipe=dpo")), tmp_path)
@@ -60,8 +62,17 @@ def test_end_of_training_eval_asks_the_task_for_its_reward(monkeypatch, tmp_path
 def test_training_ends_with_an_eval_report_and_plot(tmp_path, compose_run):
     from alignlab.train import run
 
-    run(compose_run("+recipe=dpo", "trainer.max_steps=10", "trainer.eval_steps=0", "eval.num_prompts=4",
-                    "eval.max_new_tokens=5", f"data.cache_dir={tmp_path / 'cache'}"), output_dir=tmp_path / "run")
+    run(
+        compose_run(
+            "+recipe=dpo",
+            "trainer.max_steps=10",
+            "trainer.eval_steps=0",
+            "eval.num_prompts=4",
+            "eval.max_new_tokens=5",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ),
+        output_dir=tmp_path / "run",
+    )
     figures = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert figures["num_prompts"] == 4 and figures["reward"] == "alignlab.builtin:sentiment_reward"
     assert len(figures["rewards_policy"]) == 4 and len(figures["logratios"]) == 4
@@ -75,6 +86,14 @@ def test_training_ends_with_an_eval_report_and_plot(tmp_path, compose_run):
 def test_eval_can_be_switched_off(tmp_path, compose_run):
     from alignlab.train import run
 
-    run(compose_run("+recipe=dpo", "trainer.max_steps=2", "trainer.eval_steps=0", "eval.generate=false",
-                    f"data.cache_dir={tmp_path / 'cache'}"), output_dir=tmp_path / "run")
+    run(
+        compose_run(
+            "+recipe=dpo",
+            "trainer.max_steps=2",
+            "trainer.eval_steps=0",
+            "eval.generate=false",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ),
+        output_dir=tmp_path / "run",
+    )
     assert not (tmp_path / "run" / "eval").exists()

@@ -17,7 +17,9 @@ def tiny():
 
 def test_kl_of_the_reference_against_itself_is_zero(tiny):
     tok, model = tiny
-    gen = sample(model, model, tok, ["review : the film was", "verdict : our game looked"], max_new_tokens=8, seed=0)
+    gen = sample(
+        model, model, tok, ["review : the film was", "verdict : our game looked"], max_new_tokens=8, seed=0
+    )
     assert torch.equal(gen.logps_self, gen.logps_other)
     assert float((gen.logps_self - gen.logps_other).mean()) == 0.0
 
@@ -44,9 +46,19 @@ def test_sentiment_reward_by_hand():
 def test_eval_of_a_saved_run_writes_its_report(tmp_path, compose_run):
     from alignlab.train import run
 
-    result = run(compose_run("+recipe=dpo", "trainer.max_steps=20", "trainer.eval_steps=0", "eval.generate=false",
-                             f"data.cache_dir={tmp_path / 'cache'}"), output_dir=tmp_path / "run")
-    figures = evaluate(result.output_dir, reward="alignlab.builtin:sentiment_reward", num_prompts=4, max_new_tokens=6)
+    result = run(
+        compose_run(
+            "+recipe=dpo",
+            "trainer.max_steps=20",
+            "trainer.eval_steps=0",
+            "eval.generate=false",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ),
+        output_dir=tmp_path / "run",
+    )
+    figures = evaluate(
+        result.output_dir, reward="alignlab.builtin:sentiment_reward", num_prompts=4, max_new_tokens=6
+    )
     first = tmp_path / "run" / "eval" / "report.md"
     assert figures["report"] == str(first) and first.read_text().startswith("# Evaluation of")
     assert figures["kl_policy_reference"] > 0 and 0 <= figures["win_rate"] <= 1
@@ -56,16 +68,24 @@ def test_eval_of_a_saved_run_writes_its_report(tmp_path, compose_run):
     again = evaluate(result.output_dir, num_prompts=12, max_new_tokens=3)
     assert again["report"] == str(tmp_path / "run" / "eval-2" / "report.md") and first.read_text() == before
     assert again["num_prompts"] == 12 and again["distinct_prompts"] == 8  # the 8 held-out prompts, cycled
-    assert "12 samples on 8 distinct held-out prompts" in (tmp_path / "run" / "eval-2" / "report.md").read_text()
+    assert (
+        "12 samples on 8 distinct held-out prompts" in (tmp_path / "run" / "eval-2" / "report.md").read_text()
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
-    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
-    (["--reward", "alignlab.builtin"], "must be module:function"),
-    (["--reward", "alignlab.no_such_module:f"], "cannot import module 'alignlab.no_such_module'"),
-    (["--reward", "alignlab.builtin:no_such_function"], "module 'alignlab.builtin' has no function 'no_such_function'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
+        (["--reward", "alignlab.builtin"], "must be module:function"),
+        (["--reward", "alignlab.no_such_module:f"], "cannot import module 'alignlab.no_such_module'"),
+        (
+            ["--reward", "alignlab.builtin:no_such_function"],
+            "module 'alignlab.builtin' has no function 'no_such_function'",
+        ),
+    ],
+)
 def test_eval_arguments_are_checked_before_any_model_loads(tmp_path, monkeypatch, capsys, argv, message):
     import alignlab.evaluate
     from alignlab.cli import main

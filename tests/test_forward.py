@@ -100,7 +100,11 @@ def test_models_whose_logits_are_not_the_head_fall_back_to_dense(models):
     assert plan.chunk_size == 0 and _plan(policy, 4).chunk_size == 4
     out = plan(capped, policy.get_output_embeddings(), batch)
     with torch.no_grad():
-        full = capped(input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"]).logits
-    expected = full[:, :-1].log_softmax(-1).gather(-1, batch["chosen_labels"][:, 1:].clamp(min=0)[..., None])[..., 0]
+        full = capped(
+            input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"]
+        ).logits
+    expected = (
+        full[:, :-1].log_softmax(-1).gather(-1, batch["chosen_labels"][:, 1:].clamp(min=0)[..., None])[..., 0]
+    )
     expected = expected * (batch["chosen_labels"][:, 1:] != -100)
     torch.testing.assert_close(out["chosen"].token_logps.detach(), expected, atol=1e-5, rtol=1e-5)

@@ -34,9 +34,18 @@ PLAIN = (0, False, False, False)
 
 
 def _model(seed: int, attn: str = "sdpa") -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, pad_token_id=0, attn_implementation=attn)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        attn_implementation=attn,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).double()
 
@@ -46,7 +55,9 @@ def _batch(responses, seed=0, b=3, own_prompt=()):
     gen = torch.Generator().manual_seed(seed)
 
     def ids(lo, hi):
-        return torch.randint(3, VOCAB, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen).tolist()
+        return torch.randint(
+            3, VOCAB, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen
+        ).tolist()
 
     rows = []
     for _ in range(b):
@@ -59,8 +70,13 @@ def _batch(responses, seed=0, b=3, own_prompt=()):
 def _plan(args, model, responses=("chosen", "rejected"), needs=None, reference=False):
     """`ForwardPlan.of` the switches `args`, fitted to `model`."""
     chunk, skip, packed, shared = args
-    plan = ForwardPlan.of(needs or Needs(responses=responses), logit_chunk_size=chunk,
-                          skip_unused_logits=skip, padding_free=packed, prefix_sharing=shared)
+    plan = ForwardPlan.of(
+        needs or Needs(responses=responses),
+        logit_chunk_size=chunk,
+        skip_unused_logits=skip,
+        padding_free=packed,
+        prefix_sharing=shared,
+    )
     return plan.fitted(model, reference=reference)
 
 
@@ -111,7 +127,9 @@ def test_switch_gives_the_plain_losses_log_probs_and_gradients(switch, case):
     got_loss, got, got_grads = _run_loss(SWITCHES[switch], loss, policy, reference, batch)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
     for r in loss.needs.responses:
-        torch.testing.assert_close(got[r].token_logps.detach(), want[r].token_logps.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got[r].token_logps.detach(), want[r].token_logps.detach(), atol=1e-5, rtol=1e-5
+        )
         torch.testing.assert_close(got[r].mean_logit, want[r].mean_logit, atol=1e-5, rtol=1e-5)
         assert torch.equal(got[r].mask, want[r].mask) and torch.equal(got[r].input_mask, want[r].input_mask)
     assert got_grads.keys() == want_grads.keys() and want_grads
@@ -155,17 +173,24 @@ def test_shared_prompt_layout_and_mask_by_hand():
     # example 0: prompt [5, 6], chosen [7], rejected [8, 9]; example 1: prompt [4], chosen [3, 3], rejected [2]
     ids = torch.tensor([[5, 6, 7, 0], [4, 3, 3, 0], [5, 6, 8, 9], [4, 2, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
-    labels = torch.tensor([[-100, -100, 7, -100], [-100, 3, 3, -100], [-100, -100, 8, 9], [-100, 2, -100, -100]])
+    labels = torch.tensor(
+        [[-100, -100, 7, -100], [-100, 3, 3, -100], [-100, -100, 8, 9], [-100, 2, -100, -100]]
+    )
     packing = Packing.shared_prompts(mask, input_ids=ids, labels=labels, n_responses=2)
-    assert ids.flatten()[packing.index].tolist() == [[5, 6, 7, 8, 9], [4, 3, 3, 2, 5]]  # (the last is the tail)
+    assert ids.flatten()[packing.index].tolist() == [
+        [5, 6, 7, 8, 9],
+        [4, 3, 3, 2, 5],
+    ]  # (the last is the tail)
     assert packing.position_ids.tolist() == [[0, 1, 2, 2, 3], [0, 1, 2, 1, 0]]
     assert packing.owner.tolist() == [[-1, -1, 0, 2, 2], [-1, 1, 1, 3, -2]]
     allowed = packing.mask_for("sdpa")[0, 0].int().tolist()
-    assert allowed == [[1, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0],
-                       [1, 1, 1, 0, 0],   # chosen: prompt + itself
-                       [1, 1, 0, 1, 0],   # rejected: prompt + itself, not chosen
-                       [1, 1, 0, 1, 1]]
+    assert allowed == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],  # chosen: prompt + itself
+        [1, 1, 0, 1, 0],  # rejected: prompt + itself, not chosen
+        [1, 1, 0, 1, 1],
+    ]
     eager = packing.mask_for("eager")
     assert eager.dtype == torch.float32 and (eager == 0).equal(packing.mask_for("sdpa"))
     with pytest.raises(ValueError, match="prefix_sharing"):
@@ -205,7 +230,9 @@ def test_selected_logits_are_the_dense_ones_at_the_selected_positions():
     where = torch.rand(3, 7) > 0.4
     a, b = LazyLogits(hidden, head_a, 2).select(where), LazyLogits(hidden, head_b, 2).select(where)
     assert a.shape == (3, 7, 11)
-    want = (torch.softmax(head_a(hidden), -1) * (head_a(hidden).log_softmax(-1) - head_b(hidden).log_softmax(-1))).sum(-1)
+    want = (
+        torch.softmax(head_a(hidden), -1) * (head_a(hidden).log_softmax(-1) - head_b(hidden).log_softmax(-1))
+    ).sum(-1)
     torch.testing.assert_close(token_kl(a, b), want * where, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(a.dense(), head_a(hidden) * where.unsqueeze(-1))
     parts = a.split(3)
@@ -217,17 +244,34 @@ def test_selected_logits_are_the_dense_ones_at_the_selected_positions():
 
 #: model_type -> config fields: architectures whose facts differ. Cohere and Granite scale their logits after
 #: the head; OPT builds its mask without the position ids, so its packed sequences attend to each other.
-ARCHITECTURES = {"llama": {}, "gpt2": {}, "qwen2": {}, "mistral": {}, "phi": {}, "opt": {},
-                 "cohere": {"logit_scale": 0.5}, "granite": {"logits_scaling": 4.0}}
+ARCHITECTURES = {
+    "llama": {},
+    "gpt2": {},
+    "qwen2": {},
+    "mistral": {},
+    "phi": {},
+    "opt": {},
+    "cohere": {"logit_scale": 0.5},
+    "granite": {"logits_scaling": 4.0},
+}
 
 
 def _architecture(model_type: str, dtype=torch.float64):
     """A small random model of `model_type` with sdpa attention."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=128, pad_token_id=0, **ARCHITECTURES[model_type])
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        **ARCHITECTURES[model_type],
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype).eval()
 
@@ -239,8 +283,10 @@ def test_model_facts_hold_in_half_precision(model_type):
     from alignlab.forward import ModelFacts
 
     plan = ForwardPlan.of(Needs(), logit_chunk_size=4, padding_free=True)
-    facts = [ModelFacts.of(m, m.get_output_embeddings(), plan)
-             for m in (_architecture(model_type), _architecture(model_type, torch.bfloat16))]
+    facts = [
+        ModelFacts.of(m, m.get_output_embeddings(), plan)
+        for m in (_architecture(model_type), _architecture(model_type, torch.bfloat16))
+    ]
     assert (facts[0].logits_from_head, facts[0].packs) == (facts[1].logits_from_head, facts[1].packs)
 
 
@@ -254,13 +300,21 @@ def test_model_facts_are_what_the_model_does_on_real_batches(model_type, layout)
 
     model = _architecture(model_type)
     head = model.get_output_embeddings()
-    plan = ForwardPlan.of(Needs(), logit_chunk_size=4, padding_free=layout == "packed",
-                          prefix_sharing=layout == "shared_prompts")
+    plan = ForwardPlan.of(
+        Needs(),
+        logit_chunk_size=4,
+        padding_free=layout == "packed",
+        prefix_sharing=layout == "shared_prompts",
+    )
     facts = ModelFacts.of(model, head, plan)
     batch = _batch(("chosen", "rejected"), seed=11, b=6)
     with torch.no_grad():
-        out = model(input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"],
-                    output_hidden_states=True, use_cache=False)
+        out = model(
+            input_ids=batch["chosen_input_ids"],
+            attention_mask=batch["chosen_attention_mask"],
+            output_hidden_states=True,
+            use_cache=False,
+        )
         real = batch["chosen_attention_mask"].bool()
         from_head = torch.allclose(head(out.hidden_states[-1])[real], out.logits[real], atol=1e-6)
         padded = ForwardPlan(("chosen", "rejected"))(model, head, batch)

@@ -31,7 +31,9 @@ def _batch(seed=0, b=3, t=11, vocab=81):
         ids = torch.randint(3, vocab, (b, t), generator=gen)
         labels = ids.clone()
         labels[:, :4] = -100
-        batch.update({f"{r}_input_ids": ids, f"{r}_attention_mask": torch.ones_like(ids), f"{r}_labels": labels})
+        batch.update(
+            {f"{r}_input_ids": ids, f"{r}_attention_mask": torch.ones_like(ids), f"{r}_labels": labels}
+        )
     return batch
 
 
@@ -90,7 +92,9 @@ def test_view_gives_the_base_model(tokenizer, chunk, targets):
         dense = lambda x: x.dense() if hasattr(x, "dense") else x.float()  # noqa: E731
         torch.testing.assert_close(dense(got[r].logits), dense(want[r].logits), atol=1e-5, rtol=1e-5)
         assert not got[r].token_logps.requires_grad
-        assert not torch.allclose(adapted[r].token_logps, got[r].token_logps)  # the adapters do change the policy
+        assert not torch.allclose(
+            adapted[r].token_logps, got[r].token_logps
+        )  # the adapters do change the policy
 
 
 def test_reference_path_loads_a_separate_model_without_adapter(tokenizer):
@@ -120,19 +124,23 @@ def test_qlora_refused_before_any_model_loads(tmp_path, compose_run, monkeypatch
 
     monkeypatch.setattr(alignlab.models, "load_policy", refuse)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    cfg = compose_run("+recipe=dpo", "model.lora.enabled=true", "model.lora.load_in_4bit=true",
-                      f"data.cache_dir={tmp_path}")
+    cfg = compose_run(
+        "+recipe=dpo", "model.lora.enabled=true", "model.lora.load_in_4bit=true", f"data.cache_dir={tmp_path}"
+    )
     with pytest.raises(ConfigError, match="QLoRA"):
         run(cfg, output_dir=tmp_path / "run")
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"merge_on_save": True}, "model.lora.merge_on_save=true needs an adapter"),
-    ({"load_in_4bit": True}, "model.lora.load_in_4bit=true needs an adapter"),
-    ({"enabled": True, "r": 0}, "model.lora.r must be >= 1"),
-    ({"enabled": True, "dropout": 1.0}, "model.lora.dropout"),
-    ({"enabled": True, "target_modules": []}, "model.lora.target_modules"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"merge_on_save": True}, "model.lora.merge_on_save=true needs an adapter"),
+        ({"load_in_4bit": True}, "model.lora.load_in_4bit=true needs an adapter"),
+        ({"enabled": True, "r": 0}, "model.lora.r must be >= 1"),
+        ({"enabled": True, "dropout": 1.0}, "model.lora.dropout"),
+        ({"enabled": True, "target_modules": []}, "model.lora.target_modules"),
+    ],
+)
 def test_bad_lora_settings_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         LoraConfig(**fields)
@@ -141,8 +149,14 @@ def test_bad_lora_settings_name_the_field(fields, message):
 def test_lora_settings_compose_and_typos_fail(compose_run):
     from alignlab.train import to_typed
 
-    typed = to_typed(compose_run("+recipe=dpo", "model.lora.enabled=true", "model.lora.r=4",
-                                 "model.lora.target_modules=[q_proj,v_proj]"))
+    typed = to_typed(
+        compose_run(
+            "+recipe=dpo",
+            "model.lora.enabled=true",
+            "model.lora.r=4",
+            "model.lora.target_modules=[q_proj,v_proj]",
+        )
+    )
     assert typed.model.lora.r == 4 and list(typed.model.lora.target_modules) == ["q_proj", "v_proj"]
     with pytest.raises(Exception, match="model.lora.rank"):
         compose_run("+recipe=dpo", "model.lora.rank=4")
@@ -166,8 +180,11 @@ def test_sparsepo_reads_the_base_model_through_the_adapter_view(tokenizer, mask)
     view = load_reference(cfg, policy, tokenizer, seed=0)
     needs = SparsePO(SparsePOConfig(mask=mask)).needs
     ids = torch.randint(6, len(tokenizer), (2, 7))
-    batch = {"chosen_input_ids": ids, "chosen_attention_mask": torch.ones_like(ids),
-             "chosen_labels": torch.where(torch.arange(7) >= 3, ids, -100)}
+    batch = {
+        "chosen_input_ids": ids,
+        "chosen_attention_mask": torch.ones_like(ids),
+        "chosen_labels": torch.where(torch.arange(7) >= 3, ids, -100),
+    }
     plan = ForwardPlan(("chosen",), activations=needs.activations)
     run = lambda m: plan(m, view.get_output_embeddings(), batch)["chosen"].activations  # noqa: E731
     with torch.no_grad():

@@ -64,12 +64,15 @@ def test_shared_scoring_equals_one_process(world, tmp_path, monkeypatch, capsys)
     vocab = len(builtin.build_tokenizer())
 
     def ids(lo, hi):
-        return torch.randint(6, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen).tolist()
+        return torch.randint(
+            6, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen
+        ).tolist()
 
     from datasets import Dataset
 
-    dataset = Dataset.from_list([{"prompt_ids": ids(2, 6), "chosen_ids": ids(1, 7), "rejected_ids": ids(1, 7)}
-                                 for _ in range(11)])
+    dataset = Dataset.from_list(
+        [{"prompt_ids": ids(2, 6), "chosen_ids": ids(1, 7), "rejected_ids": ids(1, 7)} for _ in range(11)]
+    )
     model = builtin.build_model(vocab, seed=0).eval().requires_grad_(False)
     needs = losses.build(losses.get("dpo").config()).needs
     plan = forward_plan("dpo", replace(ModelConfig(), reference_mode="precomputed"), needs)
@@ -99,8 +102,12 @@ def test_shared_scoring_equals_one_process(world, tmp_path, monkeypatch, capsys)
         t.join(timeout=120)
     assert not errors, errors
     out = capsys.readouterr().out
-    scored = sorted(int(line.split(" scored ")[1].split()[0]) for line in out.splitlines() if " scored " in line)
-    assert sum(scored) == len(dataset) and len(scored) == world  # 4 batches of 3 rows (the last of 2), dealt out
+    scored = sorted(
+        int(line.split(" scored ")[1].split()[0]) for line in out.splitlines() if " scored " in line
+    )
+    assert (
+        sum(scored) == len(dataset) and len(scored) == world
+    )  # 4 batches of 3 rows (the last of 2), dealt out
     assert max(scored) <= -(-4 // world) * 3
     for rank in range(world):  # every process holds all the values, in row order
         for r in needs.responses:

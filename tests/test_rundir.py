@@ -18,9 +18,14 @@ FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "model.safetensor
 
 
 def _identity(seed=42, logging_steps=10, run_id="r1"):
-    config = {"seed": seed, "loss": {"name": "dpo", "beta": 0.1},
-              "trainer": {"logging_steps": logging_steps, "learning_rate": 1e-3, "resume_from_checkpoint": None},
-              "data": {"cache_dir": "/somewhere"}, "output_dir": "/x", "logger": {"report_to": []}}
+    config = {
+        "seed": seed,
+        "loss": {"name": "dpo", "beta": 0.1},
+        "trainer": {"logging_steps": logging_steps, "learning_rate": 1e-3, "resume_from_checkpoint": None},
+        "data": {"cache_dir": "/somewhere"},
+        "output_dir": "/x",
+        "logger": {"report_to": []},
+    }
     return Identity(run_id, identity_config(config))
 
 
@@ -43,8 +48,11 @@ def test_the_fingerprint_leaves_out_what_may_change_on_resume():
 def test_a_second_lock_on_a_run_directory_is_refused_naming_the_holder(tmp_path):
     first = RunLock(tmp_path).acquire()
     try:
-        with pytest.raises(RunDirectoryBusy, match=rf"{tmp_path} is in use by another run \(pid {os.getpid()} on .*"
-                                                   r"since .*\)\. Fix: wait for it"):
+        with pytest.raises(
+            RunDirectoryBusy,
+            match=rf"{tmp_path} is in use by another run \(pid {os.getpid()} on .*"
+            r"since .*\)\. Fix: wait for it",
+        ):
             RunLock(tmp_path).acquire()
     finally:
         first.release()
@@ -66,11 +74,17 @@ def test_latest_without_a_checkpoint_starts_fresh_and_says_so(tmp_path, capsys):
 def test_another_configs_checkpoints_are_refused_unless_forced(tmp_path, capsys):
     _checkpoint(tmp_path, 2, _identity())
     ours = _identity(seed=1)
-    with pytest.raises(UserError, match=r"holds checkpoints of another run \(checkpoint-2 the newest\), whose config "
-                                        r"differs \(seed 42 -> 1\)\. Fix: .*resume_any_config=true"):
+    with pytest.raises(
+        UserError,
+        match=r"holds checkpoints of another run \(checkpoint-2 the newest\), whose config "
+        r"differs \(seed 42 -> 1\)\. Fix: .*resume_any_config=true",
+    ):
         claim(tmp_path, "latest", ours)
-    with pytest.raises(UserError, match=r"cannot resume .*checkpoint-2: it was written under another config "
-                                        r"\(seed 42 -> 1\)"):
+    with pytest.raises(
+        UserError,
+        match=r"cannot resume .*checkpoint-2: it was written under another config "
+        r"\(seed 42 -> 1\)",
+    ):
         claim(tmp_path, str(tmp_path / "checkpoint-2"), ours)
     with pytest.raises(UserError, match="holds checkpoints of an unfinished run"):
         claim(tmp_path, None, ours)
@@ -98,19 +112,30 @@ def test_overwrite_replaces_the_earlier_run_only_when_taken_over(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # what is not a run's own file stays
 
 
-@pytest.mark.parametrize("error, expected", [
-    (OSError(errno.ENOSPC, "No space left on device", "/r/optimizer.pt"),
-     "cannot write /r/optimizer.pt: no space left on its disk"),
-    (PermissionError(errno.EACCES, "Permission denied", "/r/config.yaml"),
-     "cannot write /r/config.yaml: permission denied. Fix: make it writable, or pick another run directory"),
-    (OSError(errno.EROFS, "Read-only file system", "/r"), "the file system is read-only"),
-    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4056"),
-     "cannot write /r: no space left on its disk (0 MiB free). Fix: free space"),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/r/optimizer.pt"),
+            "cannot write /r/optimizer.pt: no space left on its disk",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/r/config.yaml"),
+            "cannot write /r/config.yaml: permission denied. Fix: make it writable, or pick another run directory",
+        ),
+        (OSError(errno.EROFS, "Read-only file system", "/r"), "the file system is read-only"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4056"),
+            "cannot write /r: no space left on its disk (0 MiB free). Fix: free space",
+        ),
+    ],
+)
 def test_write_failures_are_one_line_with_the_fix(monkeypatch, error, expected):
     monkeypatch.setattr(rundir, "free_bytes", lambda path: 0)
     message = str(rundir.storage_error(error, rundir.Path("/r"), "write", resume="alignlab train x"))
-    assert expected in message and message.endswith("then resume with: alignlab train x") and "\n" not in message
+    assert (
+        expected in message and message.endswith("then resume with: alignlab train x") and "\n" not in message
+    )
 
 
 def test_other_errors_are_not_taken_for_write_failures():
@@ -125,7 +150,10 @@ def test_the_first_signal_asks_to_stop_and_a_second_ctrl_c_stops_at_once(capsys)
         assert previous == interrupts._handle
         os.kill(os.getpid(), signal.SIGINT)
         assert interrupts.received == "Ctrl-C"
-        assert "saving a checkpoint at the end of this step (Ctrl-C again stops at once)" in capsys.readouterr().err
+        assert (
+            "saving a checkpoint at the end of this step (Ctrl-C again stops at once)"
+            in capsys.readouterr().err
+        )
         os.kill(os.getpid(), signal.SIGTERM)  # a later SIGTERM changes nothing
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
@@ -139,9 +167,13 @@ def test_the_cli_prints_one_line_and_exits_with_the_documented_code(tmp_path, mo
     import alignlab.train
     from alignlab import cli
 
-    for error, code in [(Interrupted("stopped by SIGTERM at step 3; ..."), 3),
-                        (NonFiniteError("the loss is nan at step 3"), 4), (StorageError("cannot write /r: no space"), 5),
-                        (RunDirectoryBusy("/r is in use by another run"), 6), (UserError("bad"), 2)]:
+    for error, code in [
+        (Interrupted("stopped by SIGTERM at step 3; ..."), 3),
+        (NonFiniteError("the loss is nan at step 3"), 4),
+        (StorageError("cannot write /r: no space"), 5),
+        (RunDirectoryBusy("/r is in use by another run"), 6),
+        (UserError("bad"), 2),
+    ]:
 
         def fail(cfg, output_dir=None, error=error):
             raise error

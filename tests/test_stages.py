@@ -22,9 +22,17 @@ def compose(compose_run, tmp_path):
     """`compose(*overrides)`: a 2-step DPO run on a few builtin pairs, stages and caches in tmp_path."""
 
     def make(*overrides: str):
-        return compose_run("+recipe=dpo", "trainer.max_steps=2", "trainer.eval_steps=0",
-                           "trainer.logging_steps=1", "data.limit=64", "data.eval_size=16",
-                           f"stages_dir={tmp_path / 'stages'}", f"data.cache_dir={tmp_path / 'cache'}", *overrides)
+        return compose_run(
+            "+recipe=dpo",
+            "trainer.max_steps=2",
+            "trainer.eval_steps=0",
+            "trainer.logging_steps=1",
+            "data.limit=64",
+            "data.eval_size=16",
+            f"stages_dir={tmp_path / 'stages'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *overrides,
+        )
 
     return make
 
@@ -58,8 +66,13 @@ def test_group_override_replaces_the_whole_group(compose_run, tmp_path):
     # the modpo recipe sets loss.weights and loss.margins; its margin stage selects loss=dpo
     cfg = compose_run("+recipe=modpo", "loss.beta=0.3", f"stages_dir={tmp_path}")
     (margin,) = plan(cfg)
-    dpo_defaults = {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
-                    "ipo_length_normalize": False}
+    dpo_defaults = {
+        "name": "dpo",
+        "beta": 0.1,
+        "loss_type": "sigmoid",
+        "label_smoothing": 0.0,
+        "ipo_length_normalize": False,
+    }
     assert OmegaConf.to_container(margin.config.loss) == dpo_defaults
     assert margin.config.data.path == "builtin:sentiment-understated"
     assert to_typed(margin.config).loss.name == "dpo"
@@ -77,8 +90,10 @@ def test_stage_directory_depends_on_what_it_trains_only(compose):
 
 
 def test_members_of_a_weight_sweep_share_the_margin_stage(compose_run, tmp_path):
-    dirs = {plan(compose_run("+recipe=modpo", f"loss.weights={w}", f"stages_dir={tmp_path}"))[0].directory
-            for w in ("[0.1,0.9]", "[0.5,0.5]", "[0.9,0.1]")}
+    dirs = {
+        plan(compose_run("+recipe=modpo", f"loss.weights={w}", f"stages_dir={tmp_path}"))[0].directory
+        for w in ("[0.1,0.9]", "[0.5,0.5]", "[0.9,0.1]")
+    }
     assert len(dirs) == 1
 
 
@@ -91,27 +106,45 @@ def test_stage_resolver_gives_the_planned_directory(compose_run, tmp_path):
 
 
 def test_later_stage_refers_to_an_earlier_one(compose):
-    cfg = compose('+stages.first=["trainer.learning_rate=0.01"]',
-                  '+stages.second=["model.reference=${stage:first}/model"]')
+    cfg = compose(
+        '+stages.first=["trainer.learning_rate=0.01"]',
+        '+stages.second=["model.reference=${stage:first}/model"]',
+    )
     first, second = plan(cfg)
     assert second.config.model.reference == f"{first.directory}/model"
     # the second stage's identity includes the first's: change the first, and both move
-    first2, second2 = plan(compose('+stages.first=["trainer.learning_rate=0.02"]',
-                                   '+stages.second=["model.reference=${stage:first}/model"]'))
+    first2, second2 = plan(
+        compose(
+            '+stages.first=["trainer.learning_rate=0.02"]',
+            '+stages.second=["model.reference=${stage:first}/model"]',
+        )
+    )
     assert first2.directory != first.directory and second2.directory != second.directory
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("model.reference=${stage:nope}/model",), r"no stage named 'nope' \(its stages: none\)"),
-    (('+stages.first=["model.reference=${stage:second}/model"]', '+stages.second=["seed=1"]'),
-     r"stage 'first' refers to \$\{stage:second\}, which is not a stage before it"),
-    (('+stages.first=["trainer.learning_rate=0.01"]', "model.reference=${stage:first}/model"),
-     r"stage 'first' refers to its own directory \$\{stage:first\}: a stage inherits every setting"),
-    (('+stages.first=["trainer.learnin_rate=1"]',), r"stage 'first': cannot apply 'trainer.learnin_rate=1'"),
-    (('+stages.first=["loss=dpx"]',), r"stage 'first': cannot apply 'loss=dpx'"),
-    (('+stages.first=["trainer.max_steps=1,2"]',),
-     r"stage 'first': override 'trainer.max_steps=1,2' is not supported"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("model.reference=${stage:nope}/model",), r"no stage named 'nope' \(its stages: none\)"),
+        (
+            ('+stages.first=["model.reference=${stage:second}/model"]', '+stages.second=["seed=1"]'),
+            r"stage 'first' refers to \$\{stage:second\}, which is not a stage before it",
+        ),
+        (
+            ('+stages.first=["trainer.learning_rate=0.01"]', "model.reference=${stage:first}/model"),
+            r"stage 'first' refers to its own directory \$\{stage:first\}: a stage inherits every setting",
+        ),
+        (
+            ('+stages.first=["trainer.learnin_rate=1"]',),
+            r"stage 'first': cannot apply 'trainer.learnin_rate=1'",
+        ),
+        (('+stages.first=["loss=dpx"]',), r"stage 'first': cannot apply 'loss=dpx'"),
+        (
+            ('+stages.first=["trainer.max_steps=1,2"]',),
+            r"stage 'first': override 'trainer.max_steps=1,2' is not supported",
+        ),
+    ],
+)
 def test_bad_stage_references_and_overrides_are_named(compose, overrides, message):
     with pytest.raises(ConfigError, match=message):
         cfg = compose(*overrides)
@@ -120,18 +153,27 @@ def test_bad_stage_references_and_overrides_are_named(compose, overrides, messag
 
 
 def test_a_stage_nothing_refers_to_is_not_used(compose):
-    cfg = compose('+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
-                  '+stages.second=["model.reference=${stage:first}/model"]', '+stages.third=["seed=3"]',
-                  "model.reference=${stage:second}/model")
+    cfg = compose(
+        '+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
+        '+stages.second=["model.reference=${stage:first}/model"]',
+        '+stages.third=["seed=3"]',
+        "model.reference=${stage:second}/model",
+    )
     assert used_stages(cfg) == {"first", "second"}  # second directly, first through second's overrides
-    assert [stage.name for stage in plan(cfg)] == ["first", "second", "third"]  # every declared stage is planned
+    assert [stage.name for stage in plan(cfg)] == [
+        "first",
+        "second",
+        "third",
+    ]  # every declared stage is planned
     assert used_stages(compose('+stages.first=["seed=3"]')) == set()
 
 
 def test_naming_another_model_leaves_the_embedded_sft_stage_unused(compose_run, tmp_path, capsys):
     cfg = compose_run("+recipe=dpo", f"stages_dir={tmp_path}", sft=True)
     assert used_stages(cfg) == {"sft"}
-    cfg = compose_run("+recipe=dpo", f"stages_dir={tmp_path}", f"model.name_or_path={tmp_path / 'mine'}", sft=True)
+    cfg = compose_run(
+        "+recipe=dpo", f"stages_dir={tmp_path}", f"model.name_or_path={tmp_path / 'mine'}", sft=True
+    )
     assert used_stages(cfg) == set()
     assert run_stages(cfg) == []  # nothing trains
     assert "stage sft: not used by this run" in capsys.readouterr().out
@@ -143,11 +185,22 @@ def test_naming_another_model_leaves_the_embedded_sft_stage_unused(compose_run, 
 
 def test_every_embedded_recipe_shares_one_sft_stage(compose_run, tmp_path):
     def sft(*overrides):
-        return next(s for s in plan(compose_run(*overrides, f"stages_dir={tmp_path}", sft=True)) if s.name == "sft")
+        return next(
+            s for s in plan(compose_run(*overrides, f"stages_dir={tmp_path}", sft=True)) if s.name == "sft"
+        )
 
     directories = {sft(f"+recipe={r}").directory for r in ("dpo", "npo", "modpo")}
-    directories |= {sft("+recipe=dpo", "trainer.max_steps=5", "loss.beta=0.3", "data.limit=100", "logger=wandb",
-                        "eval.num_prompts=16", "model.lora.enabled=true").directory}
+    directories |= {
+        sft(
+            "+recipe=dpo",
+            "trainer.max_steps=5",
+            "loss.beta=0.3",
+            "data.limit=100",
+            "logger=wandb",
+            "eval.num_prompts=16",
+            "model.lora.enabled=true",
+        ).directory
+    }
     assert len(directories) == 1  # trained once, whatever the recipe and the run's own settings
     assert sft("+recipe=dpo", "seed=1").directory not in directories  # another random model: another stage
 
@@ -158,8 +211,10 @@ def test_every_embedded_recipe_shares_one_sft_stage(compose_run, tmp_path):
 @pytest.mark.slow
 def test_stages_train_once_and_are_reused(compose, capsys):
     # the run's model.reference is the first stage's model; the stage itself uses the default reference
-    cfg = compose('+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
-                  "model.reference=${stage:first}/model")
+    cfg = compose(
+        '+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
+        "model.reference=${stage:first}/model",
+    )
     with pytest.raises(ConfigError, match=r"stage 'first' of this config has not been trained"):
         run(cfg, output_dir=Path(cfg.stages_dir).parent / "final")  # the single-run primitive refuses
     (first,) = run_stages(cfg)
@@ -180,8 +235,10 @@ def test_stages_train_once_and_are_reused(compose, capsys):
 
 @pytest.mark.slow
 def test_unfinished_stage_is_run_again(compose, capsys):
-    cfg = compose('+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
-                  "model.reference=${stage:first}/model")
+    cfg = compose(
+        '+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
+        "model.reference=${stage:first}/model",
+    )
     (first,) = plan(cfg)
     first.directory.mkdir(parents=True)
     (first.directory / "metrics.jsonl").write_text("{}\n")  # an interrupted run: no summary.json
@@ -193,9 +250,11 @@ def test_unfinished_stage_is_run_again(compose, capsys):
 @pytest.mark.slow
 def test_failed_stage_names_itself_and_finished_stages_are_reused(compose, capsys, tmp_path):
     missing = tmp_path / "missing.jsonl"
-    cfg = compose('+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
-                  f'+stages.second=["data.path={missing}","model.reference=${{stage:first}}/model"]',
-                  "model.reference=${stage:second}/model")
+    cfg = compose(
+        '+stages.first=["trainer.learning_rate=0.01","model.reference=null"]',
+        f'+stages.second=["data.path={missing}","model.reference=${{stage:first}}/model"]',
+        "model.reference=${stage:second}/model",
+    )
     with pytest.raises(StageError) as caught:
         run_stages(cfg)
     first, second = plan(cfg)

@@ -9,10 +9,14 @@ def _result(tmp_path: Path, **changes):
     from alignlab.train import RunResult
 
     run_dir = tmp_path / "runs" / "dpo-2024"
-    fields = dict(output_dir=run_dir, model_dir=run_dir / "model", metrics_file=run_dir / "metrics.jsonl",
-                  train_losses=[0.6931, 0.6500, 0.4123],
-                  eval_metrics={"eval_rewards/accuracies": 0.75, "eval_rewards/margins": 1.25, "eval_loss": 0.5},
-                  wall_seconds=42.4)
+    fields = dict(
+        output_dir=run_dir,
+        model_dir=run_dir / "model",
+        metrics_file=run_dir / "metrics.jsonl",
+        train_losses=[0.6931, 0.6500, 0.4123],
+        eval_metrics={"eval_rewards/accuracies": 0.75, "eval_rewards/margins": 1.25, "eval_loss": 0.5},
+        wall_seconds=42.4,
+    )
     return RunResult(**{**fields, **changes})
 
 
@@ -45,12 +49,16 @@ def test_summary_of_a_lora_run_and_of_a_run_without_logs(tmp_path):
 
     merged = tmp_path / "runs" / "dpo-2024" / "model_merged"
     text = summary_text(_result(tmp_path, adapter=True, merged_dir=merged, train_losses=[], eval_metrics={}))
-    assert any("adapter" in line and str(tmp_path / "runs" / "dpo-2024" / "model") in line
-               for line in text.splitlines()), text
+    assert any(
+        "adapter" in line and str(tmp_path / "runs" / "dpo-2024" / "model") in line
+        for line in text.splitlines()
+    ), text
     assert str(merged) in text and "train loss" not in text and "held-out" not in text
 
 
-def _history(train: list[tuple[int, float]], held_out: list[tuple[int, float]], key: str = "rewards/accuracies"):
+def _history(
+    train: list[tuple[int, float]], held_out: list[tuple[int, float]], key: str = "rewards/accuracies"
+):
     records = [{"step": step, key: value, "loss": 0.5} for step, value in train]
     records += [{"step": step, f"eval_{key}": value, "eval_loss": 0.5} for step, value in held_out]
     return sorted(records, key=lambda r: r["step"])
@@ -61,8 +69,10 @@ def test_a_warning_when_held_out_accuracy_falls_while_training_accuracy_rises(tm
 
     history = _history([(10, 0.60), (20, 0.80), (30, 0.95)], [(10, 0.70), (30, 0.55)])
     (line,) = divergence_warnings(history)
-    assert line.startswith("held-out accuracy went from 0.700 (step 10) to 0.550 (step 30) while training "
-                           "accuracy went from 0.600 to 0.950"), line
+    assert line.startswith(
+        "held-out accuracy went from 0.700 (step 10) to 0.550 (step 30) while training "
+        "accuracy went from 0.600 to 0.950"
+    ), line
     text = summary_text(_result(tmp_path, warnings=[line]))
     assert f"alignlab: warning: {line}" in text.splitlines()
 
@@ -70,8 +80,12 @@ def test_a_warning_when_held_out_accuracy_falls_while_training_accuracy_rises(tm
 def test_a_warning_when_held_out_loss_rises_while_training_loss_falls():
     from alignlab.train import divergence_warnings
 
-    history = [{"step": 10, "loss": 0.6}, {"step": 10, "eval_loss": 0.55}, {"step": 30, "loss": 0.2},
-               {"step": 30, "eval_loss": 0.7}]
+    history = [
+        {"step": 10, "loss": 0.6},
+        {"step": 10, "eval_loss": 0.55},
+        {"step": 30, "loss": 0.2},
+        {"step": 30, "eval_loss": 0.7},
+    ]
     (line,) = divergence_warnings(history)
     assert line.startswith("held-out loss went from 0.550 (step 10) to 0.700 (step 30)"), line
 
@@ -82,7 +96,9 @@ def test_no_warning_when_both_move_together_or_with_one_evaluation():
     assert divergence_warnings(_history([(10, 0.6), (30, 0.95)], [(10, 0.7), (30, 0.9)])) == []  # both rise
     assert divergence_warnings(_history([(10, 0.9), (30, 0.8)], [(10, 0.7), (30, 0.6)])) == []  # both fall
     assert divergence_warnings(_history([(10, 0.6), (30, 0.95)], [(30, 0.5)])) == []  # nothing to compare
-    assert divergence_warnings(_history([(10, 0.6), (30, 0.95)], [(10, 0.70), (30, 0.69)])) == []  # within noise
+    assert (
+        divergence_warnings(_history([(10, 0.6), (30, 0.95)], [(10, 0.70), (30, 0.69)])) == []
+    )  # within noise
 
 
 def test_summary_shows_the_headline_the_loss_declares(tmp_path):

@@ -9,7 +9,9 @@ from alignlab.models import ModelError, load_tokenizer
 
 
 def test_bare_bpe_folder_loads_as_gpt2_with_pad_from_eos(shared_path):
-    tokenizer = load_tokenizer(ModelConfig(name_or_path="unused", tokenizer=str(shared_path("tokenizers", "gpt2"))))
+    tokenizer = load_tokenizer(
+        ModelConfig(name_or_path="unused", tokenizer=str(shared_path("tokenizers", "gpt2")))
+    )
     assert len(tokenizer) == 50257
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]  # GPT-2's published ids
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == 50256

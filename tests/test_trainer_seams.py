@@ -52,16 +52,22 @@ def missing(base: type, methods: dict[str, tuple[str, ...]]) -> list[str]:
 
 
 def private_overrides(cls: type, base: type) -> set[str]:
-    return {name for name in vars(cls)
-            if name.startswith("_") and not name.startswith("__") and hasattr(base, name)}
+    return {
+        name
+        for name in vars(cls)
+        if name.startswith("_") and not name.startswith("__") and hasattr(base, name)
+    }
 
 
 def test_aligntrainer_overrides_only_the_listed_private_methods():
     assert private_overrides(AlignTrainer, Trainer) == set(PRIVATE_OVERRIDES)
 
 
-@pytest.mark.parametrize("methods", [PRIVATE_OVERRIDES, PRIVATE_CALLS, PUBLIC_OVERRIDES],
-                         ids=["private overrides", "private calls", "public overrides"])
+@pytest.mark.parametrize(
+    "methods",
+    [PRIVATE_OVERRIDES, PRIVATE_CALLS, PUBLIC_OVERRIDES],
+    ids=["private overrides", "private calls", "public overrides"],
+)
 def test_transformers_still_has_each_method_and_parameter(methods):
     assert missing(Trainer, methods) == []
 
@@ -91,5 +97,7 @@ def test_the_pins_fail_on_a_renamed_method():
             pass
 
     assert missing(Renamed, {"_save_checkpoint": ("model", "trial"), "_run_epoch": ("epoch",)}) == [
-        "Renamed._save_checkpoint has no parameter 'trial'", "Renamed._run_epoch is gone"]
+        "Renamed._save_checkpoint has no parameter 'trial'",
+        "Renamed._run_epoch is gone",
+    ]
     assert private_overrides(Overrides, Renamed) == {"_save_checkpoint"}

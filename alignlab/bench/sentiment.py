@@ -73,8 +73,10 @@ def vader(texts: list[str]) -> list[float]:
 def vader_reward(prompts: list[str], completions: list[str]) -> list[float]:
     """`alignlab eval --reward alignlab.bench.sentiment:vader_reward`: VADER compound of each completion."""
     if len(prompts) != len(completions):
-        raise ValueError(f"vader_reward got {len(prompts)} prompts and {len(completions)} completions; "
-                         "pass one prompt per completion")
+        raise ValueError(
+            f"vader_reward got {len(prompts)} prompts and {len(completions)} completions; "
+            "pass one prompt per completion"
+        )
     return vader(completions)
 
 
@@ -105,8 +107,9 @@ def load_model(model_path: str | os.PathLike):
     return model, tokenizer
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256,
-             temperature: float = 1.0) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256, temperature: float = 1.0
+) -> list[str]:
     """One ancestral sample (top_k=0, top_p=1) per prompt, in left-padded batches; the completion
     text is decoded without special tokens and cut at EOS. Seed torch beforehand for fixed draws."""
     import torch
@@ -117,11 +120,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     try:
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
-                enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
-                ids = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
-                                     max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)
-                for row in ids[:, enc["input_ids"].shape[1]:].tolist():
+                enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+                ids = model.generate(
+                    **enc,
+                    do_sample=True,
+                    top_k=0,
+                    top_p=1.0,
+                    temperature=temperature,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                for row in ids[:, enc["input_ids"].shape[1] :].tolist():
                     if tokenizer.eos_token_id in row:
                         row = row[: row.index(tokenizer.eos_token_id)]
                     out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
@@ -130,9 +140,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return out
 
 
-def sample_groups(model_path: str | os.PathLike, prompts: list[str], samples_per_prompt: int = 4, seed: int = 0,
-                  max_new_tokens: int = 24, batch_size: int = 256, temperature: float = 1.0,
-                  whole_sentences: bool = False) -> list[dict]:
+def sample_groups(
+    model_path: str | os.PathLike,
+    prompts: list[str],
+    samples_per_prompt: int = 4,
+    seed: int = 0,
+    max_new_tokens: int = 24,
+    batch_size: int = 256,
+    temperature: float = 1.0,
+    whole_sentences: bool = False,
+) -> list[dict]:
     """`samples_per_prompt` samples of the model for every prompt, VADER-scored: rows
     ``{prompt, completions: [...], scores: [...]}`` in prompt order. Deterministic for a seed. Pairs,
     triples and thumbs-up/down labels can all be cut from the same groups. `whole_sentences` cuts
@@ -141,14 +158,22 @@ def sample_groups(model_path: str | os.PathLike, prompts: list[str], samples_per
 
     model, tokenizer = load_model(model_path)
     torch.manual_seed(seed)
-    texts = generate(model, tokenizer, [p for p in prompts for _ in range(samples_per_prompt)], max_new_tokens,
-                     batch_size, temperature)
+    texts = generate(
+        model,
+        tokenizer,
+        [p for p in prompts for _ in range(samples_per_prompt)],
+        max_new_tokens,
+        batch_size,
+        temperature,
+    )
     if whole_sentences:
         texts = [_whole_sentences(t) for t in texts]
     scores = vader(texts)
     k = samples_per_prompt
-    return [{"prompt": p, "completions": texts[i * k:(i + 1) * k], "scores": scores[i * k:(i + 1) * k]}
-            for i, p in enumerate(prompts)]
+    return [
+        {"prompt": p, "completions": texts[i * k : (i + 1) * k], "scores": scores[i * k : (i + 1) * k]}
+        for i, p in enumerate(prompts)
+    ]
 
 
 def _whole_sentences(text: str) -> str:
@@ -156,9 +181,17 @@ def _whole_sentences(text: str) -> str:
     return text[: end + 1] if end > 0 else text
 
 
-def make_pairs(model_path: str | os.PathLike, n_pairs: int, seed: int = 0, samples_per_prompt: int = 4,
-               max_new_tokens: int = 24, split: str = "train", prompts: list[str] | None = None,
-               batch_size: int = 256, temperature: float = 1.0) -> list[dict]:
+def make_pairs(
+    model_path: str | os.PathLike,
+    n_pairs: int,
+    seed: int = 0,
+    samples_per_prompt: int = 4,
+    max_new_tokens: int = 24,
+    split: str = "train",
+    prompts: list[str] | None = None,
+    batch_size: int = 256,
+    temperature: float = 1.0,
+) -> list[dict]:
     """Preference pairs sampled from the model at `model_path` and labelled by VADER.
 
     The prompts (`story_prompts(split)` unless given) are taken in order, cycling when `n_pairs`
@@ -171,8 +204,10 @@ def make_pairs(model_path: str | os.PathLike, n_pairs: int, seed: int = 0, sampl
     import torch
 
     if n_pairs < 1 or samples_per_prompt < 2:
-        raise ValueError(f"make_pairs needs n_pairs >= 1 and samples_per_prompt >= 2, got {n_pairs} and "
-                         f"{samples_per_prompt}")
+        raise ValueError(
+            f"make_pairs needs n_pairs >= 1 and samples_per_prompt >= 2, got {n_pairs} and "
+            f"{samples_per_prompt}"
+        )
     pool = list(prompts) if prompts is not None else story_prompts(split)
     if not pool:
         raise ValueError("make_pairs got an empty prompt list; pass prompts=None for the story openings")
@@ -186,35 +221,62 @@ def make_pairs(model_path: str | os.PathLike, n_pairs: int, seed: int = 0, sampl
         cursor += len(chunk)
         draws += len(chunk)
         if draws > 20 * n_pairs + 100:
-            raise RuntimeError(f"make_pairs: only {len(rows)} of {n_pairs} pairs after {draws} prompts; "
-                               "almost every sample ties (raise max_new_tokens or samples_per_prompt)")
-        texts = generate(model, tokenizer, [p for p in chunk for _ in range(samples_per_prompt)],
-                         max_new_tokens, batch_size, temperature)
+            raise RuntimeError(
+                f"make_pairs: only {len(rows)} of {n_pairs} pairs after {draws} prompts; "
+                "almost every sample ties (raise max_new_tokens or samples_per_prompt)"
+            )
+        texts = generate(
+            model,
+            tokenizer,
+            [p for p in chunk for _ in range(samples_per_prompt)],
+            max_new_tokens,
+            batch_size,
+            temperature,
+        )
         scores = vader(texts)
         for i, prompt in enumerate(chunk):
-            group = list(zip(scores[i * samples_per_prompt:(i + 1) * samples_per_prompt],
-                             texts[i * samples_per_prompt:(i + 1) * samples_per_prompt]))
+            group = list(
+                zip(
+                    scores[i * samples_per_prompt : (i + 1) * samples_per_prompt],
+                    texts[i * samples_per_prompt : (i + 1) * samples_per_prompt],
+                )
+            )
             hi, lo = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
             if hi[0] == lo[0] or hi[1] == lo[1] or not hi[1] or not lo[1]:
                 continue
-            rows.append({"prompt": prompt, "chosen": hi[1], "rejected": lo[1],
-                         "chosen_score": hi[0], "rejected_score": lo[0]})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": hi[1],
+                    "rejected": lo[1],
+                    "chosen_score": hi[0],
+                    "rejected_score": lo[0],
+                }
+            )
             if len(rows) == n_pairs:
                 break
     return rows
 
 
-def pairs_file(model_path: str | os.PathLike, n_pairs: int, seed: int = 0,
-               cache_dir: str | os.PathLike = DEFAULT_CACHE, **kwargs) -> Path:
+def pairs_file(
+    model_path: str | os.PathLike,
+    n_pairs: int,
+    seed: int = 0,
+    cache_dir: str | os.PathLike = DEFAULT_CACHE,
+    **kwargs,
+) -> Path:
     """`make_pairs(model_path, n_pairs, seed, **kwargs)` as a JSONL file, generated once and cached.
 
     The file name is a hash of the arguments and of the model's weights (size and mtime of its
     files), so a different seed, size or model gives a different file. Written atomically.
     """
     model_dir = Path(model_path).expanduser().resolve()
-    weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in model_dir.glob("*") if p.is_file())
-    key = hashlib.sha256(json.dumps([str(model_dir), weights, n_pairs, seed, sorted(kwargs.items()), 1],
-                                    default=str).encode()).hexdigest()[:16]
+    weights = sorted(
+        (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in model_dir.glob("*") if p.is_file()
+    )
+    key = hashlib.sha256(
+        json.dumps([str(model_dir), weights, n_pairs, seed, sorted(kwargs.items()), 1], default=str).encode()
+    ).hexdigest()[:16]
     path = Path(cache_dir) / f"pairs-{kwargs.get('split', 'train')}-{n_pairs}-seed{seed}-{key}.jsonl"
     if path.exists():
         return path

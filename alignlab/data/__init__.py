@@ -36,5 +36,12 @@ from alignlab.data.collate import PreferenceCollator
 from alignlab.data.pipeline import PreparedData, build_datasets, check_data_needs
 from alignlab.data.rows import DataError, DataReport, SkipCount
 
-__all__ = ["DataError", "DataReport", "PreferenceCollator", "PreparedData", "SkipCount", "build_datasets",
-           "check_data_needs"]
+__all__ = [
+    "DataError",
+    "DataReport",
+    "PreferenceCollator",
+    "PreparedData",
+    "SkipCount",
+    "build_datasets",
+    "check_data_needs",
+]

@@ -38,16 +38,20 @@ def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         "vocab_size": len(tokenizer),
         "backend_sha256": hashlib.sha256(backend.encode()).hexdigest(),
         "chat_template": getattr(tokenizer, "chat_template", None),
-        "special_ids": {name: getattr(tokenizer, f"{name}_token_id", None)
-                        for name in ("bos", "eos", "pad", "unk")},
+        "special_ids": {
+            name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")
+        },
     }
 
 
 def fingerprint(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, settings: Any) -> str:
     """sha256 over the rows' content, the tokenizer and the settings (`tokenize.TokenizeSettings`)."""
     digest = hashlib.sha256()
-    header = {"version": CACHE_VERSION, "settings": asdict(settings),
-              "tokenizer": tokenizer_signature(tokenizer)}
+    header = {
+        "version": CACHE_VERSION,
+        "settings": asdict(settings),
+        "tokenizer": tokenizer_signature(tokenizer),
+    }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for row in rows:
         digest.update(b"\n")
@@ -60,9 +64,13 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "alignlab" / "tokenized"
 
 
-def cached(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, settings: Any,
-           build: Callable[[str], datasets.Dataset],
-           cache_dir: str | Path | None = None) -> tuple[datasets.Dataset, bool]:
+def cached(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: Any,
+    build: Callable[[str], datasets.Dataset],
+    cache_dir: str | Path | None = None,
+) -> tuple[datasets.Dataset, bool]:
     """The cached dataset of these rows, tokenizer and settings, or `build(key)`'s, saved first.
 
     Returns:

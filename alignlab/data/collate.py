@@ -36,11 +36,18 @@ class PreferenceCollator:
             reference log-probs.
     """
 
-    def __init__(self, pad_token_id: int, responses: Sequence[str] = ("chosen", "rejected"),
-                 fields: Sequence[str] = (), sequences: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        pad_token_id: int,
+        responses: Sequence[str] = ("chosen", "rejected"),
+        fields: Sequence[str] = (),
+        sequences: Sequence[str] = (),
+    ) -> None:
         if pad_token_id is None:
-            raise DataError("the collator needs a pad token id and the tokenizer has none. Fix: set "
-                            "tokenizer.pad_token (for example to its eos_token) before building the collator")
+            raise DataError(
+                "the collator needs a pad token id and the tokenizer has none. Fix: set "
+                "tokenizer.pad_token (for example to its eos_token) before building the collator"
+            )
         self.pad_token_id = int(pad_token_id)
         self.responses = tuple(responses)
         self.fields = tuple(fields)
@@ -65,12 +72,14 @@ class PreferenceCollator:
                 sequences.append(torch.tensor(prompt + response, dtype=torch.long))
                 lengths.append(len(prompt) + len(response))
         # one right-padded (n·B, T) tensor: every response of the batch shares the longest T
-        input_ids = pad_sequence(sequences, batch_first=True, padding_value=self.pad_token_id,
-                                 padding_side="right")
+        input_ids = pad_sequence(
+            sequences, batch_first=True, padding_value=self.pad_token_id, padding_side="right"
+        )
         positions = torch.arange(input_ids.shape[1])
         attention_mask = (positions < torch.tensor(lengths)[:, None]).long()
-        labels = input_ids.masked_fill(~attention_mask.bool() | (positions < torch.tensor(prompts)[:, None]),
-                                       IGNORE_INDEX)
+        labels = input_ids.masked_fill(
+            ~attention_mask.bool() | (positions < torch.tensor(prompts)[:, None]), IGNORE_INDEX
+        )
         batch: dict[str, torch.Tensor] = {}
         n = len(self.responses)
         for i, name in enumerate(self.responses):  # own copies: a batch saved by safetensors shares no memory
@@ -100,8 +109,10 @@ def _prompt_column(example: Mapping[str, Any], response: str) -> str:
 def _ids(example: Mapping[str, Any], column: str) -> list[int]:
     """Column `column` of one example as a list of ints."""
     if column not in example:
-        raise DataError(f"example has no {column!r} column (it has {', '.join(example)}). Fix: build the "
-                        "dataset with build_datasets(..., responses=...) for the responses the loss needs")
+        raise DataError(
+            f"example has no {column!r} column (it has {', '.join(example)}). Fix: build the "
+            "dataset with build_datasets(..., responses=...) for the responses the loss needs"
+        )
     value = example[column]
     return value.tolist() if hasattr(value, "tolist") else list(value)
 
@@ -111,8 +122,10 @@ def _field(examples: Sequence[Mapping[str, Any]], name: str) -> torch.Tensor:
     values = []
     for i, example in enumerate(examples):
         if name not in example:
-            raise DataError(f"example {i} has no {name!r} column (it has {', '.join(example)}). Fix: build "
-                            "the dataset with build_datasets(..., fields=...) for the fields the loss needs")
+            raise DataError(
+                f"example {i} has no {name!r} column (it has {', '.join(example)}). Fix: build "
+                "the dataset with build_datasets(..., fields=...) for the fields the loss needs"
+            )
         value = example[name]
         value = value.item() if hasattr(value, "item") else value  # 0-d tensors and numpy scalars
         if not isinstance(value, (bool, int, float)):

@@ -120,8 +120,14 @@ class Plan:
         return (*self.responses, *self.fields)
 
 
-def normalise(sources: Sources, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
-              responses: tuple[str, ...], fields: tuple[str, ...], report: DataReport) -> tuple[Plan, Splits]:
+def normalise(
+    sources: Sources,
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    responses: tuple[str, ...],
+    fields: tuple[str, ...],
+    report: DataReport,
+) -> tuple[Plan, Splits]:
     """The format plan of the train source (`plan_of`), applied to its records and to the separate eval
     source's, if any: usable canonical rows and bad rows (not settled yet: `rows.settle`)."""
     plan = plan_of(sources.train, cfg.format, cfg.columns or {}, responses, fields, tokenizer, cfg.path)
@@ -130,8 +136,16 @@ def normalise(sources: Sources, cfg: DataConfig, tokenizer: PreTrainedTokenizerB
     return plan, Splits(normalize(sources.train, plan, tokenizer), held_out)
 
 
-def plan_of(records: Sequence[Record], fmt: str, columns: Mapping[str, str], responses: tuple[str, ...],
-            fields: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, source: str, what: str = "") -> Plan:
+def plan_of(
+    records: Sequence[Record],
+    fmt: str,
+    columns: Mapping[str, str],
+    responses: tuple[str, ...],
+    fields: tuple[str, ...],
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    what: str = "",
+) -> Plan:
     """`plan_format` from the readable rows of `records` (`what`: how messages name the source), and a chat
     template when the rows need one."""
     raw_rows = [row for _, row in records if isinstance(row, dict)]
@@ -162,8 +176,9 @@ def unpairs(responses: tuple[str, ...], fields: tuple[str, ...]) -> bool:
     return tuple(responses) == UNPAIRED and LABEL in fields
 
 
-def check_columns(fmt: str, columns: Mapping[str, str], responses: tuple[str, ...],
-                  fields: tuple[str, ...] = ()) -> None:
+def check_columns(
+    fmt: str, columns: Mapping[str, str], responses: tuple[str, ...], fields: tuple[str, ...] = ()
+) -> None:
     """The checks of `data.format` and `data.columns` that need no data (see `plan_format`).
 
     Raises:
@@ -174,12 +189,20 @@ def check_columns(fmt: str, columns: Mapping[str, str], responses: tuple[str, ..
     if set(columns) & set(PAIRWISE_KEYS):
         _check_pairwise(fmt, responses, fields)
     elif fmt == "columns" and not columns:
-        raise DataError("data.format=columns needs data.columns, e.g. data.columns={prompt: instruction, "
-                        "chosen: good, rejected: bad}")
+        raise DataError(
+            "data.format=columns needs data.columns, e.g. data.columns={prompt: instruction, "
+            "chosen: good, rejected: bad}"
+        )
 
 
-def plan_format(fmt: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]],
-                responses: tuple[str, ...], label: str, fields: tuple[str, ...] = ()) -> Plan:
+def plan_format(
+    fmt: str,
+    columns: Mapping[str, str],
+    rows: Sequence[Mapping[str, Any]],
+    responses: tuple[str, ...],
+    label: str,
+    fields: tuple[str, ...] = (),
+) -> Plan:
     """Decide how to read a dataset, and check that its required columns exist.
 
     With responses ("completion",) and the field "label", rows without a completion (or messages)
@@ -202,8 +225,9 @@ def plan_format(fmt: str, columns: Mapping[str, str], rows: Sequence[Mapping[str
     found = {key for row in rows for key in row}
     plan = Plan(fmt, responses, columns, fields)  # the kind is settled below
     if unpairs(responses, fields) and _looks_paired(plan, found):
-        pair_columns = {key: value for key, value in columns.items()
-                        if key not in (LABEL, *UNPAIRED, "messages")}
+        pair_columns = {
+            key: value for key, value in columns.items() if key not in (LABEL, *UNPAIRED, "messages")
+        }
         other_fields = tuple(name for name in fields if name != LABEL)
         return replace(plan_format(fmt, pair_columns, rows, PAIR, label, other_fields), unpair=True)
     if set(columns) & set(PAIRWISE_KEYS):
@@ -230,8 +254,9 @@ def _looks_paired(plan: Plan, found: set[str]) -> bool:
     return any(plan.source(name) in found for name in PAIR)
 
 
-def _check_column_map(columns: Mapping[str, str], responses: tuple[str, ...],
-                      fields: tuple[str, ...]) -> None:
+def _check_column_map(
+    columns: Mapping[str, str], responses: tuple[str, ...], fields: tuple[str, ...]
+) -> None:
     """Reject `data.columns` keys that no format reads."""
     allowed = ("prompt", *responses, *fields, "conversations", "response_a", "response_b", "preference")
     if tuple(responses) == UNPAIRED:
@@ -240,8 +265,10 @@ def _check_column_map(columns: Mapping[str, str], responses: tuple[str, ...],
         allowed += PAIR
     for key, value in columns.items():
         if key not in allowed:
-            raise DataError(f"data.columns has unknown field {key!r}. Fix: use fields among "
-                            f"{', '.join(allowed)} (canonical field -> your column)")
+            raise DataError(
+                f"data.columns has unknown field {key!r}. Fix: use fields among "
+                f"{', '.join(allowed)} (canonical field -> your column)"
+            )
         if not isinstance(value, str):
             raise DataError(f"data.columns.{key} must be a column name, got {value!r}")
 
@@ -249,11 +276,15 @@ def _check_column_map(columns: Mapping[str, str], responses: tuple[str, ...],
 def _check_pairwise(fmt: str, responses: tuple[str, ...], fields: tuple[str, ...]) -> None:
     """A pairwise judgement yields exactly one chosen and one rejected response (or their unpairing)."""
     if fmt not in ("auto", "columns"):
-        raise DataError(f"data.columns maps pairwise judgement fields, which need data.format=columns "
-                        f"(or auto), not {fmt}")
+        raise DataError(
+            f"data.columns maps pairwise judgement fields, which need data.format=columns "
+            f"(or auto), not {fmt}"
+        )
     if tuple(responses) != PAIR and not unpairs(responses, fields):
-        raise DataError(f"pairwise judgements give only chosen/rejected pairs, but {responses} are "
-                        "needed. Fix: use a dataset with those responses")
+        raise DataError(
+            f"pairwise judgements give only chosen/rejected pairs, but {responses} are "
+            "needed. Fix: use a dataset with those responses"
+        )
 
 
 def _is_sharegpt(plan: Plan, found: set[str]) -> bool:
@@ -263,8 +294,11 @@ def _is_sharegpt(plan: Plan, found: set[str]) -> bool:
 
 def _is_messages(plan: Plan, found: set[str]) -> bool:
     """One conversation per row (`messages`) whose last message is the single response."""
-    return (plan.responses == UNPAIRED and plan.source("messages") in found
-            and plan.source(plan.responses[0]) not in found)
+    return (
+        plan.responses == UNPAIRED
+        and plan.source("messages") in found
+        and plan.source(plan.responses[0]) not in found
+    )
 
 
 def _detect(plan: Plan, found: set[str], rows: Sequence[Mapping[str, Any]], label: str) -> str:
@@ -275,8 +309,15 @@ def _detect(plan: Plan, found: set[str], rows: Sequence[Mapping[str, Any]], labe
         return "messages"
     prompt = plan.source("prompt")
     # the first response present decides (a response absent from every row is reported later)
-    value = next((row[column] for column in map(plan.source, plan.responses) for row in rows
-                  if row.get(column) is not None), None)
+    value = next(
+        (
+            row[column]
+            for column in map(plan.source, plan.responses)
+            for row in rows
+            if row.get(column) is not None
+        ),
+        None,
+    )
     if isinstance(value, list):
         return "conversational"
     if isinstance(value, str):  # a prompt mapped in data.columns means explicit rows, missing or not
@@ -284,9 +325,11 @@ def _detect(plan: Plan, found: set[str], rows: Sequence[Mapping[str, Any]], labe
     if value is None and prompt in found:  # no response column at all: say which one is missing
         return "explicit"
     example = ", ".join(f"{name}: ..." for name in ("prompt", *plan.responses))
-    raise DataError(f"{label}: cannot tell the data format from the columns found ({_names(found)}). Fix: "
-                    "set data.format=explicit|conversational|hh, or map your columns with "
-                    f"data.columns={{{example}}}")
+    raise DataError(
+        f"{label}: cannot tell the data format from the columns found ({_names(found)}). Fix: "
+        "set data.format=explicit|conversational|hh, or map your columns with "
+        f"data.columns={{{example}}}"
+    )
 
 
 def _check_required(plan: Plan, found: set[str], label: str) -> None:
@@ -296,11 +339,15 @@ def _check_required(plan: Plan, found: set[str], label: str) -> None:
         if column not in found:
             hint = ""
             if unpairs(plan.responses, plan.fields):
-                hint = (" (unpaired feedback is read from {prompt, completion, label} or {messages, label} "
-                        "rows, or unpaired from chosen/rejected pairs)")
-            raise DataError(f"{label}: column {column!r} ({plan.kind} format) is in no row; columns found: "
-                            f"{_names(found)}. Fix: map it with data.columns={{{name}: <your column>}} or "
-                            f"set data.format{hint}")
+                hint = (
+                    " (unpaired feedback is read from {prompt, completion, label} or {messages, label} "
+                    "rows, or unpaired from chosen/rejected pairs)"
+                )
+            raise DataError(
+                f"{label}: column {column!r} ({plan.kind} format) is in no row; columns found: "
+                f"{_names(found)}. Fix: map it with data.columns={{{name}: <your column>}} or "
+                f"set data.format{hint}"
+            )
 
 
 def _names(found: Iterable[str]) -> str:
@@ -315,8 +362,10 @@ def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     """
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise DataError(f"conversational data needs a chat template, and tokenizer {name!r} has none. Fix: "
-                        "set model.chat_template='...' (a Jinja template) or use a tokenizer that has one")
+        raise DataError(
+            f"conversational data needs a chat template, and tokenizer {name!r} has none. Fix: "
+            "set model.chat_template='...' (a Jinja template) or use a tokenizer that has one"
+        )
 
 
 def normalize(records: Iterable[Record], plan: Plan, tokenizer: PreTrainedTokenizerBase) -> Normalized:
@@ -386,7 +435,7 @@ def _check_responses(row: Mapping[str, str], plan: Plan) -> None:
         if not row[name].strip():
             raise RowProblem(Reason.EMPTY, f"the {name} is empty or whitespace")
     for i, first in enumerate(plan.responses):
-        for second in plan.responses[i + 1:]:
+        for second in plan.responses[i + 1 :]:
             if row[first] == row[second]:
                 raise RowProblem(Reason.IDENTICAL, f"{first} and {second} are identical")
 
@@ -406,8 +455,9 @@ def _text(row: Mapping[str, Any], plan: Plan, name: str) -> str:
     """The non-blank string of canonical field `name`."""
     value = _value(row, plan, name)
     if not isinstance(value, str):
-        raise RowProblem(Reason.NOT_A_STRING, f"field {plan.label(name)} is a {type(value).__name__}, "
-                                              "expected a string")
+        raise RowProblem(
+            Reason.NOT_A_STRING, f"field {plan.label(name)} is a {type(value).__name__}, expected a string"
+        )
     if not value.strip():
         raise RowProblem(Reason.EMPTY, f"field {plan.label(name)} is empty or whitespace")
     return value
@@ -421,15 +471,23 @@ def _field(row: Mapping[str, Any], plan: Plan, name: str) -> bool | int | float:
             return value
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise RowProblem(Reason.BAD_LABEL, f"field {plan.label(name)} is {value!r}, not true or false "
-                                           "(or 1 or 0)")
+        raise RowProblem(
+            Reason.BAD_LABEL, f"field {plan.label(name)} is {value!r}, not true or false (or 1 or 0)"
+        )
     if isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value)):
         return value
     raise RowProblem(Reason.BAD_FIELD, f"field {plan.label(name)} is {value!r}, expected a number")
 
 
-def _messages(row: Mapping[str, Any], plan: Plan, name: str, *, role_key: str = "role",
-              content_key: str = "content", roles: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+def _messages(
+    row: Mapping[str, Any],
+    plan: Plan,
+    name: str,
+    *,
+    role_key: str = "role",
+    content_key: str = "content",
+    roles: Mapping[str, str] | None = None,
+) -> list[dict[str, str]]:
     """Canonical field `name` as ``[{role, content}]`` messages (a single message is accepted).
 
     Args:
@@ -444,20 +502,27 @@ def _messages(row: Mapping[str, Any], plan: Plan, name: str, *, role_key: str = 
     items = [value] if isinstance(value, dict) else value
     shape = f"{{{role_key}: str, {content_key}: str}}"
     if not isinstance(items, list):
-        raise RowProblem(Reason.BAD_MESSAGES, f"field {plan.label(name)} is a {type(value).__name__}, "
-                                              f"expected a list of {shape} messages")
+        raise RowProblem(
+            Reason.BAD_MESSAGES,
+            f"field {plan.label(name)} is a {type(value).__name__}, expected a list of {shape} messages",
+        )
     if not items:
         raise RowProblem(Reason.EMPTY, f"field {plan.label(name)} is an empty list")
     messages = []
     for i, item in enumerate(items):
-        if not (isinstance(item, dict) and isinstance(item.get(role_key), str)
-                and isinstance(item.get(content_key), str)):
+        if not (
+            isinstance(item, dict)
+            and isinstance(item.get(role_key), str)
+            and isinstance(item.get(content_key), str)
+        ):
             raise RowProblem(Reason.BAD_MESSAGES, f"{plan.label(name)}[{i}] is not a {shape} message")
         role = item[role_key] if roles is None else roles.get(item[role_key])
         if role is None:
             expected = ", ".join(roles or ())
-            raise RowProblem(Reason.BAD_MESSAGES, f"{plan.label(name)}[{i}] has unknown speaker "
-                                                  f"{item[role_key]!r}; expected one of {expected}")
+            raise RowProblem(
+                Reason.BAD_MESSAGES,
+                f"{plan.label(name)}[{i}] has unknown speaker {item[role_key]!r}; expected one of {expected}",
+            )
         messages.append({"role": role, "content": item[content_key]})
     return messages
 
@@ -479,10 +544,13 @@ def _hh(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
     prompt = texts[first][: cut + len(HH_ASSISTANT)]
     for name, text in texts.items():
         if not text.startswith(prompt):
-            raise RowProblem(Reason.HH_MISMATCH, f"field {plan.label(name)} does not start with the prompt "
-                                                 f"of {first} (its conversation up to the last "
-                                                 "'\\n\\nAssistant:')")
-    return {"prompt": prompt, **{name: text[len(prompt):] for name, text in texts.items()}}
+            raise RowProblem(
+                Reason.HH_MISMATCH,
+                f"field {plan.label(name)} does not start with the prompt "
+                f"of {first} (its conversation up to the last "
+                "'\\n\\nAssistant:')",
+            )
+    return {"prompt": prompt, **{name: text[len(prompt) :] for name, text in texts.items()}}
 
 
 def _pairwise(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
@@ -490,8 +558,11 @@ def _pairwise(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, s
     prompt, a, b = (_text(row, plan, name) for name in ("prompt", "response_a", "response_b"))
     preference = _value(row, plan, "preference")
     if isinstance(preference, bool) or preference not in (1, 2):
-        raise RowProblem(Reason.TIE, f"field {plan.label('preference')} is {preference!r}, not 1 "
-                                     "(response_a wins) or 2 (response_b wins)")
+        raise RowProblem(
+            Reason.TIE,
+            f"field {plan.label('preference')} is {preference!r}, not 1 "
+            "(response_a wins) or 2 (response_b wins)",
+        )
     chosen, rejected = (a, b) if preference == 1 else (b, a)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
@@ -519,15 +590,22 @@ def _messages_kind(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[s
     return render_chat(prompt, {plan.responses[0]: last}, tokenizer)
 
 
-def _split_last(messages: list[dict[str, str]], plan: Plan, name: str
-                ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def _split_last(
+    messages: list[dict[str, str]], plan: Plan, name: str
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """A conversation split into its prompt and its last message, which must be the assistant's."""
     if len(messages) < 2:
-        raise RowProblem(Reason.BAD_MESSAGES, f"field {plan.label(name)} has a single message; expected "
-                                              "prompt messages followed by the assistant's completion")
+        raise RowProblem(
+            Reason.BAD_MESSAGES,
+            f"field {plan.label(name)} has a single message; expected "
+            "prompt messages followed by the assistant's completion",
+        )
     if messages[-1]["role"] != "assistant":
-        raise RowProblem(Reason.BAD_MESSAGES, f"the last message of {plan.label(name)} is from "
-                                              f"{messages[-1]['role']!r}, not the assistant's completion")
+        raise RowProblem(
+            Reason.BAD_MESSAGES,
+            f"the last message of {plan.label(name)} is from "
+            f"{messages[-1]['role']!r}, not the assistant's completion",
+        )
     return messages[:-1], messages[-1:]
 
 
@@ -542,15 +620,22 @@ def _sharegpt(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, s
     return render_chat(prompt, responses, tokenizer)
 
 
-_READERS = {"explicit": _explicit, "hh": _hh, "pairwise": _pairwise, "conversational": _conversational,
-            "sharegpt": _sharegpt, "messages": _messages_kind}
+_READERS = {
+    "explicit": _explicit,
+    "hh": _hh,
+    "pairwise": _pairwise,
+    "conversational": _conversational,
+    "sharegpt": _sharegpt,
+    "messages": _messages_kind,
+}
 
 
 # --- chat rendering -------------------------------------------------------------------------------
 
 
-def _shared_prefix(conversations: Mapping[str, list[dict[str, str]]], responses: tuple[str, ...]
-                   ) -> tuple[list[dict[str, str]], dict[str, list[dict[str, str]]]]:
+def _shared_prefix(
+    conversations: Mapping[str, list[dict[str, str]]], responses: tuple[str, ...]
+) -> tuple[list[dict[str, str]], dict[str, list[dict[str, str]]]]:
     """Split full conversations into the prompt they share and what follows (`trl.extract_prompt`)."""
     from trl.data_utils import extract_prompt
 
@@ -558,16 +643,27 @@ def _shared_prefix(conversations: Mapping[str, list[dict[str, str]]], responses:
     for name in responses[1:]:
         if conversations[name] == first:
             raise RowProblem(Reason.IDENTICAL, f"{responses[0]} and {name} are identical conversations")
-    size = min((len(extract_prompt({"chosen": first, "rejected": conversations[name]})["prompt"])
-                for name in responses[1:]), default=len(first) - 1)
+    size = min(
+        (
+            len(extract_prompt({"chosen": first, "rejected": conversations[name]})["prompt"])
+            for name in responses[1:]
+        ),
+        default=len(first) - 1,
+    )
     if size == 0:
-        raise RowProblem(Reason.EMPTY, "the prompt is empty: the conversations share no leading message "
-                                       "(give a prompt column, or full conversations)")
+        raise RowProblem(
+            Reason.EMPTY,
+            "the prompt is empty: the conversations share no leading message "
+            "(give a prompt column, or full conversations)",
+        )
     return first[:size], {name: messages[size:] for name, messages in conversations.items()}
 
 
-def render_chat(prompt: list[dict[str, str]], responses: Mapping[str, list[dict[str, str]]],
-                tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+def render_chat(
+    prompt: list[dict[str, str]],
+    responses: Mapping[str, list[dict[str, str]]],
+    tokenizer: PreTrainedTokenizerBase,
+) -> dict[str, str]:
     """Render a prompt and its responses to strings with the tokenizer's chat template.
 
     Each response is rendered as a prompt-completion pair by `trl.data_utils.apply_chat_template`
@@ -592,10 +688,13 @@ def render_chat(prompt: list[dict[str, str]], responses: Mapping[str, list[dict[
         try:
             rendered[name] = apply_chat_template({"prompt": prompt, "completion": messages}, tokenizer)
         except Exception as e:  # templates raise anything (jinja errors, raise_exception, bad roles)
-            raise RowProblem(Reason.BAD_MESSAGES, f"the chat template rejected the {name} conversation "
-                                                  f"({type(e).__name__}: {str(e).strip()[:200]!r})") from e
+            raise RowProblem(
+                Reason.BAD_MESSAGES,
+                f"the chat template rejected the {name} conversation "
+                f"({type(e).__name__}: {str(e).strip()[:200]!r})",
+            ) from e
     # Usually all rendered prompts are equal; a template that renders a prompt differently per
     # completion (see trl's DeepSeek-R1 note) leaves the differing tail to the responses.
     prompt_text = os.path.commonprefix([r["prompt"] for r in rendered.values()])
     full = {name: r["prompt"] + r["completion"] for name, r in rendered.items()}
-    return {"prompt": prompt_text, **{name: text[len(prompt_text):] for name, text in full.items()}}
+    return {"prompt": prompt_text, **{name: text[len(prompt_text) :] for name, text in full.items()}}

@@ -68,38 +68,52 @@ def check_data_needs(cfg: DataConfig, responses: Sequence[str], fields: Sequence
     _check_needs(cfg, responses, fields)
 
 
-def _check_needs(cfg: DataConfig, responses: Sequence[str],
-                 fields: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _check_needs(
+    cfg: DataConfig, responses: Sequence[str], fields: Sequence[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """`check_data_needs`, returning the responses and fields as tuples."""
     responses = _check_responses(responses)
     fields = _check_fields(fields, responses)
     main = tuple(name for name in responses if name != RETAIN)
     if RETAIN in responses:
         if main != UNPAIRED:
-            raise DataError(f"the pipeline serves a retain response only with the single response "
-                            f"'completion' (responses ('completion', 'retain'): each {{prompt, completion}} "
-                            f"row of data.path is paired with a row of data.retain), but the loss needs "
-                            f"{responses}")
+            raise DataError(
+                f"the pipeline serves a retain response only with the single response "
+                f"'completion' (responses ('completion', 'retain'): each {{prompt, completion}} "
+                f"row of data.path is paired with a row of data.retain), but the loss needs "
+                f"{responses}"
+            )
         if not cfg.retain:
-            raise DataError("this loss needs a retain set: set data.retain=<path> (e.g. the TOFU "
-                            "retain90.json)")
+            raise DataError(
+                "this loss needs a retain set: set data.retain=<path> (e.g. the TOFU retain90.json)"
+            )
     elif cfg.retain:
-        raise DataError(f"data.retain={cfg.retain!r} is set, but this loss does not use a retain set (it "
-                        f"needs the responses {responses}). Fix: remove data.retain, or pick a loss variant "
-                        "that trains on a retain set")
+        raise DataError(
+            f"data.retain={cfg.retain!r} is set, but this loss does not use a retain set (it "
+            f"needs the responses {responses}). Fix: remove data.retain, or pick a loss variant "
+            "that trains on a retain set"
+        )
     if cfg.swap_pairs and responses != PAIR:
-        raise DataError(f"data.swap_pairs=true swaps chosen and rejected of pairs, but this loss needs the "
-                        f"responses {responses}, not {PAIR}. Fix: remove data.swap_pairs")
+        raise DataError(
+            f"data.swap_pairs=true swaps chosen and rejected of pairs, but this loss needs the "
+            f"responses {responses}, not {PAIR}. Fix: remove data.swap_pairs"
+        )
     if LABEL in fields and responses != UNPAIRED:
-        raise DataError(f"the field 'label' (unpaired binary feedback) is served only with the single "
-                        f"response 'completion', but the loss needs the responses {responses}")
+        raise DataError(
+            f"the field 'label' (unpaired binary feedback) is served only with the single "
+            f"response 'completion', but the loss needs the responses {responses}"
+        )
     check_columns(cfg.format, cfg.columns or {}, main, fields)
     return responses, fields
 
 
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                   responses: Sequence[str] = ("chosen", "rejected"), seed: int = 42,
-                   fields: Sequence[str] = ()) -> PreparedData:
+def build_datasets(
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    responses: Sequence[str] = ("chosen", "rejected"),
+    seed: int = 42,
+    fields: Sequence[str] = (),
+) -> PreparedData:
     """Read, normalise, settle, hold out and tokenise (cached) the preference data described by `cfg`.
 
     Args:
@@ -121,15 +135,19 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
     responses, fields = _check_needs(cfg, responses, fields)
     main = tuple(name for name in responses if name != RETAIN)
     eos = eos_id(tokenizer)
-    report = DataReport(source=cfg.path, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                        responses_per_example=len(main))
-    sources = read(cfg, report)                                                  # 1. read
-    plan, rows = normalise(sources, cfg, tokenizer, main, fields, report)        # 2. normalise
-    rows = rows.map(partial(settle, cfg=cfg, report=report))                     # 3. settle bad rows
-    rows = hold_out(rows, cfg, seed, report)                                     # 4. hold out
-    rows = reshape_pairs(rows, plan, cfg, report)                                #    swap or unpair pairs
+    report = DataReport(
+        source=cfg.path,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        responses_per_example=len(main),
+    )
+    sources = read(cfg, report)  # 1. read
+    plan, rows = normalise(sources, cfg, tokenizer, main, fields, report)  # 2. normalise
+    rows = rows.map(partial(settle, cfg=cfg, report=report))  # 3. settle bad rows
+    rows = hold_out(rows, cfg, seed, report)  # 4. hold out
+    rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
     settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts())
-    data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)          # 5. tokenise, 6. cache
+    data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)  # 5. tokenise, 6. cache
     if RETAIN in responses:
         data = with_retain(data, cfg, tokenizer, settings, eos, seed, report)
     return _counted(data, fields, report)
@@ -159,10 +177,17 @@ def _check_fields(fields: Sequence[str], responses: tuple[str, ...]) -> tuple[st
     """Field names must be distinct and clash with no prompt, response or token column."""
     fields = tuple(fields)
     for name in fields:
-        if (not isinstance(name, str) or not name or name.startswith("_") or name in ("prompt", *responses)
-                or name.endswith(TOKEN_SUFFIXES)):
-            raise DataError(f"fields must be distinct names other than 'prompt', the responses {responses} "
-                            f"and token columns (*{', *'.join(TOKEN_SUFFIXES)}), got {fields}")
+        if (
+            not isinstance(name, str)
+            or not name
+            or name.startswith("_")
+            or name in ("prompt", *responses)
+            or name.endswith(TOKEN_SUFFIXES)
+        ):
+            raise DataError(
+                f"fields must be distinct names other than 'prompt', the responses {responses} "
+                f"and token columns (*{', *'.join(TOKEN_SUFFIXES)}), got {fields}"
+            )
     if len(set(fields)) != len(fields):
         raise DataError(f"fields must be distinct, got {fields}")
     return fields

@@ -78,8 +78,9 @@ def _eval_records(cfg: DataConfig) -> list[Record] | None:
     return None
 
 
-def read_source(path: str, *, name: str | None = None, split: str = "train",
-                limit: int | None = None) -> list[Record]:
+def read_source(
+    path: str, *, name: str | None = None, split: str = "train", limit: int | None = None
+) -> list[Record]:
     """Read the rows of a data source.
 
     Args:
@@ -105,13 +106,17 @@ def read_source(path: str, *, name: str | None = None, split: str = "train",
             records = _read_saved(local, path, split, limit)
         elif local.exists():
             if split != "train":  # a file has no splits: reading it as one would give the train rows again
-                raise DataError(f"{path}: split {split!r} was asked for, but a local file or folder of files "
-                                "has no splits. Fix: set data.eval_path to the held-out file (or leave data.split / "
-                                "data.eval_split unset)")
+                raise DataError(
+                    f"{path}: split {split!r} was asked for, but a local file or folder of files "
+                    "has no splits. Fix: set data.eval_path to the held-out file (or leave data.split / "
+                    "data.eval_split unset)"
+                )
             records = _read_local(local, path, limit)
         elif _looks_local(path):
-            raise DataError(f"data file {path!r} does not exist (relative paths start at {os.getcwd()}). "
-                            "Fix: correct data.path / data.eval_path")
+            raise DataError(
+                f"data file {path!r} does not exist (relative paths start at {os.getcwd()}). "
+                "Fix: correct data.path / data.eval_path"
+            )
         else:
             records = _read_hub(path, name, split, limit)
     if not records:
@@ -119,8 +124,9 @@ def read_source(path: str, *, name: str | None = None, split: str = "train",
     return records
 
 
-def builtin_records(path: str, *, heldout: bool = False, n: int | None = None,
-                    limit: int | None = None) -> list[Record]:
+def builtin_records(
+    path: str, *, heldout: bool = False, n: int | None = None, limit: int | None = None
+) -> list[Record]:
     """The rows of an embedded task, e.g. ``builtin:sentiment`` (see `alignlab.builtin.DATASETS`).
 
     Args:
@@ -154,8 +160,9 @@ def _read_local(path: Path, label: str, limit: int | None) -> list[Record]:
     elif path.name.endswith(SUFFIXES):
         files, labels = [path], [label]
     else:
-        raise DataError(f"{label}: unsupported file type. Fix: use one of {', '.join(SUFFIXES)} "
-                        "or a folder of such files")
+        raise DataError(
+            f"{label}: unsupported file type. Fix: use one of {', '.join(SUFFIXES)} or a folder of such files"
+        )
     rows = (record for file, name in zip(files, labels, strict=True) for record in _read_file(file, name))
     return list(islice(rows, limit))
 
@@ -180,8 +187,10 @@ def _read_text(path: Path, label: str) -> str:
                 return f.read()
         return path.read_text(encoding="utf-8")
     except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{label}: cannot read the file ({e}). Fix: check that it is UTF-8 "
-                        "JSON and, for .gz, a complete gzip file") from None
+        raise DataError(
+            f"{label}: cannot read the file ({e}). Fix: check that it is UTF-8 "
+            "JSON and, for .gz, a complete gzip file"
+        ) from None
 
 
 def _read_json(text: str, label: str) -> Iterator[Record]:
@@ -192,12 +201,16 @@ def _read_json(text: str, label: str) -> Iterator[Record]:
         if e.msg == "Extra data":  # several top-level values: JSON lines under a .json name
             yield from _read_jsonl(text.splitlines(), label)
             return
-        raise DataError(f"{label}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}). Fix: repair "
-                        "the file; a .json file holds one list of row objects (use .jsonl for one "
-                        "object per line)") from None
+        raise DataError(
+            f"{label}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}). Fix: repair "
+            "the file; a .json file holds one list of row objects (use .jsonl for one "
+            "object per line)"
+        ) from None
     if not isinstance(data, list):
-        raise DataError(f"{label}: expected a JSON list of row objects, found a {type(data).__name__}. "
-                        "Fix: store the rows as [{...}, {...}] or as .jsonl")
+        raise DataError(
+            f"{label}: expected a JSON list of row objects, found a {type(data).__name__}. "
+            "Fix: store the rows as [{...}, {...}] or as .jsonl"
+        )
     for i, row in enumerate(data):
         yield RowRef(label, i), _object(row, RowRef(label, i))
 
@@ -211,8 +224,12 @@ def _read_jsonl(lines: list[str], label: str) -> Iterator[Record]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            yield ref, BadRow(ref, Reason.CORRUPT_JSON, f"line {i + 1} is not valid JSON ({e.msg} at "
-                                                        f"column {e.colno})")
+            yield (
+                ref,
+                BadRow(
+                    ref, Reason.CORRUPT_JSON, f"line {i + 1} is not valid JSON ({e.msg} at column {e.colno})"
+                ),
+            )
             continue
         yield ref, _object(row, ref)
 
@@ -236,8 +253,10 @@ def _read_parquet(path: Path, label: str) -> Iterator[Record]:
                 yield RowRef(label, index), row
                 index += 1
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for unreadable files
-        raise DataError(f"{label}: cannot read the Parquet file ({type(e).__name__}: "
-                        f"{first_line(e)}). Fix: re-export it, or convert it to .jsonl") from e
+        raise DataError(
+            f"{label}: cannot read the Parquet file ({type(e).__name__}: "
+            f"{first_line(e)}). Fix: re-export it, or convert it to .jsonl"
+        ) from e
 
 
 def _read_csv(path: Path, label: str) -> Iterator[Record]:
@@ -248,12 +267,15 @@ def _read_csv(path: Path, label: str) -> Iterator[Record]:
 
     tsv = ".tsv" in path.name
     try:
-        table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if tsv else ",",
-                                                                    newlines_in_values=True))
+        table = pcsv.read_csv(
+            path, parse_options=pcsv.ParseOptions(delimiter="\t" if tsv else ",", newlines_in_values=True)
+        )
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{label}: cannot read the {'TSV' if tsv else 'CSV'} file ({first_line(e)}). Fix: give "
-                        "every line as many fields as the header row, quoting values that hold "
-                        f"{'tabs' if tsv else 'commas'} or line breaks, in UTF-8") from None
+        raise DataError(
+            f"{label}: cannot read the {'TSV' if tsv else 'CSV'} file ({first_line(e)}). Fix: give "
+            "every line as many fields as the header row, quoting values that hold "
+            f"{'tabs' if tsv else 'commas'} or line breaks, in UTF-8"
+        ) from None
     for index, row in enumerate(table.to_pylist()):
         yield RowRef(label, index), row
 
@@ -265,12 +287,16 @@ def _read_saved(path: Path, label: str, split: str, limit: int | None) -> list[R
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - datasets raises many types for a damaged folder
-        raise DataError(f"{label}: cannot load the saved dataset ({type(e).__name__}: {first_line(e)}). "
-                        "Fix: save it again with Dataset.save_to_disk / DatasetDict.save_to_disk") from None
+        raise DataError(
+            f"{label}: cannot load the saved dataset ({type(e).__name__}: {first_line(e)}). "
+            "Fix: save it again with Dataset.save_to_disk / DatasetDict.save_to_disk"
+        ) from None
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
-            raise DataError(f"{label} is a DatasetDict without the split {split!r}. Fix: set data.split (or "
-                            f"data.eval_split) to one of {', '.join(dataset)}")
+            raise DataError(
+                f"{label} is a DatasetDict without the split {split!r}. Fix: set data.split (or "
+                f"data.eval_split) to one of {', '.join(dataset)}"
+            )
         dataset, label = dataset[split], f"{label}[{split}]"
     return _dataset_records(dataset, label, limit)
 
@@ -289,8 +315,10 @@ def _read_hub(path: str, name: str | None, split: str, limit: int | None) -> lis
     try:
         dataset = datasets.load_dataset(path, name, split=split)
     except Exception as e:  # the hub raises many types: connection, not found, bad config or split
-        raise DataError(f"data.path={path!r} is not an existing local file or folder (relative paths start "
-                        f"at {os.getcwd()}), and Hugging Face datasets could not load it from the hub or the local "
-                        f"cache ({type(e).__name__}: {first_line(e)}). Fix: correct the path, or the dataset name, "
-                        "data.name and data.split") from e
+        raise DataError(
+            f"data.path={path!r} is not an existing local file or folder (relative paths start "
+            f"at {os.getcwd()}), and Hugging Face datasets could not load it from the hub or the local "
+            f"cache ({type(e).__name__}: {first_line(e)}). Fix: correct the path, or the dataset name, "
+            "data.name and data.split"
+        ) from e
     return _dataset_records(dataset, f"hub {path}[{split}]", limit)

@@ -25,17 +25,28 @@ if TYPE_CHECKING:
 RETAIN = "retain"
 
 
-def with_retain(data: TokenizedSplits, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                settings: TokenizeSettings, eos_token_id: int, seed: int,
-                report: DataReport) -> TokenizedSplits:
+def with_retain(
+    data: TokenizedSplits,
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TokenizeSettings,
+    eos_token_id: int,
+    seed: int,
+    report: DataReport,
+) -> TokenizedSplits:
     """`data` with a retain partner for every example (`pair_with_retain`)."""
     retain_set, hit = _retain_dataset(cfg, tokenizer, settings, eos_token_id, report)
     train, held_out = _pair_with_retain(data.train, data.eval, retain_set, seed, report)
     return TokenizedSplits(train, held_out, data.cache_hit and hit)
 
 
-def _retain_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings,
-                    eos_token_id: int, report: DataReport) -> tuple[datasets.Dataset, bool]:
+def _retain_dataset(
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TokenizeSettings,
+    eos_token_id: int,
+    report: DataReport,
+) -> tuple[datasets.Dataset, bool]:
     """The tokenized rows of `data.retain` (``prompt_ids``, ``completion_ids``), read like `data.path`.
 
     The retain source gets its own cache entry, keyed by its content like any split. `data.limit`
@@ -47,8 +58,9 @@ def _retain_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, setting
     report.retain_rows_read = len(records)
     fields = {name for name, _ in settings.fields}  # read from data.path only
     columns = {key: value for key, value in (cfg.columns or {}).items() if key not in fields}
-    plan = plan_of(records, cfg.format, columns, UNPAIRED, (), tokenizer, cfg.retain,
-                   f"the retain set {cfg.retain}")
+    plan = plan_of(
+        records, cfg.format, columns, UNPAIRED, (), tokenizer, cfg.retain, f"the retain set {cfg.retain}"
+    )
     report.retain_format = plan.kind
     rows = settle(normalize(records, plan, tokenizer), cfg, report)
     retain_settings = replace(settings, format=plan.kind, chat=plan.chat, responses=UNPAIRED, fields=())
@@ -57,8 +69,13 @@ def _retain_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, setting
     return dataset, hit
 
 
-def _pair_with_retain(train: datasets.Dataset, held_out: datasets.Dataset | None, retain: datasets.Dataset,
-                      seed: int, report: DataReport) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def _pair_with_retain(
+    train: datasets.Dataset,
+    held_out: datasets.Dataset | None,
+    retain: datasets.Dataset,
+    seed: int,
+    report: DataReport,
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Give every example a retain partner: the retain rows shuffled with `seed`, cycled.
 
     Train example i gets shuffled retain row ``i mod R``; eval example j continues the cycle with

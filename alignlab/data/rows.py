@@ -64,12 +64,13 @@ FIXES: dict[str, str] = {
     Reason.PROMPT_TOO_LONG: "raise data.max_prompt_length or set data.prompt_truncation=keep_end",
     Reason.EMPTY_AFTER_TRUNCATION: "raise data.max_length or lower data.max_prompt_length",
     Reason.CORRUPT_JSON: "repair or delete the line",
-    Reason.NOT_AN_OBJECT: "make every row a JSON object such as {\"prompt\": ..., \"chosen\": ..., "
-    "\"rejected\": ...}",
+    Reason.NOT_AN_OBJECT: 'make every row a JSON object such as {"prompt": ..., "chosen": ..., '
+    '"rejected": ...}',
     Reason.BAD_LABEL: "make the label a JSON boolean, true (desirable) or false (undesirable); 1 and 0 "
     "are accepted too",
     Reason.BAD_FIELD: "make the field a number (true/false, an integer or a finite float)",
 }
+
 
 @dataclass(frozen=True)
 class RowRef:
@@ -214,28 +215,37 @@ class DataReport:
 
     def summary(self) -> str:
         """A short human-readable account, e.g. for the console."""
-        head = (f"data {self.source} ({self.format}): read {self.rows_read} rows, kept {self.rows_kept} "
-                f"(train {self.train_rows}, eval {self.eval_rows}), skipped {self.rows_skipped}")
+        head = (
+            f"data {self.source} ({self.format}): read {self.rows_read} rows, kept {self.rows_kept} "
+            f"(train {self.train_rows}, eval {self.eval_rows}), skipped {self.rows_skipped}"
+        )
         lines = [head]
         for reason, count in self.skipped.items():
-            lines.append(f"  skipped {count.count} x {reason}{self.limit(reason)}: e.g. "
-                         f"{_rows_text(count.examples)}")
+            lines.append(
+                f"  skipped {count.count} x {reason}{self.limit(reason)}: e.g. {_rows_text(count.examples)}"
+            )
         if self.unpaired_from_pairs:
-            lines.append(f"  unpaired {self.pairs_unpaired} pairs into single completions: chosen labelled "
-                         "True (desirable), rejected False (undesirable)")
+            lines.append(
+                f"  unpaired {self.pairs_unpaired} pairs into single completions: chosen labelled "
+                "True (desirable), rejected False (undesirable)"
+            )
         if self.pairs_swapped:
             lines.append(f"  swapped chosen and rejected in {self.pairs_swapped} pairs (data.swap_pairs)")
         if self.desirable_rows or self.undesirable_rows:
             lines.append(f"  labels: {self.desirable_rows} desirable, {self.undesirable_rows} undesirable")
         if self.retain_source is not None:
-            lines.append(f"  retain {self.retain_source} ({self.retain_format}): read "
-                         f"{self.retain_rows_read} rows, {self.retain_rows} usable, {self.retain_rows_used} "
-                         "paired with examples")
+            lines.append(
+                f"  retain {self.retain_source} ({self.retain_format}): read "
+                f"{self.retain_rows_read} rows, {self.retain_rows} usable, {self.retain_rows_used} "
+                "paired with examples"
+            )
         cache = "hit" if self.cache_hit else "miss"
-        lines.append(f"  truncated {self.prompts_truncated} prompts (to data.max_prompt_length="
-                     f"{self.max_prompt_length}) and {self.responses_truncated} responses (to fit "
-                     f"data.max_length={self.max_length}); "
-                     f"tokenized cache {cache}")
+        lines.append(
+            f"  truncated {self.prompts_truncated} prompts (to data.max_prompt_length="
+            f"{self.max_prompt_length}) and {self.responses_truncated} responses (to fit "
+            f"data.max_length={self.max_length}); "
+            f"tokenized cache {cache}"
+        )
         return "\n".join(lines + self.warnings())
 
     def limit(self, reason: str) -> str:
@@ -250,23 +260,28 @@ class DataReport:
         """Every skip reason with its count and limit, most frequent first, e.g. "999 x prompt too long
         (over data.max_prompt_length=16 tokens), 1 x empty prompt or response"."""
         counts = sorted(self.skipped.items(), key=lambda item: -item[1].count)
-        return ", ".join(f"{count.count} x {reason}{self.limit(reason)}"
-                         for reason, count in counts) or "none"
+        return (
+            ", ".join(f"{count.count} x {reason}{self.limit(reason)}" for reason, count in counts) or "none"
+        )
 
     def warnings(self) -> list[str]:
         """Lines for what is allowed but probably not meant: most prompts or responses truncated."""
         examples = self.rows_kept + self.retain_rows
         lines = []
         if examples and self.prompts_truncated * 2 > examples:
-            lines.append(f"  warning: {self.prompts_truncated} of {examples} prompts "
-                         f"({100 * self.prompts_truncated // examples}%) were cut to data.max_prompt_length="
-                         f"{self.max_prompt_length} tokens: the model sees little of them. Fix: raise "
-                         "data.max_prompt_length (and data.max_length)")
+            lines.append(
+                f"  warning: {self.prompts_truncated} of {examples} prompts "
+                f"({100 * self.prompts_truncated // examples}%) were cut to data.max_prompt_length="
+                f"{self.max_prompt_length} tokens: the model sees little of them. Fix: raise "
+                "data.max_prompt_length (and data.max_length)"
+            )
         responses = self.rows_kept * self.responses_per_example + self.retain_rows
         if responses and self.responses_truncated * 2 > responses:
-            lines.append(f"  warning: {self.responses_truncated} of {responses} responses "
-                         f"({100 * self.responses_truncated // responses}%) were cut to fit data.max_length="
-                         f"{self.max_length} tokens (losing their EOS). Fix: raise data.max_length")
+            lines.append(
+                f"  warning: {self.responses_truncated} of {responses} responses "
+                f"({100 * self.responses_truncated // responses}%) were cut to fit data.max_length="
+                f"{self.max_length} tokens (losing their EOS). Fix: raise data.max_length"
+            )
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,8 +305,10 @@ def settle(rows: Normalized, cfg: DataConfig, report: DataReport) -> Normalized:
         counted = DataReport(cfg.path, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         counted.add_skipped(rows.bad[1:])
         reasons = f": {counted.skip_text()}" if others else ""
-        raise DataError(f"{first.message()} ({others} other bad row{plural} found{reasons}; or set "
-                        "data.on_bad_row=skip to drop and count bad rows)")
+        raise DataError(
+            f"{first.message()} ({others} other bad row{plural} found{reasons}; or set "
+            "data.on_bad_row=skip to drop and count bad rows)"
+        )
     report.add_skipped(rows.bad)
     rows.bad = []
     return rows
@@ -303,5 +320,7 @@ def nothing_left(source: str, name: str, report: DataReport) -> DataError:
     reasons = sorted(report.skipped, key=lambda reason: -report.skipped[reason].count)
     fix = FIXES[reasons[0]] if reasons else "check the data, data.format and data.columns"
     held = f", {report.eval_rows} held out for evaluation" if name == "train" and report.eval_rows else ""
-    return DataError(f"{source}: no usable {name} rows left of {report.rows_read} read{held}; skipped "
-                     f"{report.skip_text()}. Fix: {fix}")
+    return DataError(
+        f"{source}: no usable {name} rows left of {report.rows_read} read{held}; skipped "
+        f"{report.skip_text()}. Fix: {fix}"
+    )

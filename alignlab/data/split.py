@@ -52,8 +52,9 @@ def eval_count(eval_size: float, rows: int) -> int:
     return int(eval_size)
 
 
-def _hold_out_of(rows: Normalized, cfg: DataConfig, seed: int,
-                 report: DataReport) -> tuple[Normalized, Normalized | None]:
+def _hold_out_of(
+    rows: Normalized, cfg: DataConfig, seed: int, report: DataReport
+) -> tuple[Normalized, Normalized | None]:
     """Split usable rows into train and a seeded random eval sample; both keep source order."""
     if not rows.rows:
         raise nothing_left(cfg.path, "train", report)
@@ -61,9 +62,11 @@ def _hold_out_of(rows: Normalized, cfg: DataConfig, seed: int,
     if size == 0:
         return rows, None
     if size >= len(rows.rows):
-        raise DataError(f"data.eval_size={cfg.eval_size} holds out {size} of the {len(rows.rows)} usable "
-                        f"rows of {cfg.path}, leaving none to train on. Fix: lower data.eval_size or set "
-                        "data.eval_path")
+        raise DataError(
+            f"data.eval_size={cfg.eval_size} holds out {size} of the {len(rows.rows)} usable "
+            f"rows of {cfg.path}, leaving none to train on. Fix: lower data.eval_size or set "
+            "data.eval_path"
+        )
     order = list(range(len(rows.rows)))
     random.Random(seed).shuffle(order)
     held = set(order[:size])

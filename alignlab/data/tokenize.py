@@ -70,11 +70,25 @@ class TokenizeSettings:
     fields: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def of(cls, cfg: DataConfig, kind: str, chat: bool, responses: tuple[str, ...], fields: tuple[str, ...],
-           parts: Sequence[Normalized]) -> TokenizeSettings:
+    def of(
+        cls,
+        cfg: DataConfig,
+        kind: str,
+        chat: bool,
+        responses: tuple[str, ...],
+        fields: tuple[str, ...],
+        parts: Sequence[Normalized],
+    ) -> TokenizeSettings:
         """The settings of a run's splits (`parts`, whose field values are cast to one type per field)."""
-        return cls(cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation, kind, chat, responses,
-                   field_types(fields, parts))
+        return cls(
+            cfg.max_length,
+            cfg.max_prompt_length,
+            cfg.prompt_truncation,
+            kind,
+            chat,
+            responses,
+            field_types(fields, parts),
+        )
 
 
 def field_types(fields: tuple[str, ...], parts: Sequence[Normalized]) -> tuple[tuple[str, str], ...]:
@@ -116,8 +130,9 @@ class Fitted:
         return cls([], [[] for _ in settings.responses], reason=reason, detail=detail)
 
 
-def fit(prompt_ids: list[int], response_ids: Sequence[list[int]], eos_token_id: int,
-        settings: TokenizeSettings) -> Fitted:
+def fit(
+    prompt_ids: list[int], response_ids: Sequence[list[int]], eos_token_id: int, settings: TokenizeSettings
+) -> Fitted:
     """Append EOS to each response and apply the length limits.
 
     A prompt over `max_prompt_length` is a bad row (`prompt_truncation=error`) or keeps its last
@@ -133,8 +148,12 @@ def fit(prompt_ids: list[int], response_ids: Sequence[list[int]], eos_token_id: 
     out = Fitted(prompt_ids)
     if len(prompt_ids) > settings.max_prompt_length:
         if settings.prompt_truncation == "error":
-            return Fitted.bad(Reason.PROMPT_TOO_LONG, f"the prompt has {len(prompt_ids)} tokens, more than "
-                              f"data.max_prompt_length={settings.max_prompt_length}", settings)
+            return Fitted.bad(
+                Reason.PROMPT_TOO_LONG,
+                f"the prompt has {len(prompt_ids)} tokens, more than "
+                f"data.max_prompt_length={settings.max_prompt_length}",
+                settings,
+            )
         keep = settings.max_prompt_length
         out.prompt_ids = prompt_ids[-keep:] if settings.prompt_truncation == "keep_end" else prompt_ids[:keep]
         out.prompt_truncated = True
@@ -142,11 +161,13 @@ def fit(prompt_ids: list[int], response_ids: Sequence[list[int]], eos_token_id: 
     for name, ids in zip(settings.responses, response_ids, strict=True):
         ids = _with_eos(ids, eos_token_id, settings.chat)
         if len(ids) > budget:
-            ids = ids[:max(budget, 0)]
+            ids = ids[: max(budget, 0)]
             out.responses_truncated += 1
         if not ids:
-            detail = (f"the {name} response has no token left after a {len(out.prompt_ids)}-token prompt "
-                      f"within data.max_length={settings.max_length}")
+            detail = (
+                f"the {name} response has no token left after a {len(out.prompt_ids)}-token prompt "
+                f"within data.max_length={settings.max_length}"
+            )
             return Fitted.bad(Reason.EMPTY_AFTER_TRUNCATION, detail, settings)
         out.response_ids.append(ids)
     return out
@@ -162,8 +183,12 @@ def _with_eos(ids: list[int], eos_token_id: int, chat: bool) -> list[int]:
     return list(ids) if present else [*ids, eos_token_id]
 
 
-def encode_batch(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings,
-                 eos_token_id: int) -> dict[str, list[Any]]:
+def encode_batch(
+    batch: dict[str, list[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TokenizeSettings,
+    eos_token_id: int,
+) -> dict[str, list[Any]]:
     """`datasets.Dataset.map` function (batched): canonical strings -> fitted ids and metadata."""
     prompts = tokenizer(batch["prompt"], add_special_tokens=not settings.chat)["input_ids"]
     responses = [tokenizer(batch[name], add_special_tokens=False)["input_ids"] for name in settings.responses]
@@ -184,8 +209,12 @@ def encode_batch(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase
 
 def output_columns(settings: TokenizeSettings) -> list[str]:
     """The token columns, the field columns, then the metadata columns."""
-    return ["prompt_ids", *(f"{name}_ids" for name in settings.responses),
-            *(name for name, _ in settings.fields), *META_COLUMNS]
+    return [
+        "prompt_ids",
+        *(f"{name}_ids" for name in settings.responses),
+        *(name for name, _ in settings.fields),
+        *META_COLUMNS,
+    ]
 
 
 def _features(settings: TokenizeSettings) -> datasets.Features:
@@ -194,13 +223,28 @@ def _features(settings: TokenizeSettings) -> datasets.Features:
 
     ids = {column: List(Value("int32")) for column in output_columns(settings)[: 1 + len(settings.responses)]}
     fields = {name: Value(dtype) for name, dtype in settings.fields}
-    return Features({**ids, **fields, BAD_REASON: Value("string"), BAD_DETAIL: Value("string"),
-                     PROMPT_TRUNCATED: Value("bool"), RESPONSES_TRUNCATED: Value("int32")})
+    return Features(
+        {
+            **ids,
+            **fields,
+            BAD_REASON: Value("string"),
+            BAD_DETAIL: Value("string"),
+            PROMPT_TRUNCATED: Value("bool"),
+            RESPONSES_TRUNCATED: Value("int32"),
+        }
+    )
 
 
-def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
-                  settings: TokenizeSettings, *, eos_token_id: int, cache_dir: str | Path | None = None,
-                  num_proc: int = 1, desc: str = "Tokenizing") -> tuple[datasets.Dataset, bool]:
+def tokenize_rows(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TokenizeSettings,
+    *,
+    eos_token_id: int,
+    cache_dir: str | Path | None = None,
+    num_proc: int = 1,
+    desc: str = "Tokenizing",
+) -> tuple[datasets.Dataset, bool]:
     """Tokenize canonical rows, or load the result of an identical earlier call (`cache.cached`).
 
     Args:
@@ -221,9 +265,13 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizer
     def build(key: str) -> datasets.Dataset:
         table = datasets.Dataset.from_list(list(rows))
         return table.map(
-            encode_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
-            remove_columns=table.column_names, features=_features(settings),
-            new_fingerprint=key[:32], desc=desc,  # datasets caps fingerprints at 64 characters
+            encode_batch,
+            batched=True,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=table.column_names,
+            features=_features(settings),
+            new_fingerprint=key[:32],
+            desc=desc,  # datasets caps fingerprints at 64 characters
             fn_kwargs={"tokenizer": tokenizer, "settings": settings, "eos_token_id": eos_token_id},
         )
 
@@ -239,19 +287,34 @@ class TokenizedSplits:
     cache_hit: bool
 
 
-def tokenize_splits(rows: Splits, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings,
-                    eos_token_id: int, cfg: DataConfig, report: DataReport) -> TokenizedSplits:
+def tokenize_splits(
+    rows: Splits,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TokenizeSettings,
+    eos_token_id: int,
+    cfg: DataConfig,
+    report: DataReport,
+) -> TokenizedSplits:
     """Stages 5 and 6 for the train and eval splits (`tokenize_split`)."""
     report.eval_rows = len(rows.eval.rows) if rows.eval is not None else 0  # for a message; counted at last
     train, train_hit = tokenize_split("train", rows.train, tokenizer, settings, eos_token_id, cfg, report)
-    held_out, eval_hit = (tokenize_split("eval", rows.eval, tokenizer, settings, eos_token_id, cfg, report)
-                          if rows.eval is not None else (None, True))
+    held_out, eval_hit = (
+        tokenize_split("eval", rows.eval, tokenizer, settings, eos_token_id, cfg, report)
+        if rows.eval is not None
+        else (None, True)
+    )
     return TokenizedSplits(train, held_out, train_hit and eval_hit)
 
 
-def tokenize_split(name: str, part: Normalized, tokenizer: PreTrainedTokenizerBase,
-                   settings: TokenizeSettings, eos_token_id: int, cfg: DataConfig,
-                   report: DataReport) -> tuple[datasets.Dataset, bool]:
+def tokenize_split(
+    name: str,
+    part: Normalized,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TokenizeSettings,
+    eos_token_id: int,
+    cfg: DataConfig,
+    report: DataReport,
+) -> tuple[datasets.Dataset, bool]:
     """Stage 5: tokenize one split (train, eval or retain; or load it from the cache), settle the rows
     that tokenization flagged (`rows.settle`), count truncations, and drop the metadata columns.
 
@@ -263,13 +326,20 @@ def tokenize_split(name: str, part: Normalized, tokenizer: PreTrainedTokenizerBa
     """
     dataset, hit = None, True
     if part.rows:
-        tokenized, hit = tokenize_rows(part.rows, tokenizer, settings, eos_token_id=eos_token_id,
-                                       cache_dir=cfg.cache_dir, num_proc=cfg.num_proc,
-                                       desc=f"Tokenizing {name}")
+        tokenized, hit = tokenize_rows(
+            part.rows,
+            tokenizer,
+            settings,
+            eos_token_id=eos_token_id,
+            cache_dir=cfg.cache_dir,
+            num_proc=cfg.num_proc,
+            desc=f"Tokenizing {name}",
+        )
         meta = tokenized.select_columns(list(META_COLUMNS)).to_dict()
         reasons = meta[BAD_REASON]
-        bad = [BadRow(part.refs[i], reason, meta[BAD_DETAIL][i])
-               for i, reason in enumerate(reasons) if reason]
+        bad = [
+            BadRow(part.refs[i], reason, meta[BAD_DETAIL][i]) for i, reason in enumerate(reasons) if reason
+        ]
         bad = list(dict.fromkeys(bad))  # the two examples of an unpaired pair fail together: one bad row
         settle(Normalized(bad=bad), cfg, report)
         good = [i for i, reason in enumerate(reasons) if not reason]
@@ -289,6 +359,8 @@ def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         name = getattr(tokenizer, "name_or_path", "")
-        raise DataError(f"tokenizer {name!r} has no eos_token_id, which ends every response. Fix: set "
-                        "tokenizer.eos_token, or use a tokenizer that has one")
+        raise DataError(
+            f"tokenizer {name!r} has no eos_token_id, which ends every response. Fix: set "
+            "tokenizer.eos_token, or use a tokenizer that has one"
+        )
     return int(eos)

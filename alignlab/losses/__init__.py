@@ -8,8 +8,8 @@ end-of-run summary `Loss.headline`, the curves `Loss.curves`, and `alignlab list
 
 from __future__ import annotations
 
-import difflib
 import dataclasses
+import difflib
 
 from alignlab.losses.base import REGISTRY, Entry, Loss, LossInputs, LossOutput, Needs, SequenceLogps, register
 
@@ -62,8 +62,35 @@ def build(cfg) -> Loss:
 
 
 # One import line per loss file.
-from alignlab.losses import aligndistil, asft, bco, dpo, modpo, npo, rdpo, rpo, sft, sparsepo, tdpo, tpo  # noqa: E402,F401
-from alignlab.losses import combo, cpo, orpo, simpo  # noqa: E402,F401
+from alignlab.losses import (  # noqa: E402,F401  # noqa: E402,F401
+    aligndistil,
+    asft,
+    bco,
+    combo,
+    cpo,
+    dpo,
+    modpo,
+    npo,
+    orpo,
+    rdpo,
+    rpo,
+    sft,
+    simpo,
+    sparsepo,
+    tdpo,
+    tpo,
+)
 
-__all__ = ["REGISTRY", "Entry", "Loss", "LossInputs", "LossOutput", "Needs", "SequenceLogps", "build", "get", "option_values",
-           "register"]
+__all__ = [
+    "REGISTRY",
+    "Entry",
+    "Loss",
+    "LossInputs",
+    "LossOutput",
+    "Needs",
+    "SequenceLogps",
+    "build",
+    "get",
+    "option_values",
+    "register",
+]

@@ -67,8 +67,12 @@ class AlignDistil(Loss):
 
     def __init__(self, cfg: AlignDistilConfig) -> None:
         super().__init__(cfg)
-        self.needs = Needs(reference=False, full_logits=True, responses=("chosen",),
-                           teachers=(("dpo", cfg.dpo_teacher), ("reverse", cfg.reverse_teacher)))
+        self.needs = Needs(
+            reference=False,
+            full_logits=True,
+            responses=("chosen",),
+            teachers=(("dpo", cfg.dpo_teacher), ("reverse", cfg.reverse_teacher)),
+        )
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

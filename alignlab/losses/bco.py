@@ -35,7 +35,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from alignlab.losses.base import (
-    PAIRWISE_HEADLINE, Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics, register,
+    PAIRWISE_HEADLINE,
+    Loss,
+    LossInputs,
+    LossOutput,
+    Needs,
+    PrepareContext,
+    preference_metrics,
+    register,
 )
 
 UDM_WEIGHT = "udm_weight"
@@ -61,11 +68,15 @@ class BCOConfig:
         if self.beta <= 0:
             raise ValueError(f"loss.beta must be > 0, got {self.beta}")
         if self.paired and self.udm:
-            raise ValueError("loss.udm weights unpaired examples by their prompt and has no effect on pairs that "
-                             "share one; set loss.udm=false with loss.paired=true")
+            raise ValueError(
+                "loss.udm weights unpaired examples by their prompt and has no effect on pairs that "
+                "share one; set loss.udm=false with loss.paired=true"
+            )
         if not 0 < self.min_density_ratio <= self.max_density_ratio:
-            raise ValueError("need 0 < loss.min_density_ratio <= loss.max_density_ratio, got "
-                             f"{self.min_density_ratio}, {self.max_density_ratio}")
+            raise ValueError(
+                "need 0 < loss.min_density_ratio <= loss.max_density_ratio, got "
+                f"{self.min_density_ratio}, {self.max_density_ratio}"
+            )
         if self.prompt_sample_size < 1:
             raise ValueError(f"loss.prompt_sample_size must be >= 1, got {self.prompt_sample_size}")
 
@@ -86,8 +97,10 @@ class BCO(Loss):
     paper = "Jung et al. 2024, arXiv:2404.04656"
     headline = {**PAIRWISE_HEADLINE, "eval_delta": "reward shift δ    {:.4f}"}
     curves = ("delta",)
-    per_batch_state = ("δ is the running mean of the rewards seen so far, updated with each forward batch before "
-                       "its loss (TRL's BCOTrainer): with gradient accumulation each micro-batch sees its own δ")
+    per_batch_state = (
+        "δ is the running mean of the rewards seen so far, updated with each forward batch before "
+        "its loss (TRL's BCOTrainer): with gradient accumulation each micro-batch sees its own δ"
+    )
 
     def __init__(self, cfg: BCOConfig) -> None:
         super().__init__(cfg)
@@ -98,8 +111,12 @@ class BCO(Loss):
         if cfg.paired:
             self.needs = Needs(reference=True)
         else:
-            self.needs = Needs(reference=True, responses=("completion",), fields=("label",),
-                               prepared_fields=(UDM_WEIGHT,) if cfg.udm else ())
+            self.needs = Needs(
+                reference=True,
+                responses=("completion",),
+                fields=("label",),
+                prepared_fields=(UDM_WEIGHT,) if cfg.udm else (),
+            )
 
     # -- the reward shift -------------------------------------------------------------------------
     def _update_delta(self, total: torch.Tensor, count: torch.Tensor) -> None:
@@ -118,7 +135,9 @@ class BCO(Loss):
         chosen = beta * (batch.policy["chosen"].logps - batch.reference["chosen"].logps)
         rejected = beta * (batch.policy["rejected"].logps - batch.reference["rejected"].logps)
         if batch.training:  # δ follows the per-batch mean reward: one sample per batch (per process)
-            self._update_delta(torch.cat([chosen, rejected]).detach().mean(), torch.ones((), dtype=torch.float64))
+            self._update_delta(
+                torch.cat([chosen, rejected]).detach().mean(), torch.ones((), dtype=torch.float64)
+            )
         delta = self.running_mean.to(chosen.dtype)
         losses = F.softplus(-(chosen - delta)) + F.softplus(rejected - delta)
         metrics = preference_metrics(batch, chosen, rejected)
@@ -130,7 +149,9 @@ class BCO(Loss):
         rewards = self.cfg.beta * (completion.logps - batch.reference["completion"].logps)
         desirable = batch.fields["label"].bool()
         if batch.training:
-            self._update_delta(rewards.detach().sum(), torch.tensor(float(rewards.numel()), dtype=torch.float64))
+            self._update_delta(
+                rewards.detach().sum(), torch.tensor(float(rewards.numel()), dtype=torch.float64)
+            )
         delta = self.running_mean.to(rewards.dtype)
         weight = batch.fields[UDM_WEIGHT].to(rewards.dtype) if self.cfg.udm else torch.ones_like(rewards)
         losses = torch.where(desirable, F.softplus(-(rewards - delta)), weight * F.softplus(rewards - delta))
@@ -157,8 +178,10 @@ class BCO(Loss):
         for kind in (True, False):
             idx = [i for i, label in enumerate(labels) if label == kind]
             if not idx:
-                raise ValueError("loss.udm=true needs both desirable and undesirable examples in the training data; "
-                                 "set loss.udm=false")
+                raise ValueError(
+                    "loss.udm=true needs both desirable and undesirable examples in the training data; "
+                    "set loss.udm=false"
+                )
             order = torch.randperm(len(idx), generator=gen)[: self.cfg.prompt_sample_size]
             sample += [idx[i] for i in order.tolist()]
         x = self._embed([prompts[i] for i in sample], ctx).double().cpu().numpy()
@@ -182,8 +205,10 @@ class BCO(Loss):
         for ids in dataset["prompt_ids"]:
             unique.setdefault(tuple(ids), len(unique))
         weights = self.density_ratio_weights(self._embed([list(k) for k in unique], ctx))
-        per_row = [1.0 if label else float(weights[unique[tuple(ids)]])
-                   for ids, label in zip(dataset["prompt_ids"], dataset["label"])]
+        per_row = [
+            1.0 if label else float(weights[unique[tuple(ids)]])
+            for ids, label in zip(dataset["prompt_ids"], dataset["label"])
+        ]
         return dataset.add_column(UDM_WEIGHT, per_row)
 
     def _embed(self, prompts: list[list[int]], ctx: PrepareContext) -> torch.Tensor:
@@ -191,6 +216,8 @@ class BCO(Loss):
             module, _, func = self.cfg.embedding.partition(":")
             return getattr(importlib.import_module(module), func)(prompts, ctx)
         if ctx.embed_prompts is None:
-            raise ValueError("loss.embedding=reference_mean embeds prompts with the reference model, and this run "
-                             "has none; name an embedding function as loss.embedding=module:function")
+            raise ValueError(
+                "loss.embedding=reference_mean embeds prompts with the reference model, and this run "
+                "has none; name an embedding function as loss.embedding=module:function"
+            )
         return ctx.embed_prompts(prompts)

@@ -56,8 +56,10 @@ class ComboConfig:
             allowed = {f.name for f in fields(REGISTRY[name].config)} - {"name"}
             unknown = set(options) - allowed
             if unknown:
-                raise ValueError(f"loss.term_options.{name} has no option {sorted(unknown)}; its options: "
-                                 f"{', '.join(sorted(allowed))}")
+                raise ValueError(
+                    f"loss.term_options.{name} has no option {sorted(unknown)}; its options: "
+                    f"{', '.join(sorted(allowed))}"
+                )
             REGISTRY[name].config(**options)  # its own checks
 
 
@@ -69,8 +71,10 @@ def merge_needs(needs: list[Needs]) -> Needs:
     shapes = {("completion" in n.responses, "retain" in n.responses) for n in needs}
     if len(shapes) > 1:
         shapes_text = [n.responses for n in needs]
-        raise ValueError(f"loss.terms need different data shapes ({shapes_text}): every term "
-                         "must train on the same rows (e.g. bco with term_options {bco: {paired: true}})")
+        raise ValueError(
+            f"loss.terms need different data shapes ({shapes_text}): every term "
+            "must train on the same rows (e.g. bco with term_options {bco: {paired: true}})"
+        )
     activations = [n.activations for n in needs if n.activations is not None]
     if len(set(activations)) > 1:
         raise ValueError("loss.terms read different reference activations; combine them one at a time")
@@ -78,12 +82,18 @@ def merge_needs(needs: list[Needs]) -> Needs:
     def union(attr):
         return tuple(dict.fromkeys(x for n in needs for x in getattr(n, attr)))
 
-    return replace(needs[0], reference=any(n.reference for n in needs),
-                   full_logits=any(n.full_logits for n in needs),
-                   logits_on_prompt=any(n.logits_on_prompt for n in needs), responses=tuple(responses),
-                   fields=union("fields"), prepared_fields=union("prepared_fields"),
-                   teachers=union("teachers"),
-                   activations=activations[0] if activations else None, scores=union("scores"))
+    return replace(
+        needs[0],
+        reference=any(n.reference for n in needs),
+        full_logits=any(n.full_logits for n in needs),
+        logits_on_prompt=any(n.logits_on_prompt for n in needs),
+        responses=tuple(responses),
+        fields=union("fields"),
+        prepared_fields=union("prepared_fields"),
+        teachers=union("teachers"),
+        activations=activations[0] if activations else None,
+        scores=union("scores"),
+    )
 
 
 @register("combo", ComboConfig)
@@ -97,16 +107,26 @@ class Combo(Loss):
         super().__init__(cfg)
         # a weight of 0 drops the term (Hydra merges dict overrides: `loss.terms='{bco: 0}'` removes BCO)
         self.weights = {name: float(w) for name, w in cfg.terms.items() if float(w) > 0}
-        self.terms = nn.ModuleDict({
-            name: REGISTRY[name].loss(REGISTRY[name].config(**dict(cfg.term_options.get(name, {}))))
-            for name in self.weights})
+        self.terms = nn.ModuleDict(
+            {
+                name: REGISTRY[name].loss(REGISTRY[name].config(**dict(cfg.term_options.get(name, {}))))
+                for name in self.weights
+            }
+        )
         self.needs = merge_needs([term.needs for term in self.terms.values()])
-        self.per_batch_state = "; ".join(f"{name}: {term.per_batch_state}"
-                                         for name, term in self.terms.items() if term.per_batch_state)
-        self.headline = {f"eval_{name}/{key[len('eval_'):]}": f"{name}: {text}"
-                         for name, term in self.terms.items() for key, text in term.headline.items()}
-        self.curves = tuple(f"{name}/{c}" for name, term in self.terms.items()
-                            for c in ("loss", "rewards/accuracies", *term.curves))
+        self.per_batch_state = "; ".join(
+            f"{name}: {term.per_batch_state}" for name, term in self.terms.items() if term.per_batch_state
+        )
+        self.headline = {
+            f"eval_{name}/{key[len('eval_') :]}": f"{name}: {text}"
+            for name, term in self.terms.items()
+            for key, text in term.headline.items()
+        }
+        self.curves = tuple(
+            f"{name}/{c}"
+            for name, term in self.terms.items()
+            for c in ("loss", "rewards/accuracies", *term.curves)
+        )
 
     def prepare(self, ctx: PrepareContext) -> None:
         for term in self.terms.values():

@@ -25,8 +25,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignlab.losses.base import (Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll,
-                                  preference_metrics, register)
+from alignlab.losses.base import (
+    Loss,
+    LossInputs,
+    LossOutput,
+    Needs,
+    batch_token_mean_nll,
+    preference_metrics,
+    register,
+)
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 NLL_REDUCTIONS = ("batch_token_mean", "sequence_mean")
@@ -54,8 +61,9 @@ class CPOConfig:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss.loss_type must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r}")
         if self.nll_reduction not in NLL_REDUCTIONS:
-            raise ValueError(f"loss.nll_reduction must be one of {', '.join(NLL_REDUCTIONS)}; "
-                             f"got {self.nll_reduction!r}")
+            raise ValueError(
+                f"loss.nll_reduction must be one of {', '.join(NLL_REDUCTIONS)}; got {self.nll_reduction!r}"
+            )
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":

@@ -47,8 +47,20 @@ import torch.nn.functional as F
 from alignlab.chunked import per_token
 from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, log_ratios, preference_metrics, register
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
-              "apo_down", "discopop", "aot", "aot_unpaired")
+LOSS_TYPES = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "sigmoid_norm",
+    "exo_pair",
+    "nca_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "aot",
+    "aot_unpaired",
+)
 #: forms that pair the batch's sorted log-ratios by rank (an example's loss depends on its batch)
 AOT = ("aot", "aot_unpaired")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -88,7 +100,9 @@ class DPOConfig:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss.loss_type must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"loss.label_smoothing (cDPO's ε) must be in [0, 0.5), got {self.label_smoothing}")
+            raise ValueError(
+                f"loss.label_smoothing (cDPO's ε) must be in [0, 0.5), got {self.label_smoothing}"
+            )
         if self.label_smoothing and self.loss_type not in ("sigmoid", *AOT):
             raise ValueError(
                 "loss.label_smoothing is cDPO: it applies to loss_type=sigmoid only (and AOT's), "
@@ -98,12 +112,15 @@ class DPOConfig:
         if self.ipo_length_normalize and self.loss_type != "ipo":
             raise ValueError("loss.ipo_length_normalize applies to loss_type=ipo only")
         if self.f_divergence not in F_DIVERGENCES:
-            raise ValueError(f"loss.f_divergence must be one of {', '.join(F_DIVERGENCES)}; "
-                             f"got {self.f_divergence!r}")
+            raise ValueError(
+                f"loss.f_divergence must be one of {', '.join(F_DIVERGENCES)}; got {self.f_divergence!r}"
+            )
         if self.f_divergence != "reverse_kl" and self.loss_type not in F_DIVERGENCE_TYPES:
-            raise ValueError(f"loss.f_divergence={self.f_divergence} applies to loss_type "
-                             f"{', '.join(F_DIVERGENCE_TYPES)} (where log Z(x) cancels), "
-                             f"not {self.loss_type!r}")
+            raise ValueError(
+                f"loss.f_divergence={self.f_divergence} applies to loss_type "
+                f"{', '.join(F_DIVERGENCE_TYPES)} (where log Z(x) cancels), "
+                f"not {self.loss_type!r}"
+            )
         if self.f_alpha_divergence_coef == 1.0 and self.f_divergence == "alpha_divergence":
             raise ValueError("loss.f_alpha_divergence_coef=1 is reverse KL: set loss.f_divergence=reverse_kl")
         if not 0.0 < self.exo_epsilon < 1.0:
@@ -113,8 +130,10 @@ class DPOConfig:
         if not 0.0 <= self.ld_alpha <= 1.0:
             raise ValueError(f"loss.ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.loss_type in AOT and (self.ld_alpha != 1.0 or self.wpo):
-            raise ValueError(f"loss.loss_type={self.loss_type} sorts the batch: loss.ld_alpha and loss.wpo "
-                             "do not apply (TRL refuses them too)")
+            raise ValueError(
+                f"loss.loss_type={self.loss_type} sorts the batch: loss.ld_alpha and loss.wpo "
+                "do not apply (TRL refuses them too)"
+            )
         if self.ld_alpha != 1.0 and self.ipo_length_normalize:
             raise ValueError("loss.ld_alpha weighs summed log-probs: set loss.ipo_length_normalize=false")
 
@@ -154,8 +173,10 @@ def f_scores(ratio: torch.Tensor, divergence: str, coef: float) -> torch.Tensor:
 class DPO(Loss):
     """Direct Preference Optimization and its sigmoid/cDPO, IPO and hinge forms (module docstring)."""
 
-    summary = ("DPO with cDPO, IPO, hinge, length-normalised, EXO, NCA, SPPO-hard, APO, DiscoPOP, AOT forms; "
-               "f-DPO divergences; LD-DPO; WPO weights")
+    summary = (
+        "DPO with cDPO, IPO, hinge, length-normalised, EXO, NCA, SPPO-hard, APO, DiscoPOP, AOT forms; "
+        "f-DPO divergences; LD-DPO; WPO weights"
+    )
     paper = "Rafailov et al. 2023, arXiv:2305.18290"
     options = {"loss_type": LOSS_TYPES, "f_divergence": F_DIVERGENCES}
 
@@ -163,9 +184,11 @@ class DPO(Loss):
         super().__init__(cfg)
         self.needs = Needs(reference=True, full_logits=cfg.wpo)
         if cfg.loss_type in AOT:
-            self.per_batch_state = ("AOT pairs the sorted log-ratios of the batch by rank: an example's loss "
-                                    "depends on the other examples of its micro-batch (as in TRL, which sorts "
-                                    "each micro-batch), so k micro-batches of b differ from one batch of k·b")
+            self.per_batch_state = (
+                "AOT pairs the sorted log-ratios of the batch by rank: an example's loss "
+                "depends on the other examples of its micro-batch (as in TRL, which sorts "
+                "each micro-batch), so k micro-batches of b differ from one batch of k·b"
+            )
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg, beta = self.cfg, self.cfg.beta
@@ -192,11 +215,15 @@ class DPO(Loss):
             losses = torch.relu(1 - beta * h)
         elif kind == "exo_pair":  # KL((σ(βh), σ(−βh)) ‖ (1 − ε, ε))
             eps = cfg.exo_epsilon
-            losses = (torch.sigmoid(beta * h) * (F.logsigmoid(beta * h) - math.log1p(-eps))
-                      + torch.sigmoid(-beta * h) * (F.logsigmoid(-beta * h) - math.log(eps)))
+            losses = torch.sigmoid(beta * h) * (F.logsigmoid(beta * h) - math.log1p(-eps)) + torch.sigmoid(
+                -beta * h
+            ) * (F.logsigmoid(-beta * h) - math.log(eps))
         elif kind == "nca_pair":
-            losses = (F.softplus(-beta * chosen_ratio) + 0.5 * F.softplus(beta * chosen_ratio)
-                      + 0.5 * F.softplus(beta * rejected_ratio))
+            losses = (
+                F.softplus(-beta * chosen_ratio)
+                + 0.5 * F.softplus(beta * chosen_ratio)
+                + 0.5 * F.softplus(beta * rejected_ratio)
+            )
         elif kind == "sppo_hard":
             losses = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
         elif kind == "apo_zero":

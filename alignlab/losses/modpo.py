@@ -45,7 +45,16 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from alignlab.losses.base import Loss, LossInputs, LossOutput, Needs, Score, log_ratios, preference_metrics, register
+from alignlab.losses.base import (
+    Loss,
+    LossInputs,
+    LossOutput,
+    Needs,
+    Score,
+    log_ratios,
+    preference_metrics,
+    register,
+)
 
 LOSS_TYPES = ("sigmoid", "hinge")
 MARGIN_KINDS = ("column", "length", "implicit", "reward_model")
@@ -77,12 +86,16 @@ class MarginConfig:
             raise ValueError(f"{where}.kind must be one of {', '.join(MARGIN_KINDS)}; got {self.kind!r}")
         wants_column, wants_model = self.kind == "column", self.kind in PRECOMPUTED
         if wants_column != bool(self.column):
-            raise ValueError(f"{where}.column names the data fields <column>_chosen/<column>_rejected of a "
-                             f"kind=column margin, and only of one; got kind={self.kind}, "
-                             f"column={self.column!r}")
+            raise ValueError(
+                f"{where}.column names the data fields <column>_chosen/<column>_rejected of a "
+                f"kind=column margin, and only of one; got kind={self.kind}, "
+                f"column={self.column!r}"
+            )
         if wants_model != bool(self.model):
-            raise ValueError(f"{where}.model is the model of a kind=implicit or kind=reward_model margin, "
-                             f"and only of one; got kind={self.kind}, model={self.model!r}")
+            raise ValueError(
+                f"{where}.model is the model of a kind=implicit or kind=reward_model margin, "
+                f"and only of one; got kind={self.kind}, model={self.model!r}"
+            )
         if self.beta <= 0:
             raise ValueError(f"{where}.beta must be > 0, got {self.beta}")
 
@@ -105,13 +118,17 @@ class MODPOConfig:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss.loss_type must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r}")
         if not self.weights or not self.weights[0] > 0:
-            raise ValueError(f"loss.weights[0] (w₀, the weight of the pairs trained on) must be > 0, got "
-                             f"{self.weights[0] if self.weights else 'no weights'}")
+            raise ValueError(
+                f"loss.weights[0] (w₀, the weight of the pairs trained on) must be > 0, got "
+                f"{self.weights[0] if self.weights else 'no weights'}"
+            )
         self.margins = [m if isinstance(m, MarginConfig) else MarginConfig(**m) for m in self.margins]
         if len(self.margins) != len(self.weights) - 1:
-            raise ValueError(f"loss.margins must hold one margin per weight after w₀: {len(self.weights)} "
-                             f"loss.weights need {len(self.weights) - 1} loss.margins, got "
-                             f"{len(self.margins)}")
+            raise ValueError(
+                f"loss.margins must hold one margin per weight after w₀: {len(self.weights)} "
+                f"loss.weights need {len(self.weights) - 1} loss.margins, got "
+                f"{len(self.margins)}"
+            )
         for i, margin in enumerate(self.margins):
             margin.check(f"loss.margins[{i}]")
             if margin.column and margin.column in (m.column for m in self.margins[:i]):
@@ -135,8 +152,11 @@ class MODPO(Loss):
         super().__init__(cfg)
         margins = list(enumerate(cfg.margins, start=1))
         columns = tuple(margin_field(k, m, r) for k, m in margins if m.kind == "column" for r in PAIR)
-        scores = tuple(Score(f"margin{k}", PRECOMPUTED[m.kind], m.model, option=f"loss.margins[{k - 1}].model")
-                       for k, m in margins if m.kind in PRECOMPUTED)
+        scores = tuple(
+            Score(f"margin{k}", PRECOMPUTED[m.kind], m.model, option=f"loss.margins[{k - 1}].model")
+            for k, m in margins
+            if m.kind in PRECOMPUTED
+        )
         self.needs = Needs(reference=True, fields=columns, scores=scores)
 
     def margin_rewards(self, batch: LossInputs, response: str) -> torch.Tensor:

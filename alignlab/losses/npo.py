@@ -71,7 +71,10 @@ class NPO(Loss):
     summary = "negative preference optimisation for unlearning; NPO+RT, NPO+KL"
     paper = "Zhang, Lin, Bai & Mei 2024, arXiv:2404.05868"
     options = {"variant": VARIANTS}
-    headline = {"eval_forget/logps": "forget log-lik.   {:.3f}", "eval_retain/nll": "retain NLL        {:.3f}"}
+    headline = {
+        "eval_forget/logps": "forget log-lik.   {:.3f}",
+        "eval_retain/nll": "retain NLL        {:.3f}",
+    }
     curves = ("forget/logps", "retain/nll")
 
     def __init__(self, cfg: NPOConfig) -> None:
@@ -80,8 +83,9 @@ class NPO(Loss):
             self.needs = Needs(reference=True, responses=("completion",))
         else:
             kl = cfg.variant == "npo_kl"  # the retain KL reads every non-padding position
-            self.needs = Needs(reference=True, responses=("completion", "retain"), full_logits=kl,
-                               logits_on_prompt=kl)
+            self.needs = Needs(
+                reference=True, responses=("completion", "retain"), full_logits=kl, logits_on_prompt=kl
+            )
 
     def forward(self, batch: LossInputs) -> LossOutput:
         cfg = self.cfg

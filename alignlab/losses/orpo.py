@@ -24,8 +24,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignlab.losses.base import (Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll,
-                                  preference_metrics, register)
+from alignlab.losses.base import (
+    Loss,
+    LossInputs,
+    LossOutput,
+    Needs,
+    batch_token_mean_nll,
+    preference_metrics,
+    register,
+)
 
 NLL_REDUCTIONS = ("batch_token_mean", "sequence_mean")
 
@@ -43,8 +50,9 @@ class ORPOConfig:
         if self.lam < 0:
             raise ValueError(f"loss.lam must be >= 0, got {self.lam}")
         if self.nll_reduction not in NLL_REDUCTIONS:
-            raise ValueError(f"loss.nll_reduction must be one of {', '.join(NLL_REDUCTIONS)}; "
-                             f"got {self.nll_reduction!r}")
+            raise ValueError(
+                f"loss.nll_reduction must be one of {', '.join(NLL_REDUCTIONS)}; got {self.nll_reduction!r}"
+            )
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignlab.losses.base import (Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll,
-                                  preference_metrics, register)
+from alignlab.losses.base import (
+    Loss,
+    LossInputs,
+    LossOutput,
+    Needs,
+    batch_token_mean_nll,
+    preference_metrics,
+    register,
+)
 
 LOSS_TYPES = ("sigmoid", "hinge")
 

@@ -46,7 +46,14 @@ from torch import nn
 
 from alignlab.chunked import token_kl
 from alignlab.losses.base import (
-    Activations, Loss, LossInputs, LossOutput, Needs, PrepareContext, preference_metrics, register,
+    Activations,
+    Loss,
+    LossInputs,
+    LossOutput,
+    Needs,
+    PrepareContext,
+    preference_metrics,
+    register,
 )
 
 #: MaPO hook type -> regex on the reference model's module names (Llama family; GPT-2 style names too).
@@ -87,8 +94,10 @@ class SparsePOConfig:
         if self.lambda_u < 0 or self.lambda_d < 0:
             raise ValueError("loss.lambda_u and loss.lambda_d must be >= 0")
         if self.mask == "activation" and (self.independent_masks or self.lambda_u or self.lambda_d):
-            raise ValueError("the activation mask (MaPO) is one common mask with no L1 term: "
-                             "leave loss.independent_masks=false, loss.lambda_u=0, loss.lambda_d=0")
+            raise ValueError(
+                "the activation mask (MaPO) is one common mask with no L1 term: "
+                "leave loss.independent_masks=false, loss.lambda_u=0, loss.lambda_d=0"
+            )
 
 
 class MaskHead(nn.Module):
@@ -103,8 +112,10 @@ class MaskHead(nn.Module):
     def forward(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
         """`hidden_states`: L tensors `(B, T, H)` -> mask `(B, T)`, ≥ 0."""
         if len(hidden_states) != len(self.per_layer):
-            raise ValueError(f"sparsepo: the mask head reads {len(self.per_layer)} layers' hidden states, "
-                             f"the reference gave {len(hidden_states)}")
+            raise ValueError(
+                f"sparsepo: the mask head reads {len(self.per_layer)} layers' hidden states, "
+                f"the reference gave {len(hidden_states)}"
+            )
         dtype = self.norm.weight.dtype
         per_layer = [F.relu(head(self.norm(h.to(dtype)))) for head, h in zip(self.per_layer, hidden_states)]
         return F.relu(self.mix(torch.cat(per_layer, -1))).squeeze(-1)
@@ -114,8 +125,11 @@ def activation_mask(activations: dict[str, list[torch.Tensor]], response: torch.
     """MaPO's mask `(B, T)` from hidden-dimension means `(B, T)` of each hooked tensor, by hook type."""
     maps = []
     for tensors in activations.values():
-        maps.append(torch.stack([_rescale(t if t.dtype == torch.float64 else t.float(), response)
-                                 for t in tensors]).mean(0))
+        maps.append(
+            torch.stack(
+                [_rescale(t if t.dtype == torch.float64 else t.float(), response) for t in tensors]
+            ).mean(0)
+        )
     return torch.stack(maps).mean(0) * response
 
 
@@ -199,12 +213,15 @@ class SparsePO(Loss):
             l1 = l1 + scale * (cfg.lambda_u * m_u[n].abs().sum(-1) + cfg.lambda_d * m_d[n].abs().sum(-1))
         logits = u["chosen"] - u["rejected"] - (d["rejected"] - d["chosen"])
         losses = F.softplus(-cfg.beta * logits) + l1
-        metrics = preference_metrics(batch, cfg.beta * (u["chosen"] - d["chosen"]),
-                                     cfg.beta * (u["rejected"] - d["rejected"]))
+        metrics = preference_metrics(
+            batch, cfg.beta * (u["chosen"] - d["chosen"]), cfg.beta * (u["rejected"] - d["rejected"])
+        )
         for n in ("chosen", "rejected"):
             tokens = batch.policy[n].mask
             metrics[f"SeqKL/{n}"] = seq_kl[n].detach().mean()
             metrics[f"MaskKL/{n}"] = d[n].detach().mean()
-            metrics[f"Weights/{n}_sparsity"] = ((m_u[n] == 0) & tokens).sum().float().detach() / tokens.sum().clamp(min=1) * 100
+            metrics[f"Weights/{n}_sparsity"] = (
+                ((m_u[n] == 0) & tokens).sum().float().detach() / tokens.sum().clamp(min=1) * 100
+            )
             metrics[f"Weights/{n}_l1_norm"] = m_u[n].detach().abs().sum(-1).mean()
         return LossOutput(losses, metrics)

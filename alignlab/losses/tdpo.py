@@ -24,9 +24,14 @@ import torch.nn.functional as F
 
 from alignlab.chunked import token_kl
 from alignlab.losses.base import (
-    Loss, LossInputs, LossOutput, Needs, SequenceLogps, preference_metrics, register,
+    Loss,
+    LossInputs,
+    LossOutput,
+    Needs,
+    SequenceLogps,
+    preference_metrics,
+    register,
 )
-
 
 VARIANTS = ("tdpo1", "tdpo2")
 
@@ -46,7 +51,9 @@ class TDPOConfig:
         if self.variant not in VARIANTS:
             raise ValueError(f"loss.variant must be one of tdpo1, tdpo2; got {self.variant!r}")
         if self.variant == "tdpo1" and self.alpha != 0.5:
-            raise ValueError("loss.alpha is TDPO2's weight; TDPO1 has none: leave it at 0.5 or use loss.variant=tdpo2")
+            raise ValueError(
+                "loss.alpha is TDPO2's weight; TDPO1 has none: leave it at 0.5 or use loss.variant=tdpo2"
+            )
 
 
 def sequence_kl(policy: SequenceLogps, reference: SequenceLogps) -> torch.Tensor:
@@ -78,8 +85,11 @@ class TDPO(Loss):
             logits = u - cfg.alpha * (kls["rejected"] - kls["chosen"].detach())
         losses = F.softplus(-cfg.beta * logits)
         # the official code's rewards: β·(ΣΔ + SeqKL), detached
-        metrics = preference_metrics(batch, cfg.beta * (margins["chosen"] + kls["chosen"]),
-                                     cfg.beta * (margins["rejected"] + kls["rejected"]))
+        metrics = preference_metrics(
+            batch,
+            cfg.beta * (margins["chosen"] + kls["chosen"]),
+            cfg.beta * (margins["rejected"] + kls["rejected"]),
+        )
         metrics["kl/chosen"] = kls["chosen"].detach().mean()
         metrics["kl/rejected"] = kls["rejected"].detach().mean()
         metrics["kl/margin"] = (kls["rejected"] - kls["chosen"]).detach().mean()

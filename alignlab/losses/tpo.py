@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.losses.base import (
-    Loss, LossInputs, LossOutput, Needs, batch_token_mean_nll, preference_metrics, register,
+    Loss,
+    LossInputs,
+    LossOutput,
+    Needs,
+    batch_token_mean_nll,
+    preference_metrics,
+    register,
 )
 
 LOSS_TYPES = ("sigmoid", "tpo_l", "hinge", "ipo")
@@ -57,7 +63,9 @@ class TPOConfig:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss.loss_type must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r}")
         if self.nll_reduction not in NLL_REDUCTIONS:
-            raise ValueError(f"loss.nll_reduction must be one of {', '.join(NLL_REDUCTIONS)}; got {self.nll_reduction!r}")
+            raise ValueError(
+                f"loss.nll_reduction must be one of {', '.join(NLL_REDUCTIONS)}; got {self.nll_reduction!r}"
+            )
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
@@ -97,6 +105,10 @@ class TPO(Loss):
         if cfg.alpha == 0:
             return LossOutput(pref, metrics)
         gold = batch.policy["gold"]
-        nll = batch_token_mean_nll(batch, "gold") if cfg.nll_reduction == "batch_token_mean" else -gold.mean_logps
+        nll = (
+            batch_token_mean_nll(batch, "gold")
+            if cfg.nll_reduction == "batch_token_mean"
+            else -gold.mean_logps
+        )
         metrics["nll_loss"] = nll.detach().mean()
         return LossOutput(pref + cfg.alpha * nll, metrics)

@@ -17,8 +17,22 @@ import pytest
 from alignlab.builtin import build_tokenizer
 from alignlab.config import DataConfig
 
-SUBJECTS = ["film", "movie", "show", "book", "play", "album", "series", "novel", "story", "song", "game",
-            "musical", "comic", "documentary"]
+SUBJECTS = [
+    "film",
+    "movie",
+    "show",
+    "book",
+    "play",
+    "album",
+    "series",
+    "novel",
+    "story",
+    "song",
+    "game",
+    "musical",
+    "comic",
+    "documentary",
+]
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +60,10 @@ def words(tokenizer) -> Callable[[list[int]], str]:
 
 
 def _pair_rows(n: int) -> list[dict[str, str]]:
-    return [{"prompt": f"the {subject} was", "chosen": "really great .", "rejected": "very dull ."}
-            for subject in SUBJECTS[:n]]
+    return [
+        {"prompt": f"the {subject} was", "chosen": "really great .", "rejected": "very dull ."}
+        for subject in SUBJECTS[:n]
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -90,4 +106,3 @@ def make_cfg(tmp_path) -> Callable[..., DataConfig]:
         return DataConfig(**overrides)
 
     return make
-

@@ -17,8 +17,9 @@ def test_pads_every_response_to_the_same_length():
         {"prompt_ids": [12], "chosen_ids": [21, 22, EOS], "rejected_ids": [EOS]},
     ]
     batch = PreferenceCollator(pad_token_id=PAD)(examples)
-    assert sorted(batch) == sorted(f"{r}_{k}" for r in ("chosen", "rejected")
-                                   for k in ("input_ids", "attention_mask", "labels"))
+    assert sorted(batch) == sorted(
+        f"{r}_{k}" for r in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels")
+    )
     # T = longest prompt + response over both responses: 2 + 4 = 6
     assert batch["chosen_input_ids"].tolist() == [[10, 11, 20, EOS, PAD, PAD], [12, 21, 22, EOS, PAD, PAD]]
     assert batch["rejected_input_ids"].tolist() == [[10, 11, 30, 31, 32, EOS], [12, EOS, PAD, PAD, PAD, PAD]]
@@ -30,8 +31,14 @@ def test_pads_every_response_to_the_same_length():
 
 
 def test_concatenable_along_batch_and_tensor_inputs():
-    examples = [{"prompt_ids": torch.tensor([3]), "gold_ids": torch.tensor([4, EOS]), "chosen_ids": [5, EOS],
-                 "rejected_ids": [6, 7, 8, EOS]}]
+    examples = [
+        {
+            "prompt_ids": torch.tensor([3]),
+            "gold_ids": torch.tensor([4, EOS]),
+            "chosen_ids": [5, EOS],
+            "rejected_ids": [6, 7, 8, EOS],
+        }
+    ]
     batch = PreferenceCollator(PAD, responses=("gold", "chosen", "rejected"))(examples)
     stacked = torch.cat([batch[f"{r}_input_ids"] for r in ("gold", "chosen", "rejected")])
     assert stacked.tolist() == [[3, 4, EOS, PAD, PAD], [3, 5, EOS, PAD, PAD], [3, 6, 7, 8, EOS]]
@@ -39,9 +46,11 @@ def test_concatenable_along_batch_and_tensor_inputs():
 
 def test_pad_token_that_equals_a_real_token_is_still_masked():
     """Padding is known from lengths, not from the id, so pad == eos (a common setup) is safe."""
-    batch = PreferenceCollator(pad_token_id=EOS)([
-        {"prompt_ids": [10], "chosen_ids": [EOS], "rejected_ids": [20, 21, EOS]},
-    ])
+    batch = PreferenceCollator(pad_token_id=EOS)(
+        [
+            {"prompt_ids": [10], "chosen_ids": [EOS], "rejected_ids": [20, 21, EOS]},
+        ]
+    )
     assert batch["chosen_labels"].tolist() == [[M, EOS, M, M]]
     assert batch["chosen_attention_mask"].tolist() == [[1, 1, 0, 0]]
 
@@ -69,8 +78,14 @@ def test_on_a_built_dataset(make_cfg, tokenizer, ids, pairs):
 
 
 def test_a_response_with_its_own_prompt_uses_it():
-    examples = [{"prompt_ids": [10, 11], "completion_ids": [20, EOS], "retain_prompt_ids": [30, 31, 32, 33],
-                 "retain_ids": [40, EOS]}]
+    examples = [
+        {
+            "prompt_ids": [10, 11],
+            "completion_ids": [20, EOS],
+            "retain_prompt_ids": [30, 31, 32, 33],
+            "retain_ids": [40, EOS],
+        }
+    ]
     batch = PreferenceCollator(PAD, responses=("completion", "retain"))(examples)
     assert batch["completion_input_ids"].tolist() == [[10, 11, 20, EOS, PAD, PAD]]
     assert batch["completion_labels"].tolist() == [[M, M, 20, EOS, M, M]]
@@ -104,7 +119,11 @@ def test_fields_are_not_collated_unless_asked():
 def test_missing_or_non_scalar_field():
     collate = PreferenceCollator(PAD, responses=("completion",), fields=("label",))
     with pytest.raises(DataError, match=r"example 1 has no 'label' column .*fields=\.\.\."):
-        collate([{"prompt_ids": [3], "completion_ids": [4], "label": True},
-                 {"prompt_ids": [3], "completion_ids": [4]}])
+        collate(
+            [
+                {"prompt_ids": [3], "completion_ids": [4], "label": True},
+                {"prompt_ids": [3], "completion_ids": [4]},
+            ]
+        )
     with pytest.raises(DataError, match=r"example 0 has label='yes'"):
         collate([{"prompt_ids": [3], "completion_ids": [4], "label": "yes"}])

@@ -13,10 +13,12 @@ from alignlab.data import DataError, PreferenceCollator, build_datasets
 from alignlab.data.normalise import Plan, normalize, plan_format
 from alignlab.data.rows import RowRef
 
-HH_CHOSEN = ("\n\nHuman: the film was\n\nAssistant: really great .\n\nHuman: and the plot"
-             "\n\nAssistant: superb !")
-HH_REJECTED = ("\n\nHuman: the film was\n\nAssistant: really great .\n\nHuman: and the plot"
-               "\n\nAssistant: dull !")
+HH_CHOSEN = (
+    "\n\nHuman: the film was\n\nAssistant: really great .\n\nHuman: and the plot\n\nAssistant: superb !"
+)
+HH_REJECTED = (
+    "\n\nHuman: the film was\n\nAssistant: really great .\n\nHuman: and the plot\n\nAssistant: dull !"
+)
 HH_PROMPT = "\n\nHuman: the film was\n\nAssistant: really great .\n\nHuman: and the plot\n\nAssistant:"
 
 
@@ -49,8 +51,9 @@ def test_explicit_ids_prompt_then_response_plus_eos(make_cfg, tokenizer, ids):
 
 def test_generic_responses_triples(make_cfg, tokenizer, ids):
     """Response names are not hard-wired: ("gold", "chosen", "rejected") works the same way."""
-    rows = [{"prompt": "the film was", "gold": "truly superb !", "chosen": "really great .",
-             "rejected": "dull ."}]
+    rows = [
+        {"prompt": "the film was", "gold": "truly superb !", "chosen": "really great .", "rejected": "dull ."}
+    ]
     prepared = build_datasets(make_cfg(rows), tokenizer, responses=("gold", "chosen", "rejected"))
     assert prepared.train.column_names == ["prompt_ids", "gold_ids", "chosen_ids", "rejected_ids"]
     assert prepared.train[0]["gold_ids"] == ids("truly superb !") + [1]
@@ -80,17 +83,26 @@ def test_hh_end_to_end_auto_detected(make_cfg, tokenizer, ids):
 
 
 def test_conversational_explicit_prompt_rendering(tokenizer):
-    rows = [{"prompt": [msg("user", "the film was")], "chosen": [msg("assistant", "great .")],
-             "rejected": [msg("assistant", "dull .")]}]
+    rows = [
+        {
+            "prompt": [msg("user", "the film was")],
+            "chosen": [msg("assistant", "great .")],
+            "rejected": [msg("assistant", "dull .")],
+        }
+    ]
     [row] = canonical(rows, "conversational", tokenizer)
-    assert row == {"prompt": "<|user|> the film was <|assistant|> ", "chosen": "great . <eos> ",
-                   "rejected": "dull . <eos> "}
+    assert row == {
+        "prompt": "<|user|> the film was <|assistant|> ",
+        "chosen": "great . <eos> ",
+        "rejected": "dull . <eos> ",
+    }
 
 
 def test_conversational_implicit_prompt_multi_turn(tokenizer):
     shared = [msg("user", "the film was"), msg("assistant", "great ."), msg("user", "and the plot")]
-    rows = [{"chosen": [*shared, msg("assistant", "superb !")],
-             "rejected": [*shared, msg("assistant", "dull !")]}]
+    rows = [
+        {"chosen": [*shared, msg("assistant", "superb !")], "rejected": [*shared, msg("assistant", "dull !")]}
+    ]
     [row] = canonical(rows, "conversational", tokenizer)
     assert row == {
         "prompt": "<|user|> the film was <|assistant|> great . <eos> <|user|> and the plot <|assistant|> ",
@@ -100,8 +112,12 @@ def test_conversational_implicit_prompt_multi_turn(tokenizer):
 
 
 def test_conversational_ids_prompt_has_no_extra_special_tokens_and_single_eos(make_cfg, tokenizer, ids):
-    rows = [{"chosen": [msg("user", "the film was"), msg("assistant", "great .")],
-             "rejected": [msg("user", "the film was"), msg("assistant", "dull .")]}]
+    rows = [
+        {
+            "chosen": [msg("user", "the film was"), msg("assistant", "great .")],
+            "rejected": [msg("user", "the film was"), msg("assistant", "dull .")],
+        }
+    ]
     prepared = build_datasets(make_cfg(rows), tokenizer)
     assert prepared.report.format == "conversational"
     row = prepared.train[0]
@@ -111,28 +127,49 @@ def test_conversational_ids_prompt_has_no_extra_special_tokens_and_single_eos(ma
 
 
 def test_sharegpt_maps_speakers_to_roles(tokenizer):
-    rows = [{"conversations": [{"from": "system", "value": "be kind"},
-                               {"from": "human", "value": "the film was"}],
-             "chosen": {"from": "gpt", "value": "great ."}, "rejected": {"from": "gpt", "value": "dull ."}}]
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "be kind"},
+                {"from": "human", "value": "the film was"},
+            ],
+            "chosen": {"from": "gpt", "value": "great ."},
+            "rejected": {"from": "gpt", "value": "dull ."},
+        }
+    ]
     [row] = canonical(rows, "sharegpt", tokenizer)
-    assert row == {"prompt": "<|system|> be kind <|user|> the film was <|assistant|> ",
-                   "chosen": "great . <eos> ", "rejected": "dull . <eos> "}
+    assert row == {
+        "prompt": "<|system|> be kind <|user|> the film was <|assistant|> ",
+        "chosen": "great . <eos> ",
+        "rejected": "dull . <eos> ",
+    }
 
 
 def test_sharegpt_auto_detected(make_cfg, tokenizer, ids):
-    rows = [{"conversations": [{"from": "human", "value": "the film was"}],
-             "chosen": {"from": "gpt", "value": "great ."}, "rejected": {"from": "gpt", "value": "dull ."}}]
+    rows = [
+        {
+            "conversations": [{"from": "human", "value": "the film was"}],
+            "chosen": {"from": "gpt", "value": "great ."},
+            "rejected": {"from": "gpt", "value": "dull ."},
+        }
+    ]
     prepared = build_datasets(make_cfg(rows), tokenizer)
     assert prepared.report.format == "sharegpt"
     assert prepared.train[0]["prompt_ids"] == ids("<|user|> the film was <|assistant|>")
 
 
 def test_no_chat_template_is_a_data_error(make_cfg, tokenizer):
-    bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>",
-                               pad_token="<pad>")
+    bare = tokenizer.__class__(
+        tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>", pad_token="<pad>"
+    )
     assert not bare.chat_template
-    rows = [{"prompt": [msg("user", "the film was")], "chosen": [msg("assistant", "great .")],
-             "rejected": [msg("assistant", "dull .")]}]
+    rows = [
+        {
+            "prompt": [msg("user", "the film was")],
+            "chosen": [msg("assistant", "great .")],
+            "rejected": [msg("assistant", "dull .")],
+        }
+    ]
     with pytest.raises(DataError, match="chat template") as error:
         build_datasets(make_cfg(rows), bare)
     assert "model.chat_template" in str(error.value)
@@ -141,8 +178,12 @@ def test_no_chat_template_is_a_data_error(make_cfg, tokenizer):
 # --- columns --------------------------------------------------------------------------------------
 
 
-ALPACA = {"prompt": "instruction", "response_a": "output_1", "response_b": "output_2",
-          "preference": "preference"}
+ALPACA = {
+    "prompt": "instruction",
+    "response_a": "output_1",
+    "response_b": "output_2",
+    "preference": "preference",
+}
 
 
 def test_columns_pairwise_preference_orders_the_pair(make_cfg, tokenizer, ids, tmp_path):
@@ -227,8 +268,11 @@ def test_rendering_matches_trl_preference_form(tokenizer):
     """Rendering per response equals trl's own chosen/rejected rendering (the reference)."""
     from trl.data_utils import apply_chat_template
 
-    example = {"prompt": [msg("system", "be brief"), msg("user", "the film was")],
-               "chosen": [msg("assistant", "great .")], "rejected": [msg("assistant", "dull .")]}
+    example = {
+        "prompt": [msg("system", "be brief"), msg("user", "the film was")],
+        "chosen": [msg("assistant", "great .")],
+        "rejected": [msg("assistant", "dull .")],
+    }
     [row] = canonical([example], "conversational", tokenizer)
     assert row == apply_chat_template(example, tokenizer)
 
@@ -253,10 +297,15 @@ TRIPLE = ("gold", "chosen", "rejected")
 
 
 def test_triples_explicit_ids_and_collated_batch(make_cfg, tokenizer, ids):
-    rows = [{"prompt": "the film was", "gold": "truly superb !", "chosen": "really great .",
-             "rejected": "dull ."},
-            {"prompt": "the show was", "gold": "brilliant !", "chosen": "fresh .",
-             "rejected": "very bland ."}]
+    rows = [
+        {
+            "prompt": "the film was",
+            "gold": "truly superb !",
+            "chosen": "really great .",
+            "rejected": "dull .",
+        },
+        {"prompt": "the show was", "gold": "brilliant !", "chosen": "fresh .", "rejected": "very bland ."},
+    ]
     prepared = build_datasets(make_cfg(rows), tokenizer, responses=TRIPLE)
     assert prepared.train.column_names == ["prompt_ids", "gold_ids", "chosen_ids", "rejected_ids"]
     assert prepared.train["gold_ids"] == [ids("truly superb !") + [1], ids("brilliant !") + [1]]
@@ -264,23 +313,39 @@ def test_triples_explicit_ids_and_collated_batch(make_cfg, tokenizer, ids):
     batch = PreferenceCollator(tokenizer.pad_token_id, responses=TRIPLE)(list(prepared.train))
     # T = 3 + 4 (the longest: prompt + "truly superb !" + eos)
     assert {tuple(batch[f"{r}_labels"].shape) for r in TRIPLE} == {(2, 7)}
-    assert batch["gold_labels"].tolist() == [[-100] * 3 + ids("truly superb !") + [1],
-                                             [-100] * 3 + ids("brilliant !") + [1, -100]]
+    assert batch["gold_labels"].tolist() == [
+        [-100] * 3 + ids("truly superb !") + [1],
+        [-100] * 3 + ids("brilliant !") + [1, -100],
+    ]
     assert batch["chosen_input_ids"][1].tolist() == ids("the show was fresh .") + [1, 0]
 
 
 def test_triples_conversational_implicit_prompt(tokenizer):
     user = msg("user", "the film was")
-    rows = [{name: [user, msg("assistant", text)] for name, text in
-             zip(TRIPLE, ("superb !", "great .", "dull ."), strict=True)}]
+    rows = [
+        {
+            name: [user, msg("assistant", text)]
+            for name, text in zip(TRIPLE, ("superb !", "great .", "dull ."), strict=True)
+        }
+    ]
     [row] = canonical(rows, "conversational", tokenizer, responses=TRIPLE)
-    assert row == {"prompt": "<|user|> the film was <|assistant|> ", "gold": "superb ! <eos> ",
-                   "chosen": "great . <eos> ", "rejected": "dull . <eos> "}
+    assert row == {
+        "prompt": "<|user|> the film was <|assistant|> ",
+        "gold": "superb ! <eos> ",
+        "chosen": "great . <eos> ",
+        "rejected": "dull . <eos> ",
+    }
 
 
 def test_triples_conversational_explicit_prompt_end_to_end(make_cfg, tokenizer, ids):
-    rows = [{"prompt": [msg("user", "the film was")], "gold": [msg("assistant", "superb !")],
-             "chosen": [msg("assistant", "great .")], "rejected": [msg("assistant", "dull .")]}]
+    rows = [
+        {
+            "prompt": [msg("user", "the film was")],
+            "gold": [msg("assistant", "superb !")],
+            "chosen": [msg("assistant", "great .")],
+            "rejected": [msg("assistant", "dull .")],
+        }
+    ]
     prepared = build_datasets(make_cfg(rows), tokenizer, responses=TRIPLE)
     assert prepared.report.format == "conversational"
     row = prepared.train[0]
@@ -302,8 +367,10 @@ def test_triples_gold_mapped_from_another_column(make_cfg, tokenizer, ids):
 
 
 def test_triples_gold_equal_to_chosen_is_a_bad_row(make_cfg, tokenizer, tmp_path):
-    rows = [{"prompt": "the film was", "gold": "superb !", "chosen": "great .", "rejected": "dull ."},
-            {"prompt": "the show was", "gold": "great .", "chosen": "great .", "rejected": "dull ."}]
+    rows = [
+        {"prompt": "the film was", "gold": "superb !", "chosen": "great .", "rejected": "dull ."},
+        {"prompt": "the show was", "gold": "great .", "chosen": "great .", "rejected": "dull ."},
+    ]
     with pytest.raises(DataError, match=r"data.jsonl row 1: gold and chosen are identical"):
         build_datasets(make_cfg(rows), tokenizer, responses=TRIPLE)
     report = build_datasets(make_cfg(rows, on_bad_row="skip"), tokenizer, responses=TRIPLE).report

@@ -19,10 +19,34 @@ EOS = 1
 M = -100
 NPO_RT = ("completion", "retain")
 COLUMNS = {"prompt": "question", "completion": "answer"}
-SUBJECTS = ["film", "movie", "show", "book", "play", "album", "series", "novel", "story", "song", "game",
-            "musical"]
-WORDS = ["great", "dull", "superb", "bland", "fresh", "stale", "clever", "messy", "moving", "weak",
-         "charming", "awful"]
+SUBJECTS = [
+    "film",
+    "movie",
+    "show",
+    "book",
+    "play",
+    "album",
+    "series",
+    "novel",
+    "story",
+    "song",
+    "game",
+    "musical",
+]
+WORDS = [
+    "great",
+    "dull",
+    "superb",
+    "bland",
+    "fresh",
+    "stale",
+    "clever",
+    "messy",
+    "moving",
+    "weak",
+    "charming",
+    "awful",
+]
 
 
 def forget_rows(n: int) -> list[dict[str, str]]:

@@ -32,8 +32,10 @@ def test_hh_first_50_rows(shared, make_cfg, stories_tokenizer):
     with gzip.open(path, "rt") as f:
         raw = [json.loads(next(f)) for _ in range(50)]
     prompts = [row["chosen"][: row["chosen"].rfind(ASSISTANT) + len(ASSISTANT)] for row in raw]
-    expected_bad = sum(not row["rejected"].startswith(p) or row["chosen"] == row["rejected"]
-                       for row, p in zip(raw, prompts, strict=True))
+    expected_bad = sum(
+        not row["rejected"].startswith(p) or row["chosen"] == row["rejected"]
+        for row, p in zip(raw, prompts, strict=True)
+    )
     cfg = make_cfg(path=str(path), limit=50, max_length=2048, max_prompt_length=1536)
     prepared = build_datasets(cfg, stories_tokenizer)
     assert prepared.report.format == "hh"
@@ -51,8 +53,12 @@ def test_alpaca_eval_annotations(shared, make_cfg, stories_tokenizer):
     raw = json.loads(path.read_text())
     ties = [i for i, row in enumerate(raw) if row["preference"] not in (1, 2)]
     identical = [i for i, row in enumerate(raw) if i not in ties and row["output_1"] == row["output_2"]]
-    columns = {"prompt": "instruction", "response_a": "output_1", "response_b": "output_2",
-               "preference": "preference"}
+    columns = {
+        "prompt": "instruction",
+        "response_a": "output_1",
+        "response_b": "output_2",
+        "preference": "preference",
+    }
     cfg = make_cfg(path=str(path), columns=columns, on_bad_row="skip", prompt_truncation="keep_end")
     report = build_datasets(cfg, stories_tokenizer).report
     assert report.format == "pairwise"
@@ -78,8 +84,9 @@ def test_llamafactory_sharegpt_dpo(shared, make_cfg, tokenizer):
     assert all(user in ids for ids in prepared.train["prompt_ids"] if len(ids) < cfg.max_prompt_length)
     room = cfg.max_length - cfg.max_prompt_length  # a shorter response was never cut
     complete = [ids for ids in prepared.train["chosen_ids"] if len(ids) < room]
-    assert complete and all(ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
-                            for ids in complete)
+    assert complete and all(
+        ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1 for ids in complete
+    )
 
 
 def test_llamafactory_kto_messages(shared, make_cfg, tokenizer):
@@ -120,9 +127,12 @@ def test_llamafactory_dpo_pairs_unpaired(shared, make_cfg, tokenizer):
 def test_tofu_forget_with_retain(shared, make_cfg, tokenizer, ids):
     forget = json.loads((shared / "data" / "tofu" / "forget10.json").read_text())[:20]
     retain = json.loads((shared / "data" / "tofu" / "retain90.json").read_text())
-    cfg = make_cfg(path=str(shared / "data" / "tofu" / "forget10.json"),
-                   retain=str(shared / "data" / "tofu" / "retain90.json"),
-                   columns={"prompt": "question", "completion": "answer"}, limit=20)
+    cfg = make_cfg(
+        path=str(shared / "data" / "tofu" / "forget10.json"),
+        retain=str(shared / "data" / "tofu" / "retain90.json"),
+        columns={"prompt": "question", "completion": "answer"},
+        limit=20,
+    )
     prepared = build_datasets(cfg, tokenizer, responses=("completion", "retain"))
     report = prepared.report
     assert (report.rows_read, report.train_rows, report.retain_rows_read) == (20, 20, len(retain))
@@ -139,9 +149,12 @@ def test_tofu_forget_with_retain(shared, make_cfg, tokenizer, ids):
 
 
 def test_tofu_npo_alone_refuses_retain(shared, make_cfg, tokenizer):
-    cfg = make_cfg(path=str(shared / "data" / "tofu" / "forget10.json"),
-                   retain=str(shared / "data" / "tofu" / "retain90.json"),
-                   columns={"prompt": "question", "completion": "answer"}, limit=20)
+    cfg = make_cfg(
+        path=str(shared / "data" / "tofu" / "forget10.json"),
+        retain=str(shared / "data" / "tofu" / "retain90.json"),
+        columns={"prompt": "question", "completion": "answer"},
+        limit=20,
+    )
     with pytest.raises(ValueError, match="does not use a retain set"):
         build_datasets(cfg, tokenizer, responses=("completion",))
     cfg.retain = None

@@ -23,8 +23,19 @@ def prompts(dataset, words) -> list[str]:
 # --- file types -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["rows.json", "rows.json.gz", "rows.jsonl", "rows.jsonl.gz", "rows.parquet",
-                                  "rows.csv", "rows.tsv", "rows.csv.gz"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "rows.json",
+        "rows.json.gz",
+        "rows.jsonl",
+        "rows.jsonl.gz",
+        "rows.parquet",
+        "rows.csv",
+        "rows.tsv",
+        "rows.csv.gz",
+    ],
+)
 def test_every_file_type(tmp_path, pairs, make_cfg, tokenizer, words, name):
     path = tmp_path / name
     rows = pairs(3)
@@ -34,8 +45,11 @@ def test_every_file_type(tmp_path, pairs, make_cfg, tokenizer, words, name):
         import pyarrow.csv as pcsv
 
         options = pcsv.WriteOptions(delimiter="\t" if ".tsv" in name else ",")
-        pcsv.write_csv(pa.Table.from_pylist(rows), pa.CompressedOutputStream(str(path), "gzip")
-                       if name.endswith(".gz") else str(path), write_options=options)
+        pcsv.write_csv(
+            pa.Table.from_pylist(rows),
+            pa.CompressedOutputStream(str(path), "gzip") if name.endswith(".gz") else str(path),
+            write_options=options,
+        )
     else:
         lines = ".jsonl" in name
         text = "\n".join(map(json.dumps, rows)) if lines else json.dumps(rows)
@@ -58,8 +72,11 @@ def test_folder_reads_supported_files_sorted(tmp_path, pairs, write_jsonl):
     (folder / "a.jsonl").write_text("\n".join(map(json.dumps, rows[:2])))
     (folder / "notes.txt").write_text("ignored")
     records = read_source(str(folder))
-    assert [ref for ref, _ in records] == [RowRef(f"{folder}/a.jsonl", 0), RowRef(f"{folder}/a.jsonl", 1),
-                                           RowRef(f"{folder}/b.json", 0)]
+    assert [ref for ref, _ in records] == [
+        RowRef(f"{folder}/a.jsonl", 0),
+        RowRef(f"{folder}/a.jsonl", 1),
+        RowRef(f"{folder}/b.json", 0),
+    ]
     assert [row for _, row in records] == rows
 
 
@@ -160,8 +177,10 @@ def test_builtin_train_and_held_out_eval(tmp_path, tokenizer, words):
 def test_builtin_eval_sizes(tmp_path, tokenizer, eval_size, expected):
     from alignlab.config import DataConfig
 
-    prepared = build_datasets(DataConfig(path="builtin:sentiment", eval_size=eval_size, limit=50,
-                                         cache_dir=str(tmp_path)), tokenizer)
+    prepared = build_datasets(
+        DataConfig(path="builtin:sentiment", eval_size=eval_size, limit=50, cache_dir=str(tmp_path)),
+        tokenizer,
+    )
     assert len(prepared.train) == 50
     assert (None if prepared.eval is None else len(prepared.eval)) == expected
 
@@ -192,8 +211,9 @@ def test_eval_size_too_large(make_cfg, pairs, tokenizer):
 def test_eval_path(tmp_path, write_jsonl, make_cfg, pairs, tokenizer, words):
     rows = pairs(5)
     eval_path = write_jsonl([*rows[3:], {"prompt": "x"}], name="eval.jsonl")
-    prepared = build_datasets(make_cfg(rows[:3], eval_path=str(eval_path), eval_size=0.5, on_bad_row="skip"),
-                              tokenizer)
+    prepared = build_datasets(
+        make_cfg(rows[:3], eval_path=str(eval_path), eval_size=0.5, on_bad_row="skip"), tokenizer
+    )
     assert len(prepared.train) == 3  # eval_size is ignored when eval_path is given
     assert prompts(prepared.eval, words) == ["the book was", "the play was"]
     assert prepared.report.skipped["missing field"].examples == [f"{eval_path} row 2"]
@@ -220,13 +240,16 @@ def test_data_error_is_a_user_error():
 
 def test_csv_values_typed_like_datasets_and_bad_rows_named(tmp_path, make_cfg, tokenizer):
     path = tmp_path / "rows.csv"
-    path.write_text('prompt,completion,label\n"the film, at last",really great .,true\n'
-                    'the show was,"very\ndull .",0\nthe play was,,1\n')
+    path.write_text(
+        'prompt,completion,label\n"the film, at last",really great .,true\n'
+        'the show was,"very\ndull .",0\nthe play was,,1\n'
+    )
     records = read_source(str(path))
     assert [row for _, row in records] == [
         {"prompt": "the film, at last", "completion": "really great .", "label": True},
         {"prompt": "the show was", "completion": "very\ndull .", "label": False},
-        {"prompt": "the play was", "completion": "", "label": True}]  # 0/1 and true/false: one bool column
+        {"prompt": "the play was", "completion": "", "label": True},
+    ]  # 0/1 and true/false: one bool column
     with pytest.raises(DataError, match=r"rows\.csv row 2: .*'completion'.*empty"):
         build_datasets(make_cfg(path=str(path)), tokenizer, responses=("completion",), fields=("label",))
 
@@ -234,7 +257,9 @@ def test_csv_values_typed_like_datasets_and_bad_rows_named(tmp_path, make_cfg, t
 def test_malformed_csv_line_is_one_line(tmp_path):
     path = tmp_path / "rows.tsv"
     path.write_text("prompt\tchosen\trejected\na\tb\tc\nonly\ttwo\n")
-    with pytest.raises(DataError, match=r"rows\.tsv: cannot read the TSV file \(.*Expected 3 columns, got 2.*Fix:"):
+    with pytest.raises(
+        DataError, match=r"rows\.tsv: cannot read the TSV file \(.*Expected 3 columns, got 2.*Fix:"
+    ):
         read_source(str(path))
 
 
@@ -244,8 +269,9 @@ def saved_dict(tmp_path, pairs):
     rows = pairs(6)
     rows[5] = {**rows[5], "rejected": rows[5]["chosen"]}
     folder = tmp_path / "saved"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
-                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:4]), "test": datasets.Dataset.from_list(rows[4:])}
+    ).save_to_disk(str(folder))
     return folder
 
 
@@ -271,7 +297,9 @@ def test_a_file_has_no_splits(write_jsonl, pairs, make_cfg, tokenizer):
         build_datasets(make_cfg(path=str(write_jsonl(pairs(3))), eval_split="test"), tokenizer)
 
 
-def test_dataset_by_name_from_the_local_cache_offline(tmp_path, monkeypatch, pairs, make_cfg, tokenizer, words):
+def test_dataset_by_name_from_the_local_cache_offline(
+    tmp_path, monkeypatch, pairs, make_cfg, tokenizer, words
+):
     """A dataset in the Hugging Face datasets cache (as a download leaves it: <cache>/someone___prefs/
     default/0.0.0/<hash>/prefs-<split>.arrow) is read by name with the hub unreachable."""
     from datasets.packaged_modules.json.json import Json
@@ -282,8 +310,13 @@ def test_dataset_by_name_from_the_local_cache_offline(tmp_path, monkeypatch, pai
     rows[3] = {**rows[3], "chosen": ""}
     source = tmp_path / "source.jsonl"
     source.write_text("\n".join(map(json.dumps, rows)))
-    builder = Json(dataset_name="someone___prefs", config_id="default", data_files={"train": str(source)},
-                   hash="0123abcd", cache_dir=str(tmp_path / "hf"))
+    builder = Json(
+        dataset_name="someone___prefs",
+        config_id="default",
+        data_files={"train": str(source)},
+        hash="0123abcd",
+        cache_dir=str(tmp_path / "hf"),
+    )
     builder.download_and_prepare()
     folder = tmp_path / "hf" / "someone___prefs" / "default" / "0.0.0" / "0123abcd"
     (folder / "someone___prefs-train.arrow").rename(folder / "prefs-train.arrow")  # a download's file name

@@ -39,10 +39,19 @@ def test_pairwise_judgements_are_swapped_after_ordering(make_cfg, tokenizer, ids
 
 
 def test_per_response_fields_travel_with_their_response(make_cfg, tokenizer, ids):
-    rows = [{"prompt": "the film was", "chosen": "great .", "rejected": "dull .", "score_chosen": 0.9,
-             "score_rejected": 0.2, "weight": 3.0}]
-    prepared = build_datasets(make_cfg(rows, swap_pairs=True), tokenizer,
-                              fields=("score_chosen", "score_rejected", "weight"))
+    rows = [
+        {
+            "prompt": "the film was",
+            "chosen": "great .",
+            "rejected": "dull .",
+            "score_chosen": 0.9,
+            "score_rejected": 0.2,
+            "weight": 3.0,
+        }
+    ]
+    prepared = build_datasets(
+        make_cfg(rows, swap_pairs=True), tokenizer, fields=("score_chosen", "score_rejected", "weight")
+    )
     row = prepared.train[0]
     assert row["chosen_ids"] == ids("dull .") + [EOS]
     assert (row["score_chosen"], row["score_rejected"], row["weight"]) == (0.2, 0.9, 3.0)
@@ -59,8 +68,9 @@ def test_held_out_split_is_the_same_with_and_without_swapping(make_cfg, tokenize
 def test_builtin_eval_split_is_swapped_too(tokenizer, tmp_path):
     from alignlab.config import DataConfig
 
-    cfg = DataConfig(path="builtin:sentiment", limit=20, eval_size=4, swap_pairs=True,
-                     cache_dir=str(tmp_path))
+    cfg = DataConfig(
+        path="builtin:sentiment", limit=20, eval_size=4, swap_pairs=True, cache_dir=str(tmp_path)
+    )
     plain = build_datasets(DataConfig(**{**vars(cfg), "swap_pairs": False}), tokenizer)
     swapped = build_datasets(cfg, tokenizer)
     assert swapped.eval["chosen_ids"] == plain.eval["rejected_ids"]
@@ -77,16 +87,22 @@ def test_swapping_changes_the_cache_key(make_cfg, tokenizer, pairs):
     assert build_datasets(swapped, tokenizer).report.cache_hit is True
 
 
-@pytest.mark.parametrize("needs", [
-    {"responses": ("completion",), "fields": ("label",)},  # unpaired feedback (BCO)
-    {"responses": ("gold", "chosen", "rejected")},  # triples (TPO)
-    {"responses": ("completion", "retain")},  # forget / retain (NPO)
-])
+@pytest.mark.parametrize(
+    "needs",
+    [
+        {"responses": ("completion",), "fields": ("label",)},  # unpaired feedback (BCO)
+        {"responses": ("gold", "chosen", "rejected")},  # triples (TPO)
+        {"responses": ("completion", "retain")},  # forget / retain (NPO)
+    ],
+)
 def test_refused_for_losses_without_pairs_before_reading_files(needs, tmp_path):
     from alignlab.config import DataConfig
 
     absent = str(tmp_path / "absent.jsonl")
     cfg = DataConfig(path=absent, swap_pairs=True, retain=absent if "retain" in needs["responses"] else None)
-    with pytest.raises(DataError, match=r"data.swap_pairs=true swaps chosen and rejected of pairs.*remove "
-                                        r"data.swap_pairs"):
+    with pytest.raises(
+        DataError,
+        match=r"data.swap_pairs=true swaps chosen and rejected of pairs.*remove "
+        r"data.swap_pairs",
+    ):
         check_data_needs(cfg, **needs)

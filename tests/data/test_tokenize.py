@@ -13,8 +13,9 @@ EOS = 1
 
 
 def settings(max_length=10, max_prompt_length=4, prompt_truncation="error", chat=False):
-    return TokenizeSettings(max_length, max_prompt_length, prompt_truncation, "explicit", chat,
-                            ("chosen", "rejected"))
+    return TokenizeSettings(
+        max_length, max_prompt_length, prompt_truncation, "explicit", chat, ("chosen", "rejected")
+    )
 
 
 # --- fit: EOS and limits on plain id lists --------------------------------------------------------
@@ -26,8 +27,9 @@ def test_fit_appends_eos_within_limits():
     assert (row.prompt_truncated, row.responses_truncated, row.reason) == (False, 0, "")
 
 
-@pytest.mark.parametrize(("policy", "kept"),
-                         [("keep_end", [12, 13, 14, 15]), ("keep_start", [10, 11, 12, 13])])
+@pytest.mark.parametrize(
+    ("policy", "kept"), [("keep_end", [12, 13, 14, 15]), ("keep_start", [10, 11, 12, 13])]
+)
 def test_fit_prompt_truncation(policy, kept):
     row = fit([10, 11, 12, 13, 14, 15], [[20], [21]], EOS, settings(prompt_truncation=policy))
     assert row.prompt_ids == kept and row.prompt_truncated
@@ -68,8 +70,9 @@ def test_fit_eos_rules(chat, response, expected):
 # --- end to end -----------------------------------------------------------------------------------
 
 
-LONG = [{"prompt": "really very truly the film was", "chosen": "really very truly great .",
-         "rejected": "dull ."}]
+LONG = [
+    {"prompt": "really very truly the film was", "chosen": "really very truly great .", "rejected": "dull ."}
+]
 
 
 @pytest.mark.parametrize(
@@ -103,8 +106,12 @@ def test_text_prompt_gets_special_tokens_responses_do_not(make_cfg, bos_tokenize
 
 def test_rendered_prompt_gets_no_special_tokens(make_cfg, bos_tokenizer, ids):
     user = {"role": "user", "content": "the film was"}
-    rows = [{"chosen": [user, {"role": "assistant", "content": "great ."}],
-             "rejected": [user, {"role": "assistant", "content": "dull ."}]}]
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "great ."}],
+            "rejected": [user, {"role": "assistant", "content": "dull ."}],
+        }
+    ]
     row = build_datasets(make_cfg(rows), bos_tokenizer).train[0]
     assert row["prompt_ids"] == ids("<|user|> the film was <|assistant|>")
 
@@ -131,8 +138,9 @@ def test_second_identical_call_is_a_cache_hit(make_cfg, tokenizer, pairs, tmp_pa
     assert len(entries) == 2 and not any(p.name.startswith(".tmp") for p in entries)  # train and eval
 
 
-@pytest.mark.parametrize("change",
-                         [{"max_length": 2048}, {"max_prompt_length": 8}, {"prompt_truncation": "keep_end"}])
+@pytest.mark.parametrize(
+    "change", [{"max_length": 2048}, {"max_prompt_length": 8}, {"prompt_truncation": "keep_end"}]
+)
 def test_settings_change_the_fingerprint(make_cfg, tokenizer, pairs, change):
     build_datasets(make_cfg(pairs(4)), tokenizer)
     assert not build_datasets(make_cfg(pairs(4), **change), tokenizer).report.cache_hit

@@ -6,15 +6,19 @@ import json
 
 import pytest
 
-from alignlab.train import run_stages
-from alignlab.train import run
+from alignlab.train import run, run_stages
 
 pytestmark = pytest.mark.slow
 
 
 def test_three_stage_pipeline_trains_and_reuses_stages(tmp_path, compose_run, capsys):
-    overrides = ("+recipe=aligndistil", "trainer.logging_steps=1", "trainer.eval_steps=0",
-                 f"stages_dir={tmp_path / 'stages'}", f"data.cache_dir={tmp_path / 'cache'}")
+    overrides = (
+        "+recipe=aligndistil",
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=0",
+        f"stages_dir={tmp_path / 'stages'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     cfg = compose_run(*overrides)
     stages = run_stages(cfg)
     assert [s.name for s in stages] == ["dpo_teacher", "reverse_teacher"]

@@ -11,13 +11,22 @@ from alignlab.errors import ConfigError, UserError
 
 pytestmark = pytest.mark.slow
 
-ROWS = [{"question": f"review : the {s} was", "good": "great .", "bad": "awful ."}
-        for s in ("film", "movie", "show", "book", "play", "album", "series", "novel", "story", "song")]
+ROWS = [
+    {"question": f"review : the {s} was", "good": "great .", "bad": "awful ."}
+    for s in ("film", "movie", "show", "book", "play", "album", "series", "novel", "story", "song")
+]
 
 
 def _overrides(tmp_path, *more):
-    return ["+recipe=dpo", "data.columns={prompt: question, chosen: good, rejected: bad}", "trainer.max_steps=2",
-            "trainer.eval_steps=0", "eval.generate=false", f"data.cache_dir={tmp_path / 'cache'}", *more]
+    return [
+        "+recipe=dpo",
+        "data.columns={prompt: question, chosen: good, rejected: bad}",
+        "trainer.max_steps=2",
+        "trainer.eval_steps=0",
+        "eval.generate=false",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *more,
+    ]
 
 
 def test_train_on_a_dataset_dict_with_cli_overrides(tmp_path):
@@ -25,10 +34,14 @@ def test_train_on_a_dataset_dict_with_cli_overrides(tmp_path):
 
     from alignlab.api import train
 
-    data = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:8]),
-                                 "test": datasets.Dataset.from_list(ROWS[8:])})
-    result = train(_overrides(tmp_path, "data.eval_split=test", "loss.beta=0.3"), dataset=data,
-                   output_dir=tmp_path / "run")
+    data = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:8]), "test": datasets.Dataset.from_list(ROWS[8:])}
+    )
+    result = train(
+        _overrides(tmp_path, "data.eval_split=test", "loss.beta=0.3"),
+        dataset=data,
+        output_dir=tmp_path / "run",
+    )
     assert result.output_dir == tmp_path / "run" and (result.model_dir / "model.safetensors").exists()
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert (report["train_rows"], report["eval_rows"]) == (8, 2)
@@ -38,7 +51,9 @@ def test_train_on_a_dataset_dict_with_cli_overrides(tmp_path):
 
     from alignlab.api import saved as save
 
-    assert str(save(data, tmp_path / "cache" / "datasets", "dataset")) == saved.data.path  # the same rows: saved once
+    assert (
+        str(save(data, tmp_path / "cache" / "datasets", "dataset")) == saved.data.path
+    )  # the same rows: saved once
 
 
 def test_mistakes_are_user_errors_before_anything_loads(tmp_path):

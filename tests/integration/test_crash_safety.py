@@ -26,8 +26,15 @@ pytestmark = pytest.mark.slow
 
 
 def _common(tmp_path, steps):
-    return ("+recipe=dpo", f"trainer.max_steps={steps}", "trainer.save_steps=2", "trainer.logging_steps=1",
-            "trainer.eval_steps=0", "data.eval_size=0", f"data.cache_dir={tmp_path / 'cache'}")
+    return (
+        "+recipe=dpo",
+        f"trainer.max_steps={steps}",
+        "trainer.save_steps=2",
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=0",
+        "data.eval_size=0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
 
 
 def test_half_written_checkpoint_is_skipped_and_named_one_refused(tmp_path, compose_run, capsys):
@@ -42,13 +49,17 @@ def test_half_written_checkpoint_is_skipped_and_named_one_refused(tmp_path, comp
     printed = capsys.readouterr().out
     assert "skipping" in printed and "checkpoint-6 lacks trainer_state.json" in printed
     assert f"resuming from {out / 'checkpoint-4'}" in printed
-    steps = [json.loads(line)["step"] for line in resumed.metrics_file.read_text().splitlines() if '"loss"' in line]
+    steps = [
+        json.loads(line)["step"] for line in resumed.metrics_file.read_text().splitlines() if '"loss"' in line
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]  # one log, continued from step 4: nothing skipped or repeated
 
     (out / "checkpoint-4" / "optimizer.pt").unlink()  # resuming would silently start a fresh optimizer
     with pytest.raises(UserError, match="lacks optimizer.pt"):
-        run(compose_run(*_common(tmp_path, 8), f"trainer.resume_from_checkpoint={out / 'checkpoint-4'}"),
-            output_dir=out)
+        run(
+            compose_run(*_common(tmp_path, 8), f"trainer.resume_from_checkpoint={out / 'checkpoint-4'}"),
+            output_dir=out,
+        )
 
 
 def _poison_dpo(monkeypatch, call: int, poison) -> None:
@@ -66,7 +77,9 @@ def _poison_dpo(monkeypatch, call: int, poison) -> None:
     monkeypatch.setattr(alignlab.losses.dpo.DPO, "forward", poisoned)
 
 
-def test_nan_loss_stops_before_the_optimizer_and_keeps_the_last_good_checkpoint(tmp_path, compose_run, monkeypatch):
+def test_nan_loss_stops_before_the_optimizer_and_keeps_the_last_good_checkpoint(
+    tmp_path, compose_run, monkeypatch
+):
     _poison_dpo(monkeypatch, 3, lambda losses: losses * torch.tensor(float("nan")))  # the third training step
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=r"the loss is nan at step 3, micro-batch 1 of 1 \(epoch") as err:
@@ -86,8 +99,14 @@ def test_nan_gradient_names_its_micro_batch_and_stops_before_the_step(tmp_path, 
     _poison_dpo(monkeypatch, 6, lambda losses: losses + (losses * 0).sqrt())
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match="a gradient is NaN or infinite at step 3, micro-batch 2 of 2"):
-        run(compose_run(*_common(tmp_path, 6), "trainer.gradient_accumulation_steps=2",
-                        "trainer.per_device_train_batch_size=16"), output_dir=out)
+        run(
+            compose_run(
+                *_common(tmp_path, 6),
+                "trainer.gradient_accumulation_steps=2",
+                "trainer.per_device_train_batch_size=16",
+            ),
+            output_dir=out,
+        )
     assert (out / "checkpoint-2" / COMPLETE).exists() and not (out / "checkpoint-4").exists()
     assert (out / "nonfinite-step3.safetensors").exists()
 
@@ -137,14 +156,21 @@ def test_resuming_from_the_last_checkpoint_trains_no_further(tmp_path, compose_r
     training: HF would train step 4 of a 3-step run (it checks for the end only after a step)."""
     from safetensors.torch import load_file
 
-    common = (*_common(tmp_path, 3), "trainer.save_steps=3", "trainer.lr_scheduler_type=constant",
-              "trainer.warmup_steps=0")
+    common = (
+        *_common(tmp_path, 3),
+        "trainer.save_steps=3",
+        "trainer.lr_scheduler_type=constant",
+        "trainer.warmup_steps=0",
+    )
     full = run(compose_run(*common), output_dir=tmp_path / "full")
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(full.output_dir / "checkpoint-3", resumed_dir / "checkpoint-3")
     resumed = run(compose_run(*common, "trainer.resume_from_checkpoint=latest"), output_dir=resumed_dir)
-    final, saved = load_file(resumed.model_dir / "model.safetensors"), load_file(full.model_dir / "model.safetensors")
+    final, saved = (
+        load_file(resumed.model_dir / "model.safetensors"),
+        load_file(full.model_dir / "model.safetensors"),
+    )
     assert all(torch.equal(final[k], saved[k]) for k in saved)
     steps = [json.loads(line)["step"] for line in resumed.metrics_file.read_text().splitlines()]
     assert max(steps) == 3
@@ -152,8 +178,10 @@ def test_resuming_from_the_last_checkpoint_trains_no_further(tmp_path, compose_r
 
 def test_resume_latest_without_a_checkpoint_starts_fresh_and_says_so(tmp_path, compose_run, capsys):
     out = tmp_path / "run"
-    run(compose_run(*_common(tmp_path, 2), "trainer.save_steps=0", "trainer.resume_from_checkpoint=latest"),
-        output_dir=out)
+    run(
+        compose_run(*_common(tmp_path, 2), "trainer.save_steps=0", "trainer.resume_from_checkpoint=latest"),
+        output_dir=out,
+    )
     assert f"no complete checkpoint in {out} yet; starting a fresh run" in capsys.readouterr().out
     assert (out / "summary.json").exists()
 
@@ -163,14 +191,25 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, compose_run):
     run(compose_run(*_common(tmp_path, 2)), output_dir=out)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".alignlab.lock"}
     # a fresh start into a finished run's directory, or resuming it under another seed: refused, nothing touched
-    with pytest.raises(UserError, match="holds a finished run. Fix: resume it with trainer.resume_from_checkpoint"):
+    with pytest.raises(
+        UserError, match="holds a finished run. Fix: resume it with trainer.resume_from_checkpoint"
+    ):
         run(compose_run(*_common(tmp_path, 2)), output_dir=out)
     with pytest.raises(UserError, match=r"holds checkpoints of another run .*seed"):
-        run(compose_run(*_common(tmp_path, 4), "seed=1", "trainer.resume_from_checkpoint=latest"), output_dir=out)
+        run(
+            compose_run(*_common(tmp_path, 4), "seed=1", "trainer.resume_from_checkpoint=latest"),
+            output_dir=out,
+        )
     with pytest.raises(UserError, match=r"written under another config \(seed 42 -> 1\)"):
-        run(compose_run(*_common(tmp_path, 4), "seed=1", f"trainer.resume_from_checkpoint={out / 'checkpoint-2'}"),
-            output_dir=out)
-    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".alignlab.lock"}
+        run(
+            compose_run(
+                *_common(tmp_path, 4), "seed=1", f"trainer.resume_from_checkpoint={out / 'checkpoint-2'}"
+            ),
+            output_dir=out,
+        )
+    assert before == {
+        p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".alignlab.lock"
+    }
     # while a live run holds the directory, a second one is refused, naming it
     from alignlab.rundir import RunLock
 
@@ -184,10 +223,14 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, compose_run):
     (out / ".alignlab.lock").write_text('{"pid": 999999, "host": "gone", "started": "-", "command": "-"}')
     run(compose_run(*_common(tmp_path, 2), "seed=1", "trainer.overwrite_output_dir=true"), output_dir=out)
     assert '"seed": 1' in (out / "checkpoint-2" / COMPLETE).read_text()
-    assert ["seed: 1"] == [line for line in (out / "config.yaml").read_text().splitlines() if line.startswith("seed")]
+    assert ["seed: 1"] == [
+        line for line in (out / "config.yaml").read_text().splitlines() if line.startswith("seed")
+    ]
 
 
-def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path, compose_run, monkeypatch):
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, compose_run, monkeypatch
+):
     from transformers import Trainer
 
     import alignlab.rundir
@@ -197,8 +240,10 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
 
     def full_at_step_4(self, output_dir):
         if self.state.global_step == 4:  # what torch.save says when the disk fills up
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4056: "
-                               "basic_ios::clear: iostream error")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4056: "
+                "basic_ios::clear: iostream error"
+            )
         return save(self, output_dir)
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", full_at_step_4)
@@ -208,7 +253,9 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
         run(compose_run(*_common(tmp_path, 6)), output_dir=out)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith(f"cannot write {out / 'checkpoint-4'}: no space left on its disk (0 MiB free) at step 4")
+    assert message.startswith(
+        f"cannot write {out / 'checkpoint-4'}: no space left on its disk (0 MiB free) at step 4"
+    )
     assert "checkpoint-2 is the last complete checkpoint" in message and "Fix: free space" in message
     assert not (out / "checkpoint-4").exists() and problem(out / "checkpoint-2") is None
 
@@ -220,8 +267,11 @@ def test_a_read_only_run_directory_is_one_line(tmp_path, compose_run, monkeypatc
         raise PermissionError(13, "Permission denied", str(tmp_path / "run" / ".alignlab.lock"))
 
     monkeypatch.setattr(alignlab.rundir, "open", denied, raising=False)
-    with pytest.raises(StorageError, match=r"cannot claim the run directory .*\.alignlab\.lock: permission denied\. "
-                                           r"Fix: make it writable, or pick another run directory"):
+    with pytest.raises(
+        StorageError,
+        match=r"cannot claim the run directory .*\.alignlab\.lock: permission denied\. "
+        r"Fix: make it writable, or pick another run directory",
+    ):
         run(compose_run(*_common(tmp_path, 2)), output_dir=tmp_path / "run")
 
 
@@ -251,10 +301,22 @@ def test_sigterm_in_the_last_step_finishes_the_run(tmp_path, compose_run):
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", "model.name_or_path=builtin:tiny",
-           "trainer.max_steps=100000",
-           "trainer.save_steps=0", "trainer.logging_steps=1", "trainer.eval_steps=0", "data.eval_size=0",
-           "eval.generate=false", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alignlab.cli",
+        "train",
+        "+recipe=dpo",
+        "model.name_or_path=builtin:tiny",
+        "trainer.max_steps=100000",
+        "trainer.save_steps=0",
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=0",
+        "data.eval_size=0",
+        "eval.generate=false",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={out}",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -268,17 +330,26 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert not (out / "summary.json").exists()  # not finished: a stage would not be taken as done
     stopped = int(checkpoints[0].name.split("-")[1])
     line = errors.strip().splitlines()[-1]  # one line: what happened, and the command that resumes
-    assert line.startswith(f"alignlab: stopped by SIGTERM at step {stopped}; checkpoint saved: {checkpoints[0]}. "
-                           "Resume with: alignlab train +recipe=dpo ")
+    assert line.startswith(
+        f"alignlab: stopped by SIGTERM at step {stopped}; checkpoint saved: {checkpoints[0]}. "
+        "Resume with: alignlab train +recipe=dpo "
+    )
     resume = line.split("Resume with: alignlab train ")[1].split()
     assert resume[-2:] == ["trainer.resume_from_checkpoint=latest", f"hydra.run.dir={out}"]
 
-    resume = [f"trainer.max_steps={stopped + 2}" if word.startswith("trainer.max_steps=") else word for word in resume]
-    done = subprocess.run([*cmd[:4], *resume], capture_output=True, text=True, timeout=300, env={**os.environ})
+    resume = [
+        f"trainer.max_steps={stopped + 2}" if word.startswith("trainer.max_steps=") else word
+        for word in resume
+    ]
+    done = subprocess.run(
+        [*cmd[:4], *resume], capture_output=True, text=True, timeout=300, env={**os.environ}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, stopped + 3))
-    assert sum("train_runtime" in r for r in records) == 1  # the interrupted train() left no record of its end
+    assert (
+        sum("train_runtime" in r for r in records) == 1
+    )  # the interrupted train() left no record of its end
     assert (out / "summary.json").exists()
 
 
@@ -293,9 +364,12 @@ def test_a_signal_during_start_up_stops_before_the_directory_changes(tmp_path, c
 
     monkeypatch.setattr(alignlab.models, "load_policy", sigterm_while_loading)
     out = tmp_path / "run"
-    with pytest.raises(Interrupted, match="stopped by SIGTERM during start-up, before training; no checkpoint yet "
-                                          r"\(resuming starts afresh\)\. Resume with: run\(cfg with "
-                                          "trainer.resume_from_checkpoint=latest"):
+    with pytest.raises(
+        Interrupted,
+        match="stopped by SIGTERM during start-up, before training; no checkpoint yet "
+        r"\(resuming starts afresh\)\. Resume with: run\(cfg with "
+        "trainer.resume_from_checkpoint=latest",
+    ):
         run(compose_run(*_common(tmp_path, 4)), output_dir=out)
     assert [p.name for p in out.iterdir()] == [".alignlab.lock"]
 
@@ -321,8 +395,10 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, compose_run):
     alignlab.trainer.AlignTrainer.__init__ = with_ctrl_c
     out = tmp_path / "run"
     try:
-        with pytest.raises(StoppedAtOnce, match="stopped at once by a second Ctrl-C; resume from the last complete "
-                                                "checkpoint with: ") as err:
+        with pytest.raises(
+            StoppedAtOnce,
+            match="stopped at once by a second Ctrl-C; resume from the last complete checkpoint with: ",
+        ) as err:
             run(compose_run(*_common(tmp_path, 6)), output_dir=out)
     finally:
         alignlab.trainer.AlignTrainer.__init__ = init

@@ -32,8 +32,13 @@ TOL = 1e-5
 #: the global batch: 32 examples a step (2 processes x 16, or 1 x 32).
 #: β = 0.1 (the paper's; the toy's β = 1 scales the gradients tenfold, and with them Adam's magnification
 #: of float noise in near-zero gradient entries beyond the weights' tolerance below).
-STEPS = ("trainer.logging_steps=1", "trainer.eval_steps=0", "trainer.warmup_steps=0", "data.eval_size=0",
-         "loss.beta=0.1")
+STEPS = (
+    "trainer.logging_steps=1",
+    "trainer.eval_steps=0",
+    "trainer.warmup_steps=0",
+    "data.eval_size=0",
+    "loss.beta=0.1",
+)
 
 
 def _free_port() -> int:
@@ -46,8 +51,21 @@ def _torchrun(run_dir, *overrides: str, nproc: int = 2) -> str:
     """`torchrun --nproc_per_node <nproc> -m alignlab.cli train <overrides>` into `run_dir`; its stdout."""
     port = _free_port()
     env = {**os.environ, "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           "-m", "alignlab.cli", "train", f"hydra.run.dir={run_dir}", "model.name_or_path=builtin:tiny", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(port),
+        "-m",
+        "alignlab.cli",
+        "train",
+        f"hydra.run.dir={run_dir}",
+        "model.name_or_path=builtin:tiny",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout
@@ -82,15 +100,29 @@ CASES = {
     # full-vocabulary logits: chunked heads of the policy and of the partitioned reference engine
     "zero3-tdpo": ("zero3", ("+recipe=tdpo",), ()),
     # the reference is the adapter-disabled policy (LoRA dropout off: it would draw per-process masks)
-    "zero3-dpo-lora": ("zero3", ("+recipe=dpo", "model.lora.enabled=true", "model.lora.dropout=0",
-                                 "trainer.learning_rate=1e-2"), ()),
+    "zero3-dpo-lora": (
+        "zero3",
+        ("+recipe=dpo", "model.lora.enabled=true", "model.lora.dropout=0", "trainer.learning_rate=1e-2"),
+        (),
+    ),
     # scored half each (in step: 2400 rows in 25 batches of 96, the process with 12 repeats one) with the
     # partitioned reference, gathered, cached by process 0; vs a live reference
-    "zero3-dpo-precomputed": ("zero3", ("+recipe=dpo",), ("model.reference_mode=precomputed",
-                                                         "trainer.per_device_eval_batch_size=96")),
+    "zero3-dpo-precomputed": (
+        "zero3",
+        ("+recipe=dpo",),
+        ("model.reference_mode=precomputed", "trainer.per_device_eval_batch_size=96"),
+    ),
     # teachers as partitioned inference engines, their full logits chunked through gathered frozen heads
-    "zero3-aligndistil": ("zero3", ("+recipe=dpo", "loss=aligndistil", "loss.dpo_teacher=builtin:tiny",
-                                    "loss.reverse_teacher=builtin:tiny"), ()),
+    "zero3-aligndistil": (
+        "zero3",
+        (
+            "+recipe=dpo",
+            "loss=aligndistil",
+            "loss.dpo_teacher=builtin:tiny",
+            "loss.reverse_teacher=builtin:tiny",
+        ),
+        (),
+    ),
     # one logit position per chunk: the processes' batches need different numbers of chunks (lengths and
     # response positions differ), and each chunk gathers the partitioned head collectively
     "zero3-tdpo-small-chunks": ("zero3", ("+recipe=tdpo", "model.logit_chunk_size=1"), ()),
@@ -105,15 +137,27 @@ def test_two_processes_train_like_one(case, tmp_path, compose_run):
     if deepspeed != "none":
         pytest.importorskip("deepspeed")
     cache = f"data.cache_dir={tmp_path / 'cache'}"
-    single = run(compose_run(*common, *STEPS, "trainer.max_steps=3", "trainer.per_device_train_batch_size=32", cache),
-                 output_dir=tmp_path / "single")
-    out = _torchrun(tmp_path / "two", *common, *multi_only, *STEPS, "trainer.max_steps=3",
-                    "trainer.per_device_train_batch_size=16", f"deepspeed={deepspeed}", cache)
+    single = run(
+        compose_run(*common, *STEPS, "trainer.max_steps=3", "trainer.per_device_train_batch_size=32", cache),
+        output_dir=tmp_path / "single",
+    )
+    out = _torchrun(
+        tmp_path / "two",
+        *common,
+        *multi_only,
+        *STEPS,
+        "trainer.max_steps=3",
+        "trainer.per_device_train_batch_size=16",
+        f"deepspeed={deepspeed}",
+        cache,
+    )
 
     two = _losses(tmp_path / "two")
     assert list(two) == [1, 2, 3]  # one record a step: only process 0 writes metrics.jsonl
     assert [two[s] for s in (1, 2, 3)] == pytest.approx(single.train_losses, abs=TOL)
-    assert _losses(tmp_path / "two", "grad_norm") == pytest.approx(_losses(single.output_dir, "grad_norm"), abs=TOL)
+    assert _losses(tmp_path / "two", "grad_norm") == pytest.approx(
+        _losses(single.output_dir, "grad_norm"), abs=TOL
+    )
     assert two[3] != two[1]  # and it did train (AlignDistil from teachers equal to the student starts at 0)
     # the final weights (gathered from the ZeRO-3 partitions; the adapter with LoRA), as loaded back, are
     # the same too, to Adam's magnification of float noise in near-zero gradients
@@ -121,7 +165,9 @@ def test_two_processes_train_like_one(case, tmp_path, compose_run):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-4)
-    assert out.count("alignlab: run finished") == 1 and out.count("data builtin:sentiment") == 1  # process 0 prints
+    assert (
+        out.count("alignlab: run finished") == 1 and out.count("data builtin:sentiment") == 1
+    )  # process 0 prints
     if "model.reference_mode=precomputed" in multi_only:
         assert out.count("reference log-probs: computed") == 1
         caches = list((tmp_path / "cache" / "reference").glob("reference-*.arrow"))
@@ -130,10 +176,16 @@ def test_two_processes_train_like_one(case, tmp_path, compose_run):
         # cache holds exactly what one process scoring them all writes
         share = r"process (\d) scored (\d+ of \d+ rows \(\d+ batches(?:, 1 repeated)?\))"
         shares = dict(re.findall(share, out))
-        assert shares == {"0": "1248 of 2400 rows (13 batches)",
-                          "1": "1152 of 2400 rows (12 batches, 1 repeated)"}
-        run(compose_run(*common, *multi_only, *STEPS, "trainer.max_steps=1",
-                        f"data.cache_dir={tmp_path / 'one'}"), output_dir=tmp_path / "one-run")
+        assert shares == {
+            "0": "1248 of 2400 rows (13 batches)",
+            "1": "1152 of 2400 rows (12 batches, 1 repeated)",
+        }
+        run(
+            compose_run(
+                *common, *multi_only, *STEPS, "trainer.max_steps=1", f"data.cache_dir={tmp_path / 'one'}"
+            ),
+            output_dir=tmp_path / "one-run",
+        )
         one = list((tmp_path / "one" / "reference").glob("reference-*.arrow"))
         assert [p.name for p in one] == [caches[0].name]  # the same key
         assert caches[0].read_bytes() == one[0].read_bytes()
@@ -142,11 +194,21 @@ def test_two_processes_train_like_one(case, tmp_path, compose_run):
 def test_gradient_accumulation_equals_the_large_batch(tmp_path, compose_run):
     """2 micro-batches of 16 accumulated = one batch of 32: same per-step losses and final weights."""
     # SGD: its update is proportional to the gradient, so a wrongly scaled one would show in the weights
-    common = ("+recipe=dpo", *STEPS, "trainer.max_steps=3", "trainer.optim=sgd", "trainer.learning_rate=0.5",
-              f"data.cache_dir={tmp_path / 'cache'}")
+    common = (
+        "+recipe=dpo",
+        *STEPS,
+        "trainer.max_steps=3",
+        "trainer.optim=sgd",
+        "trainer.learning_rate=0.5",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     large = run(compose_run(*common, "trainer.per_device_train_batch_size=32"), output_dir=tmp_path / "large")
-    accumulated = run(compose_run(*common, "trainer.per_device_train_batch_size=16",
-                                  "trainer.gradient_accumulation_steps=2"), output_dir=tmp_path / "accumulated")
+    accumulated = run(
+        compose_run(
+            *common, "trainer.per_device_train_batch_size=16", "trainer.gradient_accumulation_steps=2"
+        ),
+        output_dir=tmp_path / "accumulated",
+    )
     assert accumulated.train_losses == pytest.approx(large.train_losses, abs=TOL)
     grad_norms = _losses(large.output_dir, "grad_norm")
     assert _losses(accumulated.output_dir, "grad_norm") == pytest.approx(grad_norms, abs=TOL)
@@ -160,10 +222,17 @@ def test_two_process_run_resumes_from_its_checkpoint(tmp_path, compose_run):
     """BCO under ZeRO-2: its running reward mean δ is all-reduced (so two processes match one) and
     travels with the checkpoint (so the resumed run matches the uninterrupted one)."""
     pytest.importorskip("deepspeed")
-    common = ("+recipe=bco", *STEPS, "trainer.max_steps=4", "trainer.save_steps=2",
-              f"data.cache_dir={tmp_path / 'cache'}")
+    common = (
+        "+recipe=bco",
+        *STEPS,
+        "trainer.max_steps=4",
+        "trainer.save_steps=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     two = ("trainer.per_device_train_batch_size=16", "deepspeed=zero2")
-    single = run(compose_run(*common, "trainer.per_device_train_batch_size=32"), output_dir=tmp_path / "single")
+    single = run(
+        compose_run(*common, "trainer.per_device_train_batch_size=32"), output_dir=tmp_path / "single"
+    )
     _torchrun(tmp_path / "full", *common, *two)
     full = _losses(tmp_path / "full")
     assert [full[s] for s in (1, 2, 3, 4)] == pytest.approx(single.train_losses, abs=TOL)

@@ -16,9 +16,20 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_embedded_default_shows_dpo_working(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo",
-                          f"data.cache_dir={tmp_path / 'cache'}"],
-                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignlab.cli",
+            "train",
+            "+recipe=dpo",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "stage sft: training in" in out.stdout
     (run_dir,) = (tmp_path / "runs" / "dpo").iterdir()
@@ -38,4 +49,3 @@ def test_the_embedded_default_shows_dpo_working(tmp_path):
         assert len(words) >= 5 and set(words) <= vocabulary, sample
         assert sum(w in POSITIVE for w in words) > sum(w in NEGATIVE for w in words), sample
     assert f"win rate {figures['win_rate']:.3f}" in out.stdout
-

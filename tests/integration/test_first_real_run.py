@@ -15,7 +15,16 @@ from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.slow
 
-SUBJECTS = ["a dog", "the park", "a red ball", "my sister", "the garden", "a small boat", "the rain", "a cake"]
+SUBJECTS = [
+    "a dog",
+    "the park",
+    "a red ball",
+    "my sister",
+    "the garden",
+    "a small boat",
+    "the rain",
+    "a cake",
+]
 
 
 def _pairs(n: int, seed: int = 0) -> list[dict]:
@@ -36,9 +45,20 @@ def test_dpo_on_a_real_model_and_a_fresh_file_succeeds_first_time(tmp_path, shar
     work = tmp_path / "project"
     work.mkdir()
     (work / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _pairs(1000)))
-    cmd = [sys.executable, "-m", "alignlab.cli", "train", "+recipe=dpo", f"model.name_or_path={model}",
-           "data.path=pairs.jsonl", "trainer.max_steps=3", "trainer.logging_steps=1", "eval.max_new_tokens=8",
-           f"data.cache_dir={tmp_path / 'cache'}", "hydra.run.dir=runs/first"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alignlab.cli",
+        "train",
+        "+recipe=dpo",
+        f"model.name_or_path={model}",
+        "data.path=pairs.jsonl",
+        "trainer.max_steps=3",
+        "trainer.logging_steps=1",
+        "eval.max_new_tokens=8",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "hydra.run.dir=runs/first",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=work)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
@@ -56,6 +76,21 @@ def test_dpo_on_a_real_model_and_a_fresh_file_succeeds_first_time(tmp_path, shar
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["train_losses"]) >= 1 and "eval_rewards/accuracies" in summary["eval"]
 
-    again = subprocess.run([sys.executable, "-m", "alignlab.cli", "eval", str(run_dir), "--num-prompts", "2",
-                            "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignlab.cli",
+            "eval",
+            str(run_dir),
+            "--num-prompts",
+            "2",
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert again.returncode == 0, again.stderr[-3000:]

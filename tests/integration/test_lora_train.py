@@ -17,23 +17,37 @@ from alignlab.train import run
 pytestmark = pytest.mark.slow
 
 RESPONSES = ("chosen", "rejected")
-LORA = ("+recipe=dpo", "model.lora.enabled=true", "trainer.learning_rate=3e-3",
-        "trainer.logging_steps=1", "trainer.eval_steps=0")
+LORA = (
+    "+recipe=dpo",
+    "model.lora.enabled=true",
+    "trainer.learning_rate=3e-3",
+    "trainer.logging_steps=1",
+    "trainer.eval_steps=0",
+)
 
 
 def _losses(result):
-    return [json.loads(line)["loss"] for line in result.metrics_file.read_text().splitlines() if '"loss"' in line]
+    return [
+        json.loads(line)["loss"] for line in result.metrics_file.read_text().splitlines() if '"loss"' in line
+    ]
 
 
 def _fixed_batch(tokenizer):
     from alignlab.data import PreferenceCollator
 
     rows = []
-    for prompt, chosen, rejected in [("review : the film was", "really great .", "really dull ."),
-                                     ("in short , the book is", "quite charming !", "quite weak !")]:
+    for prompt, chosen, rejected in [
+        ("review : the film was", "really great .", "really dull ."),
+        ("in short , the book is", "quite charming !", "quite weak !"),
+    ]:
         p = tokenizer(prompt, add_special_tokens=False).input_ids
-        rows.append({"prompt_ids": p, "chosen_ids": tokenizer(chosen, add_special_tokens=False).input_ids,
-                     "rejected_ids": tokenizer(rejected, add_special_tokens=False).input_ids})
+        rows.append(
+            {
+                "prompt_ids": p,
+                "chosen_ids": tokenizer(chosen, add_special_tokens=False).input_ids,
+                "rejected_ids": tokenizer(rejected, add_special_tokens=False).input_ids,
+            }
+        )
     return PreferenceCollator(tokenizer.pad_token_id, responses=RESPONSES)(rows)
 
 
@@ -49,8 +63,13 @@ def test_lora_trains_reference_unchanged_adapter_saved_and_merged(tmp_path, comp
 
     monkeypatch.setattr(alignlab.models, "load_policy", recording_load_policy)
     # no end-of-training eval: it loads models through the load_policy recorded here
-    cfg = compose_run(*LORA, "trainer.max_steps=40", "model.lora.merge_on_save=true", "eval.generate=false",
-                      f"data.cache_dir={tmp_path / 'c'}")
+    cfg = compose_run(
+        *LORA,
+        "trainer.max_steps=40",
+        "model.lora.merge_on_save=true",
+        "eval.generate=false",
+        f"data.cache_dir={tmp_path / 'c'}",
+    )
     result = run(cfg, output_dir=tmp_path / "run")
 
     losses = _losses(result)
@@ -67,7 +86,9 @@ def test_lora_trains_reference_unchanged_adapter_saved_and_merged(tmp_path, comp
 
     # model/ holds the adapter and the tokenizer; model_merged/ is a plain transformers model
     assert (result.model_dir / "adapter_model.safetensors").exists()
-    assert (result.model_dir / "adapter_config.json").exists() and (result.model_dir / "tokenizer.json").exists()
+    assert (result.model_dir / "adapter_config.json").exists() and (
+        result.model_dir / "tokenizer.json"
+    ).exists()
     assert not (result.model_dir / "model.safetensors").exists()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

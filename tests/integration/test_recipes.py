@@ -28,8 +28,15 @@ def _train(compose_run, tmp_path, recipe, *overrides, steps=40, sft=False):
     """Train `recipe` for `steps` steps (None: the recipe's own), logging every step, evaluating at the end;
     `sft`: from the embedded default's SFT stage (trained first, once), as `alignlab train` does."""
     length = [f"trainer.max_steps={steps}"] if steps else []
-    cfg = compose_run(f"+recipe={recipe}", *length, "trainer.logging_steps=1", "trainer.eval_steps=0",
-                      f"data.cache_dir={tmp_path / 'cache'}", *overrides, sft=sft)
+    cfg = compose_run(
+        f"+recipe={recipe}",
+        *length,
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+        sft=sft,
+    )
     if sft:
         from alignlab.train import run_stages
 
@@ -68,8 +75,12 @@ def test_bco_tracks_delta_and_separates_labels(tmp_path, compose_run):
     assert (result.output_dir / "data_report.json").exists()
     report = json.loads((result.output_dir / "data_report.json").read_text())
     assert report["unpaired_from_pairs"] is True
-    state = load_file(result.model_dir / "loss_state.safetensors")  # δ and the UDM classifier, saved with the run
-    assert state["running_mean"].item() == pytest.approx(delta[-1], abs=1e-5) and state["udm_coef"].numel() == 64
+    state = load_file(
+        result.model_dir / "loss_state.safetensors"
+    )  # δ and the UDM classifier, saved with the run
+    assert (
+        state["running_mean"].item() == pytest.approx(delta[-1], abs=1e-5) and state["udm_coef"].numel() == 64
+    )
 
 
 def test_npo_lowers_forget_likelihood(tmp_path, compose_run):
@@ -92,12 +103,16 @@ def test_bco_state_survives_resume(run_and_resume):
 def _same_losses(resumed, full) -> None:
     """The resumed run (a fresh directory holding only the checkpoint) logs the uninterrupted run's steps
     after that checkpoint, with the same losses."""
+
     def records(run_dir):
-        return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r and "train_runtime" not in r]
+        return [
+            (r["step"], r["loss"])
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r and "train_runtime" not in r
+        ]
 
     got, want = records(resumed.output_dir), records(full.output_dir)
-    want = want[len(want) - len(got):]
+    want = want[len(want) - len(got) :]
     assert got and [s for s, _ in got] == [s for s, _ in want] and got[-1][0] == 6
     assert [x for _, x in got] == pytest.approx([x for _, x in want], abs=1e-6)
 
@@ -115,26 +130,41 @@ def test_sparsepo_mask_heads_survive_resume(run_and_resume):
 
 def test_precomputed_reference_resumes_from_its_cache(run_and_resume, capsys):
     full, resumed = run_and_resume("dpo", 6, 3, "model.reference_mode=precomputed")
-    assert "reference log-probs: reused from cache" in capsys.readouterr().out  # the resumed run scored nothing again
+    assert (
+        "reference log-probs: reused from cache" in capsys.readouterr().out
+    )  # the resumed run scored nothing again
     _same_losses(resumed, full)
 
 
 def test_resume_refuses_checkpoint_without_loss_state(tmp_path, compose_run):
-    common = ("+recipe=bco", "trainer.max_steps=4", "trainer.save_steps=2", "trainer.eval_steps=0",
-              "data.eval_size=0", f"data.cache_dir={tmp_path / 'cache'}")
+    common = (
+        "+recipe=bco",
+        "trainer.max_steps=4",
+        "trainer.save_steps=2",
+        "trainer.eval_steps=0",
+        "data.eval_size=0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     full = run(compose_run(*common), output_dir=tmp_path / "full")
     (full.output_dir / "checkpoint-2" / "loss_state.safetensors").unlink()
     with pytest.raises(UserError, match="cannot resume: .*checkpoint-2 lacks loss_state.safetensors"):
-        run(compose_run(*common, f"trainer.resume_from_checkpoint={full.output_dir / 'checkpoint-2'}"),
-            output_dir=tmp_path / "again")
+        run(
+            compose_run(*common, f"trainer.resume_from_checkpoint={full.output_dir / 'checkpoint-2'}"),
+            output_dir=tmp_path / "again",
+        )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("+recipe=npo", "data.retain=null"), "needs a retain set: set data.retain="),
-    (("+recipe=dpo", "data.retain=builtin:sentiment-retain"), "data.retain"),
-    (("+recipe=asft", "model.reference=builtin:tiny"), "reference-free"),
-])
-def test_impossible_combinations_refused_before_models_load(overrides, message, tmp_path, compose_run, monkeypatch):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("+recipe=npo", "data.retain=null"), "needs a retain set: set data.retain="),
+        (("+recipe=dpo", "data.retain=builtin:sentiment-retain"), "data.retain"),
+        (("+recipe=asft", "model.reference=builtin:tiny"), "reference-free"),
+    ],
+)
+def test_impossible_combinations_refused_before_models_load(
+    overrides, message, tmp_path, compose_run, monkeypatch
+):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the combination was checked")
 

@@ -17,16 +17,24 @@ REFERENCE_FREE = ["simpo", "cpo", "orpo"]
 
 
 def _train(compose_run, tmp_path, recipe, *overrides):
-    cfg = compose_run(f"+recipe={recipe}", "trainer.logging_steps=1", "trainer.eval_steps=0",
-                      f"data.cache_dir={tmp_path / 'cache'}", *overrides)
+    cfg = compose_run(
+        f"+recipe={recipe}",
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    )
     return run(cfg, output_dir=tmp_path / "run")
 
 
 @pytest.mark.parametrize("recipe", PAIR_RECIPES)
 def test_pair_recipes_learn(recipe, tmp_path, compose_run):
     result = _train(compose_run, tmp_path, recipe)
-    losses = [r["loss"] for r in map(json.loads, result.metrics_file.read_text().splitlines())
-              if "loss" in r and "eval_loss" not in r and "train_runtime" not in r]
+    losses = [
+        r["loss"]
+        for r in map(json.loads, result.metrics_file.read_text().splitlines())
+        if "loss" in r and "eval_loss" not in r and "train_runtime" not in r
+    ]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert result.eval_metrics["eval_rewards/accuracies"] > 0.8  # chance 0.5
 

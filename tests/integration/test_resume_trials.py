@@ -15,10 +15,22 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "resume_trials.py"
 #: (case, seed): the seeds pick DPO or BCO and where the run is interrupted (see the trial's detail);
 #: chosen to cover the last step, a resume inside a logging window, and each kind of damaged file.
-TRIALS = [("sigkill_step", 0), ("sigkill_save", 0), ("sigkill_final", 0),
-          ("sigterm_step", 2), ("sigterm_step", 0), ("sigint_step", 1), ("sigint_step", 2), ("signal_final", 0),
-          ("corrupt_file", 0), ("corrupt_file", 3), ("corrupt_file", 4), ("stale_dir", 0), ("stale_dir", 1),
-          ("concurrent", 0)]
+TRIALS = [
+    ("sigkill_step", 0),
+    ("sigkill_save", 0),
+    ("sigkill_final", 0),
+    ("sigterm_step", 2),
+    ("sigterm_step", 0),
+    ("sigint_step", 1),
+    ("sigint_step", 2),
+    ("signal_final", 0),
+    ("corrupt_file", 0),
+    ("corrupt_file", 3),
+    ("corrupt_file", 4),
+    ("stale_dir", 0),
+    ("stale_dir", 1),
+    ("concurrent", 0),
+]
 
 
 @pytest.fixture(scope="module")

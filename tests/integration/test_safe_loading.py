@@ -81,16 +81,23 @@ def model_from_pretrained_calls(root: Path) -> list[tuple[str, bool]]:
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "from_pretrained"):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "from_pretrained"
+            ):
                 continue
             receiver = _receiver(node.func.value)
             bound = _bound_names(tree, receiver) if isinstance(node.func.value, ast.Name) else None
             classes = bound or {receiver}
-            if all(_NOT_WEIGHTS.search(c) for c in classes) or all(_ADAPTER_LOADERS.match(c) for c in classes):
+            if all(_NOT_WEIGHTS.search(c) for c in classes) or all(
+                _ADAPTER_LOADERS.match(c) for c in classes
+            ):
                 continue
-            safe = any(k.arg == "use_safetensors" and isinstance(k.value, ast.Constant) and k.value.value is True
-                       for k in node.keywords)
+            safe = any(
+                k.arg == "use_safetensors" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
             calls.append((f"{path.relative_to(root.parent)}:{node.lineno} {receiver}.from_pretrained", safe))
     return calls
 
@@ -114,12 +121,14 @@ def test_the_from_pretrained_audit_catches_a_missing_use_safetensors(tmp_path):
         "tok = AutoTokenizer.from_pretrained(path)\n"
         "ok = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()\n"
         "bad = AutoModelForCausalLM.from_pretrained(path).eval()\n"
-        "off = AutoModelForCausalLM.from_pretrained(path, use_safetensors=False)\n")
+        "off = AutoModelForCausalLM.from_pretrained(path, use_safetensors=False)\n"
+    )
     (package / "sub" / "b.py").write_text(
         "import transformers\n"
         "cls = pick()\n"
         "m = transformers.AutoModelForSequenceClassification.from_pretrained(p, num_labels=1)\n"
-        "n = cls.from_pretrained(p, **kwargs)\n")
+        "n = cls.from_pretrained(p, **kwargs)\n"
+    )
     calls = dict(model_from_pretrained_calls(package))
     assert calls == {
         "pkg/a.py:5 AutoModelForCausalLM.from_pretrained": True,
@@ -151,6 +160,7 @@ def test_model_and_tokenizer_loading_pass_the_setting_through(monkeypatch, trust
         def from_pretrained(name, **kwargs):
             seen[kind] = kwargs
             raise Stop
+
         return from_pretrained
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", fake("tokenizer"))

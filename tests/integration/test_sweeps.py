@@ -14,16 +14,33 @@ pytestmark = pytest.mark.slow
 
 
 def _sweep(tmp_path, *overrides):
-    cmd = [sys.executable, "-m", "alignlab.cli", "train", "-m", "+recipe=dpo", "model.name_or_path=builtin:tiny",
-           "trainer.max_steps=2",
-           "trainer.logging_steps=1", "trainer.eval_steps=0", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alignlab.cli",
+        "train",
+        "-m",
+        "+recipe=dpo",
+        "model.name_or_path=builtin:tiny",
+        "trainer.max_steps=2",
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *overrides,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 def test_a_failing_member_does_not_lose_the_others_and_the_table_reports_it(tmp_path):
-    out = _sweep(tmp_path, "loss.beta=0.1,-1,0.2", "logger=wandb", "logger.mode=offline", "eval.num_prompts=4",
-                 "eval.max_new_tokens=4")
+    out = _sweep(
+        tmp_path,
+        "loss.beta=0.1,-1,0.2",
+        "logger=wandb",
+        "logger.mode=offline",
+        "eval.num_prompts=4",
+        "eval.max_new_tokens=4",
+    )
     assert out.returncode == 2  # the sweep reports its failure
     assert "alignlab: error: loss.beta must be > 0" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
@@ -42,7 +59,10 @@ def test_a_failing_member_does_not_lose_the_others_and_the_table_reports_it(tmp_
     with (sweep / "sweep.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["member"], r["overrides"], r["status"][:20]) for r in rows] == [
-        ("0", "loss.beta=0.1", "ok"), ("1", "loss.beta=-1", "failed: loss.beta mu"), ("2", "loss.beta=0.2", "ok")]
+        ("0", "loss.beta=0.1", "ok"),
+        ("1", "loss.beta=-1", "failed: loss.beta mu"),
+        ("2", "loss.beta=0.2", "ok"),
+    ]
     for row in (rows[0], rows[2]):
         assert 0 <= float(row["held-out accuracy"]) <= 1 and 0 <= float(row["win rate"]) <= 1
     assert rows[1]["held-out accuracy"] == ""
@@ -52,7 +72,9 @@ def test_a_failing_member_does_not_lose_the_others_and_the_table_reports_it(tmp_
 
 def test_submitit_launcher_runs_each_member(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    out = _sweep(tmp_path, "loss.beta=0.1,0.2", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5")
+    out = _sweep(
+        tmp_path, "loss.beta=0.1,0.2", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     for member in (0, 1):
         assert (tmp_path / "sweep" / str(member) / "summary.json").exists()

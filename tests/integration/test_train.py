@@ -19,12 +19,20 @@ def _records(path):
 
 
 def test_dpo_learns_on_embedded_default(tmp_path, compose_run):
-    cfg = compose_run("+recipe=dpo", "trainer.max_steps=60", "trainer.eval_steps=60", "trainer.logging_steps=1",
-                      "+trainer.extra.eval_on_start=true", f"data.cache_dir={tmp_path / 'cache'}")
+    cfg = compose_run(
+        "+recipe=dpo",
+        "trainer.max_steps=60",
+        "trainer.eval_steps=60",
+        "trainer.logging_steps=1",
+        "+trainer.extra.eval_on_start=true",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     result = run(cfg, output_dir=tmp_path / "run")
     records = _records(result.metrics_file)
     evals = [r for r in records if "eval_rewards/accuracies" in r]
-    assert evals[0]["step"] == 0 and evals[0]["eval_rewards/accuracies"] == 0.0  # policy == reference: all ties
+    assert (
+        evals[0]["step"] == 0 and evals[0]["eval_rewards/accuracies"] == 0.0
+    )  # policy == reference: all ties
     assert result.eval_metrics["eval_rewards/accuracies"] > 0.8  # chance is 0.5
     losses = result.train_losses
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # step 1: policy == reference, so exactly ln 2
@@ -74,8 +82,15 @@ def test_wandb_logs_offline(tmp_path, monkeypatch, compose_run):
         return finish(*args, **kwargs)
 
     monkeypatch.setattr(wandb, "finish", record_then_finish)
-    cfg = compose_run("+recipe=dpo", "logger=wandb", "trainer.max_steps=3", "trainer.logging_steps=1",
-                      "trainer.eval_steps=0", "eval.generate=false", f"data.cache_dir={tmp_path / 'cache'}")
+    cfg = compose_run(
+        "+recipe=dpo",
+        "logger=wandb",
+        "trainer.max_steps=3",
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=0",
+        "eval.generate=false",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     result = run(cfg, output_dir=tmp_path / "run")
     runs = list((result.output_dir / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run was written"
@@ -90,7 +105,13 @@ def test_stories260k_on_hh_rlhf(recipe, tmp_path, compose_run, shared_path):
     """A real pretrained model on real human preferences (MODPO: with a length penalty): the loss falls."""
     shared_path("models", "stories260k")
     shared_path("data", "hh-rlhf", "harmless-base-test.jsonl.gz")
-    cfg = compose_run(f"+recipe={recipe}", "trainer.max_steps=30", "trainer.logging_steps=5",
-                      "trainer.eval_steps=0", "data.limit=400", f"data.cache_dir={tmp_path / 'cache'}")
+    cfg = compose_run(
+        f"+recipe={recipe}",
+        "trainer.max_steps=30",
+        "trainer.logging_steps=5",
+        "trainer.eval_steps=0",
+        "data.limit=400",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     result = run(cfg, output_dir=tmp_path / "run")
     assert result.train_losses[-1] < result.train_losses[0]

@@ -58,8 +58,9 @@ def _alignlab_loss(setup, loss_cfg) -> float:
     batch = PreferenceCollator(tok.pad_token_id)(examples)
     loss = build(loss_cfg)
     with torch.no_grad():  # the full logits when the loss reads them (DPO's WPO weights)
-        pol = concatenated_forward(policy.eval(), batch, ("chosen", "rejected"), loss.needs.full_logits,
-                                   chunk_size=4)
+        pol = concatenated_forward(
+            policy.eval(), batch, ("chosen", "rejected"), loss.needs.full_logits, chunk_size=4
+        )
         ref = concatenated_forward(reference, batch, ("chosen", "rejected"))
     return loss(LossInputs(policy=pol, reference=ref)).losses.mean().item()
 
@@ -71,12 +72,26 @@ def _trl_loss(setup, loss_type, label_smoothing, tmp_path) -> float:
 
     tok, policy, reference, rows = setup
     # TRL joins prompt and completion as strings: give the completions their separating space.
-    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
-                              for r in rows])
-    args = TRLConfig(output_dir=str(tmp_path), beta=0.1, loss_type=[loss_type], label_smoothing=label_smoothing,
-                     per_device_train_batch_size=8, report_to="none", max_length=None, use_cpu=True)
-    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-                         train_dataset=data, processing_class=tok)
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in rows]
+    )
+    args = TRLConfig(
+        output_dir=str(tmp_path),
+        beta=0.1,
+        loss_type=[loss_type],
+        label_smoothing=label_smoothing,
+        per_device_train_batch_size=8,
+        report_to="none",
+        max_length=None,
+        use_cpu=True,
+    )
+    trainer = DPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer.model.eval()
     with torch.no_grad():

@@ -13,10 +13,10 @@ import copy
 
 import pytest
 import torch
+from test_trl_oracle import _alignlab_loss, setup  # noqa: F401 (the fixture)
 
 from alignlab.losses.combo import ComboConfig
 from alignlab.losses.dpo import DPOConfig
-from test_trl_oracle import _alignlab_loss, setup  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow
 trl = pytest.importorskip("trl")
@@ -30,30 +30,58 @@ CASES = [
     ("apo_down", dict(loss_type=["apo_down"]), DPOConfig(loss_type="apo_down")),
     ("discopop", dict(loss_type=["discopop"]), DPOConfig(loss_type="discopop")),
     ("aot", dict(loss_type=["aot"]), DPOConfig(loss_type="aot")),
-    ("aot_unpaired", dict(loss_type=["aot_unpaired"], label_smoothing=0.1),
-     DPOConfig(loss_type="aot_unpaired", label_smoothing=0.1)),
-    ("forward_kl", dict(loss_type=["sigmoid"], f_divergence_type="forward_kl"),
-     DPOConfig(f_divergence="forward_kl")),
-    ("js_divergence", dict(loss_type=["sigmoid"], f_divergence_type="js_divergence"),
-     DPOConfig(f_divergence="js_divergence")),
-    ("alpha_divergence", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence",
-                              f_alpha_divergence_coef=0.3),
-     DPOConfig(f_divergence="alpha_divergence", f_alpha_divergence_coef=0.3)),
-    ("js-hinge", dict(loss_type=["hinge"], f_divergence_type="js_divergence"),
-     DPOConfig(loss_type="hinge", f_divergence="js_divergence")),
-    ("forward_kl-ipo", dict(loss_type=["ipo"], f_divergence_type="forward_kl"),
-     DPOConfig(loss_type="ipo", ipo_length_normalize=True, f_divergence="forward_kl")),
+    (
+        "aot_unpaired",
+        dict(loss_type=["aot_unpaired"], label_smoothing=0.1),
+        DPOConfig(loss_type="aot_unpaired", label_smoothing=0.1),
+    ),
+    (
+        "forward_kl",
+        dict(loss_type=["sigmoid"], f_divergence_type="forward_kl"),
+        DPOConfig(f_divergence="forward_kl"),
+    ),
+    (
+        "js_divergence",
+        dict(loss_type=["sigmoid"], f_divergence_type="js_divergence"),
+        DPOConfig(f_divergence="js_divergence"),
+    ),
+    (
+        "alpha_divergence",
+        dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+        DPOConfig(f_divergence="alpha_divergence", f_alpha_divergence_coef=0.3),
+    ),
+    (
+        "js-hinge",
+        dict(loss_type=["hinge"], f_divergence_type="js_divergence"),
+        DPOConfig(loss_type="hinge", f_divergence="js_divergence"),
+    ),
+    (
+        "forward_kl-ipo",
+        dict(loss_type=["ipo"], f_divergence_type="forward_kl"),
+        DPOConfig(loss_type="ipo", ipo_length_normalize=True, f_divergence="forward_kl"),
+    ),
     ("ld_dpo", dict(loss_type=["sigmoid"], ld_alpha=0.5), DPOConfig(ld_alpha=0.5)),
     ("ld_dpo-zero", dict(loss_type=["sigmoid"], ld_alpha=0.0), DPOConfig(ld_alpha=0.0)),
     ("wpo", dict(loss_type=["sigmoid"], use_weighting=True), DPOConfig(wpo=True)),
-    ("wpo-ipo", dict(loss_type=["ipo"], use_weighting=True),
-     DPOConfig(loss_type="ipo", ipo_length_normalize=True, wpo=True)),
+    (
+        "wpo-ipo",
+        dict(loss_type=["ipo"], use_weighting=True),
+        DPOConfig(loss_type="ipo", ipo_length_normalize=True, wpo=True),
+    ),
     # combo: TRL's loss_type list with loss_weights (MPO without its BCO term: TRL's bco_pair has no δ)
-    ("combo-dpo-sft", dict(loss_type=["sigmoid", "sft"], loss_weights=[0.8, 1.0]),
-     ComboConfig(terms={"dpo": 0.8, "sft": 1.0}, term_options={})),
-    ("combo-nca-rdpo", dict(loss_type=["nca_pair", "sigmoid"], loss_weights=[0.3, 0.7]),  # rDPO ε = 0 is DPO
-     ComboConfig(terms={"dpo": 0.3, "rdpo": 0.7}, term_options={"dpo": {"loss_type": "nca_pair"},
-                                                                  "rdpo": {"epsilon": 0.0}})),
+    (
+        "combo-dpo-sft",
+        dict(loss_type=["sigmoid", "sft"], loss_weights=[0.8, 1.0]),
+        ComboConfig(terms={"dpo": 0.8, "sft": 1.0}, term_options={}),
+    ),
+    (
+        "combo-nca-rdpo",
+        dict(loss_type=["nca_pair", "sigmoid"], loss_weights=[0.3, 0.7]),  # rDPO ε = 0 is DPO
+        ComboConfig(
+            terms={"dpo": 0.3, "rdpo": 0.7},
+            term_options={"dpo": {"loss_type": "nca_pair"}, "rdpo": {"epsilon": 0.0}},
+        ),
+    ),
 ]
 
 
@@ -72,8 +100,15 @@ def _float64_fused_forward(model, dtype=torch.float64):
         logps = logps.to(dtype)
         log_sum_sq = (torch.logsumexp(2 * logits[:, :-1].log_softmax(-1), -1) * mask).to(dtype)  # WPO's
         zeros = torch.zeros_like(logps)
-        return SimpleNamespace(log_probs=logps, entropy=zeros, log_sum_sq_probs=log_sum_sq, mean_logits=zeros,
-                               is_top1=mask & False, aux_loss=None, loss=None)
+        return SimpleNamespace(
+            log_probs=logps,
+            entropy=zeros,
+            log_sum_sq_probs=log_sum_sq,
+            mean_logits=zeros,
+            is_top1=mask & False,
+            aux_loss=None,
+            loss=None,
+        )
 
     model.forward = forward
 
@@ -84,12 +119,25 @@ def _trl_loss(setup, kwargs, tmp_path) -> float:  # noqa: F811 (the fixture's va
     from trl import DPOTrainer
 
     tok, policy, reference, rows = setup
-    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"],
-                               "rejected": " " + r["rejected"]} for r in rows])
-    args = TRLConfig(output_dir=str(tmp_path), beta=0.1, per_device_train_batch_size=8, report_to="none",
-                     max_length=None, use_cpu=True, **kwargs)
-    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-                         train_dataset=data, processing_class=tok)
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in rows]
+    )
+    args = TRLConfig(
+        output_dir=str(tmp_path),
+        beta=0.1,
+        per_device_train_batch_size=8,
+        report_to="none",
+        max_length=None,
+        use_cpu=True,
+        **kwargs,
+    )
+    trainer = DPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+    )
     # TRL's alpha-divergence clamps by dtype and knows no float64 (KeyError): float32 log-probs there
     dtype = torch.float32 if kwargs.get("f_divergence_type") == "alpha_divergence" else torch.float64
     _float64_fused_forward(trainer.model, dtype)

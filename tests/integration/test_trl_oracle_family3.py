@@ -48,8 +48,9 @@ def _data(rows):
     from datasets import Dataset
 
     # TRL joins prompt and completion as strings: give the completions their separating space.
-    return Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"],
-                               "rejected": " " + r["rejected"]} for r in rows])
+    return Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in rows]
+    )
 
 
 def _examples_from_trl_batch(batch) -> list[dict]:
@@ -99,18 +100,30 @@ def _cpo_trainer(setup, tmp_path, **kwargs):
     from trl.experimental.cpo import CPOTrainer
 
     tok, policy, rows = setup
-    args = TRLCPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none",
-                        use_cpu=True, max_length=512, **kwargs)
+    args = TRLCPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        report_to="none",
+        use_cpu=True,
+        max_length=512,
+        **kwargs,
+    )
     return CPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=_data(rows), processing_class=tok)
 
 
 SIMPO_CASES = [
     ("simpo", dict(beta=2.0, simpo_gamma=0.5), SimPOConfig(beta=2.0, gamma=0.5)),
-    ("simpo-smoothed", dict(beta=2.5, simpo_gamma=1.0, label_smoothing=0.2),
-     SimPOConfig(beta=2.5, gamma=1.0, label_smoothing=0.2)),
+    (
+        "simpo-smoothed",
+        dict(beta=2.5, simpo_gamma=1.0, label_smoothing=0.2),
+        SimPOConfig(beta=2.5, gamma=1.0, label_smoothing=0.2),
+    ),
     ("alphapo", dict(beta=2.0, simpo_gamma=0.5, alpha=0.25), SimPOConfig(beta=2.0, gamma=0.5, alpha=0.25)),
-    ("simpo-sft", dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.3),
-     SimPOConfig(beta=2.0, gamma=0.5, sft_weight=0.3)),
+    (
+        "simpo-sft",
+        dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.3),
+        SimPOConfig(beta=2.0, gamma=0.5, sft_weight=0.3),
+    ),
 ]
 
 
@@ -123,8 +136,11 @@ def test_simpo_same_loss_and_gradients_as_trl_cpo_trainer(setup, tmp_path, kwarg
 
 CPO_CASES = [
     ("sigmoid", dict(beta=0.1), CPOConfig(beta=0.1)),
-    ("sigmoid-smoothed", dict(beta=0.2, label_smoothing=0.1, cpo_alpha=0.5),
-     CPOConfig(beta=0.2, label_smoothing=0.1, nll_weight=0.5)),
+    (
+        "sigmoid-smoothed",
+        dict(beta=0.2, label_smoothing=0.1, cpo_alpha=0.5),
+        CPOConfig(beta=0.2, label_smoothing=0.1, nll_weight=0.5),
+    ),
     ("hinge", dict(beta=0.1, loss_type="hinge"), CPOConfig(beta=0.1, loss_type="hinge")),
     ("ipo", dict(beta=0.1, loss_type="ipo"), CPOConfig(beta=0.1, loss_type="ipo")),
     ("alpha", dict(beta=0.1, alpha=0.01), CPOConfig(beta=0.1, alpha=0.01)),
@@ -145,10 +161,17 @@ def test_orpo_odds_ratio_term_same_as_trl(setup, tmp_path):
 
     tok, policy, rows = setup
     lam = 0.25
-    args = TRLORPOConfig(output_dir=str(tmp_path), beta=lam, per_device_train_batch_size=8, report_to="none",
-                         use_cpu=True, max_length=512)
-    trainer = ORPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=_data(rows),
-                          processing_class=tok)
+    args = TRLORPOConfig(
+        output_dir=str(tmp_path),
+        beta=lam,
+        per_device_train_batch_size=8,
+        report_to="none",
+        use_cpu=True,
+        max_length=512,
+    )
+    trainer = ORPOTrainer(
+        model=copy.deepcopy(policy), args=args, train_dataset=_data(rows), processing_class=tok
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer.model.eval()
     chosen_logps, rejected_logps = trainer.concatenated_forward(trainer.model, batch)[:2]

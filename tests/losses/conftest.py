@@ -1,7 +1,6 @@
 """Fixtures of the loss tests; the helpers live in loss_helpers.py."""
 
 import pytest
-
 from loss_helpers import pair_inputs, seq
 
 

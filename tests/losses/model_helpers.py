@@ -29,8 +29,14 @@ def tiny_fp64(seed: int):
     return model
 
 
-def random_rows(responses: tuple[str, ...], vocab: int, b: int = 4, seed: int = 0, own_prompt: tuple[str, ...] = (),
-                fields: dict | None = None) -> list[dict]:
+def random_rows(
+    responses: tuple[str, ...],
+    vocab: int,
+    b: int = 4,
+    seed: int = 0,
+    own_prompt: tuple[str, ...] = (),
+    fields: dict | None = None,
+) -> list[dict]:
     """Tokenized rows of uneven lengths (prompt 2-5 tokens, responses 1-6), ids in [6, vocab)."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -47,7 +53,9 @@ def random_rows(responses: tuple[str, ...], vocab: int, b: int = 4, seed: int = 
     return rows
 
 
-def collate(rows: list[dict], responses: tuple[str, ...], fields: tuple[str, ...] = (), pad_to: int | None = None):
+def collate(
+    rows: list[dict], responses: tuple[str, ...], fields: tuple[str, ...] = (), pad_to: int | None = None
+):
     """The collator's batch, optionally padded with extra pad columns to width `pad_to`."""
     batch = PreferenceCollator(pad_token_id=0, responses=responses, fields=fields)(rows)
     return pad_columns(batch, pad_to - batch[f"{responses[0]}_input_ids"].shape[1]) if pad_to else batch

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from model_helpers import pad_columns, random_rows, tiny_fp64
 
 from alignlab import builtin, losses
 from alignlab.data.collate import PreferenceCollator
@@ -14,14 +15,16 @@ from alignlab.forward import ForwardPlan, ModelPlans
 from alignlab.losses.base import PrepareContext
 from alignlab.reference import column
 from alignlab.trainer import loss_inputs
-from model_helpers import pad_columns, random_rows, tiny_fp64
 
 
 def models():
     """(policy, reference, [two teachers]): builtin:tiny in true float64, different seeds."""
     torch.manual_seed(0)
-    return tiny_fp64(0), tiny_fp64(1).eval().requires_grad_(False), [tiny_fp64(2 + i).eval().requires_grad_(False)
-                                                                      for i in range(2)]
+    return (
+        tiny_fp64(0),
+        tiny_fp64(1).eval().requires_grad_(False),
+        [tiny_fp64(2 + i).eval().requires_grad_(False) for i in range(2)],
+    )
 
 
 #: extra cases whose needs change with a numeric option (`option_values` enumerates choices only)
@@ -51,20 +54,38 @@ class Case:
         self.loss = losses.build(losses.get(name).config(**kw)).double()
         self.needs = needs = self.loss.needs
         self.teachers = {t: m for (t, _), m in zip(needs.teachers, teacher_models)}
-        fields = {f: (lambda i: i % 2 == 0) if f == "label" else (lambda i: 0.25 * (i + 1)) for f in needs.fields}
+        fields = {
+            f: (lambda i: i % 2 == 0) if f == "label" else (lambda i: 0.25 * (i + 1)) for f in needs.fields
+        }
         own = tuple(r for r in needs.responses if r == "retain")
-        rows = random_rows(needs.responses, self.policy.config.vocab_size, b=b, seed=len(key) + b, own_prompt=own,
-                           fields=fields)
+        rows = random_rows(
+            needs.responses,
+            self.policy.config.vocab_size,
+            b=b,
+            seed=len(key) + b,
+            own_prompt=own,
+            fields=fields,
+        )
         from datasets import Dataset
 
         from alignlab.scorers import prompt_embedder
 
         tokenizer = builtin.build_tokenizer()
-        embed = None if self.reference is None else prompt_embedder(self.reference, tokenizer.pad_token_id,
-                                                                     torch.device("cpu"))
-        ctx = PrepareContext(reference=self.reference, tokenizer=tokenizer, train=Dataset.from_list(rows),
-                             eval=None, device=torch.device("cpu"), seed=0, architecture=self.policy.config,
-                             embed_prompts=embed)
+        embed = (
+            None
+            if self.reference is None
+            else prompt_embedder(self.reference, tokenizer.pad_token_id, torch.device("cpu"))
+        )
+        ctx = PrepareContext(
+            reference=self.reference,
+            tokenizer=tokenizer,
+            train=Dataset.from_list(rows),
+            eval=None,
+            device=torch.device("cpu"),
+            seed=0,
+            architecture=self.policy.config,
+            embed_prompts=embed,
+        )
         torch.manual_seed(0)  # parameters a loss builds (SparsePO's heads) do not depend on the test order
         self.loss.prepare(ctx)  # e.g. BCO's UDM classifier and weights column, SparsePO's mask heads
         self.loss.double()
@@ -74,9 +95,10 @@ class Case:
     def batch(self, rows=None, pad: int = 0, precomputed=None) -> dict[str, torch.Tensor]:
         needs = self.needs
         seqs = tuple(column(r) for r in needs.responses) if precomputed is not None else ()
-        collator = PreferenceCollator(0, responses=needs.responses, fields=needs.batch_fields,
-                                      sequences=seqs)
-        batch = collator(rows if rows is not None else (precomputed.to_list() if precomputed is not None else self.rows))
+        collator = PreferenceCollator(0, responses=needs.responses, fields=needs.batch_fields, sequences=seqs)
+        batch = collator(
+            rows if rows is not None else (precomputed.to_list() if precomputed is not None else self.rows)
+        )
         return pad_columns(batch, pad) if pad else batch
 
     def evaluate(self, batch, plan: ForwardPlan | None = None, precomputed: bool = False):
@@ -85,9 +107,16 @@ class Case:
         loss = copy.deepcopy(self.loss)
         plan = plan or ForwardPlan.of(self.needs, skip_unused_logits=False)
         plans = ModelPlans.fit(plan, self.policy, None if precomputed else self.reference, self.teachers)
-        inputs = loss_inputs(plans, self.needs, batch, self.policy, self.policy,
-                             reference=None if precomputed else self.reference, teachers=self.teachers,
-                             precomputed_reference=precomputed)
+        inputs = loss_inputs(
+            plans,
+            self.needs,
+            batch,
+            self.policy,
+            self.policy,
+            reference=None if precomputed else self.reference,
+            teachers=self.teachers,
+            precomputed_reference=precomputed,
+        )
         out = loss(inputs)
         params = [*self.policy.parameters(), *(p for p in loss.parameters() if p.requires_grad)]
         grads = torch.autograd.grad(out.losses.mean(), params, allow_unused=True)

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from loss_helpers import softplus
 
 from alignlab.losses import build
 from alignlab.losses.asft import ASFTConfig
-from loss_helpers import softplus
 
 # log P(y_w) = mean(−2, −3) = −2.5 ; log P(y_l) = mean(−2, −2, −2, −2) = −2. The reference is ignored.
 PC, PR = [[-2.0, -3.0]], [[-2.0] * 4]
@@ -53,4 +53,6 @@ def test_saturated_rejected_response_keeps_its_gradient(make_pair):
     build(ASFTConfig(lam=0.5, beta=2.0))(batch).losses.sum().backward()
     o = -1e-9 - math.log1p(-(1 - 1e-7))
     expected = 0.5 * 2.0 / (1 + math.exp(-2.0 * o)) / 2
-    assert batch.policy["rejected"].token_logps.grad[0].tolist() == pytest.approx([expected, expected], rel=1e-6)
+    assert batch.policy["rejected"].token_logps.grad[0].tolist() == pytest.approx(
+        [expected, expected], rel=1e-6
+    )

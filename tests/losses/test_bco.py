@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from loss_helpers import seq, softplus
 
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs
 from alignlab.losses.bco import BCOConfig
-from loss_helpers import seq, softplus
 
 
 def unpaired(ratios, labels, training=True, weights=None) -> LossInputs:
@@ -14,8 +14,12 @@ def unpaired(ratios, labels, training=True, weights=None) -> LossInputs:
     fields = {"label": torch.tensor(labels)}
     if weights is not None:
         fields["udm_weight"] = torch.tensor(weights, dtype=torch.float64)
-    return LossInputs(policy={"completion": seq([[r] for r in ratios])},
-                      reference={"completion": seq([[0.0] for _ in ratios])}, fields=fields, training=training)
+    return LossInputs(
+        policy={"completion": seq([[r] for r in ratios])},
+        reference={"completion": seq([[0.0] for _ in ratios])},
+        fields=fields,
+        training=training,
+    )
 
 
 def test_unpaired_with_running_shift():
@@ -26,8 +30,9 @@ def test_unpaired_with_running_shift():
     # batch 2: rewards [2, 0.5, 0.5] → δ = (1 − 1 + 2 + 0.5 + 0.5)/5 = 0.6, updated before the loss
     out2 = loss(unpaired([2.0, 0.5, 0.5], [True, False, False]))
     assert out2.metrics["delta"].item() == pytest.approx(0.6, rel=1e-12)
-    assert out2.losses.tolist() == pytest.approx([softplus(-(2 - 0.6)), softplus(0.5 - 0.6), softplus(0.5 - 0.6)],
-                                                 rel=1e-12)
+    assert out2.losses.tolist() == pytest.approx(
+        [softplus(-(2 - 0.6)), softplus(0.5 - 0.6), softplus(0.5 - 0.6)], rel=1e-12
+    )
 
 
 def test_delta_after_k_steps_is_the_running_mean_and_eval_leaves_it():
@@ -48,11 +53,13 @@ def test_paired_delta_is_the_mean_of_batch_means():
     loss = build(BCOConfig(beta=1.0, paired=True))
 
     def pair(c, r):
-        return LossInputs(policy={"chosen": seq([[x] for x in c]), "rejected": seq([[x] for x in r])},
-                          reference={"chosen": seq([[0.0]] * len(c)), "rejected": seq([[0.0]] * len(r))})
+        return LossInputs(
+            policy={"chosen": seq([[x] for x in c]), "rejected": seq([[x] for x in r])},
+            reference={"chosen": seq([[0.0]] * len(c)), "rejected": seq([[0.0]] * len(r))},
+        )
 
-    loss(pair([1.0, 3.0], [0.0, 0.0]))        # batch mean reward 1
-    out = loss(pair([2.0], [-2.0]))            # batch mean 0 → δ = (1 + 0)/2 = 0.5
+    loss(pair([1.0, 3.0], [0.0, 0.0]))  # batch mean reward 1
+    out = loss(pair([2.0], [-2.0]))  # batch mean 0 → δ = (1 + 0)/2 = 0.5
     assert out.metrics["delta"].item() == pytest.approx(0.5)
     assert out.losses.item() == pytest.approx(softplus(-(2 - 0.5)) + softplus(-2 - 0.5), rel=1e-12)
 

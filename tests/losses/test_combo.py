@@ -7,10 +7,10 @@ chosen NLL (token mean) 5/2 = 2.5.
 import math
 
 import pytest
+from loss_helpers import pair_inputs, softplus
 
 from alignlab.losses import build
 from alignlab.losses.combo import ComboConfig
-from loss_helpers import pair_inputs, softplus
 
 PC, PR, RC, RR = [[-2.0, -3.0]], [[-2.0, -2.0, -2.0, -2.0]], [[-3.0, -3.0]], [[-1.0, -2.0, -2.0, -2.0]]
 
@@ -45,14 +45,18 @@ def test_gradient_is_the_weighted_sum():
     assert got == pytest.approx([2.0 * dpo + 0.5 * sft] * 2, rel=1e-12)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"terms": {}}, "names no loss"), ({"terms": {"dpo": 0.0}, "term_options": {}}, "names no loss"),
-    ({"terms": {"dpoo": 1.0}, "term_options": {}}, "no registered loss"),
-    ({"terms": {"dpo": -1.0}, "term_options": {}}, ">= 0"),
-    ({"terms": {"dpo": 1.0}, "term_options": {"sft": {}}}, "not in loss.terms"),
-    ({"terms": {"dpo": 1.0}, "term_options": {"dpo": {"gamma": 1.0}}}, "no option"),
-    ({"terms": {"dpo": 1.0}, "term_options": {"dpo": {"beta": 0.0}}}, "loss.beta"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"terms": {}}, "names no loss"),
+        ({"terms": {"dpo": 0.0}, "term_options": {}}, "names no loss"),
+        ({"terms": {"dpoo": 1.0}, "term_options": {}}, "no registered loss"),
+        ({"terms": {"dpo": -1.0}, "term_options": {}}, ">= 0"),
+        ({"terms": {"dpo": 1.0}, "term_options": {"sft": {}}}, "not in loss.terms"),
+        ({"terms": {"dpo": 1.0}, "term_options": {"dpo": {"gamma": 1.0}}}, "no option"),
+        ({"terms": {"dpo": 1.0}, "term_options": {"dpo": {"beta": 0.0}}}, "loss.beta"),
+    ],
+)
 def test_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         ComboConfig(**cfg)

@@ -18,10 +18,14 @@ def _activations(needs: Needs, gen, batch: int, width: int) -> dict | None:
     """Random reference activations of the kinds the loss declared (`Needs.activations`)."""
     if needs.activations is None:
         return None
-    acts = {kind: [torch.randn(batch, width, generator=gen, dtype=torch.float64)] for kind, _ in needs.activations.modules}
+    acts = {
+        kind: [torch.randn(batch, width, generator=gen, dtype=torch.float64)]
+        for kind, _ in needs.activations.modules
+    }
     if needs.activations.hidden_states:
-        acts["hidden_states"] = [torch.randn(batch, width, HIDDEN, generator=gen, dtype=torch.float64)
-                                 for _ in range(LAYERS)]
+        acts["hidden_states"] = [
+            torch.randn(batch, width, HIDDEN, generator=gen, dtype=torch.float64) for _ in range(LAYERS)
+        ]
     return acts
 
 
@@ -39,15 +43,23 @@ def _random_inputs(needs: Needs, leaves: list, batch: int = 3, width: int = 5, v
             if grad:
                 leaves.append(logits)
             logps = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1) * mask
-            out[name] = SequenceLogps(logps, mask, logits if needs.full_logits else None, logits.detach().mean((1, 2)),
-                                      activations=None if grad else _activations(needs, gen, batch, width))
+            out[name] = SequenceLogps(
+                logps,
+                mask,
+                logits if needs.full_logits else None,
+                logits.detach().mean((1, 2)),
+                activations=None if grad else _activations(needs, gen, batch, width),
+            )
         return out
 
-    fields = {f: torch.randn(batch, generator=gen, dtype=torch.float64)
-              for f in needs.batch_fields}
+    fields = {f: torch.randn(batch, generator=gen, dtype=torch.float64) for f in needs.batch_fields}
     teachers = {name: seqs(False) for name, _ in needs.teachers}
-    return LossInputs(policy=seqs(True), reference=seqs(False) if needs.reference else None, fields=fields,
-                      teachers=teachers)
+    return LossInputs(
+        policy=seqs(True),
+        reference=seqs(False) if needs.reference else None,
+        fields=fields,
+        teachers=teachers,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -59,8 +71,17 @@ def test_contract(name):
     # a 4-wide random ReLU mask head can be zero on every token (seed 0 draws one), which by design
     # stops every gradient to the policy, and this test is about the gradient's path
     torch.manual_seed(1)
-    loss.prepare(PrepareContext(reference=None, tokenizer=None, train=None, eval=None, device=torch.device("cpu"),
-                                seed=0, architecture=architecture))
+    loss.prepare(
+        PrepareContext(
+            reference=None,
+            tokenizer=None,
+            train=None,
+            eval=None,
+            device=torch.device("cpu"),
+            seed=0,
+            architecture=architecture,
+        )
+    )
     leaves: list[torch.Tensor] = []
     out = loss(_random_inputs(loss.needs, leaves))
     assert out.losses.shape == (3,) and torch.isfinite(out.losses).all()
@@ -73,7 +94,9 @@ def test_contract(name):
 def test_docstring_cites_paper(name):
     doc = REGISTRY[name].loss.__module__
     module_doc = __import__(doc, fromlist=["_"]).__doc__ or ""
-    assert re.search(r"arXiv:\d{4}\.\d{4,5}|et al\. \d{4}", module_doc), f"{name}: module docstring cites no paper"
+    assert re.search(r"arXiv:\d{4}\.\d{4,5}|et al\. \d{4}", module_doc), (
+        f"{name}: module docstring cites no paper"
+    )
     assert REGISTRY[name].loss.summary, f"{name}: no one-line summary for `alignlab list`"
 
 
@@ -113,7 +136,9 @@ def test_declared_fields(name):
     assert re.search(r"\b(19|20)\d\d\b", entry.loss.paper), f"{name}: Loss.paper names no year"
     defaults = entry.config()
     for option, values in entry.loss.options.items():
-        assert option in {f.name for f in dataclasses.fields(defaults)}, f"{name}: options names no field {option!r}"
+        assert option in {f.name for f in dataclasses.fields(defaults)}, (
+            f"{name}: options names no field {option!r}"
+        )
         assert getattr(defaults, option) in values, f"{name}: the default {option} is not among its options"
     assert all(key.startswith("eval_") for key in entry.loss.headline), name
     assert not isinstance(vars(entry.loss).get("needs"), property), f"{name}: set self.needs in __init__"

@@ -7,11 +7,11 @@ S(y_l) = −8, A = −2. So u = S(y_w) − S(y_l) = 3; the chosen NLL (token mea
 import math
 
 import pytest
+from loss_helpers import seq, softplus
 
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs
 from alignlab.losses.cpo import CPOConfig
-from loss_helpers import seq, softplus
 
 CHOSEN, REJECTED = [[-2.0, -3.0]], [[-2.0] * 4]
 
@@ -39,13 +39,16 @@ def test_sigmoid_with_nll():
     assert out.metrics["rewards/chosen"].item() == pytest.approx(-0.5)  # β·S(y_w)
 
 
-@pytest.mark.parametrize("cfg, expected", [
-    ({"loss_type": "hinge"}, 0.7 + 2.5),                       # max(0, 1 − 0.3) + NLL
-    ({"loss_type": "ipo", "beta": 0.5}, (-0.5 - 1.0) ** 2 + 2.5),  # (ΔA − 1/(2β))² + NLL, ΔA = −0.5
-    ({"label_smoothing": 0.1}, 0.9 * softplus(-0.3) + 0.1 * softplus(0.3) + 2.5),
-    ({"nll_weight": 0.0}, softplus(-0.3)),
-    ({"nll_weight": 0.5, "beta": 1.0}, softplus(-3.0) + 1.25),
-])
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        ({"loss_type": "hinge"}, 0.7 + 2.5),  # max(0, 1 − 0.3) + NLL
+        ({"loss_type": "ipo", "beta": 0.5}, (-0.5 - 1.0) ** 2 + 2.5),  # (ΔA − 1/(2β))² + NLL, ΔA = −0.5
+        ({"label_smoothing": 0.1}, 0.9 * softplus(-0.3) + 0.1 * softplus(0.3) + 2.5),
+        ({"nll_weight": 0.0}, softplus(-0.3)),
+        ({"nll_weight": 0.5, "beta": 1.0}, softplus(-3.0) + 1.25),
+    ],
+)
 def test_forms(cfg, expected):
     assert build(CPOConfig(**cfg))(pair()).losses.item() == pytest.approx(expected, rel=1e-12)
 
@@ -78,11 +81,16 @@ def test_gradient():
     assert batch.policy["rejected"].token_logps.grad[0].tolist() == pytest.approx([g] * 4, rel=1e-12)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"beta": 0.0}, "loss.beta"), ({"loss_type": "simpo"}, "loss.loss_type"),
-    ({"nll_weight": -1.0}, "nll_weight"), ({"nll_reduction": "sum"}, "nll_reduction"),
-    ({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid only"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"beta": 0.0}, "loss.beta"),
+        ({"loss_type": "simpo"}, "loss.loss_type"),
+        ({"nll_weight": -1.0}, "nll_weight"),
+        ({"nll_reduction": "sum"}, "nll_reduction"),
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid only"),
+    ],
+)
 def test_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         CPOConfig(**cfg)

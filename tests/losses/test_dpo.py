@@ -81,7 +81,12 @@ def test_metrics(make_pair):
 
 def test_batch_loss_is_per_example(make_pair):
     # Two pairs: the worked one (h = 2) and a tie (h = 0): per-example losses, not a batch scalar.
-    batch = make_pair([[-2.0, -3.0], [-1.0]], [[-2.0] * 4, [-1.0]], [[-3.0, -3.0], [-1.0]], [[-1.0, -2.0, -2.0, -2.0], [-1.0]])
+    batch = make_pair(
+        [[-2.0, -3.0], [-1.0]],
+        [[-2.0] * 4, [-1.0]],
+        [[-3.0, -3.0], [-1.0]],
+        [[-1.0, -2.0, -2.0, -2.0], [-1.0]],
+    )
     losses = build(DPOConfig(beta=0.5))(batch).losses
     assert losses.shape == (2,)
     assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-1)), math.log(2)], rel=1e-12)

@@ -7,10 +7,10 @@ chosen (−3, −3), rejected (−1, −2, −2, −2). ρ(y_w) = 1, ρ(y_l) = �
 import math
 
 import pytest
+from loss_helpers import pair_inputs, softplus
 
 from alignlab.losses import build
 from alignlab.losses.dpo import DPOConfig
-from loss_helpers import pair_inputs, softplus
 
 PC, PR, RC, RR = [[-2.0, -3.0]], [[-2.0, -2.0, -2.0, -2.0]], [[-3.0, -3.0]], [[-1.0, -2.0, -2.0, -2.0]]
 
@@ -28,8 +28,10 @@ CASES = {
     # −log σ(β(ρ_w/|y_w| − ρ_l/|y_l|)) = softplus(−0.5·(0.5 + 0.25))
     "sigmoid_norm": ({"loss_type": "sigmoid_norm"}, softplus(-0.375)),
     # KL((σ(1), σ(−1)) ‖ (1 − ε, ε)), ε = 1e-3
-    "exo_pair": ({"loss_type": "exo_pair"}, S1 * (math.log(S1) - math.log(0.999))
-                 + (1 - S1) * (math.log(1 - S1) - math.log(1e-3))),
+    "exo_pair": (
+        {"loss_type": "exo_pair"},
+        S1 * (math.log(S1) - math.log(0.999)) + (1 - S1) * (math.log(1 - S1) - math.log(1e-3)),
+    ),
     # −log σ(βρ_w) − ½ log σ(−βρ_w) − ½ log σ(−βρ_l)
     "nca_pair": ({"loss_type": "nca_pair"}, softplus(-0.5) + 0.5 * softplus(0.5) + 0.5 * softplus(-0.5)),
     "sppo_hard": ({"loss_type": "sppo_hard"}, None),
@@ -38,20 +40,25 @@ CASES = {
     # σ(βρ_w) + 1 − σ(β(ρ_w − ρ_l)) = σ(0.5) + σ(−1)
     "apo_down": ({"loss_type": "apo_down"}, sigmoid(0.5) + sigmoid(-1.0)),
     # z = βh = 1, w = σ(1/0.05): (1 − w)·softplus(−1) + w·e^{−1}
-    "discopop": ({"loss_type": "discopop"},
-                 (1 - sigmoid(20.0)) * softplus(-1.0) + sigmoid(20.0) * math.exp(-1.0)),
+    "discopop": (
+        {"loss_type": "discopop"},
+        (1 - sigmoid(20.0)) * softplus(-1.0) + sigmoid(20.0) * math.exp(-1.0),
+    ),
     # f'(u) = 1 − 1/u: h = (1 − e^{−1}) − (1 − e) = e − e^{−1}
     "forward_kl": ({"f_divergence": "forward_kl"}, softplus(-0.5 * (math.e - 1 / math.e))),
     # log 2 + log σ(ρ): h = log σ(1) − log σ(−1) = 1
     "js_divergence": ({"f_divergence": "js_divergence"}, softplus(-0.5)),
     # a = 0.5: (e^{−ρ/2} − 1)/(−1/2): h = 2(1 − e^{−1/2}) − 2(1 − e^{1/2})
-    "alpha_divergence": ({"f_divergence": "alpha_divergence"},
-                         softplus(-0.5 * (2 * (1 - math.exp(-0.5)) - 2 * (1 - math.exp(0.5))))),
+    "alpha_divergence": (
+        {"f_divergence": "alpha_divergence"},
+        softplus(-0.5 * (2 * (1 - math.exp(-0.5)) - 2 * (1 - math.exp(0.5)))),
+    ),
     # f-DPO with the length-normalised form, f'(ρ)/|y| (TRL): JS,
     # h = (log2 + log σ(1))/2 − (log2 + log σ(−1))/4
-    "js_sigmoid_norm": ({"f_divergence": "js_divergence", "loss_type": "sigmoid_norm"},
-                        softplus(-0.5 * ((math.log(2) + math.log(S1)) / 2
-                                         - (math.log(2) + math.log(1 - S1)) / 4))),
+    "js_sigmoid_norm": (
+        {"f_divergence": "js_divergence", "loss_type": "sigmoid_norm"},
+        softplus(-0.5 * ((math.log(2) + math.log(S1)) / 2 - (math.log(2) + math.log(1 - S1)) / 4)),
+    ),
 }
 
 
@@ -97,15 +104,18 @@ def test_ld_alpha_zero_drops_the_tail():
     assert got == pytest.approx(softplus(-0.5), rel=1e-12)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"loss_type": "nca_pair", "f_divergence": "js_divergence"}, "log Z"),
-    ({"f_divergence": "chi2"}, "loss.f_divergence"),
-    ({"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 1.0}, "reverse_kl"),
-    ({"loss_type": "exo_pair", "exo_epsilon": 0.0}, "exo_epsilon"),
-    ({"ld_alpha": 1.5}, "ld_alpha"),
-    ({"discopop_tau": 0.0}, "discopop_tau"),
-    ({"loss_type": "sppo_hard", "label_smoothing": 0.1}, "sigmoid only"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"loss_type": "nca_pair", "f_divergence": "js_divergence"}, "log Z"),
+        ({"f_divergence": "chi2"}, "loss.f_divergence"),
+        ({"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 1.0}, "reverse_kl"),
+        ({"loss_type": "exo_pair", "exo_epsilon": 0.0}, "exo_epsilon"),
+        ({"ld_alpha": 1.5}, "ld_alpha"),
+        ({"discopop_tau": 0.0}, "discopop_tau"),
+        ({"loss_type": "sppo_hard", "label_smoothing": 0.1}, "sigmoid only"),
+    ],
+)
 def test_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         DPOConfig(**cfg)
@@ -128,8 +138,10 @@ def _wpo_pair(requires_grad=False):
     rejected = seq([[0.0, 0.0]], [0], requires_grad)
     ref_chosen = SequenceLogps(chosen.token_logps.detach() - 0.5, chosen.mask)
     ref_rejected = SequenceLogps(rejected.token_logps.detach() + 1.0, rejected.mask)
-    return LossInputs(policy={"chosen": chosen, "rejected": rejected},
-                      reference={"chosen": ref_chosen, "rejected": ref_rejected})
+    return LossInputs(
+        policy={"chosen": chosen, "rejected": rejected},
+        reference={"chosen": ref_chosen, "rejected": ref_rejected},
+    )
 
 
 def test_wpo_weights_the_pair_loss():
@@ -148,8 +160,12 @@ def test_aot_pairs_sorted_margins_by_rank():
     # two pairs: policy margins S_w − S_l = (−5 + 8, −1 + 1) = (3, 0), reference margins (1, −1).
     # sorted policy (0, 3) against sorted reference (−1, 1): δ = (1, 2); pair 2 has rank 1, pair 1 rank 2.
     # β = 0.5: pair 1 gets softplus(−1), pair 2 softplus(−0.5)
-    batch = pair_inputs([[-2.0, -3.0], [-1.0]], [[-2.0] * 4, [-1.0]], [[-3.0, -3.0], [-2.0]],
-                        [[-1.0, -2.0, -2.0, -2.0], [-1.0]])
+    batch = pair_inputs(
+        [[-2.0, -3.0], [-1.0]],
+        [[-2.0] * 4, [-1.0]],
+        [[-3.0, -3.0], [-2.0]],
+        [[-1.0, -2.0, -2.0, -2.0], [-1.0]],
+    )
     loss = build(DPOConfig(beta=0.5, loss_type="aot"))
     assert loss(batch).losses.tolist() == pytest.approx([softplus(-1.0), softplus(-0.5)], rel=1e-12)
     assert loss.per_batch_state  # it couples the examples of a batch
@@ -158,10 +174,15 @@ def test_aot_pairs_sorted_margins_by_rank():
 def test_aot_unpaired_sorts_each_side():
     # pair 1: ρ_w = 1, ρ_l = −1; pair 2: chosen −1 against −2, ρ_w = 1; rejected −1 against −4, ρ_l = 3.
     # sorted ρ_w (1, 1), sorted ρ_l (−1, 3): δ = (2, −2), ε = 0.1; ρ_w ties, so only the multiset is fixed.
-    batch = pair_inputs([[-2.0, -3.0], [-1.0]], [[-2.0] * 4, [-1.0]], [[-3.0, -3.0], [-2.0]],
-                        [[-1.0, -2.0, -2.0, -2.0], [-4.0]])
+    batch = pair_inputs(
+        [[-2.0, -3.0], [-1.0]],
+        [[-2.0] * 4, [-1.0]],
+        [[-3.0, -3.0], [-2.0]],
+        [[-1.0, -2.0, -2.0, -2.0], [-4.0]],
+    )
     losses = build(DPOConfig(beta=0.5, loss_type="aot_unpaired", label_smoothing=0.1))(batch).losses
-    expected = sorted([0.9 * softplus(-1.0) + 0.1 * softplus(1.0),
-                       0.9 * softplus(1.0) + 0.1 * softplus(-1.0)])
+    expected = sorted(
+        [0.9 * softplus(-1.0) + 0.1 * softplus(1.0), 0.9 * softplus(1.0) + 0.1 * softplus(-1.0)]
+    )
     assert sorted(losses.tolist()) == pytest.approx(expected, rel=1e-12)
     assert losses.mean().item() == pytest.approx(sum(expected) / 2, rel=1e-12)

@@ -22,15 +22,15 @@ import itertools
 from dataclasses import replace
 
 import pytest
-import torch
-
 import registry_cases
+import torch
+from registry_cases import CASES, Case, distinct_needs
+
 from alignlab.config import ModelConfig
 from alignlab.data.collate import PreferenceCollator
 from alignlab.errors import ConfigError
 from alignlab.reference import precompute
 from alignlab.train import forward_plan
-from registry_cases import CASES, Case, distinct_needs
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 
@@ -61,7 +61,9 @@ def test_extra_padding_changes_nothing(key, models):
         assert torch.isfinite(want_losses).all()
         for pad in (1, 5):
             got_losses, got_grads = case.evaluate(case.batch(rows, pad=pad))
-            torch.testing.assert_close(got_losses, want_losses, **TOL, msg=lambda m: f"{r} longest, pad {pad}: {m}")
+            torch.testing.assert_close(
+                got_losses, want_losses, **TOL, msg=lambda m: f"{r} longest, pad {pad}: {m}"
+            )
             _same_grads(got_grads, want_grads)
 
 
@@ -76,7 +78,9 @@ def test_permuting_the_batch_permutes_the_losses(key, models):
 
 
 #: (logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing, reference_mode)
-GRID = list(itertools.product((0, 1, 128), (False, True), (False, True), (False, True), ("live", "precomputed")))
+GRID = list(
+    itertools.product((0, 1, 128), (False, True), (False, True), (False, True), ("live", "precomputed"))
+)
 
 
 @pytest.mark.parametrize("key", distinct_needs())
@@ -85,8 +89,14 @@ def test_every_forward_switch_gives_the_dense_losses_and_gradients(key, models, 
     want_losses, want_grads = case.evaluate(case.batch())
     refused = []
     for chunk, skip, packed, shared, mode in GRID:
-        model_cfg = replace(ModelConfig(), logit_chunk_size=chunk, skip_unused_logits=skip, padding_free=packed,
-                            prefix_sharing=shared, reference_mode=mode)
+        model_cfg = replace(
+            ModelConfig(),
+            logit_chunk_size=chunk,
+            skip_unused_logits=skip,
+            padding_free=packed,
+            prefix_sharing=shared,
+            reference_mode=mode,
+        )
         try:
             plan = forward_plan(case.loss.registry_name, model_cfg, case.needs)
         except ConfigError as err:
@@ -95,12 +105,21 @@ def test_every_forward_switch_gives_the_dense_losses_and_gradients(key, models, 
             continue
         precomputed = None
         if mode == "precomputed":
-            collator = PreferenceCollator(0, responses=case.needs.responses,
-                                          fields=case.needs.batch_fields)
-            precomputed = precompute(case.reference, case.dataset, collator, plan, case.needs.responses,
-                                     identity=key, batch_size=len(case.rows), device="cpu", cache_dir=tmp_path)
-        got_losses, got_grads = case.evaluate(case.batch(precomputed=precomputed), plan,
-                                              precomputed=mode == "precomputed")
+            collator = PreferenceCollator(0, responses=case.needs.responses, fields=case.needs.batch_fields)
+            precomputed = precompute(
+                case.reference,
+                case.dataset,
+                collator,
+                plan,
+                case.needs.responses,
+                identity=key,
+                batch_size=len(case.rows),
+                device="cpu",
+                cache_dir=tmp_path,
+            )
+        got_losses, got_grads = case.evaluate(
+            case.batch(precomputed=precomputed), plan, precomputed=mode == "precomputed"
+        )
         where = f"logit_chunk_size={chunk} skip_unused_logits={skip} padding_free={packed} prefix_sharing={shared} {mode}"
         torch.testing.assert_close(got_losses, want_losses, **TOL, msg=lambda m: f"{where}: {m}")
         _same_grads(got_grads, want_grads)

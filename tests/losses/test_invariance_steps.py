@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import registry_cases
+import torch
 from registry_cases import Case, distinct_needs
 
 HERE = Path(__file__).parent
@@ -42,16 +41,35 @@ def one_step(case: Case, per_device: int, accumulation: int, output_dir: str) ->
     from alignlab.trainer import AlignTrainer
 
     policy, loss = copy.deepcopy(case.policy), copy.deepcopy(case.loss)
-    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=per_device,
-                             gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
-                             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none",
-                             save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
-                             remove_unused_columns=False, label_names=[], disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,
+        label_names=[],
+        disable_tqdm=True,
+    )
     needs = loss.needs
-    trainer = AlignTrainer(model=policy, args=args, train_dataset=case.dataset, loss_fn=loss,
-                           reference=case.reference, teachers=case.teachers,
-                           data_collator=PreferenceCollator(0, responses=needs.responses,
-                                                            fields=needs.batch_fields))
+    trainer = AlignTrainer(
+        model=policy,
+        args=args,
+        train_dataset=case.dataset,
+        loss_fn=loss,
+        reference=case.reference,
+        teachers=case.teachers,
+        data_collator=PreferenceCollator(0, responses=needs.responses, fields=needs.batch_fields),
+    )
     trainer.train()
     state = {f"policy.{k}": v.detach().clone() for k, v in policy.state_dict().items()}
     state.update({f"loss.{k}": v.detach().clone() for k, v in loss.state_dict().items()})
@@ -96,10 +114,23 @@ def _worker() -> None:
 def test_two_processes_equal_one_batch(models, tmp_path):
     from safetensors.torch import load_file
 
-    env = {**os.environ, "ALIGNLAB_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(Path(__file__)), "--worker"]
+    env = {
+        **os.environ,
+        "ALIGNLAB_TEST_OUT": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(Path(__file__)),
+        "--worker",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for key in distinct_needs():

@@ -74,14 +74,18 @@ def test_two_margins_worked_example(make_pair):
 def test_precomputed_margins_are_read_from_their_columns(make_pair, kind):
     margin = {"kind": kind, "model": "unused-here", "beta": 1.0}  # implicit: r = β_k·field, here β_k = 1
     out = modpo(beta=0.5, weights=[0.5, 0.5], margins=[margin])(
-        inputs(make_pair, margin1_chosen=2.0, margin1_rejected=-1.0))
+        inputs(make_pair, margin1_chosen=2.0, margin1_rejected=-1.0)
+    )
     assert out.losses.item() == pytest.approx(LOG_1_PLUS_E, rel=1e-12)  # the column example's values
 
 
-@pytest.mark.parametrize("cfg", [
-    {"weights": [1.0, 0.0], "margins": [COLUMN]},  # w = (1, 0): the margin has no weight
-    {"weights": [1.0]},  # no margin at all
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"weights": [1.0, 0.0], "margins": [COLUMN]},  # w = (1, 0): the margin has no weight
+        {"weights": [1.0]},  # no margin at all
+    ],
+)
 def test_reduces_to_dpo(make_pair, cfg):
     out = modpo(beta=0.5, **cfg)(inputs(make_pair, **SCORES))
     assert out.losses.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-12)
@@ -106,8 +110,10 @@ def test_metrics(make_pair):
 
 def test_gradient_reaches_the_policy_only_through_beta_rho(make_pair):
     batch = make_pair(PC, PR, RC, RR, requires_grad=True)
-    batch.fields = {"score_chosen": torch.tensor([2.0], dtype=torch.float64),
-                    "score_rejected": torch.tensor([-1.0], dtype=torch.float64)}
+    batch.fields = {
+        "score_chosen": torch.tensor([2.0], dtype=torch.float64),
+        "score_rejected": torch.tensor([-1.0], dtype=torch.float64),
+    }
     loss = modpo(beta=0.5, weights=[0.5, 0.5], margins=[COLUMN])(batch).losses.sum()
     loss.backward()
     # dL/dS_θ(y_w) = −σ(−Δh)·β/w₀ = −σ(1)·1 per chosen token
@@ -119,14 +125,31 @@ def test_gradient_reaches_the_policy_only_through_beta_rho(make_pair):
 
 
 def test_needs_follow_the_margins():
-    loss = modpo(weights=[0.4, 0.2, 0.2, 0.1, 0.1], margins=[
-        COLUMN, {"kind": "length"}, {"kind": "implicit", "model": "m"},
-        {"kind": "reward_model", "model": "rm"}])
-    assert loss.needs == Needs(reference=True, fields=("score_chosen", "score_rejected"),
-                               scores=(Score("margin3", "log_ratio", "m", "loss.margins[2].model"),
-                                       Score("margin4", "reward_model", "rm", "loss.margins[3].model")))
-    assert loss.needs.batch_fields == ("score_chosen", "score_rejected", "margin3_chosen", "margin3_rejected",
-                                       "margin4_chosen", "margin4_rejected")
+    loss = modpo(
+        weights=[0.4, 0.2, 0.2, 0.1, 0.1],
+        margins=[
+            COLUMN,
+            {"kind": "length"},
+            {"kind": "implicit", "model": "m"},
+            {"kind": "reward_model", "model": "rm"},
+        ],
+    )
+    assert loss.needs == Needs(
+        reference=True,
+        fields=("score_chosen", "score_rejected"),
+        scores=(
+            Score("margin3", "log_ratio", "m", "loss.margins[2].model"),
+            Score("margin4", "reward_model", "rm", "loss.margins[3].model"),
+        ),
+    )
+    assert loss.needs.batch_fields == (
+        "score_chosen",
+        "score_rejected",
+        "margin3_chosen",
+        "margin3_rejected",
+        "margin4_chosen",
+        "margin4_rejected",
+    )
     assert modpo().needs == Needs(reference=True)
 
 
@@ -134,7 +157,8 @@ def test_implicit_margin_is_beta_k_times_the_scored_log_ratio(make_pair):
     """The pipeline serves S_m(y) − S_ref(y) (a Score of kind log_ratio); r₁ = β₁·(S_m − S_ref)."""
     margin = {"kind": "implicit", "model": "m", "beta": 0.3}
     out = modpo(beta=0.5, weights=[0.5, 0.5], margins=[margin])(
-        inputs(make_pair, margin1_chosen=2.0, margin1_rejected=-1.0))
+        inputs(make_pair, margin1_chosen=2.0, margin1_rejected=-1.0)
+    )
     # ρ(y_w) = −5 − (−6) = 1, ρ(y_l) = −8 − (−7) = −1; h(y) = (β·ρ(y) − w₁·β₁·field(y)) / w₀
     h_w, h_l = (0.5 * 1 - 0.5 * 0.3 * 2.0) / 0.5, (0.5 * -1 - 0.5 * 0.3 * -1.0) / 0.5
     assert out.losses.item() == pytest.approx(math.log1p(math.exp(-(h_w - h_l))), rel=1e-12)
@@ -143,23 +167,45 @@ def test_implicit_margin_is_beta_k_times_the_scored_log_ratio(make_pair):
 # --- validation -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"weights": [0.0, 1.0], "margins": [COLUMN]},
-     r"loss.weights\[0\] \(w₀, the weight of the pairs trained on\) must be > 0, got 0.0"),
-    ({"weights": []}, r"loss.weights\[0\] .* must be > 0, got no weights"),
-    ({"weights": [0.5, 0.5]}, r"loss.margins must hold one margin per weight after w₀: 2 loss.weights need"),
-    ({"weights": [1.0], "margins": [COLUMN]}, r"2 loss.weights|1 loss.weights need 0 loss.margins, got 1"),
-    ({"weights": [1, 1], "margins": [{"kind": "lenght"}]}, r"loss.margins\[0\].kind must be one of column,"),
-    ({"weights": [1, 1], "margins": [{"kind": "column"}]}, r"loss.margins\[0\].column names the data fields"),
-    ({"weights": [1, 1], "margins": [{"kind": "length", "column": "x"}]}, r"loss.margins\[0\].column"),
-    ({"weights": [1, 1], "margins": [{"kind": "implicit"}]}, r"loss.margins\[0\].model is the model"),
-    ({"weights": [1, 1], "margins": [{"kind": "length", "model": "m"}]}, r"loss.margins\[0\].model"),
-    ({"weights": [1, 1], "margins": [{"kind": "implicit", "model": "m", "beta": 0}]},
-     r"loss.margins\[0\].beta must be > 0"),
-    ({"weights": [1, 1, 1], "margins": [COLUMN, COLUMN]}, r"loss.margins\[1\].column='score' is used by an"),
-    ({"beta": 0}, r"loss.beta must be > 0"),
-    ({"loss_type": "ipo"}, r"loss.loss_type must be one of sigmoid, hinge; got 'ipo'"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (
+            {"weights": [0.0, 1.0], "margins": [COLUMN]},
+            r"loss.weights\[0\] \(w₀, the weight of the pairs trained on\) must be > 0, got 0.0",
+        ),
+        ({"weights": []}, r"loss.weights\[0\] .* must be > 0, got no weights"),
+        (
+            {"weights": [0.5, 0.5]},
+            r"loss.margins must hold one margin per weight after w₀: 2 loss.weights need",
+        ),
+        (
+            {"weights": [1.0], "margins": [COLUMN]},
+            r"2 loss.weights|1 loss.weights need 0 loss.margins, got 1",
+        ),
+        (
+            {"weights": [1, 1], "margins": [{"kind": "lenght"}]},
+            r"loss.margins\[0\].kind must be one of column,",
+        ),
+        (
+            {"weights": [1, 1], "margins": [{"kind": "column"}]},
+            r"loss.margins\[0\].column names the data fields",
+        ),
+        ({"weights": [1, 1], "margins": [{"kind": "length", "column": "x"}]}, r"loss.margins\[0\].column"),
+        ({"weights": [1, 1], "margins": [{"kind": "implicit"}]}, r"loss.margins\[0\].model is the model"),
+        ({"weights": [1, 1], "margins": [{"kind": "length", "model": "m"}]}, r"loss.margins\[0\].model"),
+        (
+            {"weights": [1, 1], "margins": [{"kind": "implicit", "model": "m", "beta": 0}]},
+            r"loss.margins\[0\].beta must be > 0",
+        ),
+        (
+            {"weights": [1, 1, 1], "margins": [COLUMN, COLUMN]},
+            r"loss.margins\[1\].column='score' is used by an",
+        ),
+        ({"beta": 0}, r"loss.beta must be > 0"),
+        ({"loss_type": "ipo"}, r"loss.loss_type must be one of sigmoid, hinge; got 'ipo'"),
+    ],
+)
 def test_validation_names_the_field(cfg, message):
     with pytest.raises(ValueError, match=message):
         MODPOConfig(**cfg)
@@ -193,8 +239,15 @@ def prepared(tmp_path):
     reference = freeze(build_model(len(tokenizer), seed=0))
 
     def run(margin: dict):
-        ctx = PrepareContext(reference=reference, tokenizer=tokenizer, train=data.train, eval=data.eval,
-                             device=torch.device("cpu"), seed=0, model=ModelConfig(name_or_path="builtin:tiny"))
+        ctx = PrepareContext(
+            reference=reference,
+            tokenizer=tokenizer,
+            train=data.train,
+            eval=data.eval,
+            device=torch.device("cpu"),
+            seed=0,
+            model=ModelConfig(name_or_path="builtin:tiny"),
+        )
         loss = build(MODPOConfig(weights=[0.5, 0.5], margins=[margin]))
         add_scores(loss.needs, ctx)
         loss.prepare(ctx)
@@ -210,7 +263,7 @@ def _sequence_logp(model, prompt: list[int], response: list[int]) -> float:
         logp = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
     targets = ids[0, 1:]
     picked = logp[torch.arange(len(targets)), targets]
-    return picked[len(prompt) - 1:].sum().item()
+    return picked[len(prompt) - 1 :].sum().item()
 
 
 def test_implicit_margin_scores_the_log_ratio(prepared, tmp_path):
@@ -223,8 +276,9 @@ def test_implicit_margin_scores_the_log_ratio(prepared, tmp_path):
     for split in (ctx.train, ctx.eval):
         for row in split:
             for r in ("chosen", "rejected"):
-                expected = (_sequence_logp(margin_model, row["prompt_ids"], row[f"{r}_ids"])
-                            - _sequence_logp(ctx.reference, row["prompt_ids"], row[f"{r}_ids"]))
+                expected = _sequence_logp(margin_model, row["prompt_ids"], row[f"{r}_ids"]) - _sequence_logp(
+                    ctx.reference, row["prompt_ids"], row[f"{r}_ids"]
+                )
                 assert row[f"margin1_{r}"] == pytest.approx(expected, abs=1e-5)
                 assert abs(expected) > 1e-3  # a different model: a real margin
 
@@ -241,8 +295,9 @@ def _reversed_tokenizer():
     core = Tokenizer(models.WordLevel(vocab=reversed_ids, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 @pytest.mark.parametrize("own_tokenizer", ["same", "reversed"])
@@ -253,9 +308,16 @@ def test_reward_model_margin_scores_prompt_and_response(prepared, tmp_path, own_
 
     tokenizer = build_tokenizer() if own_tokenizer == "same" else _reversed_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=81, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=81,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     reward_model = LlamaForSequenceClassification(config).eval()
     reward_model.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from loss_helpers import seq, softplus
 
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs, SequenceLogps
 from alignlab.losses.npo import NPOConfig
-from loss_helpers import seq, softplus
 
 
 def forget_only(policy, reference, grad=False) -> LossInputs:
@@ -91,13 +91,20 @@ def test_retain_kl_through_the_forward_does_not_depend_on_padding(pad):
     """#12.5: a retain row that fills the batch keeps all its positions. By hand from the models' own logits:
     KL(π_ref‖π_θ) = Σ_v q_v (log q_v − log p_v) at every position that predicts a token of the retain
     sequence (prompt and answer: positions 0 … len−2 of each row), averaged over those positions."""
-    from alignlab.forward import ForwardPlan
     from model_helpers import collate, tiny_fp64
 
+    from alignlab.forward import ForwardPlan
+
     policy, reference = tiny_fp64(0), tiny_fp64(1)
-    rows = [{"prompt_ids": [9, 10], "completion_ids": [11], "retain_prompt_ids": [12, 13, 14],
-             "retain_ids": [15, 16, 17, 18, 19, 20]},  # the longest sequence: it fills the batch
-            {"prompt_ids": [21], "completion_ids": [22, 23], "retain_prompt_ids": [24], "retain_ids": [25, 26]}]
+    rows = [
+        {
+            "prompt_ids": [9, 10],
+            "completion_ids": [11],
+            "retain_prompt_ids": [12, 13, 14],
+            "retain_ids": [15, 16, 17, 18, 19, 20],
+        },  # the longest sequence: it fills the batch
+        {"prompt_ids": [21], "completion_ids": [22, 23], "retain_prompt_ids": [24], "retain_ids": [25, 26]},
+    ]
     total, count = 0.0, 0
     with torch.no_grad():
         for row in rows:
@@ -109,7 +116,9 @@ def test_retain_kl_through_the_forward_does_not_depend_on_padding(pad):
     responses = ("completion", "retain")
     batch = collate(rows, responses, pad_to=None if not pad else 10 + pad)
     plan = ForwardPlan(responses, full_logits=True)
-    inputs = LossInputs(policy=plan.fitted(policy)(policy, policy.get_output_embeddings(), batch),
-                        reference=plan.fitted(reference)(reference, reference.get_output_embeddings(), batch))
+    inputs = LossInputs(
+        policy=plan.fitted(policy)(policy, policy.get_output_embeddings(), batch),
+        reference=plan.fitted(reference)(reference, reference.get_output_embeddings(), batch),
+    )
     out = build(NPOConfig(variant="npo_kl"))(inputs)
     assert out.metrics["retain/kl"].item() == pytest.approx(total / count, rel=1e-10)

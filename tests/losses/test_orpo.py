@@ -8,11 +8,11 @@ log OR = (−2.5 + 2) − (−0.08565048 + 0.14541346) = −0.55976297; the chos
 import math
 
 import pytest
+from loss_helpers import seq, softplus
 
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs
 from alignlab.losses.orpo import ORPOConfig, log1mexp
-from loss_helpers import seq, softplus
 
 CHOSEN, REJECTED = [[-2.0, -3.0]], [[-2.0] * 4]
 LOG_OR = (-2.5 + 2.0) - (math.log(1 - math.exp(-2.5)) - math.log(1 - math.exp(-2.0)))
@@ -75,8 +75,9 @@ def test_log1mexp_is_accurate_on_both_branches(x):
     assert got == pytest.approx(expected, rel=1e-14, abs=1e-300)
 
 
-@pytest.mark.parametrize("cfg, message", [({"lam": -0.1}, "loss.lam"),
-                                          ({"nll_reduction": "sum"}, "nll_reduction")])
+@pytest.mark.parametrize(
+    "cfg, message", [({"lam": -0.1}, "loss.lam"), ({"nll_reduction": "sum"}, "nll_reduction")]
+)
 def test_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         ORPOConfig(**cfg)

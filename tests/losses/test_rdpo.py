@@ -3,11 +3,11 @@
 import math
 
 import pytest
+from loss_helpers import softplus
 
 from alignlab.losses import build
 from alignlab.losses.dpo import DPOConfig
 from alignlab.losses.rdpo import RDPOConfig
-from loss_helpers import softplus
 
 PC, PR, RC, RR = [[-2.0, -3.0]], [[-2.0] * 4], [[-3.0, -3.0]], [[-1.0, -2.0, -2.0, -2.0]]
 
@@ -21,7 +21,12 @@ def test_worked_example(make_pair):
 
 
 def test_epsilon_zero_is_dpo(make_pair):
-    batch = make_pair([[-2.0, -3.0], [-4.0]], [[-2.0] * 4, [-0.5]], [[-3.0, -3.0], [-1.0]], [[-1.0, -2.0, -2.0, -2.0], [-2.0]])
+    batch = make_pair(
+        [[-2.0, -3.0], [-4.0]],
+        [[-2.0] * 4, [-0.5]],
+        [[-3.0, -3.0], [-1.0]],
+        [[-1.0, -2.0, -2.0, -2.0], [-2.0]],
+    )
     rdpo = build(RDPOConfig(beta=0.3, epsilon=0.0))(batch).losses
     # DPO from the formula: −log σ(β h), h = (−5+6) − (−8+7) = 2 and (−4+1) − (−0.5+2) = −4.5
     assert rdpo.tolist() == pytest.approx([softplus(-0.3 * 2), softplus(-0.3 * -4.5)], rel=1e-12)
@@ -51,7 +56,13 @@ def test_epsilon_range(eps):
 
 def test_padding_invariance(make_pair):
     a = build(RDPOConfig(beta=0.5))(make_pair(PC, PR, RC, RR)).losses
-    b = build(RDPOConfig(beta=0.5))(make_pair([[-2.0, -3.0], [-1.0]], [[-2.0] * 4, [-1.0]], [[-3.0, -3.0], [-1.0]],
-                                              [[-1.0, -2.0, -2.0, -2.0], [-1.0]])).losses
+    b = build(RDPOConfig(beta=0.5))(
+        make_pair(
+            [[-2.0, -3.0], [-1.0]],
+            [[-2.0] * 4, [-1.0]],
+            [[-3.0, -3.0], [-1.0]],
+            [[-1.0, -2.0, -2.0, -2.0], [-1.0]],
+        )
+    ).losses
     assert b[0].item() == pytest.approx(a.item(), rel=1e-12)  # same pair, now padded beside a shorter one
     assert not math.isnan(b[1].item())

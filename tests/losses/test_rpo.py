@@ -1,11 +1,11 @@
 """RPO (spec §3) against hand-computed values. Worked pair: h = 2, logπθ(y_w) = −5 over 2 tokens."""
 
 import pytest
+from loss_helpers import softplus
 
 from alignlab.losses import build
 from alignlab.losses.dpo import DPOConfig
 from alignlab.losses.rpo import RPOConfig
-from loss_helpers import softplus
 
 PC, PR, RC, RR = [[-2.0, -3.0]], [[-2.0] * 4], [[-3.0, -3.0]], [[-1.0, -2.0, -2.0, -2.0]]
 
@@ -38,6 +38,7 @@ def test_sft_gradient_reaches_chosen(make_pair):
     batch = make_pair(PC, PR, RC, RR, requires_grad=True)
     build(RPOConfig(beta=0.25, eta=0.2))(batch).losses.sum().backward()
     import math
+
     dpo_grad = -0.25 / (1 + math.exp(0.5))
     assert batch.policy["chosen"].token_logps.grad[0].tolist() == pytest.approx([dpo_grad - 0.05] * 2)
 

@@ -1,11 +1,11 @@
 """SFT: the token-mean NLL of the chosen responses over the batch (HF's causal-LM loss)."""
 
 import pytest
+from loss_helpers import seq
 
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs
 from alignlab.losses.sft import SFTConfig
-from loss_helpers import seq
 
 
 def test_token_mean_nll_of_the_chosen_responses():

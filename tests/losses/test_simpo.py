@@ -7,11 +7,11 @@ With β = 2, γ = 0.5: z = β·A(y_w) − β·A(y_l) − γ = −5 + 4 − 0.5 =
 import math
 
 import pytest
+from loss_helpers import seq, softplus
 
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs
 from alignlab.losses.simpo import SimPOConfig
-from loss_helpers import seq, softplus
 
 CHOSEN, REJECTED = [[-2.0, -3.0]], [[-2.0] * 4]
 
@@ -93,10 +93,15 @@ def test_metrics_are_the_length_normalised_rewards():
     assert m["rewards/accuracies"].item() == 0.0 and m["logps/chosen"].item() == pytest.approx(-5.0)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"beta": 0.0}, "loss.beta"), ({"loss_type": "ipo"}, "loss.loss_type"),
-    ({"loss_type": "hinge", "label_smoothing": 0.1}, "sigmoid only"), ({"sft_weight": -1.0}, "sft_weight"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"beta": 0.0}, "loss.beta"),
+        ({"loss_type": "ipo"}, "loss.loss_type"),
+        ({"loss_type": "hinge", "label_smoothing": 0.1}, "sigmoid only"),
+        ({"sft_weight": -1.0}, "sft_weight"),
+    ],
+)
 def test_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         SimPOConfig(**cfg)

@@ -6,14 +6,14 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_helpers import softplus
+from model_helpers import collate, random_rows, tiny_fp64
 
 from alignlab.forward import ForwardPlan
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs, SequenceLogps
 from alignlab.losses.sparsepo import ACTIVATION_HOOKS, SparsePOConfig, activation_mask
 from alignlab.losses.tdpo import TDPOConfig
-from loss_helpers import softplus
-from model_helpers import collate, random_rows, tiny_fp64
 
 LN3 = math.log(3.0)
 
@@ -27,10 +27,14 @@ def response(rows: list[list[list[float]]], tokens: list[list[int]], grad=False)
 
 def two_token_pair(grad=False) -> LossInputs:
     return LossInputs(
-        policy={"chosen": response([[[0.0, 0.0], [1.0, 0.0]]], [[0, 0]], grad),
-                "rejected": response([[[0.0, LN3], [0.0, 2.0]]], [[1, 0]], grad)},
-        reference={"chosen": response([[[LN3, 0.0], [0.0, 0.0]]], [[0, 0]]),
-                   "rejected": response([[[0.0, 0.0], [0.0, 0.0]]], [[1, 0]])},
+        policy={
+            "chosen": response([[[0.0, 0.0], [1.0, 0.0]]], [[0, 0]], grad),
+            "rejected": response([[[0.0, LN3], [0.0, 2.0]]], [[1, 0]], grad),
+        },
+        reference={
+            "chosen": response([[[LN3, 0.0], [0.0, 0.0]]], [[0, 0]]),
+            "rejected": response([[[0.0, 0.0], [0.0, 0.0]]], [[1, 0]]),
+        },
     )
 
 
@@ -55,8 +59,9 @@ def test_masked_loss_by_hand():
     """
     first = {n: torch.tensor([[1.0, 0.0]], dtype=torch.float64) for n in ("chosen", "rejected")}
     kl_first = {n: torch.tensor([[1.0, 0.0]], dtype=torch.float64) for n in ("chosen", "rejected")}
-    loss = _with_masks(build(SparsePOConfig(beta=0.5, independent_masks=True, lambda_u=0.01, lambda_d=0.02)),
-                       first, kl_first)
+    loss = _with_masks(
+        build(SparsePOConfig(beta=0.5, independent_masks=True, lambda_u=0.01, lambda_d=0.02)), first, kl_first
+    )
     d_w, d_l = math.log(0.5 / 0.75), math.log(0.75 / 0.5)
     kl_w = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     kl_l = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
@@ -81,8 +86,12 @@ def test_activation_mask_never_nan():
 
 # -- against a transcription of the official code, through alignlab's forward pass ------------------
 #: ForwardPlan.of switches (logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing)
-SWITCHES = {"dense": (0, False, False, False), "chunked": (3, True, False, False),
-            "padding_free": (3, True, True, False), "prefix_sharing": (3, True, False, True)}
+SWITCHES = {
+    "dense": (0, False, False, False),
+    "chunked": (3, True, False, False),
+    "padding_free": (3, True, True, False),
+    "prefix_sharing": (3, True, False, True),
+}
 
 
 def _pairs(vocab: int, b: int = 3):
@@ -107,9 +116,11 @@ def _mapo_mask_by_hand(reference, ids, attn, response):
     for name, module in reference.named_modules():
         for kind, pattern in ACTIVATION_HOOKS.items():
             if re.search(pattern, name):
+
                 def keep(mod, args, out, kind=kind):
                     t = out[0] if isinstance(out, tuple) else out
                     captured.setdefault(kind, []).append(t.mean(-1)[:, :-1])
+
                 hooks.append(module.register_forward_hook(keep))
     with torch.no_grad():
         reference(input_ids=ids, attention_mask=attn)
@@ -165,7 +176,9 @@ def test_loss_and_gradients_equal_the_official_code(mask, independent, switch):
     lam = dict(lambda_u=0.1, lambda_d=0.3) if mask == "learned" else {}
     cfg = SparsePOConfig(mask=mask, independent_masks=independent, beta=0.5, **lam)
     loss = build(cfg)
-    loss.build_heads(policy.config.hidden_size, policy.config.num_hidden_layers) if mask == "learned" else None
+    loss.build_heads(
+        policy.config.hidden_size, policy.config.num_hidden_layers
+    ) if mask == "learned" else None
     loss.double()
     batch = _pairs(policy.config.vocab_size)
 
@@ -174,8 +187,13 @@ def test_loss_and_gradients_equal_the_official_code(mask, independent, switch):
     want_grads = torch.autograd.grad(want.sum(), params, allow_unused=True)
 
     chunk, skip, packed, shared = SWITCHES[switch]
-    plan = ForwardPlan.of(loss.needs, logit_chunk_size=chunk, skip_unused_logits=skip, padding_free=packed,
-                          prefix_sharing=shared)
+    plan = ForwardPlan.of(
+        loss.needs,
+        logit_chunk_size=chunk,
+        skip_unused_logits=skip,
+        padding_free=packed,
+        prefix_sharing=shared,
+    )
     assert plan.full_logits and plan.responses == ("chosen", "rejected")
     pol = plan.fitted(policy)(policy, policy.get_output_embeddings(), batch)
     with torch.no_grad():

@@ -13,11 +13,11 @@ import math
 
 import pytest
 import torch
+from loss_helpers import softplus
 
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs, SequenceLogps
 from alignlab.losses.tdpo import TDPOConfig
-from loss_helpers import softplus
 
 LN3 = math.log(3.0)
 KL_W = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
@@ -49,7 +49,9 @@ def test_loss(variant, x):
     out = build(TDPOConfig(beta=0.5, variant=variant))(pair())
     assert out.losses.item() == pytest.approx(softplus(-0.5 * x), rel=1e-10)
     # rewards β·(ΣΔ + SeqKL), as the official code logs them
-    assert out.metrics["rewards/chosen"].item() == pytest.approx(0.5 * (math.log(0.5 / 0.75) + KL_W), rel=1e-10)
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(
+        0.5 * (math.log(0.5 / 0.75) + KL_W), rel=1e-10
+    )
     assert out.metrics["kl/rejected"].item() == pytest.approx(KL_L, rel=1e-10)
 
 

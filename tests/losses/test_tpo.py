@@ -4,16 +4,21 @@ Worked triple: S(y_w) = −5 (A = −2.5), S(y_l) = −8 (A = −2), ΔS = 3, Δ
 """
 
 import pytest
+from loss_helpers import seq, softplus
 
 from alignlab.losses import build
 from alignlab.losses.base import LossInputs
 from alignlab.losses.tpo import TPOConfig
-from loss_helpers import seq, softplus
 
 
 def triple(gold, chosen=([-2.0, -3.0],), rejected=([-2.0] * 4,), grad=False) -> LossInputs:
-    return LossInputs(policy={"gold": seq(list(gold), grad), "chosen": seq(list(chosen), grad),
-                              "rejected": seq(list(rejected), grad)})
+    return LossInputs(
+        policy={
+            "gold": seq(list(gold), grad),
+            "chosen": seq(list(chosen), grad),
+            "rejected": seq(list(rejected), grad),
+        }
+    )
 
 
 def test_sigmoid_with_gold_nll():
@@ -42,10 +47,13 @@ def test_nll_reductions_differ_on_uneven_gold_lengths():
     assert per_seq == pytest.approx(base + 3.0, rel=1e-12)
 
 
-@pytest.mark.parametrize("loss_type, expected", [
-    ("hinge", max(0.0, 1 - 0.5 * 3) + 2.0),          # relu(1 − β·ΔS) + α·NLL
-    ("ipo", (-0.5 - 1 / (2 * 0.5)) ** 2 + 2.0),       # (ΔA − 1/(2β))² + α·NLL = 2.25 + 2
-])
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        ("hinge", max(0.0, 1 - 0.5 * 3) + 2.0),  # relu(1 − β·ΔS) + α·NLL
+        ("ipo", (-0.5 - 1 / (2 * 0.5)) ** 2 + 2.0),  # (ΔA − 1/(2β))² + α·NLL = 2.25 + 2
+    ],
+)
 def test_other_forms(loss_type, expected):
     out = build(TPOConfig(beta=0.5, alpha=1.0, loss_type=loss_type))(triple([[-1.0, -1.0, -4.0]]))
     assert out.losses.item() == pytest.approx(expected, rel=1e-12)
