@@ -5,8 +5,9 @@ with no hub and no downloaded files. This module provides:
 
 * ``builtin:sentiment`` — a synthetic review-completion preference task. Every pair shares a
   prompt ("review : the film was") and two completions of the same shape that differ only in
-  their sentiment words; the chosen one has more positive words (e.g. 2 of 3 against 1 of 3). The held-out split uses subjects and openings that
-  training never shows, so accuracy there measures generalisation, not memorisation.
+  their sentiment words; the chosen one has more positive words (e.g. 2 of 3 against 1 of 3). The
+  held-out split uses subjects and openings that training never shows, so accuracy there measures
+  generalisation, not memorisation.
 * ``builtin:sentiment-understated`` — a second objective on the same prompts, for multi-objective
   recipes (MODPO): a reviewer who distrusts hype prefers the completion with fewer hype words
   (`HYPE`: wonderful, great, brilliant, ...), whatever else it says. Its pairs differ only in hype

@@ -117,7 +117,8 @@ def mark_complete(checkpoint: Path, identity: dict | None = None) -> None:
 
 
 def manifest(checkpoint: Path) -> dict | None:
-    """The completion marker's manifest; `{}` for an older alignlab's plain marker; None if absent or unreadable."""
+    """The completion marker's manifest; `{}` for an older alignlab's plain marker; None if absent or
+    unreadable."""
     try:
         text = (Path(checkpoint) / COMPLETE).read_text()
     except OSError:
@@ -214,7 +215,10 @@ def latest_complete(
     for path in reversed(checkpoint_folders(output_dir)):
         reason = problem(path, loss_state=loss_state)
         if reason is None and fingerprint is not None and other_config(path, fingerprint):
-            reason = f"{path}: written by another run (run {identity_of(path).get('run_id')}), whose config differs"
+            reason = (
+                f"{path}: written by another run (run {identity_of(path).get('run_id')}), "
+                "whose config differs"
+            )
         if reason is None:
             return path, skipped
         skipped.append(reason)
@@ -275,6 +279,7 @@ def truncate_log(metrics_file: Path, checkpoint: str | Path) -> None:
         tmp.write_text("".join(kept))
         tmp.replace(metrics_file)
         print(
-            f"alignlab: {metrics_file.name}: dropped {len(lines) - len(kept)} records logged after step {step}, "
+            f"alignlab: {metrics_file.name}: dropped {len(lines) - len(kept)} records logged after "
+            f"step {step}, "
             "where the run resumes (they are logged again)"
         )

@@ -244,7 +244,8 @@ class TrainerConfig:
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             raise ValueError(
                 f"trainer.max_steps={self.max_steps} with trainer.num_train_epochs="
-                f"{self.num_train_epochs} trains zero steps. Fix: set trainer.max_steps > 0, or trainer.max_steps=-1 and "
+                f"{self.num_train_epochs} trains zero steps. Fix: set trainer.max_steps > 0, or "
+                "trainer.max_steps=-1 and "
                 "trainer.num_train_epochs > 0"
             )
         for name in sorted(self.extra):

@@ -148,7 +148,8 @@ def whole_models(args=None) -> Iterator[None]:
 
 
 def deepspeed_config(cfg: DeepSpeedConfig) -> dict | None:
-    """The DeepSpeed config dict for `TrainingArguments.deepspeed` (a fresh copy), or None without DeepSpeed."""
+    """The DeepSpeed config dict for `TrainingArguments.deepspeed` (a fresh copy), or None without
+    DeepSpeed."""
     if cfg.path:
         path = Path(cfg.path).expanduser()
         try:

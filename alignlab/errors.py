@@ -41,7 +41,8 @@ class RunStopped(Exception):
 
 
 class Interrupted(RunStopped):
-    """SIGTERM or Ctrl-C: a checkpoint was saved at the end of the step; the message has the resume command."""
+    """SIGTERM or Ctrl-C: a checkpoint was saved at the end of the step; the message has the resume
+    command."""
 
     exit_code = 3
 
@@ -68,7 +69,10 @@ class StoppedAtOnce(RunStopped):
 EXIT_CODES = {
     0: "finished",
     1: "an unexpected error (a bug: the traceback is printed)",
-    2: "invalid input: config, data, paths, or a run directory that belongs to another run (the line says the fix)",
+    2: (
+        "invalid input: config, data, paths, or a run directory that belongs to another run "
+        "(the line says the fix)"
+    ),
     3: "preempted (SIGTERM or Ctrl-C): a checkpoint was saved; resumable with the printed command",
     4: "stopped by the NaN guard: a non-finite loss or gradient (the last checkpoint is the last good state)",
     5: "the run directory could not be written: disk full, permission denied or read-only",

@@ -335,11 +335,13 @@ def report_markdown(result: dict) -> str:
             "| figure | policy | reference |",
             "|---|---|---|",
             f"| KL(π‖π_ref), from policy samples | {result['kl_policy_reference']:.4f} | 0 |",
-            f"| mean length (tokens) | {result['length_policy']['mean']:.1f} | {result['length_reference']['mean']:.1f} |",
+            f"| mean length (tokens) | {result['length_policy']['mean']:.1f} "
+            f"| {result['length_reference']['mean']:.1f} |",
         ]
         if "win_rate" in result:
             lines += [
-                f"| mean reward ({result['reward']}) | {result['reward_policy']:.4f} | {result['reward_reference']:.4f} |",
+                f"| mean reward ({result['reward']}) | {result['reward_policy']:.4f} "
+                f"| {result['reward_reference']:.4f} |",
                 f"| win rate against the reference | {result['win_rate']:.3f} | 0.5 |",
             ]
         if result.get("plot"):

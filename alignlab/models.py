@@ -17,7 +17,8 @@ from alignlab.distributed import whole_models
 from alignlab.errors import ConfigError, UserError, first_line
 
 BUILTIN_PREFIX = "builtin:"
-#: the embedded model; `builtin:tiny@DIR` is the same model with the weights saved in DIR (e.g. its SFT stage).
+#: the embedded model; `builtin:tiny@DIR` is the same model with the weights saved in DIR (e.g. its
+#: SFT stage).
 TINY = f"{BUILTIN_PREFIX}tiny"
 #: `model.dtype` (`alignlab.config.DTYPES`, aliases already resolved) -> the torch dtype.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -70,7 +71,8 @@ def load_tokenizer(cfg: ModelConfig):
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(
-                f"tokenizer {name!r} has neither a pad nor an EOS token; use a tokenizer that defines an EOS token"
+                f"tokenizer {name!r} has neither a pad nor an EOS token; "
+                "use a tokenizer that defines an EOS token"
             )
         # Padding positions are masked out of every loss and attention, so reusing EOS is safe; labels
         # come from the masks, never from comparing ids with pad_token_id.
@@ -215,7 +217,8 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
             model = AutoModelForCausalLM.from_pretrained(_source(source), use_safetensors=True, **kwargs)
         except OSError as err:
             raise ModelError(
-                f"cannot load model {cfg.name_or_path!r}: {first_line(err)}. Set model.name_or_path to a local folder "
+                f"cannot load model {cfg.name_or_path!r}: {first_line(err)}. "
+                "Set model.name_or_path to a local folder "
                 "with config.json and *.safetensors, or a hub name on a machine with network access."
             ) from None
         except (
@@ -235,7 +238,8 @@ def _load_causal_lm(cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ModelError(
-            f"the tokenizer has {len(tokenizer)} tokens but model {cfg.name_or_path!r} embeds only {rows}: they do "
+            f"the tokenizer has {len(tokenizer)} tokens but model {cfg.name_or_path!r} "
+            f"embeds only {rows}: they do "
             "not belong together. Fix: set model.tokenizer to the model's own tokenizer (or leave it unset)"
         )
     if cfg.dtype not in ("auto", "float32") and not cfg.lora.load_in_4bit:

@@ -150,7 +150,8 @@ class RunLock:
             holder = _holder(handle.read())
             handle.close()
             raise RunDirectoryBusy(
-                f"{self.path.parent} is in use by another run ({holder}). Fix: wait for it to finish (or stop it), "
+                f"{self.path.parent} is in use by another run ({holder}). "
+                "Fix: wait for it to finish (or stop it), "
                 "or pick another run directory (hydra.run.dir=... / output_dir=...)"
             ) from None
         handle.seek(0)
@@ -317,7 +318,8 @@ def claim(
 
 
 def _resumed_identity(checkpoint: Path, ours: Identity, any_config: bool) -> Identity:
-    """This run's identity when resuming `checkpoint`: the checkpoint's run id, refused if its config differs."""
+    """This run's identity when resuming `checkpoint`: the checkpoint's run id, refused if its config
+    differs."""
     theirs = checkpoints.identity_of(checkpoint)
     if theirs is None:  # written before checkpoints recorded their run
         return ours
@@ -492,7 +494,8 @@ class Interrupts:
         self.received = name
         if signum == signal.SIGINT:
             print(
-                "\nalignlab: Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again stops at once)",
+                "\nalignlab: Ctrl-C: saving a checkpoint at the end of this step "
+                "(Ctrl-C again stops at once)",
                 file=sys.stderr,
                 flush=True,
             )

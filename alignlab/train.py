@@ -160,7 +160,8 @@ def vocabulary_warning(train, tokenizer, model, path: str, rows: int = 1000) -> 
         name = model.tokenizer or model.name_or_path
         known = " (it knows only the words of builtin:sentiment)" if name.startswith("builtin:") else ""
         return (
-            f"  warning: {share:.0%} of the tokens of data.path={path} are unknown to the tokenizer of {name}{known}. "
+            f"  warning: {share:.0%} of the tokens of data.path={path} are unknown to the tokenizer "
+            f"of {name}{known}. "
             "Fix: set model.name_or_path to a model for this data (and model.tokenizer if it is separate)"
         )
     return None
@@ -532,7 +533,8 @@ def _train(
             raise interrupted(output_dir, step, saved if (saved / checkpoints.COMPLETE).exists() else None)
         if main:
             print(
-                f"alignlab: {INTERRUPTS.received} after the last step: finishing the final evaluation and save"
+                f"alignlab: {INTERRUPTS.received} after the last step: "
+                "finishing the final evaluation and save"
             )
     eval_metrics = trainer.evaluate() if ctx.eval is not None else {}
 
@@ -696,7 +698,8 @@ def summary_text(result: RunResult) -> str:
     lines = ["", "alignlab: run finished in %.0f s" % result.wall_seconds]
     if result.train_losses:
         lines.append(
-            f"  train loss        {result.train_losses[0]:.4f} (first log) -> {result.train_losses[-1]:.4f} (last)"
+            f"  train loss        {result.train_losses[0]:.4f} (first log) "
+            f"-> {result.train_losses[-1]:.4f} (last)"
         )
     lines += [
         f"  {text.format(result.eval_metrics[key])}"

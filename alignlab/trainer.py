@@ -94,7 +94,8 @@ class AlignTrainer(Trainer):
         forward_plan: the run's forward pass (`alignlab.forward.ForwardPlan`, from the `model.*`
             switches), fitted here once to the policy, the reference and each teacher; by default dense
             logits on padded batches.
-        identity: the run's id, config fingerprint and config, recorded in every checkpoint (`alignlab.rundir`).
+        identity: the run's id, config fingerprint and config, recorded in every checkpoint
+            (`alignlab.rundir`).
         **kwargs: everything `transformers.Trainer` takes.
     """
 
@@ -310,8 +311,8 @@ class AlignTrainer(Trainer):
             self._save_log_state(folder)
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                # HF's pickle of TrainingArguments (credentials such as hub_token included); resuming never reads
-                # it, and the run's config.yaml holds the settings
+                # HF's pickle of TrainingArguments (credentials such as hub_token included); resuming never
+                # reads it, and the run's config.yaml holds the settings
                 (folder / "training_args.bin").unlink(missing_ok=True)
                 mark_complete(folder, self.identity)
         except Exception as err:
@@ -335,7 +336,8 @@ class AlignTrainer(Trainer):
             )
 
     def _after_failed_save(self, run_dir: Path, folder: Path) -> str:
-        """What a failed save leaves: the partial folder removed, the last complete checkpoint, how to resume."""
+        """What a failed save leaves: the partial folder removed, the last complete checkpoint, how to
+        resume."""
         import shutil
 
         if self.args.should_save:
@@ -374,7 +376,8 @@ class AlignTrainer(Trainer):
         self._log_state_file(folder).write_text(json.dumps(state))
 
     def _restore_log_state(self) -> None:
-        """Called as training begins (after HF resets its logging state): the checkpoint's window continues."""
+        """Called as training begins (after HF resets its logging state): the checkpoint's window
+        continues."""
         path = self._resume_checkpoint and self._log_state_file(Path(self._resume_checkpoint))
         if not path or not path.is_file() or not hasattr(self, "_tr_loss"):
             return

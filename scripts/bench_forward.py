@@ -107,7 +107,8 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
     total = [sum(b[f"{r}_attention_mask"].numel() for r in pairs) for b in batches[1:]]
     print(
         f"{workload}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params, "
-        f"padding {1 - sum(real) / sum(total):.0%} of batch positions, {statistics.mean(real):.0f} real tokens/batch, "
+        f"padding {1 - sum(real) / sum(total):.0%} of batch positions, "
+        f"{statistics.mean(real):.0f} real tokens/batch, "
         f"threads {torch.get_num_threads()}",
         flush=True,
     )

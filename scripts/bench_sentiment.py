@@ -611,25 +611,32 @@ def report(
             else f"- wall time of this invocation: **{wall / 60:.1f} min**; "
         )
         + f"training + evaluation summed over its "
-        f"{len(R) + len({r['method'] for r in unlearning[1:]}) - ('s4-modpo-w0.0' in R)} runs: **{run_seconds(b, unlearning) / 60:.1f} min** "
+        f"{len(R) + len({r['method'] for r in unlearning[1:]}) - ('s4-modpo-w0.0' in R)} "
+        f"runs: **{run_seconds(b, unlearning) / 60:.1f} min** "
         "(runs reused with `--reuse` count their original time); sampling the data once more, cached "
         "afterwards in `runs/cache/sentiment/` by seed and size",
-        f"- seeds: data {b.seed} (train openings) / {b.seed + 1} (held-out openings), training `seed={b.seed}`",
+        f"- seeds: data {b.seed} (train openings) / {b.seed + 1} "
+        f"(held-out openings), training `seed={b.seed}`",
         "",
         "## Set-up",
         "",
-        "- **policy = reference**: `../shared/models/stories260k`, Karpathy's TinyStories Llama (260K parameters, "
+        "- **policy = reference**: `../shared/models/stories260k`, "
+        "Karpathy's TinyStories Llama (260K parameters, "
         "vocabulary 512); full fine-tuning.",
-        "- **ground-truth reward**: VADER compound score of the completion (`alignlab.bench.sentiment.vader`, "
+        "- **ground-truth reward**: VADER compound score of "
+        "the completion (`alignlab.bench.sentiment.vader`, "
         "PyPI `vadersentiment`), in [-1, 1]. It plays the role of the IMDb sentiment classifier.",
-        f"- **data**: {stats['train_prompts']} story openings with neutral wording (`alignlab.bench.sentiment.story_prompts`; "
+        f"- **data**: {stats['train_prompts']} story openings with "
+        "neutral wording (`alignlab.bench.sentiment.story_prompts`; "
         f"held-out openings use other character names), {s.samples_per_prompt} samples of the reference each "
         f"(ancestral sampling, up to {s.max_new_tokens} tokens, cut after the last full sentence), "
-        f"VADER-scored: mean score {stats['mean_score']:.3f}, {stats['zero_scores']:.0%} of samples score exactly 0.",
+        f"VADER-scored: mean score {stats['mean_score']:.3f}, "
+        f"{stats['zero_scores']:.0%} of samples score exactly 0.",
         f"  - pairs: best vs worst sample, ties skipped: {stats['pairs']} pairs "
         f"(chosen mean {stats['chosen_mean']:.3f}, rejected mean {stats['rejected_mean']:.3f});",
         f"  - TPO triples (gold = best, chosen = second, rejected = worst): {stats['triples']};",
-        f"  - BCO thumbs-up / down (score above / below the median {stats['median_score']:.3f}; at the median "
+        "  - BCO thumbs-up / down (score above / below the "
+        f"median {stats['median_score']:.3f}; at the median "
         f"skipped): {stats['unpaired']} ({stats['desirable']} desirable).",
         f"- **training**: `alignlab.train.run` on a composed config per run: {s.steps} steps, batch "
         f"{s.batch_size}, AdamW lr {s.lr}, constant after no warm-up (linear decay), full fine-tuning.",
@@ -672,7 +679,8 @@ def report(
     lines += [
         "## 2. DPO against rDPO under label flips",
         "",
-        f"β = 0.1; a random 20% / 40% of the training pairs have chosen and rejected swapped (seed {b.seed}); "
+        "β = 0.1; a random 20% / 40% of the training pairs "
+        f"have chosen and rejected swapped (seed {b.seed}); "
         "rDPO is told the true flip rate (ε). Held-out pairs are clean.",
         "",
         "| flip rate | DPO reward | DPO KL | DPO acc. | rDPO reward | rDPO KL | rDPO acc. |",
@@ -685,7 +693,8 @@ def report(
         if d and r:
             lines.append(
                 f"| {rate:.0%}{' (ε = 0.1)' if rate == 0 else ''} | {d['reward']:.3f} ± {se(d['run']):.3f} | "
-                f"{d['kl']:.2f} | {fmt(d['accuracy'])} | {r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
+                f"{d['kl']:.2f} | {fmt(d['accuracy'])} | "
+                f"{r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
                 f"{fmt(r['accuracy'])} |"
             )
     clean_d, clean_r = rows2[0][1], rows2[0][2]
@@ -774,14 +783,17 @@ def report(
         why = ""
         if not ok and max(lengths) - min(lengths) < 0.5:
             why = (
-                f" Every sample is capped at {s.max_new_tokens} tokens: stories260k almost never ends a story that "
+                f" Every sample is capped at {s.max_new_tokens} "
+                "tokens: stories260k almost never ends a story that "
                 "early, and this short training does not teach it to, so the length objective cannot show in "
-                "samples; its weight still costs sentiment reward and adds KL (the margin is paid in the loss)."
+                "samples; its weight still costs sentiment reward "
+                "and adds KL (the margin is paid in the loss)."
             )
         lines += [
             "",
             f"Claim (MODPO paper): *raising a margin's weight moves the policy along that objective* — "
-            f"{verdict(ok)} here for length: mean length {' → '.join(f'{x:.1f}' for x in lengths)} and reward "
+            f"{verdict(ok)} here for length: mean length "
+            f"{' → '.join(f'{x:.1f}' for x in lengths)} and reward "
             f"{' → '.join(f'{x:.3f}' for x in rewards)} as w_len grows.{why}",
             "",
         ]
@@ -792,13 +804,18 @@ def report(
         lines += [
             "## 5. NPO against gradient ascent",
             "",
-            f"Forget set: the reference's samples for the openings that name {FORGET_NAME} ({stats['forget']} "
-            "completions); utility: per-token NLL of held-out retain completions (other characters' openings, "
+            "Forget set: the reference's samples for the "
+            f"openings that name {FORGET_NAME} ({stats['forget']} "
+            "completions); utility: per-token NLL of held-out "
+            "retain completions (other characters' openings, "
             "never trained on). Gradient ascent is NPO at β = 1e-4, its documented β → 0 limit "
             "(alignlab/losses/npo.py: the gradient 2σ(βρ)∇ρ tends to ∇ρ); RT adds the retain NLL "
-            f"(NPO+RT, and GA+RT = gradient difference). lr 1e-3, the same for all; each method is one run of "
-            f"{s.npo_steps} steps whose checkpoint every {s.npo_every} steps is scored, so the methods are compared "
-            "at equal forgetting (the NPO paper's Figure 1 compares forget quality against utility the same way).",
+            "(NPO+RT, and GA+RT = gradient difference). lr "
+            "1e-3, the same for all; each method is one run of "
+            f"{s.npo_steps} steps whose checkpoint every {s.npo_every} "
+            "steps is scored, so the methods are compared "
+            "at equal forgetting (the NPO paper's Figure 1 "
+            "compares forget quality against utility the same way).",
             "",
             f"![unlearning]({rel}/unlearning.png)",
             "",
@@ -850,8 +867,10 @@ def report(
     lines += [
         "## 6. AlignDistil: teachers and student",
         "",
-        "The DPO teacher is study 1's DPO run at the same β, the reverse teacher DPO on swapped pairs; the student "
-        "is trained with AlignDistil's token-adaptive extrapolated teacher (β₂ = default) on the chosen responses.",
+        "The DPO teacher is study 1's DPO run at the same β, "
+        "the reverse teacher DPO on swapped pairs; the student "
+        "is trained with AlignDistil's token-adaptive extrapolated "
+        "teacher (β₂ = default) on the chosen responses.",
         "",
         "| β | DPO teacher reward / KL | reverse teacher reward / KL | student reward / KL |",
         "|---|---|---|---|",
@@ -908,7 +927,8 @@ def report(
             lines += [
                 "",
                 "Claim (TDPO paper): *TDPO reaches a given reward at lower KL than DPO* — not testable "
-                "directly here: no TDPO point falls inside DPO's reward range; compare the points in the frontier "
+                "directly here: no TDPO point falls inside DPO's "
+                "reward range; compare the points in the frontier "
                 "plot.",
                 "",
             ]
@@ -917,8 +937,10 @@ def report(
         "",
         "- One seed, one data draw. With about 100 held-out openings the standard error of a mean reward is "
         "±0.03 to ±0.04 (given per row): differences under about 0.08 are not evidence.",
-        f"- A fixed, short budget for every loss ({s.steps} steps at lr {s.lr}): losses are compared where they "
-        "are after the same number of updates, not at their optima, so β moves the points less than the theory "
+        f"- A fixed, short budget for every loss ({s.steps} "
+        f"steps at lr {s.lr}): losses are compared where they "
+        "are after the same number of updates, not at their "
+        "optima, so β moves the points less than the theory "
         "(a larger β means a tighter optimum, but none of these runs gets near its optimum).",
         "- KL is a Monte-Carlo estimate from one sample per prompt; it can be noisy, and a loss that changes "
         "the model's habits outside the sentiment (e.g. where it puts EOS, or which names it uses) pays KL "
@@ -928,7 +950,8 @@ def report(
         '- VADER is a lexicon: the policy raises its reward by using more positive words ("happy", '
         '"loved", "fun"), which is exactly what the IMDb task rewards as well; the samples in each run\'s '
         "`eval/report.md` show it.",
-        "- TPO is trained on triples and evaluated on the held-out openings that have three distinct samples, "
+        "- TPO is trained on triples and evaluated on the "
+        "held-out openings that have three distinct samples, "
         "so its reference reward differs from the others'; compare it by its win rate and its gain over its "
         "own reference.",
         "",

@@ -113,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     cold = statistics.median(times["cold, num_proc=1"])
     print(
-        f"\n{info['rows']} pairs tokenised ({args.copies} × 2,312 HH-RLHF pairs, GPT-2 tokenizer, max_length 256), "
+        f"\n{info['rows']} pairs tokenised ({args.copies} × 2,312 HH-RLHF pairs, GPT-2 tokenizer, "
+        "max_length 256), "
         f"{os.cpu_count()} CPU cores, medians of {args.repeats}\n"
     )
     print(
-        "| data.num_proc, cache | seconds (median [min–max]) | speed-up over cold, one process |\n|---|---|---|"
+        "| data.num_proc, cache | seconds (median [min–max]) | speed-up over cold, one process |\n"
+        "|---|---|---|"
     )
     for label, xs in times.items():
         med = statistics.median(xs)

@@ -224,7 +224,8 @@ def _hh_rows(tokenizer, n: int, low: int, high: int) -> list[dict]:
 
 
 def _sentiment_rows(n: int, cache_dir: Path) -> tuple[list[dict], str]:
-    """W1's pairs: VADER-scored samples of stories260k (alignlab.bench.sentiment); HH pairs if it is absent."""
+    """W1's pairs: VADER-scored samples of stories260k (alignlab.bench.sentiment); HH pairs if it is
+    absent."""
     try:
         from alignlab.bench.sentiment import pairs_file
     except ImportError:
@@ -886,7 +887,8 @@ def trl_section(w: Workload, info: dict, work: Path, log: Path, modes: tuple[str
 def _progress(rec: dict) -> None:
     if "error" in rec:
         print(
-            f"  {rec['workload']} {rec['framework']} {rec['loss']} {rec['reference_mode']} {rec.get('label', '')}: "
+            f"  {rec['workload']} {rec['framework']} {rec['loss']} "
+            f"{rec['reference_mode']} {rec.get('label', '')}: "
             f"FAILED {rec['error']}",
             file=sys.stderr,
         )
@@ -909,8 +911,10 @@ def fmt(x, digits=3) -> str:
 def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[list[str], dict]:
     lines = [
         (
-            f"| {name} | reference | framework | step time, s (median [min–max]) | tokens/s (median [min–max]) | "
-            "peak memory above imports, MiB | padding | precompute pass, s | step-0 loss | step-0 logps/chosen |"
+            f"| {name} | reference | framework | step time, s "
+            "(median [min–max]) | tokens/s (median [min–max]) | "
+            "peak memory above imports, MiB | padding | precompute "
+            "pass, s | step-0 loss | step-0 logps/chosen |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -925,8 +929,10 @@ def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[l
             mem = _memory(x)
             lines.append(
                 f"| | {mode} | {fw} | {fmt(x['step_s'])} [{fmt(x['step_min'])}–{fmt(x['step_max'])}] | "
-                f"{fmt(x['tokens_per_s'], 0)} [{fmt(x['tps_min'], 0)}–{fmt(x['tps_max'], 0)}] | {fmt(mem, 0)} | "
-                f"{fmt(x['pad_fraction'], 2)} | {fmt(x['precompute_s'], 1) if mode == 'precomputed' else '—'} | "
+                f"{fmt(x['tokens_per_s'], 0)} "
+                f"[{fmt(x['tps_min'], 0)}–{fmt(x['tps_max'], 0)}] | {fmt(mem, 0)} | "
+                f"{fmt(x['pad_fraction'], 2)} | "
+                f"{fmt(x['precompute_s'], 1) if mode == 'precomputed' else '—'} | "
                 f"{fmt(x['first_loss'], 7)} | {fmt(x['first_metrics'].get('logps/chosen'), 4)} |"
             )
         a, t = s["alignlab"], s["trl"]
@@ -963,7 +969,8 @@ def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[l
         }
     lines.append("")
     lines.append(
-        f"| {name}: alignlab / TRL | tokens/s (of medians) | tokens/s, per A/B pair [min–max] | peak memory | "
+        f"| {name}: alignlab / TRL | tokens/s (of medians) "
+        "| tokens/s, per A/B pair [min–max] | peak memory | "
         "step-0 loss |Δ| | step-0 logps/chosen |Δ| | step-0 logps/rejected |Δ| |"
     )
     lines.append("|---|---|---|---|---|---|---|")
@@ -971,7 +978,8 @@ def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[l
         p = r["tokens_per_s_paired"]
         lines.append(
             f"| {mode} reference | {fmt(r['tokens_per_s'], 2)}× | {fmt(_median(p), 2)}× "
-            f"[{fmt(min(p, default=None), 2)}–{fmt(max(p, default=None), 2)}] | {fmt(r['peak_memory'], 2)}× | "
+            f"[{fmt(min(p, default=None), 2)}–{fmt(max(p, default=None), 2)}] "
+            f"| {fmt(r['peak_memory'], 2)}× | "
             f"{_sci(r['loss0_diff'])} | {_sci(r['logps_chosen0_diff'])} | {_sci(r['logps_rejected0_diff'])} |"
         )
     if any(not math.isnan(x) for r in ratios.values() for x in r["model_tflops_per_s"].values()):
@@ -1014,7 +1022,8 @@ def relative_table(name: str, records: list[dict], key: str, base_label: str) ->
     base = summarise(groups.get(base_label, []))
     lines = [
         (
-            f"| {name} | step time, s (median [min–max]) | tokens/s | × {base_label} tokens/s | peak memory, MiB | "
+            f"| {name} | step time, s (median [min–max]) | tokens/s "
+            f"| × {base_label} tokens/s | peak memory, MiB | "
             f"× {base_label} memory | padding | step-0 loss |"
         ),
         "|---|---|---|---|---|---|---|---|",
@@ -1068,7 +1077,8 @@ def main() -> None:
         w = all_w[name]
         if w.gpu_only and not args.quick and not _has_gpu():
             sys.exit(
-                f"bench_trl: workload {name} measures GPU throughput (bf16, MFU) and needs a GPU; this machine has none"
+                f"bench_trl: workload {name} measures GPU throughput "
+                "(bf16, MFU) and needs a GPU; this machine has none"
             )
         if args.repeats:
             w.repeats = args.repeats
@@ -1141,8 +1151,10 @@ def write(results: dict, md: list[str], out: Path) -> str:
     m0, m1 = results["machine_start"], results["machine_end"]
     header = [
         (
-            f"Machine: {m0['nproc']} CPUs, {m0['cpu']}; GPU: {m0['gpu'] or 'none'}; load average (1, 5, 15 min) "
-            f"{' '.join(m0['loadavg'])} at the start ({m0['time_utc']}), {' '.join(m1['loadavg'])} at the end "
+            f"Machine: {m0['nproc']} CPUs, {m0['cpu']}; GPU: "
+            f"{m0['gpu'] or 'none'}; load average (1, 5, 15 min) "
+            f"{' '.join(m0['loadavg'])} at the start "
+            f"({m0['time_utc']}), {' '.join(m1['loadavg'])} at the end "
             f"({m1['time_utc']})."
         ),
         "",

@@ -264,7 +264,7 @@ def compare(run_dir: Path, reference: Path) -> str | None:
     return None
 
 
-# -- the trials -----------------------------------------------------------------------------------------------
+# -- the trials -------------------------------------------------------------------------------------------
 @dataclass
 class Trial:
     case: str
@@ -526,7 +526,10 @@ def case_concurrent(bench, rng, loss, out, t):
     outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
     codes = sorted((p.returncode, i) for i, p in enumerate((first, second)))
     if [code for code, _ in codes] != [0, 6]:
-        return f"exit codes {[p.returncode for p in (first, second)]}, expected one 0 and one 6: {outputs[1][-600:]}"
+        return (
+            f"exit codes {[p.returncode for p in (first, second)]}, expected one 0 and one 6: "
+            f"{outputs[1][-600:]}"
+        )
     winner = (first, second)[codes[0][1]]
     if f"pid {winner.pid}" not in outputs[codes[1][1]]:
         return f"the refused run did not name the live one (pid {winner.pid}): {outputs[codes[1][1]][-600:]}"

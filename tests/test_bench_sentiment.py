@@ -1,4 +1,5 @@
-"""scripts/bench_sentiment.py: how the scored samples are cut into data, and the --tiny benchmark end to end."""
+"""scripts/bench_sentiment.py: how the scored samples are cut into data, and the --tiny benchmark end to
+end."""
 
 from __future__ import annotations
 

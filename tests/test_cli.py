@@ -57,7 +57,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _declared_losses() -> dict[str, dict[str, str]]:
     """Every loss as its file declares it, read without importing anything: name (`@register`), its
-    declared `summary` and `paper`, and the module docstring's opening ("NAME — Authors Year, ..., arXiv:ID")."""
+    declared `summary` and `paper`, and the module docstring's opening ("NAME — Authors Year, ...,
+    arXiv:ID")."""
     losses = {}
     for path in sorted((REPO / "alignlab" / "losses").glob("*.py")):
         tree = ast.parse(path.read_text())

@@ -1,12 +1,13 @@
 """Every `alignlab` command in README.md and docs/*.md is checked, so a broken example fails the build.
 
-Commands are read from the markdown here (and from `alignlab --help`'s examples): every line of a fenced shell block (continuations joined,
-comments dropped) that runs `alignlab`, `.venv/bin/alignlab` or `-m/--module alignlab.cli`, and every
-inline code span that is a whole `alignlab train|eval|list` command without placeholders (`NAME`,
-`<...>`, `...`, `a|b`). Training would take minutes for most of them, so a `train` command is checked as
-composed, not trained: its overrides through the CLI's own check, every member of a sweep composed
-and validated against the typed schema, the loss's data needs and the stages planned. `eval` goes
-through the command up to loading the run, and its `--reward` is imported; `list` runs.
+Commands are read from the markdown here (and from `alignlab --help`'s examples): every line of a fenced
+shell block (continuations joined, comments dropped) that runs `alignlab`, `.venv/bin/alignlab` or
+`-m/--module alignlab.cli`, and every inline code span that is a whole `alignlab train|eval|list` command
+without placeholders (`NAME`, `<...>`, `...`, `a|b`). Training would take minutes for most of them, so a
+`train` command is checked as composed, not trained: its overrides through the CLI's own check, every
+member of a sweep composed and validated against the typed schema, the loss's data needs and the stages
+planned. `eval` goes through the command up to loading the run, and its `--reward` is imported; `list`
+runs.
 """
 
 from __future__ import annotations
@@ -134,8 +135,8 @@ def test_documented_command(where, args, capfd, tmp_path, monkeypatch):
                     "# @package _global_\ndefaults:\n  - override /loss: dpo\n"
                 )
         assert explain_overrides(args[1:]) is None, where
-        for overrides in sweep_members(overrides):
-            cfg = compose(overrides, config_dir, config_name)
+        for member in sweep_members(overrides):
+            cfg = compose(member, config_dir, config_name)
             typed = to_typed(cfg)
             needs = losses.build(typed.loss).needs
             check_data_needs(typed.data, needs.responses, needs.fields)

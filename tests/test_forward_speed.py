@@ -170,7 +170,8 @@ def test_padding_free_refuses_left_padding():
 
 
 def test_shared_prompt_layout_and_mask_by_hand():
-    # example 0: prompt [5, 6], chosen [7], rejected [8, 9]; example 1: prompt [4], chosen [3, 3], rejected [2]
+    # example 0: prompt [5, 6], chosen [7], rejected [8, 9];
+    # example 1: prompt [4], chosen [3, 3], rejected [2]
     ids = torch.tensor([[5, 6, 7, 0], [4, 3, 3, 0], [5, 6, 8, 9], [4, 2, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
     labels = torch.tensor(

@@ -121,7 +121,8 @@ def test_overwrite_replaces_the_earlier_run_only_when_taken_over(tmp_path):
         ),
         (
             PermissionError(errno.EACCES, "Permission denied", "/r/config.yaml"),
-            "cannot write /r/config.yaml: permission denied. Fix: make it writable, or pick another run directory",
+            "cannot write /r/config.yaml: permission denied. "
+            "Fix: make it writable, or pick another run directory",
         ),
         (OSError(errno.EROFS, "Read-only file system", "/r"), "the file system is read-only"),
         (

@@ -28,7 +28,10 @@ class SFT(Loss):
 
     needs = Needs(reference=False, responses=("chosen",))
     summary = "supervised fine-tuning: NLL of the chosen responses, the SFT stage before DPO"
-    paper = "supervised fine-tuning on the preferred responses, the π_SFT that DPO starts from: Rafailov et al. 2023, arXiv:2305.18290"
+    paper = (
+        "supervised fine-tuning on the preferred responses, the π_SFT that DPO starts from: "
+        "Rafailov et al. 2023, arXiv:2305.18290"
+    )
 
     def forward(self, batch: LossInputs) -> LossOutput:
         chosen = batch.policy["chosen"]

@@ -101,7 +101,8 @@ class SparsePOConfig:
 
 
 class MaskHead(nn.Module):
-    """The learned mask over all L layers' hidden states: LayerNorm → L × (Linear(H,1)+ReLU) → Linear(L,1)+ReLU."""
+    """The learned mask over all L layers' hidden states: LayerNorm → L × (Linear(H,1)+ReLU) →
+    Linear(L,1)+ReLU."""
 
     def __init__(self, hidden: int, layers: int) -> None:
         super().__init__()

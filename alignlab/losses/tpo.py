@@ -13,9 +13,9 @@ the length-averaged policy log-prob, ΔS = S(y_w) − S(y_l), ΔA = A(y_w) − A
 NLL is the policy's token-mean cross-entropy on the gold response. The official code takes one mean
 over all gold tokens of the batch (``nll_reduction=batch_token_mean``, default), so long gold
 answers weigh more (here over the optimizer step's whole batch, so that gradient accumulation and
-data parallelism do not change the objective: `LossInputs.step`); ``sequence_mean`` averages each gold answer's token mean instead. With α = 0
-the gold response is not needed at all (the official code still runs its forward pass; this one
-asks the data for pairs only).
+data parallelism do not change the objective: `LossInputs.step`); ``sequence_mean`` averages each
+gold answer's token mean instead. With α = 0 the gold response is not needed at all (the official
+code still runs its forward pass; this one asks the data for pairs only).
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ def test_udm_weights_are_the_converged_fit_on_hand_pooled_embeddings():
     x = torch.cat([torch.tensor(emb), torch.ones(len(rows), 1, dtype=torch.float64)], 1)
     y = torch.tensor([1.0 if label else -1.0 for _, label in rows], dtype=torch.float64)
     s = torch.tensor(
-        [len(rows) / (2 * sum(1 for _, l in rows if l == label)) for _, label in rows], dtype=torch.float64
+        [len(rows) / (2 * sum(1 for _, other in rows if other == label)) for _, label in rows],
+        dtype=torch.float64,
     )
     penalty = torch.ones(x.shape[1], dtype=torch.float64)
     penalty[-1] = 0.0

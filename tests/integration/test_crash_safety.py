@@ -63,7 +63,8 @@ def test_half_written_checkpoint_is_skipped_and_named_one_refused(tmp_path, comp
 
 
 def _poison_dpo(monkeypatch, call: int, poison) -> None:
-    """DPO's per-example losses of its `call`-th forward (1-based, training micro-batches) become `poison(losses)`."""
+    """DPO's per-example losses of its `call`-th forward (1-based, training micro-batches) become
+    `poison(losses)`."""
     forward = alignlab.losses.dpo.DPO.forward
     calls = {"n": 0}
 
@@ -190,7 +191,8 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, compose_run):
     out = tmp_path / "run"
     run(compose_run(*_common(tmp_path, 2)), output_dir=out)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".alignlab.lock"}
-    # a fresh start into a finished run's directory, or resuming it under another seed: refused, nothing touched
+    # a fresh start into a finished run's directory, or resuming it under another seed: refused, nothing
+    # touched
     with pytest.raises(
         UserError, match="holds a finished run. Fix: resume it with trainer.resume_from_checkpoint"
     ):

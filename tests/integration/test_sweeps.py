@@ -45,7 +45,7 @@ def test_a_failing_member_does_not_lose_the_others_and_the_table_reports_it(tmp_
     assert "alignlab: error: loss.beta must be > 0" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     sweep = tmp_path / "sweep"
-    for member, beta in ((0, 0.1), (2, 0.2)):
+    for member, _beta in ((0, 0.1), (2, 0.2)):
         directory = sweep / str(member)
         assert (directory / "summary.json").exists(), out.stderr[-2000:]
         assert json.loads((directory / "summary.json").read_text())["train_losses"]

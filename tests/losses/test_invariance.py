@@ -62,7 +62,7 @@ def test_extra_padding_changes_nothing(key, models):
         for pad in (1, 5):
             got_losses, got_grads = case.evaluate(case.batch(rows, pad=pad))
             torch.testing.assert_close(
-                got_losses, want_losses, **TOL, msg=lambda m: f"{r} longest, pad {pad}: {m}"
+                got_losses, want_losses, **TOL, msg=lambda m, r=r, pad=pad: f"{r} longest, pad {pad}: {m}"
             )
             _same_grads(got_grads, want_grads)
 
@@ -120,8 +120,11 @@ def test_every_forward_switch_gives_the_dense_losses_and_gradients(key, models, 
         got_losses, got_grads = case.evaluate(
             case.batch(precomputed=precomputed), plan, precomputed=mode == "precomputed"
         )
-        where = f"logit_chunk_size={chunk} skip_unused_logits={skip} padding_free={packed} prefix_sharing={shared} {mode}"
-        torch.testing.assert_close(got_losses, want_losses, **TOL, msg=lambda m: f"{where}: {m}")
+        where = (
+            f"logit_chunk_size={chunk} skip_unused_logits={skip} padding_free={packed} "
+            f"prefix_sharing={shared} {mode}"
+        )
+        torch.testing.assert_close(got_losses, want_losses, **TOL, msg=lambda m, where=where: f"{where}: {m}")
         _same_grads(got_grads, want_grads)
     # only precomputed references are ever refused, and only for losses that read more than log-probs
     assert set(refused) <= {"precomputed"}

@@ -79,7 +79,7 @@ def one_step(case: Case, per_device: int, accumulation: int, output_dir: str) ->
 def _compare(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key in want:
-        torch.testing.assert_close(got[key], want[key], **TOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("key", distinct_needs())

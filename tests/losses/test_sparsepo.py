@@ -140,8 +140,8 @@ def _mapo_mask_by_hand(reference, ids, attn, response):
 
 
 def _official_loss(cfg, heads, policy, reference, batch):
-    """SparsePO's loss per pair, transcribed from `sparse_trainer.py` / `mapo_trainer.py`, one response at a time
-    on the padded batch, with the model's own logits."""
+    """SparsePO's loss per pair, transcribed from `sparse_trainer.py` / `mapo_trainer.py`, one response at
+    a time on the padded batch, with the model's own logits."""
     u, d, l1 = {}, {}, {}
     for r in ("chosen", "rejected"):
         ids, attn, labels = batch[f"{r}_input_ids"], batch[f"{r}_attention_mask"], batch[f"{r}_labels"]
@@ -169,8 +169,9 @@ def _official_loss(cfg, heads, policy, reference, batch):
 @pytest.mark.parametrize("switch", SWITCHES)
 @pytest.mark.parametrize("mask, independent", [("learned", False), ("learned", True), ("activation", False)])
 def test_loss_and_gradients_equal_the_official_code(mask, independent, switch):
-    """Common learned masks halve λ (#12.1), masks read the predicting position (#12.2) of `hidden_states[1:]`,
-    the last after the final norm (#12.3), and every forward switch gives the same (#12.4)."""
+    """Common learned masks halve λ (#12.1), masks read the predicting position (#12.2) of
+    `hidden_states[1:]`, the last after the final norm (#12.3), and every forward switch gives the same
+    (#12.4)."""
     policy, reference = tiny_fp64(0), tiny_fp64(1)
     reference.eval().requires_grad_(False)
     lam = dict(lambda_u=0.1, lambda_d=0.3) if mask == "learned" else {}

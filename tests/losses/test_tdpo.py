@@ -57,7 +57,8 @@ def test_loss(variant, x):
 
 @pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
 def test_stop_gradient_on_the_chosen_kl(variant):
-    """dL/dz_w = −β σ(−βx)·(dΔ_w/dz + [TDPO₁ only] dKL_w/dz), dΔ_w/dz = e₀ − p = (½, −½), dKL/dz = p − q = (−¼, ¼)."""
+    """dL/dz_w = −β σ(−βx)·(dΔ_w/dz + [TDPO₁ only] dKL_w/dz), dΔ_w/dz = e₀ − p = (½, −½),
+    dKL/dz = p − q = (−¼, ¼)."""
     batch = pair(grad=True)
     build(TDPOConfig(beta=0.5, variant=variant))(batch).losses.sum().backward()
     x = U - (KL_L - KL_W) if variant == "tdpo1" else U - 0.5 * (KL_L - KL_W)

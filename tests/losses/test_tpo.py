@@ -29,7 +29,8 @@ def test_sigmoid_with_gold_nll():
 
 
 def test_tpo_l_at_alpha_zero_is_simpo():
-    # SimPO (Meng et al. 2024): −log σ(β·ΔA − γ); β = 2, γ = 0.5: −log σ(−1 − 0.5) = softplus(1.5) = 1.70141328
+    # SimPO (Meng et al. 2024): −log σ(β·ΔA − γ); β = 2, γ = 0.5:
+    # −log σ(−1 − 0.5) = softplus(1.5) = 1.70141328
     out = build(TPOConfig(beta=2.0, alpha=0.0, loss_type="tpo_l", gamma=0.5))(triple([[-9.0]]))
     assert out.losses.item() == pytest.approx(softplus(1.5), rel=1e-12)
     assert out.losses.item() == pytest.approx(1.70141328, abs=1e-8)
