@@ -181,7 +181,15 @@ def test_the_cli_prints_one_line_and_exits_with_the_documented_code(tmp_path, mo
 
         monkeypatch.setattr(alignlab.train, "run", fail)
         with pytest.raises(SystemExit) as stopped:
-            cli.main(["train", "+recipe=dpo", f"hydra.run.dir={tmp_path / 'run'}"])
+            # the random tiny model: no SFT stage to run first (it would meet the failing `run` too)
+            cli.main(
+                [
+                    "train",
+                    "+recipe=dpo",
+                    "model.name_or_path=builtin:tiny",
+                    f"hydra.run.dir={tmp_path / 'run'}",
+                ]
+            )
         assert stopped.value.code == code and code in EXIT_CODES
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignlab:")]
         assert lines == [f"alignlab: {'error: ' if code == 2 else ''}{error}"]

@@ -105,8 +105,8 @@ def model_from_pretrained_calls(root: Path) -> list[tuple[str, bool]]:
 def test_every_model_from_pretrained_passes_use_safetensors():
     calls = model_from_pretrained_calls(REPO / "alignlab")
     where = [call for call, _ in calls]
-    # the walk finds the loaders we know of (policy/reference, the sentiment sampler, MODPO's reward model)
-    for expected in ("models.py", "sentiment.py", "modpo.py"):
+    # the walk finds the loaders we know of (policy/reference, the sentiment sampler, the reward-model scorer)
+    for expected in ("models.py", "sentiment.py", "scorers.py"):
         assert any(expected in call for call in where), (expected, where)
     assert not [call for call, safe in calls if not safe], "model weights must load with use_safetensors=True"
 
