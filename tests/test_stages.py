@@ -5,6 +5,7 @@ Planning tests compose configs only; the tests marked slow train the embedded ti
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from alignlab.errors import ConfigError
+from alignlab.losses.dpo import DPOConfig
 from alignlab.stages import StageError, plan, used_stages
 from alignlab.train import run, run_stages, to_typed
 
@@ -66,13 +68,9 @@ def test_group_override_replaces_the_whole_group(compose_run, tmp_path):
     # the modpo recipe sets loss.weights and loss.margins; its margin stage selects loss=dpo
     cfg = compose_run("+recipe=modpo", "loss.beta=0.3", f"stages_dir={tmp_path}")
     (margin,) = plan(cfg)
-    dpo_defaults = {
-        "name": "dpo",
-        "beta": 0.1,
-        "loss_type": "sigmoid",
-        "label_smoothing": 0.0,
-        "ipo_length_normalize": False,
-    }
+    # exactly DPO's own defaults: nothing of the recipe's loss group (weights, margins, beta) leaks in
+    dpo_defaults = dataclasses.asdict(DPOConfig())
+    assert "weights" not in dpo_defaults and dpo_defaults["beta"] == 0.1
     assert OmegaConf.to_container(margin.config.loss) == dpo_defaults
     assert margin.config.data.path == "builtin:sentiment-understated"
     assert to_typed(margin.config).loss.name == "dpo"
