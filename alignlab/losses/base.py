@@ -46,6 +46,11 @@ class Needs:
             masks), supplied by the forward pass in `SequenceLogps.activations` of the reference.
         scores: per-response scores of other frozen models (`Score`: MODPO's margin rewards),
             computed once before training and served as per-example fields.
+        mismatched: (new response, source response) pairs: each example gets, as response `new`
+            (which must be listed in `responses`), the `source` completion of *another* example,
+            after the example's own prompt (KTO's mismatched pairs (x_i, y_j), j ≠ i, for its KL
+            estimate). Built by the data pipeline from the tokenized rows (`alignlab.data.mismatched`),
+            collated and run like any response.
     """
 
     reference: bool = True
@@ -57,6 +62,7 @@ class Needs:
     teachers: tuple[tuple[str, str], ...] = ()
     activations: Activations | None = None
     scores: tuple[Score, ...] = ()
+    mismatched: tuple[tuple[str, str], ...] = ()
 
     @property
     def score_fields(self) -> tuple[str, ...]:
