@@ -354,6 +354,28 @@ def preference_metrics(
     return metrics
 
 
+def unpaired_metrics(
+    completion: SequenceLogps, rewards: torch.Tensor, desirable: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The metrics of unpaired feedback (BCO, KTO; as TRL): `rewards/chosen|rejected` and
+    `logps/chosen|rejected`, means over the desirable / undesirable examples of the batch (a kind
+    absent from the batch is left out), and `rewards/margins` when both are there.
+
+    Args:
+        completion: the policy's `SequenceLogps` of the completions.
+        rewards: `(B,)` implicit rewards.
+        desirable: `(B,)` bool labels.
+    """
+    metrics = {}
+    for name, sel in (("chosen", desirable), ("rejected", ~desirable)):
+        if sel.any():  # a batch may hold only one kind
+            metrics[f"rewards/{name}"] = rewards.detach()[sel].mean()
+            metrics[f"logps/{name}"] = completion.logps.detach()[sel].mean()
+    if desirable.any() and (~desirable).any():
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return metrics
+
+
 @dataclass(frozen=True)
 class Entry:
     """A registered loss: its name (`loss=<name>`), config dataclass and `Loss` class."""
