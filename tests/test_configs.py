@@ -106,6 +106,7 @@ EMBEDDED_RECIPES = [
     "combo",
     "cpo",
     "dpo",
+    "kto",
     "modpo",
     "npo",
     "orpo",
