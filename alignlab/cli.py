@@ -272,7 +272,8 @@ def _need_items(needs, cfg) -> list[str]:
         items.append("full logits" + (" (prompt too)" if needs.logits_on_prompt else ""))
     if needs.activations is not None:
         items.append("reference " + ("hidden states" if needs.activations.hidden_states else "activations"))
-    responses = [r for r in needs.responses if r != "retain"]
+    built = {new: source for new, source in needs.mismatched}
+    responses = [r for r in needs.responses if r != "retain" and r not in built]
     items.append(
         "pairs chosen/rejected"
         if tuple(responses) == ("chosen", "rejected")
@@ -280,6 +281,8 @@ def _need_items(needs, cfg) -> list[str]:
     )
     if "retain" in needs.responses:
         items.append("retain set (data.retain)")
+    for new, source in built.items():  # built by the pipeline: nothing to supply
+        items.append(f"{new}: another row's {source} after each prompt (built from the data)")
     if needs.fields:
         items.append(f"data column{'s' * (len(needs.fields) > 1)} {'/'.join(needs.fields)}")
     if needs.teachers:

@@ -176,7 +176,14 @@ def evaluate(
         )
 
     needs = build(cfg.loss).needs  # the held-out prompts of the run's own data, whatever its kind
-    data = build_datasets(cfg.data, tokenizer, responses=needs.responses, seed=cfg.seed, fields=needs.fields)
+    data = build_datasets(
+        cfg.data,
+        tokenizer,
+        responses=needs.responses,
+        seed=cfg.seed,
+        fields=needs.fields,
+        mismatched=needs.mismatched,
+    )
     prompts = _prompts(data, tokenizer, num_prompts) if data is not None and data.eval is not None else []
     result: dict = {
         "run": str(run_dir),

@@ -12,9 +12,9 @@ and batching for the trainer (`collate`).
 Usage::
 
     needs = loss.needs
-    check_data_needs(cfg.data, needs.responses, needs.fields)  # cheap: before any model loads
+    check_data_needs(cfg.data, needs.responses, needs.fields, needs.mismatched)  # cheap: no model loads
     prepared = build_datasets(cfg.data, tokenizer, responses=needs.responses, seed=cfg.seed,
-                              fields=needs.fields)
+                              fields=needs.fields, mismatched=needs.mismatched)
     collator = PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses, fields=needs.fields)
 
 Data shapes served (`alignlab.losses.base.Needs`):
@@ -25,7 +25,9 @@ Data shapes served (`alignlab.losses.base.Needs`):
   unpaired into ``(prompt, chosen, True)`` and ``(prompt, rejected, False)`` (reported in
   `DataReport.unpaired_from_pairs`);
 * forget/retain, ``("completion", "retain")``: each row of `data.path` is paired with a row of
-  `data.retain` (shuffled with the seed, cycled), which keeps its own prompt (``retain_prompt_ids``).
+  `data.retain` (shuffled with the seed, cycled), which keeps its own prompt (``retain_prompt_ids``);
+* mismatched responses (`Needs.mismatched`): each row also gets another
+  row's completion, of another prompt, after its own prompt (`mismatched`).
 
 Every data problem raises `DataError`, a `ValueError` with a one-line message naming the file,
 row or field and the fix. With ``data.on_bad_row=skip`` bad rows are dropped and counted in

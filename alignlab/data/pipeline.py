@@ -3,6 +3,7 @@
     check needs -> 1. read (`read`) -> 2. normalise (`normalise`) -> 3. settle bad rows (`rows`)
     -> 4. hold out eval (`split`) [-> swap or unpair pairs (`normalise`)]
     -> 5. tokenise (`tokenize`), 6. cache (`cache`), settling the rows it flags (`rows`)
+    [-> mismatched responses: other rows' completions after each row's prompt (`mismatched`)]
     [-> pair with retain rows, read through the same stages] -> PreparedData(train, eval, report)
 
 `build_datasets` is that line; each stage is its own module, and only this one calls them in turn.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+from alignlab.data.mismatched import with_mismatched
 from alignlab.data.normalise import LABEL, PAIR, UNPAIRED, check_columns, normalise, reshape_pairs
 from alignlab.data.read import read
 from alignlab.data.retain import RETAIN, with_retain
@@ -38,7 +40,8 @@ class PreparedData:
 
     Attributes:
         train: columns ``prompt_ids``, ``<r>_ids`` for each response name, ``retain_prompt_ids``
-            with ``retain_ids`` for the retain response (its own prompt), and one scalar column per
+            with ``retain_ids`` for the retain response (its own prompt), ``<new>_ids`` for each
+            mismatched response (another row's completion after this row's prompt), and one scalar column per
             field (``label``: bool; other fields bool, int64 or float64).
         eval: the same columns, or None when there is no eval split.
         report: counts of what was read, kept, skipped and truncated.
@@ -49,7 +52,12 @@ class PreparedData:
     report: DataReport
 
 
-def check_data_needs(cfg: DataConfig, responses: Sequence[str], fields: Sequence[str] = ()) -> None:
+def check_data_needs(
+    cfg: DataConfig,
+    responses: Sequence[str],
+    fields: Sequence[str] = (),
+    mismatched: Sequence[tuple[str, str]] = (),
+) -> None:
     """Check that the data config can serve a loss's needs, without reading any file.
 
     Cheap enough to run before any model loads; `build_datasets` runs it too.
@@ -58,22 +66,30 @@ def check_data_needs(cfg: DataConfig, responses: Sequence[str], fields: Sequence
         cfg: the data config.
         responses: `Needs.responses`.
         fields: `Needs.fields`.
+        mismatched: `Needs.mismatched`.
 
     Raises:
-        DataError: bad response or field names; a retain response without `data.retain`, or
+        DataError: bad response or field names, or mismatched pairs that are not (a response, a
+            response read from the data); a retain response without `data.retain`, or
             `data.retain` for a loss without a retain response; `data.swap_pairs` for a loss whose
             responses are not pairs; a combination the pipeline does not serve; `data.columns` /
             `data.format` that cannot work for these responses.
     """
-    _check_needs(cfg, responses, fields)
+    _check_needs(cfg, responses, fields, mismatched)
 
 
 def _check_needs(
-    cfg: DataConfig, responses: Sequence[str], fields: Sequence[str]
+    cfg: DataConfig,
+    responses: Sequence[str],
+    fields: Sequence[str],
+    mismatched: Sequence[tuple[str, str]] = (),
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """`check_data_needs`, returning the responses and fields as tuples."""
+    """`check_data_needs`, returning the responses read from the data (the mismatched ones left out)
+    and the fields as tuples."""
     responses = _check_responses(responses)
     fields = _check_fields(fields, responses)
+    built = _check_mismatched(mismatched, responses)
+    responses = tuple(name for name in responses if name not in built)
     main = tuple(name for name in responses if name != RETAIN)
     if RETAIN in responses:
         if main != UNPAIRED:
@@ -113,6 +129,7 @@ def build_datasets(
     responses: Sequence[str] = ("chosen", "rejected"),
     seed: int = 42,
     fields: Sequence[str] = (),
+    mismatched: Sequence[tuple[str, str]] = (),
 ) -> PreparedData:
     """Read, normalise, settle, hold out and tokenise (cached) the preference data described by `cfg`.
 
@@ -124,6 +141,8 @@ def build_datasets(
         seed: shuffles the held-out eval rows when there is no `cfg.eval_path`, and the retain
             rows.
         fields: the scalar columns the loss needs (`Needs.fields`), e.g. ("label",).
+        mismatched: (new, source) responses built from other rows' completions (`Needs.mismatched`);
+            the pairing is `alignlab.data.mismatched.partners`, seeded with `seed`.
 
     Returns:
         Train and eval datasets with a report.
@@ -132,7 +151,7 @@ def build_datasets(
         DataError: any problem with the data or its config; with ``on_bad_row=error``, the first
             bad row.
     """
-    responses, fields = _check_needs(cfg, responses, fields)
+    responses, fields = _check_needs(cfg, responses, fields, mismatched)
     main = tuple(name for name in responses if name != RETAIN)
     eos = eos_id(tokenizer)
     report = DataReport(
@@ -148,6 +167,7 @@ def build_datasets(
     rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
     settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts())
     data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)  # 5. tokenise, 6. cache
+    data = with_mismatched(data, mismatched, cfg.max_length, seed)
     if RETAIN in responses:
         data = with_retain(data, cfg, tokenizer, settings, eos, seed, report)
     return _counted(data, fields, report)
@@ -171,6 +191,23 @@ def _check_responses(responses: Sequence[str]) -> tuple[str, ...]:
     if not responses or len(set(responses)) != len(responses) or "prompt" in responses or "" in responses:
         raise DataError(f"responses must be distinct non-empty names other than 'prompt', got {responses}")
     return responses
+
+
+def _check_mismatched(mismatched: Sequence[tuple[str, str]], responses: tuple[str, ...]) -> tuple[str, ...]:
+    """Each (new, source) pair names a response of `responses` built from a response read from the
+    data (not itself built, not the retain response); returns the built names."""
+    pairs = [tuple(pair) for pair in mismatched]
+    built = tuple(new for new, *_ in pairs)
+    for pair in pairs:
+        ok = len(pair) == 2 and pair[0] in responses and pair[0] != RETAIN
+        if not ok or pair[1] not in responses or pair[1] in built or pair[1] == RETAIN:
+            raise DataError(
+                f"mismatched responses must be (new, source) pairs of the responses {responses}, the "
+                f"source read from the data (not {RETAIN!r}, not another new one), got {tuple(pairs)}"
+            )
+    if len(set(built)) != len(built):
+        raise DataError(f"mismatched responses must be distinct, got {tuple(pairs)}")
+    return built
 
 
 def _check_fields(fields: Sequence[str], responses: tuple[str, ...]) -> tuple[str, ...]:

@@ -46,6 +46,11 @@ class Needs:
             masks), supplied by the forward pass in `SequenceLogps.activations` of the reference.
         scores: per-response scores of other frozen models (`Score`: MODPO's margin rewards),
             computed once before training and served as per-example fields.
+        mismatched: (new response, source response) pairs: each example gets, as response `new`
+            (which must be listed in `responses`), the `source` completion of *another* example,
+            after the example's own prompt (KTO's mismatched pairs (x_i, y_j), j ≠ i, for its KL
+            estimate). Built by the data pipeline from the tokenized rows (`alignlab.data.mismatched`),
+            collated and run like any response.
     """
 
     reference: bool = True
@@ -57,6 +62,7 @@ class Needs:
     teachers: tuple[tuple[str, str], ...] = ()
     activations: Activations | None = None
     scores: tuple[Score, ...] = ()
+    mismatched: tuple[tuple[str, str], ...] = ()
 
     @property
     def score_fields(self) -> tuple[str, ...]:
@@ -345,6 +351,28 @@ def preference_metrics(
     if chosen.mean_logit is not None and rejected.mean_logit is not None:
         metrics["logits/chosen"] = chosen.mean_logit.mean()
         metrics["logits/rejected"] = rejected.mean_logit.mean()
+    return metrics
+
+
+def unpaired_metrics(
+    completion: SequenceLogps, rewards: torch.Tensor, desirable: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The metrics of unpaired feedback (BCO, KTO; as TRL): `rewards/chosen|rejected` and
+    `logps/chosen|rejected`, means over the desirable / undesirable examples of the batch (a kind
+    absent from the batch is left out), and `rewards/margins` when both are there.
+
+    Args:
+        completion: the policy's `SequenceLogps` of the completions.
+        rewards: `(B,)` implicit rewards.
+        desirable: `(B,)` bool labels.
+    """
+    metrics = {}
+    for name, sel in (("chosen", desirable), ("rejected", ~desirable)):
+        if sel.any():  # a batch may hold only one kind
+            metrics[f"rewards/{name}"] = rewards.detach()[sel].mean()
+            metrics[f"logps/{name}"] = completion.logps.detach()[sel].mean()
+    if desirable.any() and (~desirable).any():
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return metrics
 
 

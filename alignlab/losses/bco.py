@@ -43,6 +43,7 @@ from alignlab.losses.base import (
     PrepareContext,
     preference_metrics,
     register,
+    unpaired_metrics,
 )
 
 UDM_WEIGHT = "udm_weight"
@@ -155,13 +156,7 @@ class BCO(Loss):
         delta = self.running_mean.to(rewards.dtype)
         weight = batch.fields[UDM_WEIGHT].to(rewards.dtype) if self.cfg.udm else torch.ones_like(rewards)
         losses = torch.where(desirable, F.softplus(-(rewards - delta)), weight * F.softplus(rewards - delta))
-        metrics = {"delta": delta.detach().clone()}
-        for name, sel in (("chosen", desirable), ("rejected", ~desirable)):
-            if sel.any():  # a batch may hold only one kind
-                metrics[f"rewards/{name}"] = rewards.detach()[sel].mean()
-                metrics[f"logps/{name}"] = completion.logps.detach()[sel].mean()
-        if desirable.any() and (~desirable).any():
-            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        metrics = {"delta": delta.detach().clone(), **unpaired_metrics(completion, rewards, desirable)}
         return LossOutput(losses, metrics)
 
     # -- UDM ----------------------------------------------------------------------------------------

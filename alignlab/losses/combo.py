@@ -93,6 +93,7 @@ def merge_needs(needs: list[Needs]) -> Needs:
         teachers=union("teachers"),
         activations=activations[0] if activations else None,
         scores=union("scores"),
+        mismatched=union("mismatched"),
     )
 
 

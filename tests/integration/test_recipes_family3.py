@@ -52,3 +52,15 @@ def test_combo_recipe_learns_and_logs_each_term(tmp_path, compose_run):
     result = _train(compose_run, tmp_path, "combo", "trainer.max_steps=40")
     assert result.eval_metrics["eval_dpo/rewards/accuracies"] > 0.8
     assert {"eval_dpo/loss", "eval_bco/loss", "eval_sft/loss", "eval_bco/delta"} <= set(result.eval_metrics)
+
+
+def test_kto_recipe_learns_from_unpaired_labels(tmp_path, compose_run):
+    result = _train(compose_run, tmp_path, "kto", "trainer.max_steps=60")
+    losses = [
+        r["loss"]
+        for r in map(json.loads, result.metrics_file.read_text().splitlines())
+        if "loss" in r and "eval_loss" not in r and "train_runtime" not in r
+    ]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert result.eval_metrics["eval_rewards/margins"] > 0  # desirable above undesirable
+    assert result.eval_metrics["eval_kl"] >= 0  # z_ref, clamped

@@ -70,3 +70,10 @@ def test_a_zero_weight_drops_the_term():
 def test_different_data_shapes_are_refused():
     with pytest.raises(ValueError, match="different data shapes"):
         build(ComboConfig(terms={"dpo": 1.0, "bco": 1.0}, term_options={}))  # bco unpaired
+
+
+def test_mismatched_responses_are_merged_whatever_the_term_order():
+    for terms in ({"bco": 0.5, "kto": 0.5}, {"kto": 0.5, "bco": 0.5}):
+        needs = build(ComboConfig(terms=terms, term_options={})).needs
+        assert needs.responses == ("completion", "kl_completion"), terms
+        assert needs.mismatched == (("kl_completion", "completion"),), terms
