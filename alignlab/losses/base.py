@@ -327,6 +327,27 @@ def batch_token_mean_nll(batch: LossInputs, name: str) -> torch.Tensor:
     return batch.token_mean_share(-batch.policy[name].logps, name)
 
 
+#: how a loss's NLL term averages over tokens (`nll_shares`): one token mean over the optimizer step's
+#: batch (the official codes' `outputs.loss`), or each response's own token mean.
+NLL_REDUCTIONS = ("batch_token_mean", "sequence_mean")
+
+
+def nll_shares(batch: LossInputs, name: str, reduction: str) -> torch.Tensor:
+    """Per-example shares `(B,)` of the NLL of response `name` (TPO's gold, CPO's and ORPO's chosen),
+    reduced as `reduction` (one of `NLL_REDUCTIONS`)."""
+    if reduction == "batch_token_mean":
+        return batch_token_mean_nll(batch, name)
+    return -batch.policy[name].mean_logps
+
+
+def shaped_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward shape r_α(s) = (1 − e^{−α·s})/α of a log-prob s (Gupta et al. 2025, §3); s
+    itself at α = 0 (SimPO, CPO)."""
+    if alpha == 0:
+        return logps
+    return -torch.expm1(-alpha * logps) / alpha
+
+
 def preference_metrics(
     batch: LossInputs, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 ) -> dict[str, torch.Tensor]:

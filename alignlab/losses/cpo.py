@@ -26,17 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.losses.base import (
+    NLL_REDUCTIONS,
     Loss,
     LossInputs,
     LossOutput,
     Needs,
-    batch_token_mean_nll,
+    nll_shares,
     preference_metrics,
     register,
+    shaped_reward,
 )
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
-NLL_REDUCTIONS = ("batch_token_mean", "sequence_mean")
 
 
 @dataclass
@@ -72,19 +73,6 @@ class CPOConfig:
             raise ValueError(f"loss.nll_weight must be >= 0, got {self.nll_weight}")
 
 
-def shaped_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
-    """AlphaPO's reward shape (1 − e^{−α·s})/α of a log-prob s; s itself at α = 0 (as `simpo.shaped_reward`:
-    a loss imports only the contract)."""
-    return logps if alpha == 0 else -torch.expm1(-alpha * logps) / alpha
-
-
-def chosen_nll(batch: LossInputs, reduction: str) -> torch.Tensor:
-    """Per-example shares `(B,)` of the chosen NLL: one token mean over the step, or per sequence."""
-    if reduction == "batch_token_mean":
-        return batch_token_mean_nll(batch, "chosen")
-    return -batch.policy["chosen"].mean_logps
-
-
 @register("cpo", CPOConfig)
 class CPO(Loss):
     """Contrastive preference optimisation, reference-free, with the chosen NLL (module docstring)."""
@@ -111,6 +99,6 @@ class CPO(Loss):
         metrics = preference_metrics(batch, cfg.beta * chosen_score, cfg.beta * rejected_score)
         if cfg.nll_weight == 0:
             return LossOutput(pref, metrics)
-        nll = chosen_nll(batch, cfg.nll_reduction)
+        nll = nll_shares(batch, "chosen", cfg.nll_reduction)
         metrics["nll_loss"] = nll.detach().mean()
         return LossOutput(pref + cfg.nll_weight * nll, metrics)

@@ -25,16 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.losses.base import (
+    NLL_REDUCTIONS,
     Loss,
     LossInputs,
     LossOutput,
     Needs,
-    batch_token_mean_nll,
+    nll_shares,
     preference_metrics,
     register,
 )
-
-NLL_REDUCTIONS = ("batch_token_mean", "sequence_mean")
 
 
 @dataclass
@@ -75,10 +74,7 @@ class ORPO(Loss):
         chosen, rejected = batch.policy["chosen"].mean_logps, batch.policy["rejected"].mean_logps
         log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
         ratio = F.logsigmoid(log_odds)
-        if cfg.nll_reduction == "batch_token_mean":
-            nll = batch_token_mean_nll(batch, "chosen")
-        else:
-            nll = -batch.policy["chosen"].mean_logps
+        nll = nll_shares(batch, "chosen", cfg.nll_reduction)
         metrics = preference_metrics(batch, cfg.lam * chosen, cfg.lam * rejected)
         metrics["log_odds_ratio"] = ratio.detach().mean()
         metrics["log_odds_chosen"] = log_odds.detach().mean()

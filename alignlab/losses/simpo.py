@@ -33,16 +33,10 @@ from alignlab.losses.base import (
     batch_token_mean_nll,
     preference_metrics,
     register,
+    shaped_reward,
 )
 
 LOSS_TYPES = ("sigmoid", "hinge")
-
-
-def shaped_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
-    """AlphaPO's reward shape r_α(s) = (1 − e^{−α·s})/α of a log-prob s; s itself at α = 0."""
-    if alpha == 0:
-        return logps
-    return -torch.expm1(-alpha * logps) / alpha
 
 
 @dataclass

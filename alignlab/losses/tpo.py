@@ -26,17 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.losses.base import (
+    NLL_REDUCTIONS,
     Loss,
     LossInputs,
     LossOutput,
     Needs,
-    batch_token_mean_nll,
+    nll_shares,
     preference_metrics,
     register,
 )
 
 LOSS_TYPES = ("sigmoid", "tpo_l", "hinge", "ipo")
-NLL_REDUCTIONS = ("batch_token_mean", "sequence_mean")
 
 
 @dataclass
@@ -104,11 +104,6 @@ class TPO(Loss):
         metrics = preference_metrics(batch, cfg.beta * chosen_score, cfg.beta * rejected_score)
         if cfg.alpha == 0:
             return LossOutput(pref, metrics)
-        gold = batch.policy["gold"]
-        nll = (
-            batch_token_mean_nll(batch, "gold")
-            if cfg.nll_reduction == "batch_token_mean"
-            else -gold.mean_logps
-        )
+        nll = nll_shares(batch, "gold", cfg.nll_reduction)
         metrics["nll_loss"] = nll.detach().mean()
         return LossOutput(pref + cfg.alpha * nll, metrics)
