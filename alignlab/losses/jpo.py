@@ -1,6 +1,6 @@
-"""JPO — Bansal, Suvarna, Bhatt, Peng, Chang & Grover 2024, "Comparing Bad Apples to Good Oranges:
-Aligning Large Language Models via Joint Preference Optimization", arXiv:2404.00530 (named DOVE in its
-first version); official code Hritikbansal/dove (`dove/custom_dove_trainer.py`, a TRL DPOTrainer).
+"""JPO — Bansal et al. 2024 (Bansal, Suvarna, Bhatt, Peng, Chang & Grover), "Comparing Bad Apples to Good
+Oranges: Aligning Large Language Models via Joint Preference Optimization", arXiv:2404.00530 (named DOVE
+in its first version); official code Hritikbansal/dove (`dove/custom_dove_trainer.py`, a TRL DPOTrainer).
 
 Preferences between (instruction, response) pairs whose instructions may differ: (I_w, A_w) ≻ (I_l, A_l).
 With the Bradley–Terry model over *joint* pairs and the KL-regularised objective over them, the
