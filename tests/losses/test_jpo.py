@@ -82,3 +82,10 @@ def test_each_response_is_scored_after_its_own_prompt(switch):
             for r in PAIR
         ]
         assert losses[i].item() == pytest.approx(softplus(-0.5 * (rho[0] - rho[1])), rel=1e-9)
+
+
+def test_a_combination_with_jpo_serves_every_term_the_own_prompts():
+    from alignlab.losses.combo import ComboConfig
+
+    needs = build(ComboConfig(terms={"sft": 1.0, "jpo": 1.0}, term_options={})).needs
+    assert needs.own_prompts == PAIR and needs.responses == PAIR
