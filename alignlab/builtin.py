@@ -177,6 +177,44 @@ def _review_pairs(
     return rows
 
 
+def joint_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> list[dict[str, str]]:
+    """`n` explicit joint preference rows ``{chosen_prompt, chosen, rejected_prompt, rejected}`` (JPO,
+    `Needs.own_prompts`), built from `sentiment_pairs(n, seed, heldout)` in order, half of each kind:
+
+    * even rows, conditional pairs: the row's own pair, under its prompt in both prompt columns;
+    * odd rows, joint pairs: (prompt, chosen) of the row against (prompt, rejected) of the previous
+      row (another instruction), ordered by the task's reward (`sentiment_reward`), as an annotator
+      judges two instruction-response pairs; a tie, or the same prompt twice, keeps the row's own pair.
+
+    Deterministic in `seed` (the pairs are seeded; the pairing is by position), and the paper's
+    proposed mix of conditional and joint rankings (Bansal et al. 2024).
+    """
+    pairs = sentiment_pairs(n, seed=seed, heldout=heldout)
+    rows = []
+    for i, row in enumerate(pairs):
+        own = {"chosen_prompt": row["prompt"], "chosen": row["chosen"]}
+        own.update({"rejected_prompt": row["prompt"], "rejected": row["rejected"]})
+        other = pairs[i - 1]
+        if i % 2 == 0 or other["prompt"] == row["prompt"]:
+            rows.append(own)
+            continue
+        mine, theirs = (row["prompt"], row["chosen"]), (other["prompt"], other["rejected"])
+        mine_score, theirs_score = sentiment_reward([], [mine[1], theirs[1]])
+        if mine_score == theirs_score:
+            rows.append(own)
+            continue
+        chosen, rejected = (mine, theirs) if mine_score > theirs_score else (theirs, mine)
+        rows.append(
+            {
+                "chosen_prompt": chosen[0],
+                "chosen": chosen[1],
+                "rejected_prompt": rejected[0],
+                "rejected": rejected[1],
+            }
+        )
+    return rows
+
+
 #: the subject whose reviews `builtin:sentiment-forget` holds (and `builtin:sentiment-retain` lacks).
 FORGET_SUBJECT = "film"
 
@@ -220,6 +258,9 @@ DATASETS = {
         sentiment_pairs, 2400, heldout_eval=True, reward="alignlab.builtin:sentiment_reward"
     ),
     "sentiment-understated": BuiltinDataset(understated_pairs, 2400, heldout_eval=True),
+    "sentiment-joint": BuiltinDataset(
+        joint_pairs, 2400, heldout_eval=True, reward="alignlab.builtin:sentiment_reward"
+    ),
     "sentiment-forget": BuiltinDataset(partial(sentiment_completions, "forget"), 600, heldout_eval=False),
     "sentiment-retain": BuiltinDataset(partial(sentiment_completions, "retain"), 600, heldout_eval=False),
 }

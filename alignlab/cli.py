@@ -279,6 +279,8 @@ def _need_items(needs, cfg) -> list[str]:
         if tuple(responses) == ("chosen", "rejected")
         else f"response{'s' * (len(responses) > 1)} {'/'.join(responses)}"
     )
+    if needs.own_prompts:
+        items.append(f"a prompt per response ({'/'.join(f'{r}_prompt' for r in needs.own_prompts)})")
     if "retain" in needs.responses:
         items.append("retain set (data.retain)")
     for new, source in built.items():  # built by the pipeline: nothing to supply

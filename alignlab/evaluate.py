@@ -183,6 +183,7 @@ def evaluate(
         seed=cfg.seed,
         fields=needs.fields,
         mismatched=needs.mismatched,
+        own_prompts=needs.own_prompts,
     )
     prompts = _prompts(data, tokenizer, num_prompts) if data is not None and data.eval is not None else []
     result: dict = {

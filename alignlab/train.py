@@ -74,7 +74,7 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
                 f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
                 f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it"
             )
-    check_data_needs(cfg.data, needs.responses, needs.fields, needs.mismatched)
+    check_data_needs(cfg.data, needs.responses, needs.fields, needs.mismatched, needs.own_prompts)
     models.check_model_folder(cfg.model.name_or_path)
     if cfg.model.reference:
         models.check_model_folder(cfg.model.reference, "model.reference")
@@ -450,6 +450,7 @@ def _train(
             seed=typed.seed,
             fields=needs.fields,
             mismatched=needs.mismatched,
+            own_prompts=needs.own_prompts,
         )
     if main:
         print(data.report.summary())

@@ -12,9 +12,11 @@ and batching for the trainer (`collate`).
 Usage::
 
     needs = loss.needs
-    check_data_needs(cfg.data, needs.responses, needs.fields, needs.mismatched)  # cheap: no model loads
+    check_data_needs(cfg.data, needs.responses, needs.fields, needs.mismatched,
+                     needs.own_prompts)  # cheap: no model loads
     prepared = build_datasets(cfg.data, tokenizer, responses=needs.responses, seed=cfg.seed,
-                              fields=needs.fields, mismatched=needs.mismatched)
+                              fields=needs.fields, mismatched=needs.mismatched,
+                              own_prompts=needs.own_prompts)
     collator = PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses, fields=needs.fields)
 
 Data shapes served (`alignlab.losses.base.Needs`):
@@ -27,7 +29,9 @@ Data shapes served (`alignlab.losses.base.Needs`):
 * forget/retain, ``("completion", "retain")``: each row of `data.path` is paired with a row of
   `data.retain` (shuffled with the seed, cycled), which keeps its own prompt (``retain_prompt_ids``);
 * mismatched responses (`Needs.mismatched`): each row also gets another
-  row's completion, of another prompt, after its own prompt (`mismatched`).
+  row's completion, of another prompt, after its own prompt (`mismatched`);
+* responses with their own prompts (`Needs.own_prompts`, JPO's joint pairs): explicit rows
+  ``{chosen_prompt, chosen, rejected_prompt, rejected}``, served as ``<r>_prompt_ids`` with ``<r>_ids``.
 
 Every data problem raises `DataError`, a `ValueError` with a one-line message naming the file,
 row or field and the fix. With ``data.on_bad_row=skip`` bad rows are dropped and counted in

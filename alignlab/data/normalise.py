@@ -84,6 +84,8 @@ class Plan:
         fields: scalar fields read from every row besides the texts, e.g. ("label",).
         unpair: the rows are pairs (`responses` is ("chosen", "rejected")) to be unpaired into
             labelled single completions after reading (see `unpair`).
+        own_prompts: responses with a prompt of their own, read from ``<response>_prompt``
+            (`Needs.own_prompts`); explicit rows only.
     """
 
     kind: str
@@ -91,6 +93,7 @@ class Plan:
     columns: Mapping[str, str] = field(default_factory=dict)
     fields: tuple[str, ...] = ()
     unpair: bool = False
+    own_prompts: tuple[str, ...] = ()
 
     @property
     def chat(self) -> bool:
@@ -107,17 +110,29 @@ class Plan:
         return f"'{column}'" if column == name else f"'{column}' ({name})"
 
     @property
+    def prompts(self) -> tuple[str, ...]:
+        """The prompt fields of an explicit row: ``prompt`` unless every response has its own, then
+        ``<response>_prompt`` for each response that has one."""
+        shared = ("prompt",) if set(self.responses) - set(self.own_prompts) else ()
+        return (*shared, *(prompt_field(name) for name in self.own_prompts))
+
+    @property
     def required(self) -> tuple[str, ...]:
         """Canonical fields every dataset of this kind must have somewhere."""
         if self.kind == "pairwise":
             return (*PAIRWISE_FIELDS, *self.fields)
         if self.kind == "explicit":
-            return ("prompt", *self.responses, *self.fields)
+            return (*self.prompts, *self.responses, *self.fields)
         if self.kind == "sharegpt":
             return ("conversations", *self.responses, *self.fields)
         if self.kind == "messages":
             return ("messages", *self.fields)
         return (*self.responses, *self.fields)
+
+
+def prompt_field(response: str) -> str:
+    """The column of a response's own prompt (`Needs.own_prompts`), e.g. ``chosen_prompt``."""
+    return f"{response}_prompt"
 
 
 def normalise(
@@ -127,10 +142,13 @@ def normalise(
     responses: tuple[str, ...],
     fields: tuple[str, ...],
     report: DataReport,
+    own_prompts: tuple[str, ...] = (),
 ) -> tuple[Plan, Splits]:
     """The format plan of the train source (`plan_of`), applied to its records and to the separate eval
     source's, if any: usable canonical rows and bad rows (not settled yet: `rows.settle`)."""
-    plan = plan_of(sources.train, cfg.format, cfg.columns or {}, responses, fields, tokenizer, cfg.path)
+    plan = plan_of(
+        sources.train, cfg.format, cfg.columns or {}, responses, fields, tokenizer, cfg.path, "", own_prompts
+    )
     report.format = plan.kind
     held_out = normalize(sources.eval, plan, tokenizer) if sources.eval is not None else None
     return plan, Splits(normalize(sources.train, plan, tokenizer), held_out)
@@ -145,13 +163,14 @@ def plan_of(
     tokenizer: PreTrainedTokenizerBase,
     source: str,
     what: str = "",
+    own_prompts: tuple[str, ...] = (),
 ) -> Plan:
     """`plan_format` from the readable rows of `records` (`what`: how messages name the source), and a chat
     template when the rows need one."""
     raw_rows = [row for _, row in records if isinstance(row, dict)]
     if not raw_rows:  # every record is unreadable: say why, rather than "no columns"
         raise DataError(f"{records[0][1].message()} (no row of {what or source} could be read)")
-    plan = plan_format(fmt, columns, raw_rows, responses, source, fields)
+    plan = plan_format(fmt, columns, raw_rows, responses, source, fields, own_prompts)
     if plan.chat:
         require_chat_template(tokenizer)
     return plan
@@ -177,7 +196,11 @@ def unpairs(responses: tuple[str, ...], fields: tuple[str, ...]) -> bool:
 
 
 def check_columns(
-    fmt: str, columns: Mapping[str, str], responses: tuple[str, ...], fields: tuple[str, ...] = ()
+    fmt: str,
+    columns: Mapping[str, str],
+    responses: tuple[str, ...],
+    fields: tuple[str, ...] = (),
+    own_prompts: tuple[str, ...] = (),
 ) -> None:
     """The checks of `data.format` and `data.columns` that need no data (see `plan_format`).
 
@@ -185,7 +208,12 @@ def check_columns(
         DataError: `data.columns` names an unknown field or maps pairwise fields for a format or
             responses that cannot use them, or data.format=columns comes without data.columns.
     """
-    _check_column_map(columns, responses, fields)
+    _check_column_map(columns, responses, fields, own_prompts)
+    if own_prompts and fmt not in ("auto", "explicit", "columns"):
+        raise DataError(
+            f"responses with their own prompts ({', '.join(map(prompt_field, own_prompts))}) are read "
+            f"from explicit string rows, not data.format={fmt}. Fix: set data.format=explicit (or auto)"
+        )
     if set(columns) & set(PAIRWISE_KEYS):
         _check_pairwise(fmt, responses, fields)
     elif fmt == "columns" and not columns:
@@ -202,6 +230,7 @@ def plan_format(
     responses: tuple[str, ...],
     label: str,
     fields: tuple[str, ...] = (),
+    own_prompts: tuple[str, ...] = (),
 ) -> Plan:
     """Decide how to read a dataset, and check that its required columns exist.
 
@@ -215,15 +244,21 @@ def plan_format(
         responses: the response names to produce.
         label: the data source, for messages.
         fields: the scalar fields to read from every row.
+        own_prompts: responses with a prompt of their own (`Needs.own_prompts`): explicit rows.
 
     Raises:
         DataError: `data.columns` names an unknown field, no format matches the columns, or a
             required column is absent from every row.
     """
     columns, fields = dict(columns), tuple(fields)
-    check_columns(fmt, columns, responses, fields)
+    check_columns(fmt, columns, responses, fields, own_prompts)
     found = {key for row in rows for key in row}
-    plan = Plan(fmt, responses, columns, fields)  # the kind is settled below
+    plan = Plan(fmt, responses, columns, fields, own_prompts=tuple(own_prompts))  # the kind is settled below
+    if own_prompts:
+        _check_strings(plan, rows, label)
+        plan = replace(plan, kind="explicit")
+        _check_required(plan, found, label)
+        return plan
     if unpairs(responses, fields) and _looks_paired(plan, found):
         pair_columns = {
             key: value for key, value in columns.items() if key not in (LABEL, *UNPAIRED, "messages")
@@ -255,10 +290,15 @@ def _looks_paired(plan: Plan, found: set[str]) -> bool:
 
 
 def _check_column_map(
-    columns: Mapping[str, str], responses: tuple[str, ...], fields: tuple[str, ...]
+    columns: Mapping[str, str],
+    responses: tuple[str, ...],
+    fields: tuple[str, ...],
+    own_prompts: tuple[str, ...] = (),
 ) -> None:
     """Reject `data.columns` keys that no format reads."""
     allowed = ("prompt", *responses, *fields, "conversations", "response_a", "response_b", "preference")
+    if own_prompts:  # explicit rows only: no pairwise judgements, one prompt per response
+        allowed = ("prompt", *responses, *map(prompt_field, own_prompts), *fields)
     if tuple(responses) == UNPAIRED:
         allowed += ("messages",)
     if unpairs(responses, fields):
@@ -285,6 +325,19 @@ def _check_pairwise(fmt: str, responses: tuple[str, ...], fields: tuple[str, ...
             f"pairwise judgements give only chosen/rejected pairs, but {responses} are "
             "needed. Fix: use a dataset with those responses"
         )
+
+
+def _check_strings(plan: Plan, rows: Sequence[Mapping[str, Any]], label: str) -> None:
+    """Rows with a prompt per response are explicit strings: refuse message lists up front."""
+    for name in (*plan.prompts, *plan.responses):
+        value = next((row[plan.source(name)] for row in rows if row.get(plan.source(name)) is not None), None)
+        if isinstance(value, (list, dict)):
+            raise DataError(
+                f"{label}: field {plan.label(name)} holds messages, but responses with their own prompts "
+                "are read from explicit string rows {"
+                + ", ".join(f"{key}: ..." for key in (*plan.prompts, *plan.responses))
+                + "}. Fix: render the conversations to strings first"
+            )
 
 
 def _is_sharegpt(plan: Plan, found: set[str]) -> bool:
@@ -430,13 +483,18 @@ def swap(rows: Normalized) -> Normalized:
 
 
 def _check_responses(row: Mapping[str, str], plan: Plan) -> None:
-    """Shared checks on a canonical row: nothing blank, no two responses alike."""
-    for name in ("prompt", *plan.responses):
+    """Shared checks on a canonical row: nothing blank, no two responses alike (under the same prompt:
+    one answer to two different instructions is a valid joint pair)."""
+    for name in ("prompt", *plan.responses, *map(prompt_field, plan.own_prompts)):
         if not row[name].strip():
             raise RowProblem(Reason.EMPTY, f"the {name} is empty or whitespace")
+
+    def prompt_of(name: str) -> str:
+        return row[prompt_field(name)] if name in plan.own_prompts else row["prompt"]
+
     for i, first in enumerate(plan.responses):
         for second in plan.responses[i + 1 :]:
-            if row[first] == row[second]:
+            if row[first] == row[second] and prompt_of(first) == prompt_of(second):
                 raise RowProblem(Reason.IDENTICAL, f"{first} and {second} are identical")
 
 
@@ -531,7 +589,10 @@ def _messages(
 
 
 def _explicit(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:
-    return {name: _text(row, plan, name) for name in ("prompt", *plan.responses)}
+    out = {name: _text(row, plan, name) for name in (*plan.prompts, *plan.responses)}
+    if "prompt" not in out:  # every response has its own: the row's prompt is the first response's
+        out["prompt"] = out[prompt_field(plan.responses[0])]
+    return out
 
 
 def _hh(row: Mapping[str, Any], plan: Plan, tokenizer: Any) -> dict[str, str]:

@@ -40,7 +40,8 @@ class PreparedData:
 
     Attributes:
         train: columns ``prompt_ids``, ``<r>_ids`` for each response name, ``retain_prompt_ids``
-            with ``retain_ids`` for the retain response (its own prompt), ``<new>_ids`` for each
+            with ``retain_ids`` for the retain response (its own prompt), ``<r>_prompt_ids`` for each
+            response with its own prompt (`Needs.own_prompts`), ``<new>_ids`` for each
             mismatched response (another row's completion after this row's prompt), and one scalar column per
             field (``label``: bool; other fields bool, int64 or float64).
         eval: the same columns, or None when there is no eval split.
@@ -57,6 +58,7 @@ def check_data_needs(
     responses: Sequence[str],
     fields: Sequence[str] = (),
     mismatched: Sequence[tuple[str, str]] = (),
+    own_prompts: Sequence[str] = (),
 ) -> None:
     """Check that the data config can serve a loss's needs, without reading any file.
 
@@ -67,6 +69,7 @@ def check_data_needs(
         responses: `Needs.responses`.
         fields: `Needs.fields`.
         mismatched: `Needs.mismatched`.
+        own_prompts: `Needs.own_prompts`.
 
     Raises:
         DataError: bad response or field names, or mismatched pairs that are not (a response, a
@@ -75,7 +78,7 @@ def check_data_needs(
             responses are not pairs; a combination the pipeline does not serve; `data.columns` /
             `data.format` that cannot work for these responses.
     """
-    _check_needs(cfg, responses, fields, mismatched)
+    _check_needs(cfg, responses, fields, mismatched, own_prompts)
 
 
 def _check_needs(
@@ -83,6 +86,7 @@ def _check_needs(
     responses: Sequence[str],
     fields: Sequence[str],
     mismatched: Sequence[tuple[str, str]] = (),
+    own_prompts: Sequence[str] = (),
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """`check_data_needs`, returning the responses read from the data (the mismatched ones left out)
     and the fields as tuples."""
@@ -91,6 +95,7 @@ def _check_needs(
     built = _check_mismatched(mismatched, responses)
     responses = tuple(name for name in responses if name not in built)
     main = tuple(name for name in responses if name != RETAIN)
+    _check_own_prompts(cfg, tuple(own_prompts), main, responses, fields)
     if RETAIN in responses:
         if main != UNPAIRED:
             raise DataError(
@@ -119,7 +124,7 @@ def _check_needs(
             f"the field 'label' (unpaired binary feedback) is served only with the single "
             f"response 'completion', but the loss needs the responses {responses}"
         )
-    check_columns(cfg.format, cfg.columns or {}, main, fields)
+    check_columns(cfg.format, cfg.columns or {}, main, fields, tuple(own_prompts))
     return responses, fields
 
 
@@ -130,6 +135,7 @@ def build_datasets(
     seed: int = 42,
     fields: Sequence[str] = (),
     mismatched: Sequence[tuple[str, str]] = (),
+    own_prompts: Sequence[str] = (),
 ) -> PreparedData:
     """Read, normalise, settle, hold out and tokenise (cached) the preference data described by `cfg`.
 
@@ -143,6 +149,7 @@ def build_datasets(
         fields: the scalar columns the loss needs (`Needs.fields`), e.g. ("label",).
         mismatched: (new, source) responses built from other rows' completions (`Needs.mismatched`);
             the pairing is `alignlab.data.mismatched.partners`, seeded with `seed`.
+        own_prompts: responses read with a prompt of their own, ``<response>_prompt`` (`Needs.own_prompts`).
 
     Returns:
         Train and eval datasets with a report.
@@ -151,8 +158,9 @@ def build_datasets(
         DataError: any problem with the data or its config; with ``on_bad_row=error``, the first
             bad row.
     """
-    responses, fields = _check_needs(cfg, responses, fields, mismatched)
+    responses, fields = _check_needs(cfg, responses, fields, mismatched, own_prompts)
     main = tuple(name for name in responses if name != RETAIN)
+    own_prompts = tuple(own_prompts)
     eos = eos_id(tokenizer)
     report = DataReport(
         source=cfg.path,
@@ -161,11 +169,11 @@ def build_datasets(
         responses_per_example=len(main),
     )
     sources = read(cfg, report)  # 1. read
-    plan, rows = normalise(sources, cfg, tokenizer, main, fields, report)  # 2. normalise
+    plan, rows = normalise(sources, cfg, tokenizer, main, fields, report, own_prompts)  # 2. normalise
     rows = rows.map(partial(settle, cfg=cfg, report=report))  # 3. settle bad rows
     rows = hold_out(rows, cfg, seed, report)  # 4. hold out
     rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
-    settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts())
+    settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts(), own_prompts)
     data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)  # 5. tokenise, 6. cache
     data = with_mismatched(data, mismatched, cfg.max_length, seed)
     if RETAIN in responses:
@@ -208,6 +216,30 @@ def _check_mismatched(mismatched: Sequence[tuple[str, str]], responses: tuple[st
     if len(set(built)) != len(built):
         raise DataError(f"mismatched responses must be distinct, got {tuple(pairs)}")
     return built
+
+
+def _check_own_prompts(
+    cfg: DataConfig,
+    own_prompts: tuple[str, ...],
+    main: tuple[str, ...],
+    responses: tuple[str, ...],
+    fields: tuple[str, ...],
+) -> None:
+    """Responses with their own prompts are distinct responses read from the data, and rows with them
+    are neither unpaired nor swapped (their prompts would not follow)."""
+    if not own_prompts:
+        return
+    if len(set(own_prompts)) != len(own_prompts) or not set(own_prompts) <= set(main) or RETAIN in responses:
+        raise DataError(
+            f"responses with their own prompts must be distinct responses {main} read from the data "
+            f"(not {RETAIN!r}, not built by the pipeline), got {own_prompts}"
+        )
+    if LABEL in fields or cfg.swap_pairs:
+        what = "data.swap_pairs=true" if cfg.swap_pairs else "unpaired feedback (the field 'label')"
+        raise DataError(
+            f"{what} is not served with responses that have their own prompts ({', '.join(own_prompts)}). "
+            "Fix: remove data.swap_pairs, or use a loss whose responses share the row's prompt"
+        )
 
 
 def _check_fields(fields: Sequence[str], responses: tuple[str, ...]) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ settings (`cache.fingerprint`). `tokenize_split` then settles the flagged rows l
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,8 @@ class TokenizeSettings:
             EOS is appended to a response only when the template did not put it there.
         responses: the response names, e.g. ("chosen", "rejected").
         fields: ``(name, dtype)`` of the scalar columns passed through, dtype one of `FIELD_DTYPES`.
+        own_prompts: responses with a prompt of their own (``<response>_prompt``), each fitted with it
+            and kept as ``<response>_prompt_ids`` (`Needs.own_prompts`).
     """
 
     max_length: int
@@ -68,6 +70,7 @@ class TokenizeSettings:
     chat: bool
     responses: tuple[str, ...]
     fields: tuple[tuple[str, str], ...] = ()
+    own_prompts: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -78,6 +81,7 @@ class TokenizeSettings:
         responses: tuple[str, ...],
         fields: tuple[str, ...],
         parts: Sequence[Normalized],
+        own_prompts: tuple[str, ...] = (),
     ) -> TokenizeSettings:
         """The settings of a run's splits (`parts`, whose field values are cast to one type per field)."""
         return cls(
@@ -88,6 +92,7 @@ class TokenizeSettings:
             chat,
             responses,
             field_types(fields, parts),
+            tuple(own_prompts),
         )
 
 
@@ -111,6 +116,7 @@ class Fitted:
     Attributes:
         prompt_ids: the (possibly truncated) prompt.
         response_ids: one list per response, EOS included unless truncated away.
+        own_prompt_ids: one list per response of `TokenizeSettings.own_prompts`, its own prompt.
         prompt_truncated: whether the prompt was cut.
         responses_truncated: how many responses were cut.
         reason: a `Reason` when the row cannot be used, else "".
@@ -119,6 +125,7 @@ class Fitted:
 
     prompt_ids: list[int]
     response_ids: list[list[int]] = field(default_factory=list)
+    own_prompt_ids: list[list[int]] = field(default_factory=list)
     prompt_truncated: bool = False
     responses_truncated: int = 0
     reason: str = ""
@@ -127,11 +134,44 @@ class Fitted:
     @classmethod
     def bad(cls, reason: str, detail: str, settings: TokenizeSettings) -> Fitted:
         """A row that cannot be used: empty ids, and why."""
-        return cls([], [[] for _ in settings.responses], reason=reason, detail=detail)
+        empty = [[] for _ in settings.own_prompts]
+        return cls([], [[] for _ in settings.responses], empty, reason=reason, detail=detail)
+
+
+def fit_row(
+    prompt_ids: list[int],
+    response_ids: Sequence[list[int]],
+    own_prompt_ids: Sequence[list[int]],
+    eos_token_id: int,
+    settings: TokenizeSettings,
+) -> Fitted:
+    """`fit` the responses that share the row's prompt with it, and each response with a prompt of its
+    own (`settings.own_prompts`) with that prompt; the row is bad if any of them is."""
+    if not settings.own_prompts:
+        return fit(prompt_ids, response_ids, eos_token_id, settings)
+    ids = dict(zip(settings.responses, response_ids, strict=True))
+    shared = tuple(name for name in settings.responses if name not in settings.own_prompts)
+    out = fit(prompt_ids, [ids[name] for name in shared], eos_token_id, replace(settings, responses=shared))
+    fitted = dict(zip(shared, out.response_ids))
+    for name, own in zip(settings.own_prompts, own_prompt_ids, strict=True):
+        one = fit(own, [ids[name]], eos_token_id, replace(settings, responses=(name,)), f"{name}_prompt")
+        bad = one if one.reason else out
+        if bad.reason:
+            return Fitted.bad(bad.reason, bad.detail, settings)
+        fitted[name] = one.response_ids[0]
+        out.own_prompt_ids.append(one.prompt_ids)
+        out.prompt_truncated |= one.prompt_truncated
+        out.responses_truncated += one.responses_truncated
+    out.response_ids = [fitted[name] for name in settings.responses]
+    return out
 
 
 def fit(
-    prompt_ids: list[int], response_ids: Sequence[list[int]], eos_token_id: int, settings: TokenizeSettings
+    prompt_ids: list[int],
+    response_ids: Sequence[list[int]],
+    eos_token_id: int,
+    settings: TokenizeSettings,
+    prompt_name: str = "prompt",
 ) -> Fitted:
     """Append EOS to each response and apply the length limits.
 
@@ -144,13 +184,14 @@ def fit(
         response_ids: the tokenized responses, in `settings.responses` order, without EOS.
         eos_token_id: the tokenizer's EOS id.
         settings: the limits.
+        prompt_name: how messages name the prompt (a response's own, e.g. ``chosen_prompt``).
     """
     out = Fitted(prompt_ids)
     if len(prompt_ids) > settings.max_prompt_length:
         if settings.prompt_truncation == "error":
             return Fitted.bad(
                 Reason.PROMPT_TOO_LONG,
-                f"the prompt has {len(prompt_ids)} tokens, more than "
+                f"the {prompt_name} has {len(prompt_ids)} tokens, more than "
                 f"data.max_prompt_length={settings.max_prompt_length}",
                 settings,
             )
@@ -165,7 +206,7 @@ def fit(
             out.responses_truncated += 1
         if not ids:
             detail = (
-                f"the {name} response has no token left after a {len(out.prompt_ids)}-token prompt "
+                f"the {name} response has no token left after a {len(out.prompt_ids)}-token {prompt_name} "
                 f"within data.max_length={settings.max_length}"
             )
             return Fitted.bad(Reason.EMPTY_AFTER_TRUNCATION, detail, settings)
@@ -192,12 +233,18 @@ def encode_batch(
     """`datasets.Dataset.map` function (batched): canonical strings -> fitted ids and metadata."""
     prompts = tokenizer(batch["prompt"], add_special_tokens=not settings.chat)["input_ids"]
     responses = [tokenizer(batch[name], add_special_tokens=False)["input_ids"] for name in settings.responses]
+    own = [
+        tokenizer(batch[f"{name}_prompt"], add_special_tokens=not settings.chat)["input_ids"]
+        for name in settings.own_prompts
+    ]
     out: dict[str, list[Any]] = {column: [] for column in output_columns(settings)}
     for i, prompt in enumerate(prompts):
-        row = fit(prompt, [ids[i] for ids in responses], eos_token_id, settings)
+        row = fit_row(prompt, [ids[i] for ids in responses], [ids[i] for ids in own], eos_token_id, settings)
         out["prompt_ids"].append(row.prompt_ids)
         for name, ids in zip(settings.responses, row.response_ids, strict=True):
             out[f"{name}_ids"].append(ids)
+        for name, ids in zip(settings.own_prompts, row.own_prompt_ids, strict=True):
+            out[f"{name}_prompt_ids"].append(ids)
         for name, _ in settings.fields:
             out[name].append(batch[name][i])
         out[BAD_REASON].append(row.reason)
@@ -210,10 +257,18 @@ def encode_batch(
 def output_columns(settings: TokenizeSettings) -> list[str]:
     """The token columns, the field columns, then the metadata columns."""
     return [
-        "prompt_ids",
-        *(f"{name}_ids" for name in settings.responses),
+        *_id_columns(settings),
         *(name for name, _ in settings.fields),
         *META_COLUMNS,
+    ]
+
+
+def _id_columns(settings: TokenizeSettings) -> list[str]:
+    """``prompt_ids``, ``<response>_ids`` for each response, ``<response>_prompt_ids`` for own prompts."""
+    return [
+        "prompt_ids",
+        *(f"{name}_ids" for name in settings.responses),
+        *(f"{name}_prompt_ids" for name in settings.own_prompts),
     ]
 
 
@@ -221,7 +276,7 @@ def _features(settings: TokenizeSettings) -> datasets.Features:
     """Explicit column types, so a batch of only bad (empty) rows still types as int lists."""
     from datasets import Features, List, Value
 
-    ids = {column: List(Value("int32")) for column in output_columns(settings)[: 1 + len(settings.responses)]}
+    ids = {column: List(Value("int32")) for column in _id_columns(settings)}
     fields = {name: Value(dtype) for name, dtype in settings.fields}
     return Features(
         {

@@ -69,6 +69,7 @@ from alignlab.losses import (  # noqa: E402,F401  # noqa: E402,F401
     combo,
     cpo,
     dpo,
+    jpo,
     kto,
     modpo,
     npo,

@@ -34,7 +34,8 @@ class Needs:
             for pairs, ("gold", "chosen", "rejected") for TPO triples, ("completion",) for
             unpaired feedback (paired data is unpaired into one row per response). The name
             "retain" is special: it is the completion of a row drawn from `data.retain`, with that
-            row's own prompt (NPO's retain set).
+            row's own prompt (NPO's retain set). A response listed in `own_prompts` has a prompt of
+            its own in the same row instead.
         fields: extra per-example scalar columns of the data, passed through to the loss as `(B,)`
             tensors, e.g. ("label",) for unpaired feedback (True = desirable).
         prepared_fields: per-example columns the loss adds itself in `Loss.prepare` (e.g. BCO's
@@ -51,6 +52,12 @@ class Needs:
             after the example's own prompt (KTO's mismatched pairs (x_i, y_j), j ≠ i, for its KL
             estimate). Built by the data pipeline from the tokenized rows (`alignlab.data.mismatched`),
             collated and run like any response.
+        own_prompts: responses (listed in `responses`) that each come with a prompt of their own, read
+            from the row's ``<response>_prompt`` column (JPO's ``chosen_prompt`` and
+            ``rejected_prompt``: preferences between responses to different instructions) and served
+            as ``<response>_prompt_ids``; a row that lacks one, or has an empty one, is a bad row. When
+            every response has its own prompt, the row's ``prompt`` (held-out samples, mismatched
+            pairing) is the first response's.
     """
 
     reference: bool = True
@@ -63,6 +70,7 @@ class Needs:
     activations: Activations | None = None
     scores: tuple[Score, ...] = ()
     mismatched: tuple[tuple[str, str], ...] = ()
+    own_prompts: tuple[str, ...] = ()
 
     @property
     def score_fields(self) -> tuple[str, ...]:

@@ -94,6 +94,9 @@ def merge_needs(needs: list[Needs]) -> Needs:
         activations=activations[0] if activations else None,
         scores=union("scores"),
         mismatched=union("mismatched"),
+        own_prompts=union(
+            "own_prompts"
+        ),  # e.g. jpo + sft: every term sees each response after its own prompt
     )
 
 

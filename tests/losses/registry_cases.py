@@ -57,7 +57,7 @@ class Case:
         fields = {
             f: (lambda i: i % 2 == 0) if f == "label" else (lambda i: 0.25 * (i + 1)) for f in needs.fields
         }
-        own = tuple(r for r in needs.responses if r == "retain")
+        own = tuple(r for r in needs.responses if r == "retain" or r in needs.own_prompts)
         rows = random_rows(
             needs.responses,
             self.policy.config.vocab_size,
