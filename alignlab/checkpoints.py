@@ -39,6 +39,8 @@ REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 #: the loss module's buffers and parameters (e.g. BCO's running reward mean δ).
 LOSS_STATE = "loss_state.safetensors"
+#: the reference model's weights when the run updates it (TR-DPO, `model.reference_sync`).
+REFERENCE_STATE = "reference.safetensors"
 #: the logging window in progress (so that the log after a resume equals the uninterrupted run's).
 LOG_STATE = "log_state.json"
 

@@ -260,6 +260,11 @@ def _list() -> None:
             f"  {name:<12} {entry.loss.summary} [{entry.loss.paper}]\n"
             f"  {'':<12} needs: {', '.join(items)}" + "".join(f"; {c}" for c in changes)
         )
+    print(
+        "reference updated during training (any loss that needs a reference model): "
+        "model.reference_sync.enabled=true, .alpha, .every (TR-DPO, TR-IPO, TR-KTO) "
+        "[Gorbatovski et al. 2024, arXiv:2404.09656]; +recipe=trdpo"
+    )
     print("recipes (alignlab train +recipe=NAME):")
     for name in recipe_names():
         print(f"  {name}")

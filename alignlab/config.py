@@ -80,6 +80,30 @@ class LoraConfig:
 
 
 @dataclass
+class ReferenceSyncConfig:
+    """TR-DPO's reference update (Gorbatovski et al. 2024, arXiv:2404.09656), for any loss with a
+    reference: after every `every`-th optimizer step θ_ref ← α·θ + (1 − α)·θ_ref, parameter by
+    parameter; α = 1 is the paper's hard update (a copy of the policy). TRL's `sync_ref_model`,
+    `ref_model_mixup_alpha`, `ref_model_sync_steps`, with TRL's defaults. docs/losses.md, "TR-DPO".
+    """
+
+    #: update the reference during training (TRL's sync_ref_model).
+    enabled: bool = False
+    #: α ∈ (0, 1], the policy's weight in the mix (TRL's ref_model_mixup_alpha; 1: hard update).
+    alpha: float = 0.6
+    #: τ ≥ 1, optimizer steps between updates (TRL's ref_model_sync_steps).
+    every: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha <= 1:
+            raise ValueError(
+                f"model.reference_sync.alpha must be in (0, 1] (1: the hard update), got {self.alpha}"
+            )
+        if self.every < 1:
+            raise ValueError(f"model.reference_sync.every must be >= 1 optimizer steps, got {self.every}")
+
+
+@dataclass
 class ModelConfig:
     #: a Hugging Face causal LM: hub name, local directory, or `builtin:tiny` (the embedded default).
     name_or_path: str = MISSING
@@ -120,6 +144,8 @@ class ModelConfig:
     prefix_sharing: bool = False
     #: LoRA / QLoRA adapters (peft): `model.lora.enabled=true`.
     lora: LoraConfig = field(default_factory=LoraConfig)
+    #: TR-DPO: update the reference from the policy during training (`model.reference_sync.enabled=true`).
+    reference_sync: ReferenceSyncConfig = field(default_factory=ReferenceSyncConfig)
 
     def __post_init__(self) -> None:
         _one_of("model.reference_mode", self.reference_mode, REFERENCE_MODES)
@@ -436,6 +462,9 @@ TRL_NAMES = {
     "trust_remote_code": "model.trust_remote_code",
     "gradient_checkpointing": "model.gradient_checkpointing",
     "gradient_checkpointing_kwargs": "model.gradient_checkpointing (always with use_reentrant=false)",
+    "sync_ref_model": "model.reference_sync.enabled",
+    "ref_model_mixup_alpha": "model.reference_sync.alpha",
+    "ref_model_sync_steps": "model.reference_sync.every",
     "ref_model": "model.reference",
     "ref_model_name_or_path": "model.reference",
     "model_name_or_path": "model.name_or_path",

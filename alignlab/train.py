@@ -68,6 +68,7 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
             "remove model.reference (it would never be used) or pick a loss that uses a reference"
         )
     check_forward(cfg.loss.name, cfg.model, needs)
+    check_reference_sync(cfg, needs)
     for name, path in needs.teachers:
         if not path or "${" in path:
             raise ConfigError(
@@ -91,6 +92,45 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
     if cfg.model.chat_template:
         models.chat_template(cfg.model.chat_template)  # a wrong name or path fails now, not after loading
     check_trainer(cfg.trainer)
+
+
+def check_reference_sync(cfg: AlignConfig, needs: Needs) -> None:
+    """Refuse TR-DPO's reference update (`model.reference_sync`) where there is no reference model to
+    update in place: a reference-free loss, precomputed log-probs, LoRA's adapter-disabled policy, ZeRO-3."""
+    if not cfg.model.reference_sync.enabled:
+        return
+    off = "or model.reference_sync.enabled=false"
+    if not needs.reference:
+        raise ConfigError(
+            f"model.reference_sync.enabled=true updates the reference, but loss {cfg.loss.name!r} is "
+            f"reference-free (it has none). Fix: a loss with a reference (e.g. loss=dpo), {off}"
+        )
+    if cfg.model.reference_mode == "precomputed":
+        raise ConfigError(
+            "model.reference_sync.enabled=true with model.reference_mode=precomputed: the reference's "
+            "log-probs are computed once before training and would be stale after the first update. "
+            f"Fix: model.reference_mode=live, {off}"
+        )
+    if cfg.model.lora.enabled:
+        raise ConfigError(
+            "model.reference_sync.enabled=true with model.lora.enabled=true: the reference is the "
+            "policy with its adapters disabled (or a model the adapter policy does not match parameter "
+            f"by parameter), which cannot be mixed with the policy. Fix: model.lora.enabled=false, {off}"
+        )
+    steps = cfg.trainer.max_steps  # a run of epochs is checked when its step count is known (trainer)
+    if 0 < steps <= cfg.model.reference_sync.every:
+        raise ConfigError(
+            f"model.reference_sync.every={cfg.model.reference_sync.every} is not below the run's "
+            f"trainer.max_steps={steps}: the reference would never be updated before training ends. "
+            f"Fix: set model.reference_sync.every below {steps}, {off}"
+        )
+    ds = distributed.deepspeed_config(cfg.deepspeed) or {}
+    if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError(
+            "model.reference_sync.enabled=true with DeepSpeed ZeRO-3 is not supported (policy and "
+            "reference are partitioned across processes and would have to be gathered for each "
+            f"update). Fix: deepspeed=zero2 (or zero1, or none), {off}"
+        )
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
@@ -529,6 +569,7 @@ def _train(
         teachers=teachers,
         forward_plan=plan,
         identity=claimed.identity.to_dict(),
+        reference_sync=typed.model.reference_sync,
         callbacks=[MetricsFileCallback(metrics_file)],
     )
     trainer.train(resume_from_checkpoint=resume)

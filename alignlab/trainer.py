@@ -23,6 +23,7 @@ from alignlab.checkpoints import (
     COMPLETE,
     LOG_STATE,
     LOSS_STATE,
+    REFERENCE_STATE,
     checkpoint_folders,
     grads_finite,
     manifest,
@@ -31,7 +32,7 @@ from alignlab.checkpoints import (
     save_batch,
 )
 from alignlab.distributed import average_gradients, prepare_frozen
-from alignlab.errors import UserError
+from alignlab.errors import ConfigError, UserError
 from alignlab.forward import ForwardPlan, ModelPlans
 from alignlab.losses.base import Loss, LossInputs, Needs, StepTokens
 from alignlab.reference import from_columns as reference_from_columns
@@ -82,6 +83,28 @@ def loss_inputs(
     )
 
 
+def reference_pairs(reference: nn.Module, policy: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (reference, policy) parameter pairs of the same name; a `ConfigError` when the two models do not
+    have the same parameters (a `model.reference` of another architecture)."""
+    ref, pol = dict(reference.named_parameters()), dict(policy.named_parameters())
+    other = sorted(set(ref) ^ set(pol)) or [k for k in ref if ref[k].shape != pol[k].shape]
+    if other:
+        raise ConfigError(
+            "model.reference_sync mixes the policy into the reference parameter by parameter, but the "
+            f"reference's parameters differ from the policy's (first: {other[0]!r}). Fix: a "
+            "model.reference of the policy's architecture, or model.reference_sync.enabled=false"
+        )
+    return [(ref[k], pol[k]) for k in ref]
+
+
+@torch.no_grad()
+def mix_into(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """TR-DPO's update (Gorbatovski et al. 2024, arXiv:2404.09656, §3): θ_ref ← α·θ + (1 − α)·θ_ref for
+    every parameter, in fp32 and stored in the reference's dtype; α = 1 is the hard update (a copy)."""
+    for ref, pol in reference_pairs(reference, policy):
+        ref.copy_((alpha * pol.detach().float() + (1 - alpha) * ref.float()).to(ref.dtype))
+
+
 class AlignTrainer(Trainer):
     """HF Trainer whose loss comes from `alignlab.losses` (see module docstring).
 
@@ -96,6 +119,8 @@ class AlignTrainer(Trainer):
             logits on padded batches.
         identity: the run's id, config fingerprint and config, recorded in every checkpoint
             (`alignlab.rundir`).
+        reference_sync: TR-DPO's reference update (`config.ReferenceSyncConfig`: `enabled`, `alpha`,
+            `every`); when enabled the reference's weights travel with every checkpoint.
         **kwargs: everything `transformers.Trainer` takes.
     """
 
@@ -111,6 +136,7 @@ class AlignTrainer(Trainer):
         forward_plan: ForwardPlan | None = None,
         precomputed_reference: bool = False,
         identity: dict | None = None,
+        reference_sync=None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -125,6 +151,13 @@ class AlignTrainer(Trainer):
         # on the device, or under ZeRO-3 partitioned inference engines (alignlab.distributed)
         self.reference = prepare_frozen(reference, self.args)
         self.teachers = {name: prepare_frozen(m, self.args) for name, m in (teachers or {}).items()}
+        #: TR-DPO's schedule when the reference is updated during training, else None
+        self.reference_sync = (
+            reference_sync if reference_sync is not None and reference_sync.enabled else None
+        )
+        if self.reference_sync is not None:
+            reference_pairs(self.reference, self.model)  # the same parameters, before any step
+            self.add_callback(_ReferenceSync(self))
         self.plans = ModelPlans.fit(
             forward_plan or ForwardPlan.of(self.needs), self.model, self.reference, self.teachers
         )
@@ -164,6 +197,7 @@ class AlignTrainer(Trainer):
         self._resume_checkpoint = resume_from_checkpoint
         if resume_from_checkpoint is not None:
             self.load_loss_state(resume_from_checkpoint)
+            self.load_reference_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _run_epoch(self, *args, **kwargs):
@@ -293,6 +327,31 @@ class AlignTrainer(Trainer):
         # copied onto the buffers' device (safetensors rejects "cpu:0")
         self.loss_fn.load_state_dict(load_file(path))
 
+    # -- the reference, when the run updates it (TR-DPO), travels with every checkpoint --
+    def save_reference_state(self, output_dir: str | Path) -> None:
+        """Write the updated reference's weights as `reference.safetensors` (only with `reference_sync`)."""
+        if self.reference_sync is not None and self.args.should_save:
+            from safetensors.torch import save_model
+
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            save_model(self.reference, str(Path(output_dir) / REFERENCE_STATE))
+
+    def load_reference_state(self, checkpoint: str | Path) -> None:
+        """Resume the updated reference from `checkpoint` (only with `reference_sync`)."""
+        if self.reference_sync is None:
+            return
+        path = Path(checkpoint) / REFERENCE_STATE
+        if not path.exists():
+            raise UserError(
+                f"cannot resume: {checkpoint} has no {REFERENCE_STATE}: it was written without "
+                "model.reference_sync, and resuming would restart the reference from the initial policy. "
+                "Fix: resume from a checkpoint of a run with model.reference_sync.enabled=true, or start a "
+                "fresh run"
+            )
+        from safetensors.torch import load_model
+
+        load_model(self.reference, str(path))
+
     def _save_checkpoint(self, model, trial) -> None:
         """HF's checkpoint, the loss's state and the logging window in progress, then the completion
         marker (each file's size and checksum, written last: see alignlab.checkpoints), then the rotation
@@ -308,6 +367,7 @@ class AlignTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
             self.save_loss_state(folder)
+            self.save_reference_state(folder)
             self._save_log_state(folder)
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
@@ -457,4 +517,29 @@ class _RunControl(TrainerCallback):
         if INTERRUPTS.received is not None:
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+
+class _ReferenceSync(TrainerCallback):
+    """TR-DPO (Gorbatovski et al. 2024): after every `every`-th optimizer step, the reference moves to
+    α·θ + (1 − α)·θ_ref (`mix_into`), before that step's checkpoint is saved (HF calls `on_step_end`
+    first), so a checkpoint holds the reference of its step."""
+
+    def __init__(self, trainer: AlignTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        every = self.trainer.reference_sync.every
+        if every >= state.max_steps:
+            raise ConfigError(
+                f"model.reference_sync.every={every} is not below the run's {state.max_steps} optimizer "
+                "steps: the reference would never be updated before training ends. Fix: set "
+                f"model.reference_sync.every below {state.max_steps}, or model.reference_sync.enabled=false"
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sync = self.trainer.reference_sync
+        if state.global_step % sync.every == 0:
+            policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            mix_into(self.trainer.reference, policy, sync.alpha)
         return control

@@ -25,6 +25,10 @@ of the same log-ratios, hence options here; docs/losses.md, "DPO variants"):
     on the example of rank k. It couples the examples of a batch (`Loss.per_batch_state`).
   * ``discopop``: Chan et al. 2024, arXiv:2406.08414, eq. 5 (log-ratio modulated loss): with z = β·h and
     w = σ(z/τ), (1 − w)·(−log σ(z)) + w·e^{−z}, τ = ``discopop_tau`` (0.05).
+DPO-Positive (Pal et al. 2024, "Smaug", arXiv:2402.13228, the DPOP loss, eq. 3): ``dpop``,
+−log σ(β·(h − λ·max(0, −ρ(y_w)))), λ = ``dpop_lambda`` (the paper's 50): the penalty max(0, log πref(y_w) −
+log πθ(y_w)) is inside β and the sigmoid, and is non-zero only while the chosen response is less likely than
+under the reference.
 f-DPO (Wang et al. 2023, arXiv:2309.16240): ``f_divergence`` replaces each log-ratio ρ by f'(π/πref) of
 another f-divergence in the forms built on h (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, discopop):
 reverse_kl ρ (DPO), forward_kl 1 − e^{−ρ}, js_divergence log 2 + log σ(ρ), alpha_divergence
@@ -60,6 +64,7 @@ LOSS_TYPES = (
     "discopop",
     "aot",
     "aot_unpaired",
+    "dpop",
 )
 #: forms that pair the batch's sorted log-ratios by rank (an example's loss depends on its batch)
 AOT = ("aot", "aot_unpaired")
@@ -89,6 +94,8 @@ class DPOConfig:
     exo_epsilon: float = 1e-3
     #: DiscoPOP's τ, the temperature of its mixing weight (the paper's 0.05).
     discopop_tau: float = 0.05
+    #: DPOP's λ ≥ 0, the weight of its penalty max(0, log πref(y_w) − log πθ(y_w)) (the paper's 50).
+    dpop_lambda: float = 50.0
     #: LD-DPO's α ∈ [0, 1], the weight of the tokens past the shorter response's length (1: DPO).
     ld_alpha: float = 1.0
     #: WPO's off-policy weights w(y_w)·w(y_l) on each pair's loss (TRL's use_weighting; full logits).
@@ -127,6 +134,8 @@ class DPOConfig:
             raise ValueError(f"loss.exo_epsilon must be in (0, 1), got {self.exo_epsilon}")
         if self.discopop_tau <= 0:
             raise ValueError(f"loss.discopop_tau must be > 0, got {self.discopop_tau}")
+        if self.dpop_lambda < 0:
+            raise ValueError(f"loss.dpop_lambda (DPOP's λ) must be >= 0, got {self.dpop_lambda}")
         if not 0.0 <= self.ld_alpha <= 1.0:
             raise ValueError(f"loss.ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.loss_type in AOT and (self.ld_alpha != 1.0 or self.wpo):
@@ -174,7 +183,7 @@ class DPO(Loss):
     """Direct Preference Optimization and its sigmoid/cDPO, IPO and hinge forms (module docstring)."""
 
     summary = (
-        "DPO with cDPO, IPO, hinge, length-normalised, EXO, NCA, SPPO-hard, APO, DiscoPOP, AOT forms; "
+        "DPO with cDPO, IPO, hinge, length-normalised, EXO, NCA, SPPO-hard, APO, DiscoPOP, AOT, DPOP forms; "
         "f-DPO divergences; LD-DPO; WPO weights"
     )
     paper = "Rafailov et al. 2023, arXiv:2305.18290"
@@ -241,11 +250,16 @@ class DPO(Loss):
             eps = cfg.label_smoothing
             ranked = (1 - eps) * F.softplus(-delta) + eps * F.softplus(delta)
             losses = torch.empty_like(ranked).scatter(0, order, ranked)  # the k-th on the example of rank k
+        elif kind == "dpop":  # Pal et al. 2024, eq. 3: the penalty inside β and the sigmoid
+            penalty = torch.relu(-chosen_ratio)
+            losses = F.softplus(-beta * (h - cfg.dpop_lambda * penalty))
         else:  # discopop
             z = beta * h
             mix = torch.sigmoid(z / cfg.discopop_tau)
             losses = (1 - mix) * F.softplus(-z) + mix * torch.exp(-z)
         metrics = preference_metrics(batch, beta * chosen_ratio, beta * rejected_ratio)
+        if kind == "dpop":
+            metrics["dpop/penalty"] = penalty.detach().mean()
         if cfg.wpo:
             weights = wpo_weight(batch.policy["chosen"]) * wpo_weight(batch.policy["rejected"])
             losses = losses * weights

@@ -97,6 +97,8 @@ def _saved_weights(model_dir) -> dict[str, torch.Tensor]:
 CASES = {
     # name: (deepspeed option, overrides of both runs, overrides of the two-process run only)
     "zero2-dpo": ("zero2", ("+recipe=dpo",), ()),
+    # TR-DPO: each process mixes the (unpartitioned) ZeRO-2 policy into its reference after every step
+    "zero2-trdpo": ("zero2", ("+recipe=trdpo", "model.reference_sync.every=1"), ()),
     # full-vocabulary logits: chunked heads of the policy and of the partitioned reference engine
     "zero3-tdpo": ("zero3", ("+recipe=tdpo",), ()),
     # the reference is the adapter-disabled policy (LoRA dropout off: it would draw per-process masks)

@@ -186,3 +186,46 @@ def test_aot_unpaired_sorts_each_side():
     )
     assert sorted(losses.tolist()) == pytest.approx(expected, rel=1e-12)
     assert losses.mean().item() == pytest.approx(sum(expected) / 2, rel=1e-12)
+
+
+# DPOP (Pal et al. 2024, eq. 3): −log σ(β(ρ_w − ρ_l − λ·max(0, log πref(y_w) − log πθ(y_w)))).
+# Worked pair with the chosen response *less* likely than under the reference: policy chosen (−3, −3),
+# reference (−2, −3): ρ_w = −1, penalty max(0, 1) = 1; rejected policy four tokens of −2, reference
+# (0, −2, −2, −2): ρ_l = −2; h = 1.
+DPOP_PAIR = ([[-3.0, -3.0]], PR, [[-2.0, -3.0]], [[0.0, -2.0, -2.0, -2.0]])
+
+
+@pytest.mark.parametrize("lam", [0.0, 2.0, 50.0])
+def test_dpop_worked_example(lam):
+    out = build(DPOConfig(beta=0.5, loss_type="dpop", dpop_lambda=lam))(pair_inputs(*DPOP_PAIR))
+    # inside β and the sigmoid: softplus(−β(h − λ·1)) = softplus(−0.5·(1 − λ))
+    assert out.losses.item() == pytest.approx(softplus(-0.5 * (1 - lam)), rel=1e-12)
+    assert out.metrics["dpop/penalty"].item() == pytest.approx(1.0)
+
+
+def test_dpop_default_lambda_is_the_papers_and_gradient_through_the_penalty():
+    assert DPOConfig().dpop_lambda == 50.0
+    batch = pair_inputs(*DPOP_PAIR, requires_grad=True)
+    out = build(DPOConfig(beta=0.1, loss_type="dpop"))(batch)
+    z = 0.1 * (1 - 50.0)
+    assert out.losses.item() == pytest.approx(softplus(-z), rel=1e-12)
+    out.losses.sum().backward()
+    # ∂/∂ρ_w of softplus(−β(ρ_w − ρ_l + λρ_w)) (ρ_w < 0) = −β(1 + λ)·σ(−z), on each chosen token
+    g = -0.1 * 51 * sigmoid(-z)
+    assert batch.policy["chosen"].token_logps.grad[0].tolist() == pytest.approx([g, g], rel=1e-12)
+
+
+def test_dpop_without_penalty_is_dpo():
+    # the first worked pair has ρ_w = 1 > 0: no penalty, DPO's loss whatever λ
+    assert loss_of(beta=0.5, loss_type="dpop", dpop_lambda=50.0) == pytest.approx(softplus(-1.0), rel=1e-12)
+
+
+def test_dpop_is_a_registry_case():
+    from registry_cases import CASES
+
+    assert CASES["dpo-loss_type=dpop"] == ("dpo", {"loss_type": "dpop"})
+
+
+def test_dpop_lambda_must_be_non_negative():
+    with pytest.raises(ValueError, match="dpop_lambda"):
+        DPOConfig(loss_type="dpop", dpop_lambda=-1.0)
