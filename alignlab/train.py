@@ -221,9 +221,10 @@ def training_arguments(
     has_eval: bool,
     report_to: list[str],
     deepspeed: dict | None = None,
+    fsdp: dict | None = None,
 ):
     """HF `TrainingArguments` from `trainer.*`; `deepspeed` is a DeepSpeed config dict (its "auto"
-    values are filled from these arguments by HF Trainer)."""
+    values are filled from these arguments by HF Trainer), `fsdp` an FSDP2 `fsdp_config` dict."""
     from transformers import TrainingArguments
 
     known = {
@@ -254,6 +255,8 @@ def training_arguments(
             label_names=[],
             use_cpu=not _has_accelerator(),
             deepspeed=deepspeed,
+            fsdp=True if fsdp is not None else None,
+            fsdp_config=fsdp,
             **t.extra,
         )
     except (ValueError, TypeError) as err:  # a value TrainingArguments refuses, e.g. in trainer.extra
@@ -489,6 +492,7 @@ def _train(
         data.eval is not None,
         typed.logger.report_to,
         distributed.deepspeed_config(typed.deepspeed),
+        distributed.fsdp_config(typed.distributed),
     )
     # on the device; under ZeRO-3 partitioned inference engines (models were loaded whole: the loss's
     # prepare() above may use the reference before any engine exists)
