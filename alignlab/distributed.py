@@ -178,6 +178,11 @@ def check(cfg: AlignConfig) -> None:
             f"distributed=fsdp2 and {option} both set an engine that shards the model, and a run has one; "
             "pick FSDP2 (deepspeed=none) or DeepSpeed (distributed=none)"
         )
+    if cfg.distributed.fsdp and not launched_multiprocess():
+        raise ConfigError(
+            "distributed=fsdp2 shards the model across processes, and this run has one; start it under a "
+            "launcher (torchrun --nproc_per_node N -m alignlab.cli train ...) or use distributed=none"
+        )
     ds = deepspeed_config(cfg.deepspeed)
     if ds is None:
         return

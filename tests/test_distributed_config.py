@@ -63,7 +63,7 @@ def test_unworkable_setups_are_refused(overrides, message, compose_run):
         distributed.check(to_typed(compose_run("+recipe=dpo", *overrides)))
 
 
-def test_fsdp2_becomes_the_fsdp_config_hf_trainer_takes(compose_run, tmp_path):
+def test_fsdp2_becomes_the_fsdp_config_hf_trainer_takes(compose_run, tmp_path, monkeypatch):
     from alignlab.train import training_arguments
 
     assert distributed.fsdp_config(to_typed(compose_run("+recipe=dpo")).distributed) is None  # none: default
@@ -73,7 +73,13 @@ def test_fsdp2_becomes_the_fsdp_config_hf_trainer_takes(compose_run, tmp_path):
     fsdp = distributed.fsdp_config(typed.distributed)
     assert fsdp["version"] == 2 and fsdp["reshard_after_forward"] is False
     assert fsdp is not distributed.fsdp_config(typed.distributed)  # a fresh copy: HF normalises it in place
-    distributed.check(typed)  # FSDP2 alone is fine
+    with pytest.raises(
+        ConfigError, match="distributed=fsdp2 shards the model across processes, and this run"
+    ):
+        distributed.check(typed)  # one process: HF Trainer would refuse it after the models loaded
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under a launcher
+    distributed.check(typed)
+    monkeypatch.delenv("WORLD_SIZE")  # TrainingArguments below would start a process group
     args = training_arguments(typed.trainer, tmp_path, 0, False, [], None, fsdp)
     assert args.fsdp and args.fsdp_plugin_args["fsdp_version"] == 2
     assert args.fsdp_plugin_args["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
