@@ -285,7 +285,8 @@ def fsdp_on_cpu(accelerator, args) -> bool:
 
     accelerate 1.15's `AcceleratorState` turns an FSDP plugin into `DistributedType.FSDP` only for
     accelerator devices (MULTI_GPU, MULTI_NPU, MULTI_XPU, ...; `accelerate/state.py`, the branch that
-    sets `self.fsdp_plugin`) and otherwise drops it: CPU processes would train with DDP, silently.
+    sets `self.fsdp_plugin`, lines 986-1016 in 1.15.0) and otherwise drops it: CPU processes would
+    train with DDP, silently (HF Trainer reads `state.fsdp_plugin` for `is_fsdp_enabled`).
     PyTorch's `fully_shard` itself runs on a CPU device mesh over gloo, so this sets the state
     accelerate would have set on a GPU (distributed type and plugin); accelerate and HF Trainer then
     take their FSDP2 path unchanged (`fully_shard`, sharded optimizer, FSDP checkpoints).
