@@ -157,7 +157,11 @@ def problem(checkpoint: Path, *, loss_state: bool = False, verify: bool = True) 
     if not checkpoint.is_dir():
         return f"{checkpoint} is not a folder"
     deepspeed = any(checkpoint.glob("global_step*"))  # DeepSpeed keeps optimizer and weights there
-    required = ["trainer_state.json"] if deepspeed else list(REQUIRED)
+    # FSDP (accelerate): weights in pytorch_model_fsdp*, optimizer in optimizer.bin (or optimizer_0/)
+    fsdp = any(checkpoint.glob("pytorch_model_fsdp*"))
+    required = (
+        ["trainer_state.json"] if deepspeed else [n for n in REQUIRED if not (fsdp and n == "optimizer.pt")]
+    )
     if loss_state:
         required.append(LOSS_STATE)
     missing = [name for name in required if not (checkpoint / name).exists()]
@@ -172,6 +176,9 @@ def problem(checkpoint: Path, *, loss_state: bool = False, verify: bool = True) 
             )
             if not any(checkpoint.glob(f"global_step*/*{pattern}"))
         ]
+    elif fsdp:
+        if not any(checkpoint.glob("optimizer*.bin")) and not any(checkpoint.glob("optimizer_*")):
+            missing.append("FSDP optimizer states (optimizer.bin)")
     elif not any((checkpoint / name).exists() for name in WEIGHTS):
         missing.append("model weights")
     if missing:

@@ -22,6 +22,7 @@ from alignlab.config import (
     EMBEDDED_RESOLVER,
     DataConfig,
     DeepSpeedConfig,
+    DistributedConfig,
     LoggerConfig,
     ModelConfig,
     TrainerConfig,
@@ -52,6 +53,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="logger", name="schema", node=LoggerConfig)
     cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
+    cs.store(group="distributed", name="schema", node=DistributedConfig)
     for name, entry in REGISTRY.items():
         cs.store(group="loss", name=name, node=entry.config)
     # Recipes are complete experiments, `# @package _global_` files with their own defaults list.

@@ -1,7 +1,7 @@
 """Typed configuration: the dataclass schemas Hydra composes into (registered by `alignlab.compose`).
 
-`configs/` holds the building blocks (groups model, data, trainer, deepspeed, logger; the loss group
-comes from the loss registry's dataclasses) and `recipes/` holds complete experiments selected with
+`configs/` holds the building blocks (groups model, data, trainer, deepspeed, distributed, logger; the
+loss group comes from the loss registry's dataclasses) and `recipes/` holds complete experiments selected with
 `+recipe=NAME`. Every YAML is merged into these schemas, so an unknown key, a wrong type or an
 unknown option fails at compose time with a message that names it.
 """
@@ -299,6 +299,8 @@ TRAINING_ARGUMENTS_SET_BY_ALIGNLAB = {
     "label_names": "always empty",
     "use_cpu": "whether a GPU is present",
     "deepspeed": "deepspeed=",
+    "fsdp": "distributed=fsdp2",
+    "fsdp_config": "distributed=fsdp2",
 }
 
 
@@ -319,6 +321,32 @@ class DeepSpeedConfig:
     def enabled(self) -> bool:
         """Whether the run uses DeepSpeed."""
         return bool(self.path or self.config)
+
+
+@dataclass
+class DistributedConfig:
+    """The sharding engine besides DeepSpeed: `distributed=none|fsdp2` (docs/distributed.md).
+
+    `fsdp2`: PyTorch FSDP2 (`fully_shard`) through HF Trainer / accelerate: parameters, gradients and
+    optimizer states sharded across processes. Not together with `deepspeed=zeroN` (one engine a run).
+    """
+
+    #: HF `TrainingArguments.fsdp_config` (accelerate's FSDP plugin settings, version 2); empty (the
+    #: `none` option) trains without FSDP.
+    fsdp_config: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        version = self.fsdp_config.get("version", 2)
+        if self.fsdp_config and str(version) != "2":
+            raise ValueError(
+                f"distributed.fsdp_config.version={version}: only FSDP2 is supported (transformers "
+                "deprecates FSDP1); remove the setting or set it to 2"
+            )
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether the run shards with FSDP2."""
+        return bool(self.fsdp_config)
 
 
 @dataclass
@@ -367,6 +395,7 @@ class AlignConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     #: evaluation at the end of training.
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
@@ -387,7 +416,7 @@ class AlignConfig:
 
 #: the free-form dictionaries of the schema: `KEY.NAME=value` and `KEY={...}` add names to them as
 #: documented, without Hydra's `+` (Hydra closes every dictionary of a composed config otherwise).
-OPEN_DICTS = ("data.columns", "trainer.extra", "deepspeed.config", "stages")
+OPEN_DICTS = ("data.columns", "trainer.extra", "deepspeed.config", "distributed.fsdp_config", "stages")
 
 
 def schema():

@@ -1,4 +1,4 @@
-"""Everything multi-process and DeepSpeed-specific: one module, so the rest of alignlab never asks.
+"""Everything multi-process, DeepSpeed- and FSDP-specific: one module, so the rest of alignlab never asks.
 
 * Processes. Under `torchrun` / the `deepspeed` launcher every process runs `alignlab.train.run` on
   the same config. `init_processes` starts the process group first thing (accelerate picks the
@@ -11,6 +11,9 @@
   reference, teachers) are `prepare_frozen`-ed: under ZeRO-3 each becomes a DeepSpeed inference
   engine (parameters partitioned across processes, eval mode, no optimizer state), as TRL's
   `prepare_deepspeed` does; otherwise it is placed on the device in the engine's precision.
+* FSDP2. `distributed=fsdp2` (configs/distributed/) becomes `TrainingArguments.fsdp` / `fsdp_config`
+  (`fsdp_config`), and accelerate shards the policy with PyTorch's `fully_shard`. Frozen models stay
+  whole in each process. On CPUs accelerate 1.15 would silently fall back to DDP (`fsdp_on_cpu`).
 
 Models are loaded whole in each process and partitioned when their engine starts (no `zero.Init`
 at load time): simple and exact, at the price of one full copy per process in CPU memory while loading.
@@ -32,7 +35,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
-from alignlab.config import AlignConfig, DeepSpeedConfig
+from alignlab.config import AlignConfig, DeepSpeedConfig, DistributedConfig
 from alignlab.errors import ConfigError
 
 #: ZeRO-3 settings that HF Trainer derives from the model's hidden size h (as in `trainer_config_finalize`).
@@ -162,8 +165,24 @@ def deepspeed_config(cfg: DeepSpeedConfig) -> dict | None:
     return copy.deepcopy(cfg.config) if cfg.config else None
 
 
+def fsdp_config(cfg: DistributedConfig) -> dict | None:
+    """HF `TrainingArguments.fsdp_config` (a fresh copy) for `distributed=fsdp2`, or None without FSDP."""
+    return copy.deepcopy(cfg.fsdp_config) if cfg.fsdp else None
+
+
 def check(cfg: AlignConfig) -> None:
-    """Refuse a DeepSpeed setup that cannot work, before any model loads."""
+    """Refuse a DeepSpeed or FSDP setup that cannot work, before any model loads."""
+    if cfg.deepspeed.enabled and cfg.distributed.fsdp:
+        option = "deepspeed.path" if cfg.deepspeed.path else "deepspeed"
+        raise ConfigError(
+            f"distributed=fsdp2 and {option} both set an engine that shards the model, and a run has one; "
+            "pick FSDP2 (deepspeed=none) or DeepSpeed (distributed=none)"
+        )
+    if cfg.distributed.fsdp and not launched_multiprocess():
+        raise ConfigError(
+            "distributed=fsdp2 shards the model across processes, and this run has one; start it under a "
+            "launcher (torchrun --nproc_per_node N -m alignlab.cli train ...) or use distributed=none"
+        )
     ds = deepspeed_config(cfg.deepspeed)
     if ds is None:
         return
@@ -187,15 +206,18 @@ def check(cfg: AlignConfig) -> None:
 
 
 def check_loss_parameters(cfg: AlignConfig, loss) -> None:
-    """Refuse DeepSpeed for a loss that trains parameters of its own (known after `Loss.prepare`).
+    """Refuse DeepSpeed and FSDP2 for a loss that trains parameters of its own (known after `Loss.prepare`).
 
-    ZeRO's optimizers only take parameters of the engine's model, so e.g. SparsePO's learned mask
-    heads cannot join them. (Under plain multi-process training they can: `average_gradients`.)
+    ZeRO's optimizers only take parameters of the engine's model, and accelerate's FSDP2 swaps every
+    optimizer parameter for its sharded model parameter, so e.g. SparsePO's learned mask heads cannot
+    join them. (Under plain multi-process training they can: `average_gradients`.)
     """
-    if cfg.deepspeed.enabled and loss.param_groups():
+    engine = "DeepSpeed's ZeRO" if cfg.deepspeed.enabled else "FSDP2's" if cfg.distributed.fsdp else None
+    if engine and loss.param_groups():
+        option = "deepspeed=none" if cfg.deepspeed.enabled else "distributed=none"
         raise ConfigError(
             f"loss {cfg.loss.name!r} trains parameters of its own (e.g. SparsePO's learned mask heads), "
-            "which DeepSpeed's ZeRO optimizers cannot take; use deepspeed=none (torchrun still runs "
+            f"which {engine} optimizers cannot take; use {option} (torchrun still runs "
             "several processes, with DDP) or a variant without them (SparsePO: loss.mask=activation)"
         )
 
@@ -258,8 +280,49 @@ def prepare_frozen(model: nn.Module | None, args) -> nn.Module | None:
     return engine
 
 
+def fsdp_on_cpu(accelerator, args) -> bool:
+    """Make accelerate run the FSDP2 that `args` ask for on CPU processes (gloo); whether it had to.
+
+    accelerate 1.15's `AcceleratorState` turns an FSDP plugin into `DistributedType.FSDP` only for
+    accelerator devices (MULTI_GPU, MULTI_NPU, MULTI_XPU, ...; `accelerate/state.py`, the branch that
+    sets `self.fsdp_plugin`, lines 986-1016 in 1.15.0) and otherwise drops it: CPU processes would
+    train with DDP, silently (HF Trainer reads `state.fsdp_plugin` for `is_fsdp_enabled`).
+    PyTorch's `fully_shard` itself runs on a CPU device mesh over gloo, so this sets the state
+    accelerate would have set on a GPU (distributed type and plugin); accelerate and HF Trainer then
+    take their FSDP2 path unchanged (`fully_shard`, sharded optimizer, FSDP checkpoints).
+    """
+    from accelerate.state import AcceleratorState, DistributedType
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if args.fsdp_plugin_args is None or accelerator.state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    state = AcceleratorState()
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState keeps it
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    return True
+
+
+def fsdp_share(model: nn.Module) -> str | None:
+    """This process's share of an FSDP2-sharded model, as a line (None for a model FSDP does not shard)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    if not any(isinstance(p, DTensor) for p in params):
+        return None
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    total = sum(p.numel() for p in params)
+    rank, count = process_index_and_count()
+    return f"FSDP2: process {rank} of {count} holds {local:,} of the policy's {total:,} parameters"
+
+
 def chunkable_head(head: nn.Module | None) -> nn.Module | None:
     """An output head that the chunked logits (`alignlab.chunked`) may call outside the model's forward.
+
+    FSDP2 (accelerate) shards the head with the embeddings and final norm as one unit, whose
+    parameters stay gathered from the model's forward until its backward; but calling that module
+    again outside the forward re-runs FSDP's hooks out of order (a segmentation fault in the
+    backward, torch 2.13). Such a head is called as a plain `linear` of its gathered weight.
 
     ZeRO-3 gathers a module's partitioned parameters in hooks around its forward, which serve a
     trainable head called chunk by chunk (recomputed in the backward) but not a frozen one (a LoRA
@@ -269,7 +332,32 @@ def chunkable_head(head: nn.Module | None) -> nn.Module | None:
     weight = getattr(head, "weight", None)
     if isinstance(head, nn.Linear) and hasattr(weight, "ds_id") and not weight.requires_grad:
         return _GatheredFrozenHead(head)
+    if isinstance(head, nn.Linear) and _is_fsdp_module(head):
+        return _FsdpGatheredHead(head)
     return head
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+class _FsdpGatheredHead(nn.Module):
+    """An FSDP2-sharded `nn.Linear` head, called without FSDP's hooks (see `chunkable_head`)."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        object.__setattr__(self, "head", head)  # not a submodule: FSDP owns it
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # between the model's forward and its backward the unit's parameters are the gathered ones; a
+        # sharded DTensor here would fail loudly ("mixed torch.Tensor and DTensor"), not silently
+        return nn.functional.linear(hidden, self.head.weight, self.head.bias)
 
 
 class _GatheredFrozenHead(nn.Module):

@@ -96,7 +96,8 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
 
 def check_reference_sync(cfg: AlignConfig, needs: Needs) -> None:
     """Refuse TR-DPO's reference update (`model.reference_sync`) where there is no reference model to
-    update in place: a reference-free loss, precomputed log-probs, LoRA's adapter-disabled policy, ZeRO-3."""
+    update in place: a reference-free loss, precomputed log-probs, LoRA's adapter-disabled policy, ZeRO-3
+    and FSDP2 (a sharded policy)."""
     if not cfg.model.reference_sync.enabled:
         return
     off = "or model.reference_sync.enabled=false"
@@ -130,6 +131,12 @@ def check_reference_sync(cfg: AlignConfig, needs: Needs) -> None:
             "model.reference_sync.enabled=true with DeepSpeed ZeRO-3 is not supported (policy and "
             "reference are partitioned across processes and would have to be gathered for each "
             f"update). Fix: deepspeed=zero2 (or zero1, or none), {off}"
+        )
+    if cfg.distributed.fsdp:
+        raise ConfigError(
+            "model.reference_sync.enabled=true with distributed=fsdp2 is not supported (the policy is "
+            "sharded across processes and would have to be gathered for each update). Fix: "
+            f"distributed=none (DDP) or deepspeed=zero2, {off}"
         )
 
 
@@ -261,9 +268,10 @@ def training_arguments(
     has_eval: bool,
     report_to: list[str],
     deepspeed: dict | None = None,
+    fsdp: dict | None = None,
 ):
     """HF `TrainingArguments` from `trainer.*`; `deepspeed` is a DeepSpeed config dict (its "auto"
-    values are filled from these arguments by HF Trainer)."""
+    values are filled from these arguments by HF Trainer), `fsdp` an FSDP2 `fsdp_config` dict."""
     from transformers import TrainingArguments
 
     known = {
@@ -294,6 +302,8 @@ def training_arguments(
             label_names=[],
             use_cpu=not _has_accelerator(),
             deepspeed=deepspeed,
+            fsdp=True if fsdp is not None else None,
+            fsdp_config=fsdp,
             **t.extra,
         )
     except (ValueError, TypeError) as err:  # a value TrainingArguments refuses, e.g. in trainer.extra
@@ -530,6 +540,7 @@ def _train(
         data.eval is not None,
         typed.logger.report_to,
         distributed.deepspeed_config(typed.deepspeed),
+        distributed.fsdp_config(typed.distributed),
     )
     # on the device; under ZeRO-3 partitioned inference engines (models were loaded whole: the loss's
     # prepare() above may use the reference before any engine exists)

@@ -31,7 +31,7 @@ from alignlab.checkpoints import (
     non_finite,
     save_batch,
 )
-from alignlab.distributed import average_gradients, prepare_frozen
+from alignlab.distributed import average_gradients, fsdp_on_cpu, fsdp_share, prepare_frozen
 from alignlab.errors import ConfigError, UserError
 from alignlab.forward import ForwardPlan, ModelPlans
 from alignlab.losses.base import Loss, LossInputs, Needs, StepTokens
@@ -169,6 +169,12 @@ class AlignTrainer(Trainer):
         self._micro = (-1, 0)
         #: token counts of the current optimizer step (`get_batch_samples`), for step-wide token means
         self._step_tokens: StepTokens | None = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """HF's accelerator; FSDP2 on CPU processes too (`alignlab.distributed.fsdp_on_cpu`)."""
+        super().create_accelerator_and_postprocess()
+        if fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """HF's micro-batches of one optimizer step, and their token counts over every process
@@ -510,8 +516,11 @@ class _RunControl(TrainerCallback):
     def __init__(self, trainer: AlignTrainer) -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.trainer._restore_log_state()
+        share = fsdp_share(model) if model is not None else None
+        if share:  # every process: its own share
+            print(share, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if INTERRUPTS.received is not None:

@@ -36,9 +36,18 @@ DEEPSPEED = (
     "global_step4/mp_rank_00_model_states.pt",
     "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
 )
+#: FSDP2 through accelerate (FULL_STATE_DICT): its weights and optimizer states under its own names
+FSDP = (
+    "trainer_state.json",
+    "scheduler.pt",
+    "rng_state_0.pth",
+    "model.safetensors",
+    "pytorch_model_fsdp.bin",
+    "optimizer.bin",
+)
 
 
-@pytest.mark.parametrize("files", [PLAIN, DEEPSPEED], ids=["plain", "deepspeed"])
+@pytest.mark.parametrize("files", [PLAIN, DEEPSPEED, FSDP], ids=["plain", "deepspeed", "fsdp"])
 def test_a_complete_checkpoint_is_resumable(tmp_path, files):
     checkpoint = _checkpoint(tmp_path / "checkpoint-4", files)
     assert problem(checkpoint) is None
@@ -68,6 +77,8 @@ def test_a_digest_is_the_sha256_of_the_blocks_sha256s(tmp_path, monkeypatch):
         ([f for f in PLAIN if f != "model.safetensors"], "lacks model weights"),
         ([f for f in DEEPSPEED if "optim_states" not in f], "lacks DeepSpeed optimizer states"),
         ([f for f in DEEPSPEED if "model_states" not in f], "lacks DeepSpeed model states"),
+        ([f for f in FSDP if f != "optimizer.bin"], "lacks FSDP optimizer states (optimizer.bin)"),
+        ([f for f in FSDP if f != "scheduler.pt"], "lacks scheduler.pt"),
     ],
 )
 def test_a_checkpoint_without_a_file_a_resume_needs_is_named_with_its_reason(tmp_path, files, reason):

@@ -63,6 +63,65 @@ def test_unworkable_setups_are_refused(overrides, message, compose_run):
         distributed.check(to_typed(compose_run("+recipe=dpo", *overrides)))
 
 
+def test_fsdp2_becomes_the_fsdp_config_hf_trainer_takes(compose_run, tmp_path, monkeypatch):
+    from alignlab.train import training_arguments
+
+    assert distributed.fsdp_config(to_typed(compose_run("+recipe=dpo")).distributed) is None  # none: default
+    typed = to_typed(
+        compose_run("+recipe=dpo", "distributed=fsdp2", "distributed.fsdp_config.reshard_after_forward=false")
+    )
+    fsdp = distributed.fsdp_config(typed.distributed)
+    assert fsdp["version"] == 2 and fsdp["reshard_after_forward"] is False
+    assert fsdp is not distributed.fsdp_config(typed.distributed)  # a fresh copy: HF normalises it in place
+    with pytest.raises(
+        ConfigError, match="distributed=fsdp2 shards the model across processes, and this run"
+    ):
+        distributed.check(typed)  # one process: HF Trainer would refuse it after the models loaded
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under a launcher
+    distributed.check(typed)
+    monkeypatch.delenv("WORLD_SIZE")  # TrainingArguments below would start a process group
+    args = training_arguments(typed.trainer, tmp_path, 0, False, [], None, fsdp)
+    assert args.fsdp and args.fsdp_plugin_args["fsdp_version"] == 2
+    assert args.fsdp_plugin_args["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert args.fsdp_plugin_args["reshard_after_forward"] is False
+    assert not training_arguments(typed.trainer, tmp_path, 0, False, []).fsdp  # without it: no FSDP
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ("distributed=fsdp2", "deepspeed=zero3"),
+            "distributed=fsdp2 and deepspeed both set an engine .* pick FSDP2 \\(deepspeed=none\\) or "
+            "DeepSpeed \\(distributed=none\\)",
+        ),
+        (("distributed=fsdp2", "deepspeed.path=ds.json"), "distributed=fsdp2 and deepspeed.path both"),
+    ],
+)
+def test_fsdp2_and_deepspeed_together_are_refused(overrides, message, compose_run):
+    with pytest.raises(ConfigError, match=message):
+        distributed.check(to_typed(compose_run("+recipe=dpo", *overrides)))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ("distributed=fsdp2", "distributed.fsdp_config.version=1"),
+            "distributed.fsdp_config.version=1: only",
+        ),
+        (
+            ("+trainer.extra.fsdp=true",),
+            "alignlab sets TrainingArguments.fsdp itself \\(distributed=fsdp2\\)",
+        ),
+        (("+trainer.extra.fsdp_config={}",), "TrainingArguments.fsdp_config itself \\(distributed=fsdp2\\)"),
+    ],
+)
+def test_fsdp_settings_outside_the_group_are_refused(overrides, message, compose_run):
+    with pytest.raises(ConfigError, match=message):
+        to_typed(compose_run("+recipe=dpo", *overrides))
+
+
 def test_a_loss_with_its_own_parameters_is_refused_under_deepspeed(compose_run):
     class Heads(torch.nn.Module):
         def param_groups(self):
@@ -72,9 +131,13 @@ def test_a_loss_with_its_own_parameters_is_refused_under_deepspeed(compose_run):
         distributed.check_loss_parameters(
             to_typed(compose_run("+recipe=sparsepo", "deepspeed=zero2")), Heads()
         )
+    with pytest.raises(ConfigError, match="FSDP2's optimizers cannot take; use distributed=none"):
+        distributed.check_loss_parameters(
+            to_typed(compose_run("+recipe=sparsepo", "distributed=fsdp2")), Heads()
+        )
     distributed.check_loss_parameters(
         to_typed(compose_run("+recipe=sparsepo")), Heads()
-    )  # fine without DeepSpeed
+    )  # fine without DeepSpeed or FSDP2
 
 
 def test_frozen_models_without_deepspeed_are_placed_on_the_device():

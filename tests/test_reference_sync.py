@@ -140,8 +140,9 @@ def _typed(compose_run, *overrides):
         (("model.lora.enabled=true",), "adapters disabled .* Fix: model.lora.enabled=false"),
         (("deepspeed=zero3",), "ZeRO-3 is not supported .* Fix: deepspeed=zero2"),
         (("trainer.max_steps=30",), "every=30 is not below the run's trainer.max_steps=30: .* Fix: set"),
+        (("distributed=fsdp2",), "distributed=fsdp2 is not supported .* Fix: distributed=none"),
     ],
-    ids=["reference-free", "precomputed", "lora", "zero3", "period"],
+    ids=["reference-free", "precomputed", "lora", "zero3", "period", "fsdp2"],
 )
 def test_impossible_combinations_are_one_line_naming_the_fields_and_the_fix(compose_run, overrides, message):
     typed = _typed(compose_run, *overrides)

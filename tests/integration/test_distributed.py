@@ -1,5 +1,5 @@
-"""Scale-out invariants on this CPU: two processes under torchrun (DeepSpeed ZeRO-2/3 over gloo, or
-DDP) train exactly like one process with the same global batch; gradient accumulation k x b equals
+"""Scale-out invariants on this CPU: two processes under torchrun (DeepSpeed ZeRO-2/3 or FSDP2 over
+gloo, or DDP) train exactly like one process with the same global batch; gradient accumulation k x b equals
 one batch of k*b; a two-process run resumes from its checkpoint like the uninterrupted run.
 
 Tolerance: per-step losses and gradient norms agree to 1e-5 absolute (measured: ~1e-7, the float32
@@ -95,28 +95,28 @@ def _saved_weights(model_dir) -> dict[str, torch.Tensor]:
 
 
 CASES = {
-    # name: (deepspeed option, overrides of both runs, overrides of the two-process run only)
-    "zero2-dpo": ("zero2", ("+recipe=dpo",), ()),
+    # name: (the engine's override, overrides of both runs, overrides of the two-process run only)
+    "zero2-dpo": ("deepspeed=zero2", ("+recipe=dpo",), ()),
     # TR-DPO: each process mixes the (unpartitioned) ZeRO-2 policy into its reference after every step
-    "zero2-trdpo": ("zero2", ("+recipe=trdpo", "model.reference_sync.every=1"), ()),
+    "zero2-trdpo": ("deepspeed=zero2", ("+recipe=trdpo", "model.reference_sync.every=1"), ()),
     # full-vocabulary logits: chunked heads of the policy and of the partitioned reference engine
-    "zero3-tdpo": ("zero3", ("+recipe=tdpo",), ()),
+    "zero3-tdpo": ("deepspeed=zero3", ("+recipe=tdpo",), ()),
     # the reference is the adapter-disabled policy (LoRA dropout off: it would draw per-process masks)
     "zero3-dpo-lora": (
-        "zero3",
+        "deepspeed=zero3",
         ("+recipe=dpo", "model.lora.enabled=true", "model.lora.dropout=0", "trainer.learning_rate=1e-2"),
         (),
     ),
     # scored half each (in step: 2400 rows in 25 batches of 96, the process with 12 repeats one) with the
     # partitioned reference, gathered, cached by process 0; vs a live reference
     "zero3-dpo-precomputed": (
-        "zero3",
+        "deepspeed=zero3",
         ("+recipe=dpo",),
         ("model.reference_mode=precomputed", "trainer.per_device_eval_batch_size=96"),
     ),
     # teachers as partitioned inference engines, their full logits chunked through gathered frozen heads
     "zero3-aligndistil": (
-        "zero3",
+        "deepspeed=zero3",
         (
             "+recipe=dpo",
             "loss=aligndistil",
@@ -127,16 +127,25 @@ CASES = {
     ),
     # one logit position per chunk: the processes' batches need different numbers of chunks (lengths and
     # response positions differ), and each chunk gathers the partitioned head collectively
-    "zero3-tdpo-small-chunks": ("zero3", ("+recipe=tdpo", "model.logit_chunk_size=1"), ()),
+    "zero3-tdpo-small-chunks": ("deepspeed=zero3", ("+recipe=tdpo", "model.logit_chunk_size=1"), ()),
     # DDP without DeepSpeed; SparsePO's own mask heads get their gradients averaged too
-    "ddp-sparsepo": ("none", ("+recipe=sparsepo",), ()),
+    "ddp-sparsepo": ("deepspeed=none", ("+recipe=sparsepo",), ()),
+    # FSDP2 (accelerate's fully_shard): full-vocabulary logits chunked through the sharded policy's head
+    # (gathered with the embeddings and final norm as one unit) and the whole, unsharded live reference
+    "fsdp2-tdpo": ("distributed=fsdp2", ("+recipe=tdpo",), ()),
+    # the whole reference scores half the rows in each process, gathered, cached by process 0
+    "fsdp2-dpo-precomputed": (
+        "distributed=fsdp2",
+        ("+recipe=dpo",),
+        ("model.reference_mode=precomputed", "trainer.per_device_eval_batch_size=96"),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_train_like_one(case, tmp_path, compose_run):
-    deepspeed, common, multi_only = CASES[case]
-    if deepspeed != "none":
+    engine, common, multi_only = CASES[case]
+    if engine.startswith("deepspeed=") and engine != "deepspeed=none":
         pytest.importorskip("deepspeed")
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     single = run(
@@ -150,7 +159,7 @@ def test_two_processes_train_like_one(case, tmp_path, compose_run):
         *STEPS,
         "trainer.max_steps=3",
         "trainer.per_device_train_batch_size=16",
-        f"deepspeed={deepspeed}",
+        engine,
         cache,
     )
 
@@ -170,6 +179,14 @@ def test_two_processes_train_like_one(case, tmp_path, compose_run):
     assert (
         out.count("alignlab: run finished") == 1 and out.count("data builtin:sentiment") == 1
     )  # process 0 prints
+    if engine == "distributed=fsdp2":  # sharded, not DDP: each process holds about half of the policy
+        shares = re.findall(
+            r"FSDP2: process (\d) of 2 holds ([\d,]+) of the policy's ([\d,]+) parameters", out
+        )
+        assert sorted(s[0] for s in shares) == ["0", "1"], out[-3000:]
+        total = int(shares[0][2].replace(",", ""))
+        assert sum(int(s[1].replace(",", "")) for s in shares) == total
+        assert all(int(s[1].replace(",", "")) < 0.6 * total for s in shares)
     if "model.reference_mode=precomputed" in multi_only:
         assert out.count("reference log-probs: computed") == 1
         caches = list((tmp_path / "cache" / "reference").glob("reference-*.arrow"))
@@ -220,10 +237,13 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, compose_run):
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
 
 
-def test_two_process_run_resumes_from_its_checkpoint(tmp_path, compose_run):
-    """BCO under ZeRO-2: its running reward mean δ is all-reduced (so two processes match one) and
-    travels with the checkpoint (so the resumed run matches the uninterrupted one)."""
-    pytest.importorskip("deepspeed")
+@pytest.mark.parametrize("engine", ["deepspeed=zero2", "distributed=fsdp2"])
+def test_two_process_run_resumes_from_its_checkpoint(engine, tmp_path, compose_run):
+    """BCO under ZeRO-2 or FSDP2: its running reward mean δ is all-reduced (so two processes match one)
+    and travels with the checkpoint (so the resumed run matches the uninterrupted one); FSDP2 resumes
+    from accelerate's own checkpoint files (pytorch_model_fsdp.bin, optimizer.bin)."""
+    if engine.startswith("deepspeed="):
+        pytest.importorskip("deepspeed")
     common = (
         "+recipe=bco",
         *STEPS,
@@ -231,7 +251,7 @@ def test_two_process_run_resumes_from_its_checkpoint(tmp_path, compose_run):
         "trainer.save_steps=2",
         f"data.cache_dir={tmp_path / 'cache'}",
     )
-    two = ("trainer.per_device_train_batch_size=16", "deepspeed=zero2")
+    two = ("trainer.per_device_train_batch_size=16", engine)
     single = run(
         compose_run(*common, "trainer.per_device_train_batch_size=32"), output_dir=tmp_path / "single"
     )
@@ -239,6 +259,8 @@ def test_two_process_run_resumes_from_its_checkpoint(tmp_path, compose_run):
     full = _losses(tmp_path / "full")
     assert [full[s] for s in (1, 2, 3, 4)] == pytest.approx(single.train_losses, abs=TOL)
 
+    if engine == "distributed=fsdp2":  # accelerate's FSDP checkpoint, not a plain one
+        assert (tmp_path / "full" / "checkpoint-2" / "optimizer.bin").exists()
     (tmp_path / "resumed").mkdir()  # an interrupted run: only the step-2 checkpoint survived
     shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     _torchrun(tmp_path / "resumed", *common, *two, "trainer.resume_from_checkpoint=latest")
