@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -160,13 +161,14 @@ def build_datasets(
         max_prompt_length=cfg.max_prompt_length,
         responses_per_example=len(main),
     )
-    sources = read(cfg, report)  # 1. read
-    plan, rows = normalise(sources, cfg, tokenizer, main, fields, report)  # 2. normalise
-    rows = rows.map(partial(settle, cfg=cfg, report=report))  # 3. settle bad rows
-    rows = hold_out(rows, cfg, seed, report)  # 4. hold out
-    rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
-    settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts())
-    data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)  # 5. tokenise, 6. cache
+    with tempfile.TemporaryDirectory(prefix="alignlab-data-") as work:  # the run's Arrow files
+        sources = read(cfg, report, work)  # 1. read
+        plan, rows = normalise(sources, cfg, tokenizer, main, fields, report)  # 2. normalise
+        rows = rows.map(partial(settle, cfg=cfg, report=report))  # 3. settle bad rows
+        rows = hold_out(rows, cfg, seed, report)  # 4. hold out
+        rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
+        settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts())
+        data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)  # 5. tokenise, 6. cache
     data = with_mismatched(data, mismatched, cfg.max_length, seed)
     if RETAIN in responses:
         data = with_retain(data, cfg, tokenizer, settings, eos, seed, report)

@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Any
 from alignlab.errors import UserError
 
 if TYPE_CHECKING:
+    import datasets
+
     from alignlab.config import DataConfig
 
 #: how many example rows the report keeps per skip reason.
 EXAMPLES_PER_REASON = 5
+#: Arrow columns of a row's problem ("" for a good row), written by `read`, `normalise` and `tokenize`.
+BAD_REASON = "_bad_reason"
+BAD_DETAIL = "_bad_detail"
+#: Arrow columns of where a row comes from: an index into the labels of its sources, and `RowRef.index`.
+SOURCE, ROW = "_source", "_row"
 
 
 class DataError(UserError):
@@ -129,6 +136,49 @@ class Normalized:
     def subset(self, indices: Sequence[int]) -> Normalized:
         """The usable rows at `indices` (bad rows are not carried over)."""
         return Normalized([self.rows[i] for i in indices], [self.refs[i] for i in indices])
+
+
+@dataclass
+class ArrowRows:
+    """`Normalized` on Arrow: the usable canonical rows as a memory-mapped `datasets.Dataset`.
+
+    Attributes:
+        rows: the canonical columns (``prompt``, the responses, one JSON text per field until
+            `tokenize.field_types` types it) and where each row comes from (``_source``, ``_row``).
+        labels: ``_source`` -> the source's name, as `RowRef.source`.
+        bad: the rows that could not be used.
+    """
+
+    rows: datasets.Dataset
+    labels: list[str]
+    bad: list[BadRow] = field(default_factory=list)
+
+    @property
+    def refs(self) -> _Refs:
+        """`refs[i]` is where `rows[i]` came from (looked up when asked: bad rows are few)."""
+        return _Refs(self)
+
+    def subset(self, indices: Sequence[int]) -> ArrowRows:
+        """The usable rows at `indices` (bad rows are not carried over); no row is copied."""
+        return ArrowRows(self.rows.select(indices), self.labels)
+
+    def canonical(self) -> datasets.Dataset:
+        """The canonical columns only."""
+        return self.rows.select_columns([name for name in self.rows.column_names if not name.startswith("_")])
+
+
+@dataclass
+class _Refs:
+    """The `RowRef`s of `ArrowRows`, by index."""
+
+    rows: ArrowRows
+
+    def __len__(self) -> int:
+        return len(self.rows.rows)
+
+    def __getitem__(self, index: int) -> RowRef:
+        row = self.rows.rows.select_columns([SOURCE, ROW])[int(index)]
+        return RowRef(self.rows.labels[row[SOURCE]], row[ROW])
 
 
 @dataclass
