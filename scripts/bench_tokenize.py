@@ -83,15 +83,20 @@ def timed_build(path: Path, cache: Path, num_proc: int, tokenizer) -> tuple[floa
     }
 
 
-def _rss_kib(pid: int) -> int:
-    """Resident set of `pid` and its descendants, KiB (0 for a process already gone)."""
-    total = 0
+def _rss_kib(pid: int) -> dict[str, int]:
+    """Resident set of `pid` and its descendants, KiB: in all, anonymous (heap) and file-backed (the
+    memory-mapped Arrow pages it has touched, which the kernel can drop); zeros for a process gone."""
+    total = dict.fromkeys(("VmRSS", "RssAnon", "RssFile"), 0)
     try:
-        total += int(next(x for x in open(f"/proc/{pid}/status") if x.startswith("VmRSS")).split()[1])
+        for line in open(f"/proc/{pid}/status"):
+            key = line.split(":")[0]
+            if key in total:
+                total[key] += int(line.split()[1])
         for task in os.listdir(f"/proc/{pid}/task"):
             for child in open(f"/proc/{pid}/task/{task}/children").read().split():
-                total += _rss_kib(int(child))
-    except (OSError, StopIteration):
+                for key, value in _rss_kib(int(child)).items():
+                    total[key] += value
+    except OSError:
         pass
     return total
 
@@ -105,11 +110,12 @@ def child(path: Path, cache: Path, num_proc: int) -> int:
     tokenizer = GPT2TokenizerFast(vocab=str(GPT2 / "vocab.json"), merges=str(GPT2 / "merges.txt"))
     tokenizer.pad_token = tokenizer.eos_token
     before = _rss_kib(os.getpid())
-    peak, done = [before], threading.Event()
+    peak, done = dict(before), threading.Event()
 
     def sample() -> None:
         while not done.wait(0.05):
-            peak.append(max(peak[-1], _rss_kib(os.getpid())))
+            for key, value in _rss_kib(os.getpid()).items():
+                peak[key] = max(peak[key], value)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -118,17 +124,9 @@ def child(path: Path, cache: Path, num_proc: int) -> int:
     sampler.join()
     assert not info["cache_hit"], "a cold run hit the cache"
     self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(
-        json.dumps(
-            {
-                **info,
-                "seconds": seconds,
-                "rss_before_kib": before,
-                "peak_self_kib": self_peak,
-                "peak_total_kib": max(peak),
-            }
-        )
-    )
+    figures = {"rss_before_kib": before["VmRSS"], "peak_self_kib": self_peak, "peak_total_kib": peak["VmRSS"]}
+    figures.update(peak_anon_kib=peak["RssAnon"], peak_file_kib=peak["RssFile"])
+    print(json.dumps({**info, "seconds": seconds, **figures}))
     return 0
 
 

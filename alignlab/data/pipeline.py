@@ -7,6 +7,10 @@
     [-> pair with retain rows, read through the same stages] -> PreparedData(train, eval, report)
 
 `build_datasets` is that line; each stage is its own module, and only this one calls them in turn.
+From reading to tokenising, the rows live in Arrow files in a temporary work folder (memory-mapped
+`datasets.Dataset`s, each stage a batched `Dataset.map` over `data.num_proc` processes), never as one
+Python dict per row; the tokenised splits are read back from the cache (`cache`), so nothing returned
+points into the work folder, which is removed at the end.
 """
 
 from __future__ import annotations
@@ -164,6 +168,7 @@ def build_datasets(
     with tempfile.TemporaryDirectory(prefix="alignlab-data-") as work:  # the run's Arrow files
         sources = read(cfg, report, work)  # 1. read
         plan, rows = normalise(sources, cfg, tokenizer, main, fields, report)  # 2. normalise
+        del sources  # unmap the raw records: their pages no longer count in this process's memory
         rows = rows.map(partial(settle, cfg=cfg, report=report))  # 3. settle bad rows
         rows = hold_out(rows, cfg, seed, report)  # 4. hold out
         rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
