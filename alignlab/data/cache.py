@@ -78,6 +78,11 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "alignlab" / "tokenized"
 
 
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """`data.cache_dir`, or `default_cache_dir()`."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
 def cached(
     rows: Sequence[dict[str, Any]] | datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -92,7 +97,7 @@ def cached(
     """
     import datasets
 
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root = cache_root(cache_dir)
     key = fingerprint(rows, tokenizer, settings)
     target = root / key
     if target.is_dir():

@@ -9,8 +9,9 @@
 `build_datasets` is that line; each stage is its own module, and only this one calls them in turn.
 From reading to tokenising, the rows live in Arrow files in a temporary work folder (memory-mapped
 `datasets.Dataset`s, each stage a batched `Dataset.map` over `data.num_proc` processes), never as one
-Python dict per row; the tokenised splits are read back from the cache (`cache`), so nothing returned
-points into the work folder, which is removed at the end.
+Python dict per row; the work folder is made in `data.cache_dir` (on disk beside the cache) and removed
+at the end: the tokenised splits are read back from the cache (`cache`), so nothing returned points
+into it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+from alignlab.data.cache import cache_root
 from alignlab.data.mismatched import with_mismatched
 from alignlab.data.normalise import LABEL, PAIR, UNPAIRED, check_columns, normalise, reshape_pairs
 from alignlab.data.read import read
@@ -165,7 +167,9 @@ def build_datasets(
         max_prompt_length=cfg.max_prompt_length,
         responses_per_example=len(main),
     )
-    with tempfile.TemporaryDirectory(prefix="alignlab-data-") as work:  # the run's Arrow files
+    root = cache_root(cfg.cache_dir)  # the work folder beside the cache: on disk, not in a RAM /tmp
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".work-", dir=root) as work:  # the run's Arrow files
         sources = read(cfg, report, work)  # 1. read
         plan, rows = normalise(sources, cfg, tokenizer, main, fields, report)  # 2. normalise
         del sources  # unmap the raw records: their pages no longer count in this process's memory

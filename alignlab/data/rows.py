@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from alignlab.errors import UserError
@@ -153,9 +154,9 @@ class ArrowRows:
     labels: list[str]
     bad: list[BadRow] = field(default_factory=list)
 
-    @property
+    @cached_property
     def refs(self) -> _Refs:
-        """`refs[i]` is where `rows[i]` came from (looked up when asked: bad rows are few)."""
+        """`refs[i]` is where `rows[i]` came from."""
         return _Refs(self)
 
     def subset(self, indices: Sequence[int]) -> ArrowRows:
@@ -167,18 +168,21 @@ class ArrowRows:
         return self.rows.select_columns([name for name in self.rows.column_names if not name.startswith("_")])
 
 
-@dataclass
 class _Refs:
-    """The `RowRef`s of `ArrowRows`, by index."""
+    """The `RowRef`s of `ArrowRows`, by index: two integer arrays, read on the first look-up."""
 
-    rows: ArrowRows
+    def __init__(self, rows: ArrowRows) -> None:
+        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.rows.rows)
 
+    @cached_property
+    def _columns(self) -> dict[str, Any]:
+        return self.rows.rows.select_columns([SOURCE, ROW]).with_format("numpy")[:]
+
     def __getitem__(self, index: int) -> RowRef:
-        row = self.rows.rows.select_columns([SOURCE, ROW])[int(index)]
-        return RowRef(self.rows.labels[row[SOURCE]], row[ROW])
+        return RowRef(self.rows.labels[int(self._columns[SOURCE][index])], int(self._columns[ROW][index]))
 
 
 @dataclass
