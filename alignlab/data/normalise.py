@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from alignlab.data.rows import (
     BAD_DETAIL,
     BAD_REASON,
+    RAW,
     ROW,
     SOURCE,
     ArrowRows,
@@ -478,7 +479,7 @@ def _normalize_batch(
     out: dict[str, list[Any]] = {
         name: [] for name in (SOURCE, ROW, *texts, *plan.fields, BAD_REASON, BAD_DETAIL)
     }
-    for i, raw in enumerate(batch["_raw"]):
+    for i, raw in enumerate(batch[RAW]):
         reason, detail, canonical = batch[BAD_REASON][i], batch[BAD_DETAIL][i], {}
         if not reason:
             try:

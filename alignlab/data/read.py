@@ -34,7 +34,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignlab.builtin import DATASETS
-from alignlab.data.rows import BadRow, DataError, DataReport, Reason, Record, RowRef
+from alignlab.data.rows import (
+    BAD_DETAIL,
+    BAD_REASON,
+    RAW,
+    ROW,
+    SOURCE,
+    BadRow,
+    DataError,
+    DataReport,
+    Reason,
+    Record,
+    RowRef,
+)
 from alignlab.data.split import eval_count
 from alignlab.errors import first_line
 
@@ -52,8 +64,6 @@ SAVED_DATASET, SAVED_DATASET_DICT = "state.json", "dataset_dict.json"
 
 #: rows per Arrow record batch written by `write_records`.
 WRITE_BATCH = 10_000
-#: the columns of `ArrowRecords.dataset`, besides the bad-row columns of `rows.BAD_REASON`/`BAD_DETAIL`.
-SOURCE, ROW, RAW = "_source", "_row", "_raw"
 
 
 @dataclass
@@ -111,8 +121,6 @@ def write_records(records: Iterable[Record], path: str, target: Path) -> ArrowRe
     import datasets
     import pyarrow as pa
 
-    from alignlab.data.rows import BAD_DETAIL, BAD_REASON
-
     schema = pa.schema(
         [
             (SOURCE, pa.int32()),
@@ -142,7 +150,7 @@ def write_records(records: Iterable[Record], path: str, target: Path) -> ArrowRe
         if batch[ROW]:
             writer.write_batch(pa.record_batch(batch, schema=schema))
     if not sampler.count:
-        raise DataError(f"{path} holds no rows. Fix: point data.path at a non-empty dataset")
+        raise _no_rows(path)
     return ArrowRecords(datasets.Dataset.from_file(str(file)), list(labels), sampler.records())
 
 
@@ -210,8 +218,12 @@ def read_source(
     """
     records = list(_records(path, name=name, split=split, limit=limit))
     if not records:
-        raise DataError(f"{path} holds no rows. Fix: point data.path at a non-empty dataset")
+        raise _no_rows(path)
     return records
+
+
+def _no_rows(path: str) -> DataError:
+    return DataError(f"{path} holds no rows. Fix: point data.path at a non-empty dataset")
 
 
 def _records(

@@ -26,8 +26,9 @@ EXAMPLES_PER_REASON = 5
 #: Arrow columns of a row's problem ("" for a good row), written by `read`, `normalise` and `tokenize`.
 BAD_REASON = "_bad_reason"
 BAD_DETAIL = "_bad_detail"
-#: Arrow columns of where a row comes from: an index into the labels of its sources, and `RowRef.index`.
-SOURCE, ROW = "_source", "_row"
+#: Arrow columns of where a row comes from (an index into the labels of its sources, and `RowRef.index`)
+#: and of a raw row read (pickled).
+SOURCE, ROW, RAW = "_source", "_row", "_raw"
 
 
 class DataError(UserError):
