@@ -424,6 +424,11 @@ def canonical_row(row: Mapping[str, Any], plan: Plan, tokenizer: PreTrainedToken
     return canonical
 
 
+def canonical_texts(plan: Plan) -> tuple[str, ...]:
+    """The string columns of the canonical rows `plan` gives (`canonical_row`), fields aside."""
+    return ("prompt", *plan.responses)
+
+
 def normalize_arrow(
     records: ArrowRecords, plan: Plan, tokenizer: PreTrainedTokenizerBase, num_proc: int = 1
 ) -> ArrowRows:
@@ -438,7 +443,7 @@ def normalize_arrow(
     import pyarrow.compute as pc
     from datasets import Features, Value
 
-    texts = ("prompt", *plan.responses)
+    texts = canonical_texts(plan)
     features = Features(
         {
             SOURCE: Value("int32"),
@@ -475,7 +480,7 @@ def _normalize_batch(
 ) -> dict[str, list[Any]]:
     """`Dataset.map` function (batched) of `normalize_arrow`: records -> canonical columns, a bad row
     marked by its reason and detail (its texts "")."""
-    texts = ("prompt", *plan.responses)
+    texts = canonical_texts(plan)
     out: dict[str, list[Any]] = {
         name: [] for name in (SOURCE, ROW, *texts, *plan.fields, BAD_REASON, BAD_DETAIL)
     }
@@ -486,6 +491,11 @@ def _normalize_batch(
                 canonical = canonical_row(pickle.loads(raw), plan, tokenizer)
             except RowProblem as problem:
                 reason, detail = problem.reason, problem.detail
+            extra = set(canonical) - {*texts, *plan.fields}
+            if extra:  # a column the Arrow schema lacks: never drop it silently
+                raise AssertionError(
+                    f"canonical_texts() lacks the columns {sorted(extra)} of {plan.kind} rows"
+                )
         out[SOURCE].append(batch[SOURCE][i])
         out[ROW].append(batch[ROW][i])
         for name in texts:
