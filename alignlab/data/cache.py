@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +44,9 @@ def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     }
 
 
-def fingerprint(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, settings: Any) -> str:
+def fingerprint(
+    rows: Sequence[dict[str, Any]] | datasets.Dataset, tokenizer: PreTrainedTokenizerBase, settings: Any
+) -> str:
     """sha256 over the rows' content, the tokenizer and the settings (`tokenize.TokenizeSettings`)."""
     digest = hashlib.sha256()
     header = {
@@ -53,10 +55,22 @@ def fingerprint(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBa
         "tokenizer": tokenizer_signature(tokenizer),
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    for row in rows:
+    for row in _row_dicts(rows):
         digest.update(b"\n")
         digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()
+
+
+def _row_dicts(rows: Sequence[dict[str, Any]] | datasets.Dataset) -> Iterator[dict[str, Any]]:
+    """The rows as dicts; a `datasets.Dataset` read in batches (the same dicts as its rows)."""
+    import datasets
+
+    if not isinstance(rows, datasets.Dataset):
+        yield from rows
+        return
+    for batch in rows.iter(batch_size=1000):
+        for values in zip(*batch.values(), strict=True):
+            yield dict(zip(batch, values, strict=True))
 
 
 def default_cache_dir() -> Path:
@@ -64,8 +78,13 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "alignlab" / "tokenized"
 
 
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """`data.cache_dir`, or `default_cache_dir()`."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
 def cached(
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]] | datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
     settings: Any,
     build: Callable[[str], datasets.Dataset],
@@ -78,7 +97,7 @@ def cached(
     """
     import datasets
 
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root = cache_root(cache_dir)
     key = fingerprint(rows, tokenizer, settings)
     target = root / key
     if target.is_dir():

@@ -34,20 +34,37 @@ only ever sees strings (`Plan.chat` tells it not to add special tokens to a rend
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import pickle
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from alignlab.data.rows import BadRow, DataError, DataReport, Normalized, Reason, Record
+from alignlab.data.rows import (
+    BAD_DETAIL,
+    BAD_REASON,
+    RAW,
+    ROW,
+    SOURCE,
+    ArrowRows,
+    BadRow,
+    DataError,
+    DataReport,
+    Normalized,
+    Reason,
+    Record,
+    RowRef,
+)
 from alignlab.data.split import Splits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from alignlab.config import DataConfig
-    from alignlab.data.read import Sources
+    from alignlab.data.read import ArrowRecords, Sources
 
 KINDS = ("explicit", "hh", "pairwise", "conversational", "sharegpt", "messages")
 CHAT_KINDS = ("conversational", "sharegpt", "messages")
@@ -145,13 +162,24 @@ def normalise(
     own_prompts: tuple[str, ...] = (),
 ) -> tuple[Plan, Splits]:
     """The format plan of the train source (`plan_of`), applied to its records and to the separate eval
-    source's, if any: usable canonical rows and bad rows (not settled yet: `rows.settle`)."""
+    source's, if any (`normalize_arrow`, in `data.num_proc` processes): usable canonical rows and bad
+    rows (not settled yet: `rows.settle`)."""
     plan = plan_of(
-        sources.train, cfg.format, cfg.columns or {}, responses, fields, tokenizer, cfg.path, "", own_prompts
+        sources.train.sample,
+        cfg.format,
+        cfg.columns or {},
+        responses,
+        fields,
+        tokenizer,
+        cfg.path,
+        "",
+        own_prompts,
     )
     report.format = plan.kind
-    held_out = normalize(sources.eval, plan, tokenizer) if sources.eval is not None else None
-    return plan, Splits(normalize(sources.train, plan, tokenizer), held_out)
+    held_out = (
+        normalize_arrow(sources.eval, plan, tokenizer, cfg.num_proc) if sources.eval is not None else None
+    )
+    return plan, Splits(normalize_arrow(sources.train, plan, tokenizer, cfg.num_proc), held_out)
 
 
 def plan_of(
@@ -433,20 +461,109 @@ def normalize(records: Iterable[Record], plan: Plan, tokenizer: PreTrainedTokeni
         The usable canonical rows and the bad ones, in source order.
     """
     out = Normalized()
-    reader = _READERS[plan.kind]
     for ref, row in records:
         if isinstance(row, BadRow):
             out.bad.append(row)
             continue
         try:
-            canonical = reader(row, plan, tokenizer)
-            _check_responses(canonical, plan)
-            canonical.update({name: _field(row, plan, name) for name in plan.fields})
+            canonical = canonical_row(row, plan, tokenizer)
         except RowProblem as problem:
             out.bad.append(BadRow(ref, problem.reason, problem.detail))
             continue
         out.rows.append(canonical)
         out.refs.append(ref)
+    return out
+
+
+def canonical_row(row: Mapping[str, Any], plan: Plan, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """One raw row read by `plan`: ``{prompt, <response>..., <field>...}``; a `RowProblem` if it is bad."""
+    canonical = _READERS[plan.kind](row, plan, tokenizer)
+    _check_responses(canonical, plan)
+    canonical.update({name: _field(row, plan, name) for name in plan.fields})
+    return canonical
+
+
+def canonical_texts(plan: Plan) -> tuple[str, ...]:
+    """The string columns of the canonical rows `plan` gives (`canonical_row`), fields aside: the
+    prompt, the responses and the responses' own prompts (`Needs.own_prompts`)."""
+    return ("prompt", *plan.responses, *map(prompt_field, plan.own_prompts))
+
+
+def normalize_arrow(
+    records: ArrowRecords, plan: Plan, tokenizer: PreTrainedTokenizerBase, num_proc: int = 1
+) -> ArrowRows:
+    """`normalize` on Arrow: every record read by `plan` in a batched `Dataset.map` (`num_proc` worker
+    processes), written next to the records' file; fields are kept as JSON text until
+    `tokenize.field_types` types them over all splits.
+
+    Returns:
+        The usable canonical rows (memory-mapped) and the bad ones, in source order.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets import Features, Value
+
+    texts = canonical_texts(plan)
+    features = Features(
+        {
+            SOURCE: Value("int32"),
+            ROW: Value("int64"),
+            **{name: Value("string") for name in (*texts, *plan.fields, BAD_REASON, BAD_DETAIL)},
+        }
+    )
+    mapped = records.dataset.map(
+        _normalize_batch,
+        batched=True,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=records.dataset.column_names,
+        features=features,
+        new_fingerprint=uuid.uuid4().hex,  # a run's own intermediate file, never reused
+        fn_kwargs={"plan": plan, "tokenizer": tokenizer},
+        desc="Normalising",
+    )
+    bad_mask = pc.not_equal(mapped.data.column(BAD_REASON), "").to_numpy(zero_copy_only=False)
+    bad = []
+    if bad_mask.any():
+        found = mapped.select(np.flatnonzero(bad_mask)).select_columns([SOURCE, ROW, BAD_REASON, BAD_DETAIL])
+        bad = [
+            BadRow(RowRef(records.labels[source], index), reason, detail)
+            for source, index, reason, detail in zip(*found.to_dict().values(), strict=True)
+        ]
+    rows = mapped.remove_columns([BAD_REASON, BAD_DETAIL])
+    if bad:
+        rows = rows.select(np.flatnonzero(~bad_mask))
+    return ArrowRows(rows, records.labels, bad)
+
+
+def _normalize_batch(
+    batch: dict[str, list[Any]], plan: Plan, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, list[Any]]:
+    """`Dataset.map` function (batched) of `normalize_arrow`: records -> canonical columns, a bad row
+    marked by its reason and detail (its texts "")."""
+    texts = canonical_texts(plan)
+    out: dict[str, list[Any]] = {
+        name: [] for name in (SOURCE, ROW, *texts, *plan.fields, BAD_REASON, BAD_DETAIL)
+    }
+    for i, raw in enumerate(batch[RAW]):
+        reason, detail, canonical = batch[BAD_REASON][i], batch[BAD_DETAIL][i], {}
+        if not reason:
+            try:
+                canonical = canonical_row(pickle.loads(raw), plan, tokenizer)
+            except RowProblem as problem:
+                reason, detail = problem.reason, problem.detail
+            extra = set(canonical) - {*texts, *plan.fields}
+            if extra:  # a column the Arrow schema lacks: never drop it silently
+                raise AssertionError(
+                    f"canonical_texts() lacks the columns {sorted(extra)} of {plan.kind} rows"
+                )
+        out[SOURCE].append(batch[SOURCE][i])
+        out[ROW].append(batch[ROW][i])
+        for name in texts:
+            out[name].append(canonical.get(name, ""))
+        for name in plan.fields:
+            out[name].append(json.dumps(canonical[name]) if canonical else "")
+        out[BAD_REASON].append(reason)
+        out[BAD_DETAIL].append(detail)
     return out
 
 
@@ -456,6 +573,8 @@ def unpair(rows: Normalized) -> Normalized:
     ``{prompt, completion: chosen, label: True, ...}`` then ``{prompt, completion: rejected,
     label: False, ...}``, both with the pair's row reference; other fields are copied to both.
     """
+    if isinstance(rows, ArrowRows):
+        return _unpair_arrow(rows)
     out = Normalized(bad=list(rows.bad))
     for row, ref in zip(rows.rows, rows.refs, strict=True):
         other = {key: value for key, value in row.items() if key not in ("prompt", *PAIR)}
@@ -471,6 +590,12 @@ def swap(rows: Normalized) -> Normalized:
     A per-response field travels with its response: ``<x>_chosen`` and ``<x>_rejected`` (e.g.
     MODPO's margin scores) are swapped too when a row has both.
     """
+    if isinstance(rows, ArrowRows):
+        columns = rows.rows.column_names
+        pairs = {key: key.removesuffix(PAIR[0]) + PAIR[1] for key in columns if key.endswith(PAIR[0])}
+        pairs = {key: partner for key, partner in pairs.items() if partner in columns}
+        swapped = rows.rows.rename_columns({**pairs, **{partner: key for key, partner in pairs.items()}})
+        return ArrowRows(swapped, rows.labels, list(rows.bad))
     out = Normalized(refs=list(rows.refs), bad=list(rows.bad))
     for row in rows.rows:
         swapped = dict(row)
@@ -480,6 +605,42 @@ def swap(rows: Normalized) -> Normalized:
                 swapped[key], swapped[partner] = row[partner], row[key]
         out.rows.append(swapped)
     return out
+
+
+def _unpair_arrow(rows: ArrowRows) -> ArrowRows:
+    """`unpair` on Arrow: the label as JSON text, like every field before `tokenize.field_types`."""
+    from datasets import Features, Value
+
+    other = [name for name in rows.rows.column_names if name not in ("prompt", *PAIR)]
+    features = Features(
+        {
+            "prompt": Value("string"),
+            UNPAIRED[0]: Value("string"),
+            **{name: rows.rows.features[name] for name in other},
+            LABEL: Value("string"),
+        }
+    )
+
+    def split(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {name: [] for name in features}
+        for i, prompt in enumerate(batch["prompt"]):
+            for name, label in zip(PAIR, ("true", "false"), strict=True):
+                out["prompt"].append(prompt)
+                out[UNPAIRED[0]].append(batch[name][i])
+                for key in other:
+                    out[key].append(batch[key][i])
+                out[LABEL].append(label)
+        return out
+
+    unpaired = rows.rows.map(
+        split,
+        batched=True,
+        remove_columns=rows.rows.column_names,
+        features=features,
+        new_fingerprint=uuid.uuid4().hex,
+        desc="Unpairing",
+    )
+    return ArrowRows(unpaired, rows.labels, list(rows.bad))
 
 
 def _check_responses(row: Mapping[str, str], plan: Plan) -> None:

@@ -7,15 +7,22 @@
     [-> pair with retain rows, read through the same stages] -> PreparedData(train, eval, report)
 
 `build_datasets` is that line; each stage is its own module, and only this one calls them in turn.
+From reading to tokenising, the rows live in Arrow files in a temporary work folder (memory-mapped
+`datasets.Dataset`s, each stage a batched `Dataset.map` over `data.num_proc` processes), never as one
+Python dict per row; the work folder is made in `data.cache_dir` (on disk beside the cache) and removed
+at the end: the tokenised splits are read back from the cache (`cache`), so nothing returned points
+into it.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+from alignlab.data.cache import cache_root
 from alignlab.data.mismatched import with_mismatched
 from alignlab.data.normalise import LABEL, PAIR, UNPAIRED, check_columns, normalise, reshape_pairs
 from alignlab.data.read import read
@@ -168,13 +175,17 @@ def build_datasets(
         max_prompt_length=cfg.max_prompt_length,
         responses_per_example=len(main),
     )
-    sources = read(cfg, report)  # 1. read
-    plan, rows = normalise(sources, cfg, tokenizer, main, fields, report, own_prompts)  # 2. normalise
-    rows = rows.map(partial(settle, cfg=cfg, report=report))  # 3. settle bad rows
-    rows = hold_out(rows, cfg, seed, report)  # 4. hold out
-    rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
-    settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts(), own_prompts)
-    data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)  # 5. tokenise, 6. cache
+    root = cache_root(cfg.cache_dir)  # the work folder beside the cache: on disk, not in a RAM /tmp
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".work-", dir=root) as work:  # the run's Arrow files
+        sources = read(cfg, report, work)  # 1. read
+        plan, rows = normalise(sources, cfg, tokenizer, main, fields, report, own_prompts)  # 2. normalise
+        del sources  # unmap the raw records: their pages no longer count in this process's memory
+        rows = rows.map(partial(settle, cfg=cfg, report=report))  # 3. settle bad rows
+        rows = hold_out(rows, cfg, seed, report)  # 4. hold out
+        rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
+        settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts(), own_prompts)
+        data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)  # 5. tokenise, 6. cache
     data = with_mismatched(data, mismatched, cfg.max_length, seed)
     if RETAIN in responses:
         data = with_retain(data, cfg, tokenizer, settings, eos, seed, report)

@@ -1,10 +1,12 @@
 """Stage 1, read: where preference rows come from.
 
-A source is read into a list of `Record`s: a `RowRef` (file and 0-based row index, so that every
-message can point at the row) and either the raw row (a dict) or a `BadRow` when the row could not
-even be parsed (a corrupt JSON line). Nothing is interpreted here; `normalise` turns raw rows into
-prompts and responses. `read` reads the train source and, when there is one, the separate eval
-source (`data.eval_path`, `data.eval_split`, or a built-in task's held-out generator).
+A source is read as `Record`s: a `RowRef` (file and 0-based row index, so that every message can
+point at the row) and either the raw row (a dict) or a `BadRow` when the row could not even be
+parsed (a corrupt JSON line). Nothing is interpreted here; `normalise` turns raw rows into prompts
+and responses. `read` streams the train source and, when there is one, the separate eval source
+(`data.eval_path`, `data.eval_split`, or a built-in task's held-out generator) into Arrow files in
+the run's work folder (`ArrowRecords`: memory-mapped, so a million rows are never Python dicts at
+once); `read_source` gives a source's records as a list (the retain set, tests).
 
 Supported sources:
 
@@ -24,18 +26,33 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Iterator
+import pickle
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignlab.builtin import DATASETS
-from alignlab.data.rows import BadRow, DataError, DataReport, Reason, Record, RowRef
+from alignlab.data.rows import (
+    BAD_DETAIL,
+    BAD_REASON,
+    RAW,
+    ROW,
+    SOURCE,
+    BadRow,
+    DataError,
+    DataReport,
+    Reason,
+    Record,
+    RowRef,
+)
 from alignlab.data.split import eval_count
 from alignlab.errors import first_line
 
 if TYPE_CHECKING:
+    import datasets
+
     from alignlab.config import DataConfig
 
 
@@ -45,31 +62,134 @@ SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".csv", ".ts
 SAVED_DATASET, SAVED_DATASET_DICT = "state.json", "dataset_dict.json"
 
 
+#: rows per Arrow record batch written by `write_records`.
+WRITE_BATCH = 10_000
+
+
+@dataclass
+class ArrowRecords:
+    """The records of one source, written to an Arrow file and memory-mapped.
+
+    Attributes:
+        dataset: one row per record: ``_source`` (an index into `labels`), ``_row`` (its `RowRef`
+            index), ``_raw`` (the pickled raw row; null for a record that could not be parsed) and
+            ``_bad_reason`` / ``_bad_detail`` (why not; "" for a parsed row).
+        labels: the sources (files) the records come from, as `RowRef.source` names them.
+        sample: what `normalise.plan_of` needs to plan the format without reading every row
+            again: for each column, the first row where it is not null, in source order, plus one row
+            of the columns that are null everywhere; or the first record alone when no row could be
+            parsed.
+    """
+
+    dataset: datasets.Dataset
+    labels: list[str]
+    sample: list[Record]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
 @dataclass
 class Sources:
     """The records read for one run: the train source's, and the separate eval source's (None: the eval
     rows are held out of the train source, `split.hold_out`)."""
 
-    train: list[Record]
-    eval: list[Record] | None
+    train: ArrowRecords
+    eval: ArrowRecords | None
 
 
-def read(cfg: DataConfig, report: DataReport) -> Sources:
-    """Read `data.path` (up to `data.limit` rows) and the eval source, counting the rows read."""
-    train = read_source(cfg.path, name=cfg.name, split=cfg.split, limit=cfg.limit)
+def read(cfg: DataConfig, report: DataReport, folder: str | Path) -> Sources:
+    """Read `data.path` (up to `data.limit` rows) and the eval source into Arrow files in `folder`,
+    counting the rows read."""
+    train = write_records(
+        _records(cfg.path, name=cfg.name, split=cfg.split, limit=cfg.limit), cfg.path, Path(folder) / "train"
+    )
     held_out = _eval_records(cfg)
-    report.rows_read = len(train) + len(held_out or ())
+    if held_out is not None:
+        held_out = write_records(held_out, cfg.eval_path or cfg.path, Path(folder) / "eval")
+    report.rows_read = len(train) + (len(held_out) if held_out is not None else 0)
     return Sources(train, held_out)
 
 
-def _eval_records(cfg: DataConfig) -> list[Record] | None:
+def write_records(records: Iterable[Record], path: str, target: Path) -> ArrowRecords:
+    """Stream `records` of the source `path` into the Arrow file `target`.arrow, in batches of
+    `WRITE_BATCH` rows, and memory-map it.
+
+    Raises:
+        DataError: the source holds no rows.
+    """
+    import datasets
+    import pyarrow as pa
+
+    schema = pa.schema(
+        [
+            (SOURCE, pa.int32()),
+            (ROW, pa.int64()),
+            (RAW, pa.binary()),
+            (BAD_REASON, pa.string()),
+            (BAD_DETAIL, pa.string()),
+        ]
+    )
+    labels: dict[str, int] = {}
+    sampler = _Sampler()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    file = target.with_suffix(".arrow")
+    with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        batch: dict[str, list[Any]] = {name: [] for name in schema.names}
+        for ref, row in records:
+            bad = isinstance(row, BadRow)
+            batch[SOURCE].append(labels.setdefault(ref.source, len(labels)))
+            batch[ROW].append(ref.index)
+            batch[RAW].append(None if bad else pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+            batch[BAD_REASON].append(row.reason if bad else "")
+            batch[BAD_DETAIL].append(row.detail if bad else "")
+            sampler.add(ref, row)
+            if len(batch[ROW]) == WRITE_BATCH:
+                writer.write_batch(pa.record_batch(batch, schema=schema))
+                batch = {name: [] for name in schema.names}
+        if batch[ROW]:
+            writer.write_batch(pa.record_batch(batch, schema=schema))
+    if not sampler.count:
+        raise _no_rows(path)
+    return ArrowRecords(datasets.Dataset.from_file(str(file)), list(labels), sampler.records())
+
+
+class _Sampler:
+    """The rows that decide a format plan (`ArrowRecords.sample`), collected while streaming."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: Record | None = None
+        self.rows: list[Record] = []
+        self.present: set[str] = set()  # columns seen with a value
+        self.columns: dict[str, None] = {}  # every column seen, in order
+
+    def add(self, ref: RowRef, row: dict[str, Any] | BadRow) -> None:
+        self.count += 1
+        self.first = self.first or (ref, row)
+        if isinstance(row, BadRow):
+            return
+        new = [key for key, value in row.items() if value is not None and key not in self.present]
+        if new:
+            self.present.update(new)
+            self.rows.append((ref, row))
+        self.columns.update(dict.fromkeys(row))
+
+    def records(self) -> list[Record]:
+        if not self.rows and self.first is not None and isinstance(self.first[1], BadRow):
+            return [self.first]
+        empty = {key: None for key in self.columns if key not in self.present}
+        return self.rows + ([(self.rows[-1][0] if self.rows else self.first[0], empty)] if empty else [])
+
+
+def _eval_records(cfg: DataConfig) -> Iterable[Record] | None:
     """Records of a separate eval source: `eval_path`, `eval_split` of `path` (a DatasetDict folder or
     a hub dataset), or the built-in task's held-out generator.
 
     None means the eval rows are held out of the train source (none when `eval_size` is 0).
     """
     if cfg.eval_path or cfg.eval_split:  # another source, or another split of data.path
-        return read_source(cfg.eval_path or cfg.path, name=cfg.name, split=cfg.eval_split or cfg.split)
+        return _records(cfg.eval_path or cfg.path, name=cfg.name, split=cfg.eval_split or cfg.split)
     if cfg.path.startswith("builtin:"):
         spec = DATASETS.get(cfg.path.removeprefix("builtin:"))
         size = eval_count(cfg.eval_size, spec.size) if spec else 0
@@ -96,6 +216,20 @@ def read_source(
         DataError: the path does not exist and the hub cannot load it, a file cannot be parsed as
             a whole, or the source holds no rows.
     """
+    records = list(_records(path, name=name, split=split, limit=limit))
+    if not records:
+        raise _no_rows(path)
+    return records
+
+
+def _no_rows(path: str) -> DataError:
+    return DataError(f"{path} holds no rows. Fix: point data.path at a non-empty dataset")
+
+
+def _records(
+    path: str, *, name: str | None = None, split: str = "train", limit: int | None = None
+) -> Iterable[Record]:
+    """The records of a data source (`read_source`), streamed from local files and datasets."""
     if limit is not None and limit < 1:
         raise DataError(f"data.limit must be a positive number of rows or null, got {limit}")
     if path.startswith("builtin:"):
@@ -119,8 +253,6 @@ def read_source(
             )
         else:
             records = _read_hub(path, name, split, limit)
-    if not records:
-        raise DataError(f"{path} holds no rows. Fix: point data.path at a non-empty dataset")
     return records
 
 
@@ -150,7 +282,7 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path.endswith(SUFFIXES)
 
 
-def _read_local(path: Path, label: str, limit: int | None) -> list[Record]:
+def _read_local(path: Path, label: str, limit: int | None) -> Iterable[Record]:
     """Rows of one file, or of every supported file in a folder (sorted), up to `limit`."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SUFFIXES))
@@ -164,7 +296,7 @@ def _read_local(path: Path, label: str, limit: int | None) -> list[Record]:
             f"{label}: unsupported file type. Fix: use one of {', '.join(SUFFIXES)} or a folder of such files"
         )
     rows = (record for file, name in zip(files, labels, strict=True) for record in _read_file(file, name))
-    return list(islice(rows, limit))
+    return islice(rows, limit)
 
 
 def _read_file(path: Path, label: str) -> Iterator[Record]:
@@ -174,9 +306,25 @@ def _read_file(path: Path, label: str) -> Iterator[Record]:
     elif path.name.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
         yield from _read_csv(path, label)
     elif path.name.endswith((".jsonl", ".jsonl.gz")):
-        yield from _read_jsonl(_read_text(path, label).splitlines(), label)
+        yield from _read_jsonl(_lines(path, label), label)
     else:
         yield from _read_json(_read_text(path, label), label)
+
+
+def _lines(path: Path, label: str) -> Iterator[str]:
+    """The lines of a (possibly gzipped) UTF-8 file, streamed."""
+    try:
+        with (
+            gzip.open(path, "rt", encoding="utf-8")
+            if path.name.endswith(".gz")
+            else open(path, encoding="utf-8") as f
+        ):
+            yield from f
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(
+            f"{label}: cannot read the file ({e}). Fix: check that it is UTF-8 "
+            "JSON and, for .gz, a complete gzip file"
+        ) from None
 
 
 def _read_text(path: Path, label: str) -> str:
@@ -215,7 +363,7 @@ def _read_json(text: str, label: str) -> Iterator[Record]:
         yield RowRef(label, i), _object(row, RowRef(label, i))
 
 
-def _read_jsonl(lines: list[str], label: str) -> Iterator[Record]:
+def _read_jsonl(lines: Iterable[str], label: str) -> Iterator[Record]:
     """Rows of JSON lines; blank lines are ignored, a corrupt line becomes a `BadRow`."""
     for i, line in enumerate(lines):
         if not line.strip():
@@ -276,11 +424,14 @@ def _read_csv(path: Path, label: str) -> Iterator[Record]:
             "every line as many fields as the header row, quoting values that hold "
             f"{'tabs' if tsv else 'commas'} or line breaks, in UTF-8"
         ) from None
-    for index, row in enumerate(table.to_pylist()):
-        yield RowRef(label, index), row
+    index = 0
+    for batch in table.to_batches(max_chunksize=1024):
+        for row in batch.to_pylist():
+            yield RowRef(label, index), row
+            index += 1
 
 
-def _read_saved(path: Path, label: str, split: str, limit: int | None) -> list[Record]:
+def _read_saved(path: Path, label: str, split: str, limit: int | None) -> Iterable[Record]:
     """Rows of a `save_to_disk` folder: the Dataset, or the DatasetDict's `split`."""
     import datasets
 
@@ -301,14 +452,18 @@ def _read_saved(path: Path, label: str, split: str, limit: int | None) -> list[R
     return _dataset_records(dataset, label, limit)
 
 
-def _dataset_records(dataset, label: str, limit: int | None) -> list[Record]:
-    """The rows of a `datasets.Dataset`, up to `limit`."""
+def _dataset_records(dataset, label: str, limit: int | None) -> Iterator[Record]:
+    """The rows of a `datasets.Dataset`, up to `limit`, read in batches."""
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
-    return [(RowRef(label, i), row) for i, row in enumerate(dataset.to_list())]
+    index = 0
+    for batch in dataset.iter(batch_size=1024):
+        for values in zip(*batch.values(), strict=True):
+            yield RowRef(label, index), dict(zip(batch, values, strict=True))
+            index += 1
 
 
-def _read_hub(path: str, name: str | None, split: str, limit: int | None) -> list[Record]:
+def _read_hub(path: str, name: str | None, split: str, limit: int | None) -> Iterable[Record]:
     """Rows of a hub dataset's split."""
     import datasets
 

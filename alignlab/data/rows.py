@@ -11,15 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from alignlab.errors import UserError
 
 if TYPE_CHECKING:
+    import datasets
+
     from alignlab.config import DataConfig
 
 #: how many example rows the report keeps per skip reason.
 EXAMPLES_PER_REASON = 5
+#: Arrow columns of a row's problem ("" for a good row), written by `read`, `normalise` and `tokenize`.
+BAD_REASON = "_bad_reason"
+BAD_DETAIL = "_bad_detail"
+#: Arrow columns of where a row comes from (an index into the labels of its sources, and `RowRef.index`)
+#: and of a raw row read (pickled).
+SOURCE, ROW, RAW = "_source", "_row", "_raw"
 
 
 class DataError(UserError):
@@ -129,6 +138,52 @@ class Normalized:
     def subset(self, indices: Sequence[int]) -> Normalized:
         """The usable rows at `indices` (bad rows are not carried over)."""
         return Normalized([self.rows[i] for i in indices], [self.refs[i] for i in indices])
+
+
+@dataclass
+class ArrowRows:
+    """`Normalized` on Arrow: the usable canonical rows as a memory-mapped `datasets.Dataset`.
+
+    Attributes:
+        rows: the canonical columns (``prompt``, the responses, one JSON text per field until
+            `tokenize.field_types` types it) and where each row comes from (``_source``, ``_row``).
+        labels: ``_source`` -> the source's name, as `RowRef.source`.
+        bad: the rows that could not be used.
+    """
+
+    rows: datasets.Dataset
+    labels: list[str]
+    bad: list[BadRow] = field(default_factory=list)
+
+    @cached_property
+    def refs(self) -> _Refs:
+        """`refs[i]` is where `rows[i]` came from."""
+        return _Refs(self)
+
+    def subset(self, indices: Sequence[int]) -> ArrowRows:
+        """The usable rows at `indices` (bad rows are not carried over); no row is copied."""
+        return ArrowRows(self.rows.select(indices), self.labels)
+
+    def canonical(self) -> datasets.Dataset:
+        """The canonical columns only."""
+        return self.rows.select_columns([name for name in self.rows.column_names if not name.startswith("_")])
+
+
+class _Refs:
+    """The `RowRef`s of `ArrowRows`, by index: two integer arrays, read on the first look-up."""
+
+    def __init__(self, rows: ArrowRows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows.rows)
+
+    @cached_property
+    def _columns(self) -> dict[str, Any]:
+        return self.rows.rows.select_columns([SOURCE, ROW]).with_format("numpy")[:]
+
+    def __getitem__(self, index: int) -> RowRef:
+        return RowRef(self.rows.labels[int(self._columns[SOURCE][index])], int(self._columns[ROW][index]))
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignlab.data.rows import DataError, DataReport, Normalized, nothing_left
+from alignlab.data.rows import ArrowRows, DataError, DataReport, Normalized, nothing_left
 
 if TYPE_CHECKING:
     from alignlab.config import DataConfig
@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 class Splits:
     """Normalised rows of the train and eval splits (eval None: none, or not held out yet)."""
 
-    train: Normalized
-    eval: Normalized | None = None
+    train: Normalized | ArrowRows
+    eval: Normalized | ArrowRows | None = None
 
-    def parts(self) -> list[Normalized]:
+    def parts(self) -> list[Normalized | ArrowRows]:
         """The splits there are."""
         return [part for part in (self.train, self.eval) if part is not None]
 

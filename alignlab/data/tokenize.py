@@ -14,13 +14,26 @@ settings (`cache.fingerprint`). `tokenize_split` then settles the flagged rows l
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignlab.data.cache import cached
-from alignlab.data.rows import BadRow, DataError, DataReport, Normalized, Reason, nothing_left, settle
+from alignlab.data.rows import (
+    BAD_DETAIL,
+    BAD_REASON,
+    ArrowRows,
+    BadRow,
+    DataError,
+    DataReport,
+    Normalized,
+    Reason,
+    nothing_left,
+    settle,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -28,8 +41,6 @@ if TYPE_CHECKING:
 
     from alignlab.config import DataConfig
     from alignlab.data.split import Splits
-BAD_REASON = "_bad_reason"
-BAD_DETAIL = "_bad_detail"
 PROMPT_TRUNCATED = "_prompt_truncated"
 RESPONSES_TRUNCATED = "_responses_truncated"
 META_COLUMNS = (BAD_REASON, BAD_DETAIL, PROMPT_TRUNCATED, RESPONSES_TRUNCATED)
@@ -100,6 +111,12 @@ def field_types(fields: tuple[str, ...], parts: Sequence[Normalized]) -> tuple[t
     """One column type per field over all splits, with every row's value cast to it."""
     types = []
     for name in fields:
+        if any(isinstance(part, ArrowRows) for part in parts):  # JSON text on Arrow: typed in place
+            dtype = field_dtype([json.loads(value) for part in parts for value in part.rows[name]])
+            for part in parts:
+                part.rows = _cast_field(part.rows, name, dtype)
+            types.append((name, dtype))
+            continue
         rows = [row for part in parts for row in part.rows]
         dtype = field_dtype([row[name] for row in rows])
         cast = {"bool": bool, "int64": int, "float64": float}[dtype]
@@ -107,6 +124,22 @@ def field_types(fields: tuple[str, ...], parts: Sequence[Normalized]) -> tuple[t
             row[name] = cast(row[name])
         types.append((name, dtype))
     return tuple(types)
+
+
+def _cast_field(dataset: datasets.Dataset, name: str, dtype: str) -> datasets.Dataset:
+    """`dataset` with the JSON-text column `name` parsed and cast to `dtype`."""
+    from datasets import Value
+
+    cast = {"bool": bool, "int64": int, "float64": float}[dtype]
+    features = dataset.features.copy()
+    features[name] = Value(dtype)
+    return dataset.map(
+        lambda batch: {name: [cast(json.loads(value)) for value in batch[name]]},
+        batched=True,
+        features=features,
+        new_fingerprint=uuid.uuid4().hex,
+        desc=f"Typing {name}",
+    )
 
 
 @dataclass
@@ -291,7 +324,7 @@ def _features(settings: TokenizeSettings) -> datasets.Features:
 
 
 def tokenize_rows(
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]] | datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
     settings: TokenizeSettings,
     *,
@@ -303,7 +336,8 @@ def tokenize_rows(
     """Tokenize canonical rows, or load the result of an identical earlier call (`cache.cached`).
 
     Args:
-        rows: canonical rows (at least one).
+        rows: canonical rows (at least one): dicts, or a `datasets.Dataset` of their columns (read where
+            it is, e.g. memory-mapped).
         tokenizer: the model's tokenizer.
         settings: length limits and format.
         eos_token_id: appended to every response.
@@ -318,7 +352,7 @@ def tokenize_rows(
     import datasets
 
     def build(key: str) -> datasets.Dataset:
-        table = datasets.Dataset.from_list(list(rows))
+        table = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
         return table.map(
             encode_batch,
             batched=True,
@@ -363,7 +397,7 @@ def tokenize_splits(
 
 def tokenize_split(
     name: str,
-    part: Normalized,
+    part: Normalized | ArrowRows,
     tokenizer: PreTrainedTokenizerBase,
     settings: TokenizeSettings,
     eos_token_id: int,
@@ -382,7 +416,7 @@ def tokenize_split(
     dataset, hit = None, True
     if part.rows:
         tokenized, hit = tokenize_rows(
-            part.rows,
+            part.canonical() if isinstance(part, ArrowRows) else part.rows,
             tokenizer,
             settings,
             eos_token_id=eos_token_id,
