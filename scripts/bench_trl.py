@@ -74,6 +74,14 @@ SWITCHES = {
 #: the model shapes built from config (W2, W3), Llama with tied embeddings and the GPT-2 tokenizer.
 SHAPES = {
     "w2": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 1376},
+    #: W2's model with room for 8k-token sequences
+    "w4": {
+        "hidden_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "intermediate_size": 1376,
+        "max_position_embeddings": 8192,
+    },
     "w3": {
         "hidden_size": 1536,
         "num_hidden_layers": 16,
@@ -121,11 +129,37 @@ class Workload:
     shape: str | None = None
     #: refused without a GPU (except in --quick, which checks the plumbing on a tiny model)
     gpu_only: bool = False
+    #: micro-batches per optimizer step (`gradient_accumulation_steps`, both frameworks)
+    grad_accum: int = 1
+    #: long rows (W4): each of prompt, chosen and rejected is this many tokens (low, high) of HH-RLHF
+    #: text concatenated; None: single HH pairs of 32-256 tokens per part (W2)
+    part_tokens: tuple[int, int] | None = None
+
+
+def _w4(length: int, quick: bool) -> Workload:
+    """W4 at `length`-token sequences: prompt and each response 3/8-1/2 of it (at 4,096: 1,536-2,048
+    tokens each), batch 1 with gradient accumulation 4, gradient checkpointing on in both."""
+    return Workload(
+        f"w4-{length // 1024}k",
+        batch=1,
+        grad_accum=4 if not quick else 2,
+        max_length=length,
+        max_prompt_length=length // 2,
+        n_pairs=12 if not quick else 4,
+        warmup=1,
+        steps=2 if not quick else 1,
+        repeats=1,
+        consume_only=True,
+        shape="w4",
+        part_tokens=(3 * length // 8, length // 2),
+        alignlab_gradient_checkpointing=True,
+    )
 
 
 def workloads(quick: bool) -> dict[str, Workload]:
+    long_context = {f"w4-{k}k": _w4(k * 1024, quick) for k in (2, 4, 8)}
     if quick:
-        return {
+        return long_context | {
             "w1": Workload(
                 "w1", batch=4, max_length=64, max_prompt_length=48, n_pairs=24, warmup=1, steps=2, repeats=1
             ),
@@ -154,7 +188,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
                 shape="w3-quick",
             ),
         }
-    return {
+    return long_context | {
         "w1": Workload(
             "w1", batch=16, max_length=64, max_prompt_length=48, n_pairs=500, warmup=3, steps=25, repeats=3
         ),
@@ -224,6 +258,43 @@ def _hh_rows(tokenizer, n: int, low: int, high: int) -> list[dict]:
     return rows
 
 
+def _hh_long_rows(tokenizer, n: int, low: int, high: int) -> list[dict]:
+    """`n` long pairs from consecutive HH records, each part `low`-`high` tokens: the prompt is whole
+    transcripts (their chosen text) followed by one record's prompt, ending "\n\nAssistant:"; chosen
+    and rejected are the chosen and the rejected responses of consecutive records, concatenated.
+    A piece that would overshoot `high` is skipped, so every part is real text within the bounds."""
+    records = []
+    with gzip.open(HH, "rt") as f:
+        for line in f:
+            rec = json.loads(line)
+            split = _split_hh(rec["chosen"], rec["rejected"])
+            if split is not None and split[1] != split[2] and split[1].strip() and split[2].strip():
+                records.append((rec["chosen"], *split))
+    size = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+
+    def grow(pieces, start: int, tail: str = "") -> tuple[str, int]:
+        """Concatenate pieces from `start` (cyclically) until the text (+ `tail`) reaches `low`."""
+        text, i = "", start
+        while size(text + tail) < low:
+            piece = pieces[i % len(pieces)]
+            if size(text + piece + tail) <= high:
+                text += piece
+            i += 1
+            if i - start > 10 * len(pieces):
+                raise RuntimeError(f"cannot reach {low}-{high} tokens from the HH records")
+        return text + tail, i
+
+    rows, at = [], 0
+    for _ in range(n):
+        while size(records[at % len(records)][1]) > low // 2:  # a short last turn: room for transcripts
+            at += 1
+        prompt, at = grow([r[0] for r in records], at, tail=records[at % len(records)][1])
+        chosen, _ = grow([r[2] for r in records], at)
+        rejected, at = grow([r[3] for r in records], at)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
 def _sentiment_rows(n: int, cache_dir: Path) -> tuple[list[dict], str]:
     """W1's pairs: VADER-scored samples of stories260k (alignlab.bench.sentiment); HH pairs if it is
     absent."""
@@ -274,10 +345,18 @@ def prepare(workload: Workload, work: Path) -> dict:
     else:
         model_dir = work / f"model-{workload.shape}"  # one folder per shape: --quick never feeds a full run
         tok = _config_model(model_dir, SHAPES[workload.shape])
-        rows = _hh_rows(tok, workload.n_pairs, 32, 256)
-        source = (
-            f"HH-RLHF harmless-base test, first {len(rows)} pairs with prompt and responses 32-256 tokens"
-        )
+        if workload.part_tokens:
+            low, high = workload.part_tokens
+            rows = _hh_long_rows(tok, workload.n_pairs, low, high)
+            source = (
+                f"HH-RLHF harmless-base test concatenated: {len(rows)} pairs with prompt and each "
+                f"response {low}-{high} tokens"
+            )
+        else:
+            rows = _hh_rows(tok, workload.n_pairs, 32, 256)
+            source = (
+                f"HH-RLHF harmless-base test, first {len(rows)} pairs with prompt and responses 32-256 tokens"
+            )
         sep = ""  # HH responses start with their own space
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -298,7 +377,7 @@ def prepare(workload: Workload, work: Path) -> dict:
         else:
             dropped += 1
     if workload.consume_only:
-        kept = kept[: workload.batch * (workload.warmup + workload.steps)]
+        kept = kept[: workload.batch * workload.grad_accum * (workload.warmup + workload.steps)]
     _write_files(kept, work, sep)
     return {
         "model": str(model_dir),
@@ -364,10 +443,9 @@ def _config_model(model_dir: Path, shape: dict):
     if not (model_dir / "config.json").exists():
         torch.manual_seed(0)
         config = LlamaConfig(
-            **shape,
+            **{"max_position_embeddings": 1024, **shape},
             num_key_value_heads=shape["num_attention_heads"],
             vocab_size=len(tok),
-            max_position_embeddings=1024,
             tie_word_embeddings=True,
             bos_token_id=tok.eos_token_id,
             eos_token_id=tok.eos_token_id,
@@ -416,6 +494,8 @@ class Probe:
         self.cuda_peak_mib: float | None = None
         self.train_begin: float | None = None
         self.precompute_s = 0.0
+        #: micro-batches per optimizer step (`tokens`, `slots` and `rows` are per micro-batch)
+        self.accum = 1
 
     def callback(self):
         from transformers import TrainerCallback
@@ -486,8 +566,9 @@ class Probe:
         `peak` (FLOP/s), the MFU of the timed steps; with `gemm` (FLOP/s, `gemm_rate`), the model
         FLOP/s as a fraction of what a plain fp32 matrix multiply reached in the same process."""
         steps = [b - a for a, b in zip(self.step_ends[warmup - 1 :], self.step_ends[warmup:])]
-        tokens = self.tokens[warmup : warmup + len(steps)]
-        rows = self.rows[warmup : warmup + len(steps)]
+        k = self.accum  # micro-batches per step: their tokens and rows add up
+        tokens = [sum(self.tokens[i * k : (i + 1) * k]) for i in range(warmup, warmup + len(steps))]
+        rows = [sum(self.rows[i * k : (i + 1) * k]) for i in range(warmup, warmup + len(steps))]
         flops = (
             sum(flops_of(t, t / r) for t, r in zip(tokens, rows)) / sum(steps) if flops_of and steps else None
         )
@@ -665,6 +746,7 @@ def measure(spec: dict) -> dict:
     imports_s = time.perf_counter() - t0
     gemm_before = gemm_rate(spec["threads"]) if spec["device"] == "cpu" else None
     probe = Probe()
+    probe.accum = spec.get("grad_accum", 1)
     probe.instrument(trainer_cls)
     profile = StepProfile(spec["warmup"], spec["steps"]) if spec.get("profile") else None
     baseline_rss = _status_mib("VmRSS")
@@ -687,6 +769,7 @@ def measure(spec: dict) -> dict:
         args = DPOConfig(
             output_dir=str(scratch / "out"),
             per_device_train_batch_size=spec["batch"],
+            gradient_accumulation_steps=spec["grad_accum"],
             per_device_eval_batch_size=spec["batch"],
             max_length=spec["max_length"],
             learning_rate=spec["lr"],
@@ -774,6 +857,7 @@ def _alignlab_overrides(spec: dict, scratch: Path) -> list[str]:
         f"data.max_prompt_length={spec['max_prompt_length']}",
         f"data.cache_dir={scratch / 'cache'}",
         f"trainer.per_device_train_batch_size={spec['batch']}",
+        f"trainer.gradient_accumulation_steps={spec['grad_accum']}",
         f"trainer.per_device_eval_batch_size={spec['batch']}",
         f"trainer.max_steps={steps_of(spec)}",
         f"trainer.learning_rate={spec['lr']}",
@@ -869,6 +953,7 @@ def _spec(
         "work": str(work),
         "model": info["model"],
         "batch": w.batch,
+        "grad_accum": w.grad_accum,
         "max_length": w.max_length,
         "max_prompt_length": w.max_prompt_length,
         "warmup": w.warmup,
@@ -1214,7 +1299,8 @@ def main() -> None:
         print(f"{name}: {info}", file=sys.stderr)
         md.append(
             f"### {name.upper()}: {info['source']}; {info['rows']} pairs kept "
-            f"({info['dropped_tokenisation']} dropped: tokenised differently or too long); batch {w.batch}, "
+            f"({info['dropped_tokenisation']} dropped: tokenised differently or too long); batch {w.batch}"
+            f"{f' × {w.grad_accum} accumulated' if w.grad_accum > 1 else ''}, "
             f"max_length {w.max_length}, {w.warmup} warm-up + {w.steps} timed steps × {w.repeats} repeats; "
             f"gradient checkpointing TRL {'on' if w.trl_gradient_checkpointing else 'off'}, "
             f"alignlab {'on' if w.alignlab_gradient_checkpointing else 'off'}"
@@ -1231,7 +1317,7 @@ def main() -> None:
                 alignlab_runs[mode] = [
                     r for r in recs if r["framework"] == "alignlab" and r["reference_mode"] == mode
                 ]
-        repeats = 1 if name in ("w2", "w3") else max(1, w.repeats - 1)
+        repeats = 1 if name.startswith(("w2", "w3", "w4")) else max(1, w.repeats - 1)
         if "losses" in sections:
             names = args.losses.split(",") if name == "w1" else args.w2_losses.split(",")
             recs = [{**r, "section": "losses"} for r in alignlab_runs.get("live", []) if "dpo" in names]
