@@ -222,7 +222,10 @@ class TrainerConfig:
     num_train_epochs: float = 1.0
     #: > 0 overrides num_train_epochs.
     max_steps: int = -1
-    optim: str = "adamw_torch"
+    #: transformers' default since torch 2.8: one fused kernel per parameter group; on the 2-core CPU
+    #: its AdamW step over W2's 38.4M parameters takes 0.2-0.9 s against 1.7-6.5 s for the unfused
+    #: `adamw_torch` (docs/performance.md).
+    optim: str = "adamw_torch_fused"
     lr_scheduler_type: str = "linear"
     #: linear warmup: a number of steps (>= 1) or a fraction of all steps (< 1).
     warmup_steps: float = 0.0

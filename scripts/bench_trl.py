@@ -5,7 +5,8 @@ alternate A/B/B/A... so that the load of this shared machine hits both alike. Bo
 their HF Trainer subclass exactly as a user's run would (alignlab: `alignlab.train.run` on a composed
 config; TRL: `DPOTrainer(...).train()`), on the same model files, the same token ids (rows whose
 tokenisation would differ between the two are dropped and counted), the same data order (HF's
-`train_sampling_strategy=sequential`), batch, max length, AdamW (`adamw_torch`, same lr, linear
+`train_sampling_strategy=sequential`), batch, max length, AdamW (`adamw_torch_fused`, both
+frameworks' default, same lr, linear
 schedule, no warmup, clip 1.0) and steps. Logging, evaluation and checkpointing are off.
 
 One probe does the measuring in both: a `TrainerCallback` records step ends (step time = interval
@@ -73,6 +74,14 @@ SWITCHES = {
 #: the model shapes built from config (W2, W3), Llama with tied embeddings and the GPT-2 tokenizer.
 SHAPES = {
     "w2": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 1376},
+    #: W2's model with room for 8k-token sequences
+    "w4": {
+        "hidden_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "intermediate_size": 1376,
+        "max_position_embeddings": 8192,
+    },
     "w3": {
         "hidden_size": 1536,
         "num_hidden_layers": 16,
@@ -120,11 +129,37 @@ class Workload:
     shape: str | None = None
     #: refused without a GPU (except in --quick, which checks the plumbing on a tiny model)
     gpu_only: bool = False
+    #: micro-batches per optimizer step (`gradient_accumulation_steps`, both frameworks)
+    grad_accum: int = 1
+    #: long rows (W4): each of prompt, chosen and rejected is this many tokens (low, high) of HH-RLHF
+    #: text concatenated; None: single HH pairs of 32-256 tokens per part (W2)
+    part_tokens: tuple[int, int] | None = None
+
+
+def _w4(length: int, quick: bool) -> Workload:
+    """W4 at `length`-token sequences: prompt and each response 3/8-1/2 of it (at 4,096: 1,536-2,048
+    tokens each), batch 1 with gradient accumulation 4, gradient checkpointing on in both."""
+    return Workload(
+        f"w4-{length // 1024}k",
+        batch=1,
+        grad_accum=4 if not quick else 2,
+        max_length=length,
+        max_prompt_length=length // 2,
+        n_pairs=12 if not quick else 4,
+        warmup=1,
+        steps=2 if not quick else 1,
+        repeats=1,
+        consume_only=True,
+        shape="w4",
+        part_tokens=(3 * length // 8, length // 2),
+        alignlab_gradient_checkpointing=True,
+    )
 
 
 def workloads(quick: bool) -> dict[str, Workload]:
+    long_context = {f"w4-{k}k": _w4(k * 1024, quick) for k in (2, 4, 8)}
     if quick:
-        return {
+        return long_context | {
             "w1": Workload(
                 "w1", batch=4, max_length=64, max_prompt_length=48, n_pairs=24, warmup=1, steps=2, repeats=1
             ),
@@ -153,7 +188,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
                 shape="w3-quick",
             ),
         }
-    return {
+    return long_context | {
         "w1": Workload(
             "w1", batch=16, max_length=64, max_prompt_length=48, n_pairs=500, warmup=3, steps=25, repeats=3
         ),
@@ -223,6 +258,43 @@ def _hh_rows(tokenizer, n: int, low: int, high: int) -> list[dict]:
     return rows
 
 
+def _hh_long_rows(tokenizer, n: int, low: int, high: int) -> list[dict]:
+    """`n` long pairs from consecutive HH records, each part `low`-`high` tokens: the prompt is whole
+    transcripts (their chosen text) followed by one record's prompt, ending "\n\nAssistant:"; chosen
+    and rejected are the chosen and the rejected responses of consecutive records, concatenated.
+    A piece that would overshoot `high` is skipped, so every part is real text within the bounds."""
+    records = []
+    with gzip.open(HH, "rt") as f:
+        for line in f:
+            rec = json.loads(line)
+            split = _split_hh(rec["chosen"], rec["rejected"])
+            if split is not None and split[1] != split[2] and split[1].strip() and split[2].strip():
+                records.append((rec["chosen"], *split))
+    size = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+
+    def grow(pieces, start: int, tail: str = "") -> tuple[str, int]:
+        """Concatenate pieces from `start` (cyclically) until the text (+ `tail`) reaches `low`."""
+        text, i = "", start
+        while size(text + tail) < low:
+            piece = pieces[i % len(pieces)]
+            if size(text + piece + tail) <= high:
+                text += piece
+            i += 1
+            if i - start > 10 * len(pieces):
+                raise RuntimeError(f"cannot reach {low}-{high} tokens from the HH records")
+        return text + tail, i
+
+    rows, at = [], 0
+    for _ in range(n):
+        while size(records[at % len(records)][1]) > low // 2:  # a short last turn: room for transcripts
+            at += 1
+        prompt, at = grow([r[0] for r in records], at, tail=records[at % len(records)][1])
+        chosen, _ = grow([r[2] for r in records], at)
+        rejected, at = grow([r[3] for r in records], at)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
 def _sentiment_rows(n: int, cache_dir: Path) -> tuple[list[dict], str]:
     """W1's pairs: VADER-scored samples of stories260k (alignlab.bench.sentiment); HH pairs if it is
     absent."""
@@ -273,10 +345,18 @@ def prepare(workload: Workload, work: Path) -> dict:
     else:
         model_dir = work / f"model-{workload.shape}"  # one folder per shape: --quick never feeds a full run
         tok = _config_model(model_dir, SHAPES[workload.shape])
-        rows = _hh_rows(tok, workload.n_pairs, 32, 256)
-        source = (
-            f"HH-RLHF harmless-base test, first {len(rows)} pairs with prompt and responses 32-256 tokens"
-        )
+        if workload.part_tokens:
+            low, high = workload.part_tokens
+            rows = _hh_long_rows(tok, workload.n_pairs, low, high)
+            source = (
+                f"HH-RLHF harmless-base test concatenated: {len(rows)} pairs with prompt and each "
+                f"response {low}-{high} tokens"
+            )
+        else:
+            rows = _hh_rows(tok, workload.n_pairs, 32, 256)
+            source = (
+                f"HH-RLHF harmless-base test, first {len(rows)} pairs with prompt and responses 32-256 tokens"
+            )
         sep = ""  # HH responses start with their own space
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -297,7 +377,7 @@ def prepare(workload: Workload, work: Path) -> dict:
         else:
             dropped += 1
     if workload.consume_only:
-        kept = kept[: workload.batch * (workload.warmup + workload.steps)]
+        kept = kept[: workload.batch * workload.grad_accum * (workload.warmup + workload.steps)]
     _write_files(kept, work, sep)
     return {
         "model": str(model_dir),
@@ -363,10 +443,9 @@ def _config_model(model_dir: Path, shape: dict):
     if not (model_dir / "config.json").exists():
         torch.manual_seed(0)
         config = LlamaConfig(
-            **shape,
+            **{"max_position_embeddings": 1024, **shape},
             num_key_value_heads=shape["num_attention_heads"],
             vocab_size=len(tok),
-            max_position_embeddings=1024,
             tie_word_embeddings=True,
             bos_token_id=tok.eos_token_id,
             eos_token_id=tok.eos_token_id,
@@ -415,6 +494,8 @@ class Probe:
         self.cuda_peak_mib: float | None = None
         self.train_begin: float | None = None
         self.precompute_s = 0.0
+        #: micro-batches per optimizer step (`tokens`, `slots` and `rows` are per micro-batch)
+        self.accum = 1
 
     def callback(self):
         from transformers import TrainerCallback
@@ -473,18 +554,29 @@ class Probe:
 
         return wrapper
 
-    def result(self, warmup: int, baseline: float, flops_of=None, peak: float | None = None) -> dict:
+    def result(
+        self,
+        warmup: int,
+        baseline: float,
+        flops_of=None,
+        peak: float | None = None,
+        gemm: float | None = None,
+    ) -> dict:
         """`flops_of(tokens, mean_length)`: model FLOPs of a step (see `dpo_flops_per_token`); with
-        `peak` (FLOP/s), the MFU of the timed steps."""
+        `peak` (FLOP/s), the MFU of the timed steps; with `gemm` (FLOP/s, `gemm_rate`), the model
+        FLOP/s as a fraction of what a plain fp32 matrix multiply reached in the same process."""
         steps = [b - a for a, b in zip(self.step_ends[warmup - 1 :], self.step_ends[warmup:])]
-        tokens = self.tokens[warmup : warmup + len(steps)]
-        rows = self.rows[warmup : warmup + len(steps)]
+        k = self.accum  # micro-batches per step: their tokens and rows add up
+        tokens = [sum(self.tokens[i * k : (i + 1) * k]) for i in range(warmup, warmup + len(steps))]
+        rows = [sum(self.rows[i * k : (i + 1) * k]) for i in range(warmup, warmup + len(steps))]
         flops = (
             sum(flops_of(t, t / r) for t, r in zip(tokens, rows)) / sum(steps) if flops_of and steps else None
         )
         return {
             "model_tflops_per_s": None if flops is None else flops / 1e12,
             "mfu": None if flops is None or not peak else flops / peak,
+            "gemm_tflops_per_s": None if not gemm else gemm / 1e12,
+            "gemm_ratio": None if flops is None or not gemm else flops / gemm,
             "step_times": steps,
             "tokens": tokens,
             "pad_fraction": 1 - sum(self.tokens) / max(1, sum(self.slots)),
@@ -495,6 +587,85 @@ class Probe:
             "cuda_peak_mib": self.cuda_peak_mib,
             "precompute_s": round(self.precompute_s, 2),
         }
+
+
+#: the categories of a step's profile, first match wins: (name, test on the names of an op and of
+#: its enclosing ops and annotations, innermost first). Time is each op's own (self) CPU time.
+MATMULS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::addbmm",
+    "aten::_addmm_activation",
+    "aten::matmul",
+    "aten::linear",
+    "aten::mv",
+    "aten::addmv",
+    "aten::dot",
+}
+PROFILE_CATEGORIES = (
+    ("optimizer", lambda names: any(n.startswith(("Optimizer.step", "Optimizer.zero_grad")) for n in names)),
+    ("data loading, collation", lambda names: any(n.startswith("enumerate(DataLoader)") for n in names)),
+    ("attention", lambda names: any("attention" in n.lower() for n in names)),
+    (
+        "log-softmax, logsumexp, gather",
+        lambda names: any(
+            k in n.lower()
+            for n in names
+            for k in ("log_softmax", "logsoftmax", "logsumexp", "cross_entropy", "nll")
+        ),
+    ),
+    ("matmuls", lambda names: names[0] in MATMULS),
+    ("autograd engine", lambda names: names[0].startswith("autograd::")),
+    ("other ops (elementwise, norms, copies)", lambda names: True),
+)
+
+
+class StepProfile:
+    """`torch.profiler` over the timed steps of a run; `breakdown()` splits their wall time into
+    `PROFILE_CATEGORIES` by each op's own CPU time, and names the rest (time in no op: the Python
+    of the training loop, the loss and the model code) "Python, framework"."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.profiler = None
+        self.wall_s = 0.0
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        me = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == me.warmup:
+                    me.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    me.profiler.start()
+                    me.start = time.perf_counter()
+                elif state.global_step == me.warmup + me.steps and me.profiler is not None:
+                    me.profiler.stop()
+                    me.wall_s = time.perf_counter() - me.start
+
+        return _Callback()
+
+    def breakdown(self) -> dict:
+        """Seconds per step of each category, and of the whole step."""
+        seconds = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES], 0.0)
+        ops: dict[tuple[str, str], float] = {}
+        for event in self.profiler.events():
+            names, e = [], event
+            while e is not None:
+                names.append(e.name)
+                e = e.cpu_parent
+            name = next(n for n, test in PROFILE_CATEGORIES if test(names))
+            seconds[name] += event.self_cpu_time_total / 1e6
+            ops[name, event.name] = ops.get((name, event.name), 0.0) + event.self_cpu_time_total / 1e6
+        seconds["Python, framework"] = max(0.0, self.wall_s - sum(seconds.values()))
+        top = sorted(ops.items(), key=lambda kv: -kv[1])[:25]
+        self.top_ops = [(category, op, round(t / self.steps, 3)) for (category, op), t in top]
+        return {"step_s": self.wall_s / self.steps, **{k: v / self.steps for k, v in seconds.items()}}
 
 
 def dpo_flops_per_token(config: dict, context: float, live_reference: bool = True) -> float:
@@ -527,6 +698,23 @@ def peak_flops(gpu: str | None, dtype: str, override_tflops: float | None = None
     return next((peak for name, peak in PEAK_BF16.items() if name in gpu), None)
 
 
+def gemm_rate(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matrix-multiply rate now, in FLOP/s: `torch.mm` of two n×n matrices on
+    `threads` threads, best of `repeats` (2n³ FLOPs each). Measured in each run's own process just
+    before and after its training, so it sees the same load as the run's steps."""
+    import torch
+
+    _threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up: thread pool, allocator
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def _threads(n: int) -> None:
     import torch
 
@@ -556,8 +744,11 @@ def measure(spec: dict) -> dict:
 
         trainer_cls = AlignTrainer
     imports_s = time.perf_counter() - t0
+    gemm_before = gemm_rate(spec["threads"]) if spec["device"] == "cpu" else None
     probe = Probe()
+    probe.accum = spec.get("grad_accum", 1)
     probe.instrument(trainer_cls)
+    profile = StepProfile(spec["warmup"], spec["steps"]) if spec.get("profile") else None
     baseline_rss = _status_mib("VmRSS")
     exact_peak = _reset_peak()
     baseline = baseline_rss if exact_peak else _status_mib("VmHWM")
@@ -578,6 +769,7 @@ def measure(spec: dict) -> dict:
         args = DPOConfig(
             output_dir=str(scratch / "out"),
             per_device_train_batch_size=spec["batch"],
+            gradient_accumulation_steps=spec["grad_accum"],
             per_device_eval_batch_size=spec["batch"],
             max_length=spec["max_length"],
             learning_rate=spec["lr"],
@@ -585,7 +777,7 @@ def measure(spec: dict) -> dict:
             warmup_steps=0,
             weight_decay=0.0,
             max_grad_norm=1.0,
-            optim="adamw_torch",
+            optim=spec["optim"],
             max_steps=steps,
             bf16=spec["dtype"] == "bfloat16",
             fp16=False,
@@ -607,7 +799,7 @@ def measure(spec: dict) -> dict:
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tok,
-            callbacks=[probe.callback()],
+            callbacks=[probe.callback(), *([profile.callback()] if profile else [])],
         )
         trainer.train()
     else:
@@ -615,12 +807,17 @@ def measure(spec: dict) -> dict:
         original_init = AlignTrainer.__init__
 
         def init(self, *args, callbacks=None, **kwargs):
-            original_init(self, *args, callbacks=[*(callbacks or []), probe.callback()], **kwargs)
+            extra = [probe.callback(), *([profile.callback()] if profile else [])]
+            original_init(self, *args, callbacks=[*(callbacks or []), *extra], **kwargs)
 
         AlignTrainer.__init__ = init
         cfg = _compose(_alignlab_overrides(spec, scratch))
         train_module.run(cfg, output_dir=scratch / "run")
-    out = _result(probe, spec, baseline)
+    gemm = max(gemm_before, gemm_rate(spec["threads"])) if gemm_before else None
+    out = _result(probe, spec, baseline, gemm)
+    if profile:
+        out["profile"] = profile.breakdown()
+        out["profile_top_ops"] = profile.top_ops
     out.update(
         imports_s=round(imports_s, 2),
         baseline_rss_mib=round(baseline_rss, 1),
@@ -630,17 +827,19 @@ def measure(spec: dict) -> dict:
     return out
 
 
-def _result(probe: Probe, spec: dict, baseline: float) -> dict:
-    """The probe's figures, with model FLOP/s on a GPU (DPO only) and MFU where the peak is known."""
+def _result(probe: Probe, spec: dict, baseline: float, gemm: float | None = None) -> dict:
+    """The probe's figures, with model FLOP/s (DPO only), MFU on a GPU whose peak is known, and on a
+    CPU the model FLOP/s as a fraction of the fp32 GEMM rate measured in the same process (`gemm`)."""
     import torch
 
     flops_of, peak = None, None
-    if torch.cuda.is_available() and spec["loss"] == "dpo":
+    if spec["loss"] == "dpo":
         config = json.loads((Path(spec["model"]) / "config.json").read_text())
         live = spec["reference_mode"] == "live"
         flops_of = lambda tokens, length: tokens * dpo_flops_per_token(config, length, live)  # noqa: E731
-        peak = peak_flops(torch.cuda.get_device_name(0), spec["dtype"], spec.get("peak_tflops"))
-    return probe.result(spec["warmup"], baseline, flops_of, peak)
+        if torch.cuda.is_available():
+            peak = peak_flops(torch.cuda.get_device_name(0), spec["dtype"], spec.get("peak_tflops"))
+    return probe.result(spec["warmup"], baseline, flops_of, peak, gemm)
 
 
 def _alignlab_overrides(spec: dict, scratch: Path) -> list[str]:
@@ -658,11 +857,12 @@ def _alignlab_overrides(spec: dict, scratch: Path) -> list[str]:
         f"data.max_prompt_length={spec['max_prompt_length']}",
         f"data.cache_dir={scratch / 'cache'}",
         f"trainer.per_device_train_batch_size={spec['batch']}",
+        f"trainer.gradient_accumulation_steps={spec['grad_accum']}",
         f"trainer.per_device_eval_batch_size={spec['batch']}",
         f"trainer.max_steps={steps_of(spec)}",
         f"trainer.learning_rate={spec['lr']}",
         "trainer.warmup_steps=0",
-        "trainer.optim=adamw_torch",
+        f"trainer.optim={spec['optim']}",
         "trainer.lr_scheduler_type=linear",
         "trainer.max_grad_norm=1.0",
         "trainer.logging_steps=1000000",
@@ -738,6 +938,8 @@ def _spec(
     loss: str = "dpo",
     switches: dict | None = None,
     threads: int = 2,
+    profile: bool = False,
+    optim: str = "adamw_torch_fused",
 ) -> dict:
     switches = dict(switches or {})
     gc = (
@@ -751,6 +953,7 @@ def _spec(
         "work": str(work),
         "model": info["model"],
         "batch": w.batch,
+        "grad_accum": w.grad_accum,
         "max_length": w.max_length,
         "max_prompt_length": w.max_prompt_length,
         "warmup": w.warmup,
@@ -765,6 +968,9 @@ def _spec(
         "switches": switches,
         "dtype": w.dtype,
         "peak_tflops": PEAK_TFLOPS,
+        "device": "cuda" if _has_gpu() else "cpu",
+        "profile": profile,
+        "optim": optim,
     }
 
 
@@ -864,6 +1070,8 @@ def summarise(records: list[dict]) -> dict:
         "pad_fraction": _median([r["pad_fraction"] for r in ok]),
         "model_tflops_per_s": _median([r["model_tflops_per_s"] for r in ok if r.get("model_tflops_per_s")]),
         "mfu": _median([r["mfu"] for r in ok if r.get("mfu")]),
+        "gemm_tflops_per_s": _median([r["gemm_tflops_per_s"] for r in ok if r.get("gemm_tflops_per_s")]),
+        "gemm_ratio": _median([r["gemm_ratio"] for r in ok if r.get("gemm_ratio")]),
         "precompute_s": _median([r["precompute_s"] for r in ok]),
         "first_loss": ok[0]["first_loss"] if ok else None,
         "first_metrics": ok[0]["first_metrics"] if ok else {},
@@ -956,6 +1164,7 @@ def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[l
             "step_time": t["step_s"] / a["step_s"] if a["step_s"] else None,
             "peak_memory": _memory(a) / _memory(t) if _memory(t) else None,
             "mfu": {"alignlab": a["mfu"], "trl": t["mfu"]},
+            "gemm_ratio": {"alignlab": a["gemm_ratio"], "trl": t["gemm_ratio"]},
             "model_tflops_per_s": {"alignlab": a["model_tflops_per_s"], "trl": t["model_tflops_per_s"]},
             "loss0_diff": (
                 abs(a["first_loss"] - t["first_loss"])
@@ -985,16 +1194,17 @@ def trl_table(name: str, records: list[dict], modes: tuple[str, ...]) -> tuple[l
     if any(not math.isnan(x) for r in ratios.values() for x in r["model_tflops_per_s"].values()):
         lines += [
             "",
-            f"| {name}: model FLOPs (`dpo_flops_per_token`) | reference | alignlab TFLOP/s | TRL TFLOP/s | "
-            "alignlab MFU | TRL MFU |",
-            "|---|---|---|---|---|---|",
+            f"| {name}: model FLOPs (`dpo_flops_per_token`) | reference | framework | model GFLOP/s "
+            "| fp32 GEMM GFLOP/s, same processes | model / GEMM | MFU (GPU peak) |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for mode, r in ratios.items():
-            f, m = r["model_tflops_per_s"], r["mfu"]
-            lines.append(
-                f"| | {mode} | {fmt(f['alignlab'], 1)} | {fmt(f['trl'], 1)} | {_pct(m['alignlab'])} | "
-                f"{_pct(m['trl'])} |"
-            )
+        for mode in modes:
+            for fw in ("alignlab", "trl"):
+                x = summarise([r for r in records if r["reference_mode"] == mode and r["framework"] == fw])
+                lines.append(
+                    f"| | {mode} | {fw} | {fmt(x['model_tflops_per_s'] * 1e3, 1)} | "
+                    f"{fmt(x['gemm_tflops_per_s'] * 1e3, 1)} | {_pct(x['gemm_ratio'])} | {_pct(x['mfu'])} |"
+                )
     return lines, ratios
 
 
@@ -1024,21 +1234,22 @@ def relative_table(name: str, records: list[dict], key: str, base_label: str) ->
         (
             f"| {name} | step time, s (median [min–max]) | tokens/s "
             f"| × {base_label} tokens/s | peak memory, MiB | "
-            f"× {base_label} memory | padding | step-0 loss |"
+            f"× {base_label} memory | padding | step-0 loss | model GFLOP/s | model / GEMM |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, recs in groups.items():
         s = summarise(recs)
         if not s["n"]:
-            lines.append(f"| {label} | failed: {s['errors'][0][:80]} | | | | | | |")
+            lines.append(f"| {label} | failed: {s['errors'][0][:80]} | | | | | | | | |")
             continue
         rt = s["tokens_per_s"] / base["tokens_per_s"] if base["n"] else float("nan")
         rm = _memory(s) / _memory(base) if base["n"] and _memory(base) else float("nan")
         lines.append(
             f"| {label} | {fmt(s['step_s'])} [{fmt(s['step_min'])}–{fmt(s['step_max'])}] | "
             f"{fmt(s['tokens_per_s'], 0)} | {fmt(rt, 2)}× | {fmt(_memory(s), 0)} | {fmt(rm, 2)}× | "
-            f"{fmt(s['pad_fraction'], 2)} | {fmt(s['first_loss'], 5)} |"
+            f"{fmt(s['pad_fraction'], 2)} | {fmt(s['first_loss'], 5)} | "
+            f"{fmt(s['model_tflops_per_s'] * 1e3, 1)} | {_pct(s['gemm_ratio'])} |"
         )
     return lines
 
@@ -1048,7 +1259,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny workloads and steps: an end-to-end check")
     parser.add_argument("--workloads", default="w1,w2")
-    parser.add_argument("--sections", default="trl,losses,switches")
+    parser.add_argument("--sections", default="trl,losses,switches,profile")
     parser.add_argument("--modes", default="live,precomputed", help="reference modes of the TRL comparison")
     parser.add_argument("--losses", default=",".join(LOSSES), help="losses of the W1 loss table")
     parser.add_argument("--w2-losses", default="dpo,tdpo,aligndistil", help="losses of the W2 loss table")
@@ -1088,7 +1299,8 @@ def main() -> None:
         print(f"{name}: {info}", file=sys.stderr)
         md.append(
             f"### {name.upper()}: {info['source']}; {info['rows']} pairs kept "
-            f"({info['dropped_tokenisation']} dropped: tokenised differently or too long); batch {w.batch}, "
+            f"({info['dropped_tokenisation']} dropped: tokenised differently or too long); batch {w.batch}"
+            f"{f' × {w.grad_accum} accumulated' if w.grad_accum > 1 else ''}, "
             f"max_length {w.max_length}, {w.warmup} warm-up + {w.steps} timed steps × {w.repeats} repeats; "
             f"gradient checkpointing TRL {'on' if w.trl_gradient_checkpointing else 'off'}, "
             f"alignlab {'on' if w.alignlab_gradient_checkpointing else 'off'}"
@@ -1105,7 +1317,7 @@ def main() -> None:
                 alignlab_runs[mode] = [
                     r for r in recs if r["framework"] == "alignlab" and r["reference_mode"] == mode
                 ]
-        repeats = 1 if name in ("w2", "w3") else max(1, w.repeats - 1)
+        repeats = 1 if name.startswith(("w2", "w3", "w4")) else max(1, w.repeats - 1)
         if "losses" in sections:
             names = args.losses.split(",") if name == "w1" else args.w2_losses.split(",")
             recs = [{**r, "section": "losses"} for r in alignlab_runs.get("live", []) if "dpo" in names]
@@ -1141,8 +1353,46 @@ def main() -> None:
             md += relative_table(f"{name.upper()} alignlab switch (DPO)", recs, "label", "plain") + [""]
             if missing:
                 md += [f"Not measured (no such `model.*` field yet): {', '.join(missing)}.", ""]
+        if "profile" in sections:
+            recs = []
+            for fw, label, switches, optim in PROFILED:
+                rec = run_child(_spec(w, info, work, fw, switches=switches, profile=True, optim=optim), log)
+                rec.update(section="profile", label=label)
+                recs.append(rec)
+                _progress(rec)
+            results["records"] += recs
+            md += profile_table(f"{name.upper()} per-step profile (DPO, live reference)", recs) + [""]
         write(results, md, args.out)  # after each workload: a cut-short run keeps what it measured
     print(write(results, md, args.out))
+
+
+#: the runs of the profile section: (framework, label, alignlab's switches, optimizer)
+PROFILED = (
+    ("alignlab", "alignlab", {}, "adamw_torch_fused"),
+    ("alignlab", "alignlab, unfused AdamW (the default before 2026-12-02)", {}, "adamw_torch"),
+    ("alignlab", "alignlab, padding-free", {"padding_free": True}, "adamw_torch_fused"),
+    ("trl", "TRL", {}, "adamw_torch_fused"),
+)
+
+
+def profile_table(name: str, records: list[dict]) -> list[str]:
+    """Seconds per step (and share of the step) of each profile category, one column per run."""
+    ok = [r for r in records if "profile" in r]
+    if not ok:
+        return [f"{name}: failed ({'; '.join(r.get('error', '?') for r in records)})"]
+    lines = [
+        f"| {name} | " + " | ".join(r["label"] for r in ok) + " |",
+        "|---|" + "---|" * len(ok),
+    ]
+    for key in [*ok[0]["profile"].keys()][1:] + ["step_s"]:
+        cells = []
+        for r in ok:
+            p = r["profile"]
+            share = "" if key == "step_s" else f" ({100 * p[key] / p['step_s']:.0f}%)"
+            cells.append(f"{p[key]:.2f} s{share}")
+        label = "whole step (profiled)" if key == "step_s" else key
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write(results: dict, md: list[str], out: Path) -> str:

@@ -67,6 +67,64 @@ def test_mfu_uses_the_gpu_peak_for_bf16_only():
     assert out["mfu"] == pytest.approx(4100 / 3 / 100)
 
 
+def test_gradient_accumulation_adds_the_micro_batches_of_each_step():
+    probe = _bench().Probe()
+    probe.accum = 2
+    probe.step_ends = [10.0, 12.0, 16.0]  # three optimizer steps, of two micro-batches each
+    probe.tokens = [1, 2, 30, 40, 500, 600]
+    probe.rows = [2, 2, 2, 2, 2, 2]
+    out = probe.result(warmup=1, baseline=0.0, flops_of=lambda tokens, length: tokens * length, gemm=10.0)
+    # timed steps 1 and 2 (2 s, 4 s) hold 30 + 40 and 500 + 600 tokens, 4 rows each
+    assert out["tokens"] == [70, 1100]
+    assert out["tokens_per_s"] == pytest.approx(1170 / 6)
+    # model FLOPs: tokens x mean length = 70 * 17.5 + 1100 * 275 over 6 s, against a 10 FLOP/s GEMM
+    flops = (70 * 17.5 + 1100 * 275) / 6
+    assert out["model_tflops_per_s"] == pytest.approx(flops / 1e12)
+    assert out["gemm_ratio"] == pytest.approx(flops / 10.0)
+
+
+def test_gemm_rate_is_two_n_cubed_over_the_best_time():
+    rate = _bench().gemm_rate(threads=1, n=64, repeats=2)
+    assert 1e6 < rate < 1e13  # FLOP/s of a 64x64 matmul: plausible on any CPU
+
+
+def test_profile_puts_each_op_in_one_category_and_the_rest_in_python():
+    import torch
+
+    bench = _bench()
+    prof = bench.StepProfile(warmup=0, steps=1)
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    optimizer = torch.optim.AdamW([weight])
+    prof.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with prof.profiler:
+        x = torch.randn(32, 64)
+        loss = torch.log_softmax(x @ weight, -1).sum()
+        loss.backward()
+        optimizer.step()
+    prof.wall_s = 10.0  # pretend the step took 10 s: what no op accounts for is Python
+    out = prof.breakdown()
+    assert out["step_s"] == 10.0
+    assert out["matmuls"] > 0 and out["log-softmax, logsumexp, gather"] > 0 and out["optimizer"] > 0
+    assert out["attention"] == 0 and out["data loading, collation"] == 0
+    categories = sum(v for k, v in out.items() if k not in ("step_s", "Python, framework"))
+    assert categories + out["Python, framework"] == pytest.approx(10.0)
+    assert ("matmuls", "aten::mm") in {(c, op) for c, op, _ in prof.top_ops}
+
+
+def test_long_rows_are_real_hh_text_within_the_token_bounds(shared_path):
+    shared_path("data", "hh-rlhf")
+    from transformers import GPT2TokenizerFast
+
+    gpt2 = shared_path("tokenizers", "gpt2")
+    tok = GPT2TokenizerFast(vocab=str(gpt2 / "vocab.json"), merges=str(gpt2 / "merges.txt"))
+    rows = _bench()._hh_long_rows(tok, 3, 300, 400)
+    assert len(rows) == 3 and len({r["prompt"] for r in rows}) == 3
+    for r in rows:
+        for part in ("prompt", "chosen", "rejected"):
+            assert 300 <= len(tok(r[part], add_special_tokens=False)["input_ids"]) <= 400, part
+        assert r["prompt"].endswith("\n\nAssistant:") and r["chosen"] != r["rejected"]
+
+
 def test_hh_split_takes_the_prompt_up_to_the_last_assistant_turn():
     chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this"
     rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: no"
