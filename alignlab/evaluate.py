@@ -176,15 +176,7 @@ def evaluate(
         )
 
     needs = build(cfg.loss).needs  # the held-out prompts of the run's own data, whatever its kind
-    data = build_datasets(
-        cfg.data,
-        tokenizer,
-        responses=needs.responses,
-        seed=cfg.seed,
-        fields=needs.fields,
-        mismatched=needs.mismatched,
-        own_prompts=needs.own_prompts,
-    )
+    data = build_datasets(cfg.data, tokenizer, seed=cfg.seed, **needs.data_shape())
     prompts = _prompts(data, tokenizer, num_prompts) if data is not None and data.eval is not None else []
     result: dict = {
         "run": str(run_dir),

@@ -75,7 +75,7 @@ def check_combination(cfg: AlignConfig, needs: Needs) -> None:
                 f"loss {cfg.loss.name!r} needs its {name!r} teacher: set it in the loss config "
                 f"(e.g. loss.{name}_teacher=<model dir>) or run the recipe that trains it"
             )
-    check_data_needs(cfg.data, needs.responses, needs.fields, needs.mismatched, needs.own_prompts)
+    check_data_needs(cfg.data, **needs.data_shape())
     models.check_model_folder(cfg.model.name_or_path)
     if cfg.model.reference:
         models.check_model_folder(cfg.model.reference, "model.reference")
@@ -493,15 +493,7 @@ def _train(
     resume = claimed.resume
     tokenizer = models.load_tokenizer(typed.model)
     with distributed.main_process_first():  # one process fills the tokenized cache, the others read it
-        data = build_datasets(
-            typed.data,
-            tokenizer,
-            responses=needs.responses,
-            seed=typed.seed,
-            fields=needs.fields,
-            mismatched=needs.mismatched,
-            own_prompts=needs.own_prompts,
-        )
+        data = build_datasets(typed.data, tokenizer, seed=typed.seed, **needs.data_shape())
     if main:
         print(data.report.summary())
         unknown = vocabulary_warning(data.train, tokenizer, typed.model, typed.data.path)

@@ -12,11 +12,8 @@ and batching for the trainer (`collate`).
 Usage::
 
     needs = loss.needs
-    check_data_needs(cfg.data, needs.responses, needs.fields, needs.mismatched,
-                     needs.own_prompts)  # cheap: no model loads
-    prepared = build_datasets(cfg.data, tokenizer, responses=needs.responses, seed=cfg.seed,
-                              fields=needs.fields, mismatched=needs.mismatched,
-                              own_prompts=needs.own_prompts)
+    check_data_needs(cfg.data, **needs.data_shape())  # cheap: no model loads
+    prepared = build_datasets(cfg.data, tokenizer, seed=cfg.seed, **needs.data_shape())
     collator = PreferenceCollator(tokenizer.pad_token_id, responses=needs.responses, fields=needs.fields)
 
 Data shapes served (`alignlab.losses.base.Needs`):

@@ -72,6 +72,16 @@ class Needs:
     mismatched: tuple[tuple[str, str], ...] = ()
     own_prompts: tuple[str, ...] = ()
 
+    def data_shape(self) -> dict[str, tuple]:
+        """What the data pipeline serves (`alignlab.data.check_data_needs` / `build_datasets` keyword
+        arguments): a need of the data's shape is added here and in the pipeline, not at each call site."""
+        return {
+            "responses": self.responses,
+            "fields": self.fields,
+            "mismatched": self.mismatched,
+            "own_prompts": self.own_prompts,
+        }
+
     @property
     def score_fields(self) -> tuple[str, ...]:
         """The per-example fields `scores` fill: `<score>_<response>` for each response."""

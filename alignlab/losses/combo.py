@@ -15,7 +15,7 @@ BCO 0.2 (paired), SFT 1. A weight of 0 drops a term (command-line dicts merge in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -79,25 +79,16 @@ def merge_needs(needs: list[Needs]) -> Needs:
     if len(set(activations)) > 1:
         raise ValueError("loss.terms read different reference activations; combine them one at a time")
 
-    def union(attr):
-        return tuple(dict.fromkeys(x for n in needs for x in getattr(n, attr)))
+    def merged(name: str):
+        """A flag: any term's; a tuple: the union of the terms', in order (`own_prompts`: jpo + sft
+        sees each response after its own prompt); every field of `Needs` is merged, none by hand."""
+        values = [getattr(n, name) for n in needs]
+        if isinstance(values[0], bool):
+            return any(values)
+        return tuple(dict.fromkeys(x for value in values for x in value))
 
-    return replace(
-        needs[0],
-        reference=any(n.reference for n in needs),
-        full_logits=any(n.full_logits for n in needs),
-        logits_on_prompt=any(n.logits_on_prompt for n in needs),
-        responses=tuple(responses),
-        fields=union("fields"),
-        prepared_fields=union("prepared_fields"),
-        teachers=union("teachers"),
-        activations=activations[0] if activations else None,
-        scores=union("scores"),
-        mismatched=union("mismatched"),
-        own_prompts=union(
-            "own_prompts"
-        ),  # e.g. jpo + sft: every term sees each response after its own prompt
-    )
+    special = {"responses": tuple(responses), "activations": activations[0] if activations else None}
+    return Needs(**{f.name: special[f.name] if f.name in special else merged(f.name) for f in fields(Needs)})
 
 
 @register("combo", ComboConfig)

@@ -77,3 +77,32 @@ def test_mismatched_responses_are_merged_whatever_the_term_order():
         needs = build(ComboConfig(terms=terms, term_options={})).needs
         assert needs.responses == ("completion", "kl_completion"), terms
         assert needs.mismatched == (("kl_completion", "completion"),), terms
+
+
+def test_every_field_of_needs_is_merged_from_the_terms():
+    # each field of Needs set away from its default in a second term survives the merge: a field added
+    # to Needs later is merged without an edit to combo (a flag is any term's, a tuple the union)
+    from dataclasses import fields, replace
+
+    from alignlab.losses.base import Activations, Needs, Score
+    from alignlab.losses.combo import merge_needs
+
+    other = {
+        "reference": False,
+        "full_logits": True,
+        "logits_on_prompt": True,
+        "responses": ("chosen", "rejected", "gold"),
+        "fields": ("label",),
+        "prepared_fields": ("weight",),
+        "teachers": (("teacher", "/models/t"),),
+        "activations": Activations(hidden_states=True),
+        "scores": (Score("margin", kind="reward_model", model="/models/rm"),),
+        "mismatched": (("kl", "chosen"),),
+        "own_prompts": ("chosen",),
+    }
+    assert set(other) == {f.name for f in fields(Needs)}, "give the new Needs field a value here"
+    base = Needs()
+    for name, value in other.items():
+        merged = merge_needs([base, replace(base, **{name: value})])
+        expected = base.reference if name == "reference" else value  # a reference if any term has one
+        assert getattr(merged, name) == expected, name
