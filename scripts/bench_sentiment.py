@@ -577,7 +577,9 @@ def plot_frontier(b: Bench, out: Path, families: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(families), figsize=(6.5 * len(families), 5), sharex=True, sharey=True, squeeze=False
+    )
     ref = next(iter(b.results.values()))["reference_reward"]
     for family, ax in zip(families, axes[0]):
         ax.scatter([0], [ref], marker="*", s=160, color="k", label="reference", zorder=5)
@@ -615,7 +617,7 @@ def against_dpo(b: Bench, r: dict) -> str:
     """Where a run sits against DPO's frontier: the polyline from the reference (KL 0) through DPO's runs
     by KL. "beyond" / "below" when its reward is more / less than DPO's interpolated at the same KL by
     over twice the combined standard error (the run's and the largest of DPO's), "on" else; past DPO's
-    largest KL, the same against DPO's best reward, "more KL" standing for "beyond" there."""
+    largest KL, "below" DPO's best reward so, else "more KL"."""
     dpo = frontier_points(b, "dpo")
     if not dpo:
         return "no DPO"
@@ -625,7 +627,7 @@ def against_dpo(b: Bench, r: dict) -> str:
     pts = [(0.0, r["reference_reward"])] + [(kl, rew) for kl, rew, _ in dpo]
     if r["kl"] > pts[-1][0]:
         best = max(rew for _, rew in pts)
-        return "below" if r["reward"] < best - margin else "more KL" if r["reward"] > best + margin else "on"
+        return "below" if r["reward"] < best - margin else "more KL"
     kl = max(r["kl"], 0.0)  # a Monte-Carlo KL can come out below 0: the reference's place then
     for (k0, r0), (k1, r1) in zip(pts, pts[1:]):
         if k0 <= kl <= k1:
@@ -770,7 +772,7 @@ def report(
     lines.append(
         f"| reference | – | {ref['reference_reward']:.3f} | 0 | 0.5 | – | {ref['reference_length']:.1f} | – |"
     )
-    verdicts: dict[str, dict[str, list[str]]] = {}
+    verdicts: dict[str, dict[str, dict[str, list[str]]]] = {}  # family -> where -> method -> strengths
     for name in [*LOSSES, "aligndistil"]:
         m = LOSSES.get(name, Method((), ORIGINAL))
         for value in m.values or s.betas:
@@ -778,7 +780,7 @@ def report(
             if r:
                 where = "–" if name == "dpo" else against_dpo(b, r)
                 strength = f"{value:g}" if m.symbol == "β" else f"{m.symbol} = {value:g}"
-                verdicts.setdefault(m.family, {}).setdefault(where, []).append(f"{name} ({strength})")
+                verdicts.setdefault(m.family, {}).setdefault(where, {}).setdefault(name, []).append(strength)
                 lines.append(
                     f"| {name} | {strength} | {r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
                     f"{r['win_rate']:.3f} | {fmt(r['accuracy'])} | {r['length']:.1f} | {where} |"
@@ -800,9 +802,9 @@ def report(
         "**Against DPO** (last column): DPO's frontier is the line from the reference (KL 0) through DPO's "
         "three runs by KL; a run is *beyond* / *below* it when its reward is above / under DPO's, "
         "interpolated at the same KL, by more than twice the combined standard error (the run's and the "
-        "largest of DPO's), *on* it otherwise. Past DPO's largest KL the same against DPO's best reward: "
-        "*below* when DPO reaches more reward with less KL, *more KL* when it has more reward than any DPO "
-        "run but at a KL no DPO run reached (not comparable). DPO's segment from the reference to its "
+        "largest of DPO's), *on* it otherwise. Past DPO's largest KL a run is *below* when DPO's best run "
+        "has more reward (by the same margin) at less KL, *more KL* otherwise: a reward not below DPO's "
+        "best, paid with a KL no DPO run reached. DPO's segment from the reference to its "
         "β = 0.5 run is a chord: a concave frontier lies above it, so *beyond* at a KL under that run's "
         "is weaker evidence.",
         "",
@@ -810,12 +812,12 @@ def report(
     for family in (ORIGINAL, REFERENCE_FREE, DPO_FORMS, DPO_WEIGHTS):
         v = verdicts.get(family, {})
         parts = [
-            f"{label}: {', '.join(v[key])}"
+            f"{label}: " + ", ".join(f"{name} ({', '.join(values)})" for name, values in v[key].items())
             for key, label in (
                 ("beyond", "beyond DPO's frontier"),
                 ("on", "on it"),
                 ("below", "below it"),
-                ("more KL", "more reward at more KL than any DPO run"),
+                ("more KL", "past DPO's KL, reward not below its best"),
             )
             if v.get(key)
         ]
