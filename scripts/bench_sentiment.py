@@ -30,15 +30,20 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one thread: the figures do not depend on the core count, and on a shared 2-core machine two threads
+# ran each training step about 10x slower than one (2026-12-02)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alignlab.bench import sentiment  # noqa: E402
+from alignlab.losses.dpo import LOSS_TYPES as DPO_LOSS_TYPES  # noqa: E402
 
 MODEL = REPO.parent / "shared" / "models" / "stories260k"
 #: the character whose stories are forgotten in study 5.
@@ -59,7 +64,9 @@ class Settings:
         self.lr = 3e-4
         self.betas = [0.1] if tiny else [0.05, 0.1, 0.5]
         #: study 1's losses (the tiny version keeps one per data kind)
-        self.losses = ["dpo", "tdpo", "tpo"] if tiny else list(LOSSES)
+        self.losses = ["dpo", "tdpo", "tpo", "kto"] if tiny else list(LOSSES)
+        #: AlignDistil's runs (study 6): its reverse teacher and its student
+        self.aligndistil = True
         self.flips = [0.4] if tiny else [0.2, 0.4]
         #: MODPO length weights; 0 is DPO (study 1's run at β = 0.1, not retrained)
         self.modpo_w = [0.1] if tiny else [0.0, 0.05, 0.1, 0.3]
@@ -300,29 +307,89 @@ class Bench:
         return r
 
 
-#: study 1: loss -> (its overrides, data, eval data). β is swept for every loss (its own β: see docs).
+@dataclass(frozen=True)
+class Method:
+    """One line of study 1: a loss (or a loss with options) and the strength swept on the frontier."""
+
+    #: the loss and its fixed options
+    overrides: tuple[str, ...]
+    #: which figure / panel it is drawn in
+    family: str
+    data: str = "pairs"
+    eval_data: str = "eval_pairs"
+    #: the config keys the strength sets (all to the same value), and its name in the report
+    knob: tuple[str, ...] = ("loss.beta",)
+    symbol: str = "β"
+    #: its three values; None: `Settings.betas` (the β of DPO's grid)
+    values: tuple[float, ...] | None = None
+
+    def points(self, s: Settings) -> list[float]:
+        if self.values is None:
+            return list(s.betas)
+        return [self.values[len(self.values) // 2]] if s.tiny else list(self.values)
+
+    def run(self, name: str, value: float) -> str:
+        """The run's directory name: `s1-dpo-b0.1` for a β, `s1-orpo-λ5.0` → `s1-orpo-lam5.0` else."""
+        return f"s1-{name}-{TAGS.get(self.symbol, 'b')}{value}"
+
+    def args(self, value: float) -> list[str]:
+        return [*self.overrides, *(f"{key}={value}" for key in self.knob)]
+
+
+TAGS = {"β": "b", "λ": "lam"}
+ORIGINAL, REFERENCE_FREE, DPO_FORMS, DPO_WEIGHTS = (
+    "alignlab's own losses",
+    "reference-free, unpaired and combined (#16)",
+    "DPO's loss_type forms (#16)",
+    "DPO with f-divergences, LD-DPO and WPO (#16)",
+)
+#: study 1, the reward-vs-KL frontier: name -> Method. A new method is one line here (a loss, a loss
+#: option or a config such as a reference-update schedule, on pairs or on its own data).
 LOSSES = {
-    "dpo": (["loss=dpo"], "pairs", "eval_pairs"),
-    "tdpo": (["loss=tdpo"], "pairs", "eval_pairs"),
-    "sparsepo": (["loss=sparsepo"], "pairs", "eval_pairs"),
-    "rdpo": (["loss=rdpo", "loss.epsilon=0.1"], "pairs", "eval_pairs"),
-    "rpo": (["loss=rpo"], "pairs", "eval_pairs"),
-    "asft": (["loss=asft"], "pairs", "eval_pairs"),
-    "tpo": (["loss=tpo"], "triples", "eval_triples"),
-    "modpo": (
-        ["loss=modpo", "loss.weights=[1.0,0.1]", "loss.margins=[{kind:length}]"],
-        "pairs",
-        "eval_pairs",
+    "dpo": Method(("loss=dpo",), ORIGINAL),
+    "tdpo": Method(("loss=tdpo",), ORIGINAL),
+    "sparsepo": Method(("loss=sparsepo",), ORIGINAL),
+    "rdpo": Method(("loss=rdpo", "loss.epsilon=0.1"), ORIGINAL),
+    "rpo": Method(("loss=rpo",), ORIGINAL),
+    "asft": Method(("loss=asft",), ORIGINAL),
+    "tpo": Method(("loss=tpo",), ORIGINAL, "triples", "eval_triples"),
+    "modpo": Method(("loss=modpo", "loss.weights=[1.0,0.1]", "loss.margins=[{kind:length}]"), ORIGINAL),
+    "bco": Method(("loss=bco",), ORIGINAL),
+    # issue 16
+    "simpo": Method(("loss=simpo", "loss.gamma=0.5"), REFERENCE_FREE, values=(1.0, 2.0, 5.0)),
+    "cpo": Method(("loss=cpo",), REFERENCE_FREE),
+    "orpo": Method(("loss=orpo",), REFERENCE_FREE, knob=("loss.lam",), symbol="λ", values=(0.1, 1.0, 5.0)),
+    "kto": Method(("loss=kto",), REFERENCE_FREE),
+    "combo": Method(
+        ("loss=combo",), REFERENCE_FREE, knob=("+loss.term_options.dpo.beta", "+loss.term_options.bco.beta")
     ),
-    "bco": (["loss=bco"], "pairs", "eval_pairs"),
+    **{
+        f"dpo-{form}": Method(("loss=dpo", f"loss.loss_type={form}"), DPO_FORMS)
+        for form in DPO_LOSS_TYPES
+        if form not in ("sigmoid", "ipo", "hinge")  # DPO itself, and its older IPO and SLiC forms
+    },
+    "dpo-forward_kl": Method(("loss=dpo", "loss.f_divergence=forward_kl"), DPO_WEIGHTS),
+    "dpo-js": Method(("loss=dpo", "loss.f_divergence=js_divergence"), DPO_WEIGHTS),
+    "dpo-alpha0.5": Method(("loss=dpo", "loss.f_divergence=alpha_divergence"), DPO_WEIGHTS),
+    "ld-dpo": Method(("loss=dpo", "loss.ld_alpha=0.5"), DPO_WEIGHTS),
+    "wpo": Method(("loss=dpo", "loss.wpo=true"), DPO_WEIGHTS),
 }
 
 
-def study_frontier(b: Bench, betas: list[float]) -> None:
-    for beta in betas:
-        for loss in b.s.losses:
-            overrides, data, eval_data = LOSSES[loss]
-            b.train(f"s1-{loss}-b{beta}", [*overrides, f"loss.beta={beta}"], data, eval_data)
+def middle_or_rest(values: list[float], first: bool) -> list[float]:
+    """The middle value of `values` when `first`, else the others, largest first."""
+    mid = values[len(values) // 2]
+    return [mid] if first else sorted((v for v in values if v != mid), reverse=True)
+
+
+def study_frontier(b: Bench, first: bool) -> None:
+    """Study 1 and AlignDistil's runs: each method at its middle strength when `first` (β = 0.1, which
+    the other studies compare with), else at its other strengths."""
+    for name in b.s.losses:
+        m = LOSSES[name]
+        for value in middle_or_rest(m.points(b.s), first):
+            b.train(m.run(name, value), m.args(value), m.data, m.eval_data)
+    for beta in middle_or_rest(b.s.betas, first) if b.s.aligndistil else []:
         # AlignDistil (study 6 too): the DPO run above is its DPO teacher; the reverse teacher is DPO
         # on swapped pairs; then the student
         reverse = b.train(f"s6-reverse-b{beta}", ["loss=dpo", f"loss.beta={beta}", "data.swap_pairs=true"])
@@ -347,8 +414,13 @@ def study_flips(b: Bench) -> None:
         )
 
 
-def study_bco_unpaired(b: Bench) -> None:
-    b.train("s3-bco-unpaired", ["loss=bco", "loss.beta=0.1"], "unpaired", "eval_unpaired")
+#: study 3: the losses of unpaired thumbs-up / down data (each also in study 1, on pairs taken apart)
+UNPAIRED = ("bco", "kto")
+
+
+def study_unpaired(b: Bench) -> None:
+    for loss in UNPAIRED:
+        b.train(f"s3-{loss}-unpaired", [f"loss={loss}", "loss.beta=0.1"], "unpaired", "eval_unpaired")
 
 
 def study_modpo(b: Bench) -> None:
@@ -488,43 +560,81 @@ def fmt(x, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def plot_frontier(b: Bench, out: Path) -> None:
+def frontier_points(b: Bench, name: str) -> list[tuple[float, float, float]]:
+    """(KL, reward, strength) of a study-1 method's finished runs, by KL."""
+    m = LOSSES.get(name, Method((), ORIGINAL))  # AlignDistil: its teachers' β
+    return sorted(
+        (r["kl"], r["reward"], value)
+        for value in (m.values or b.s.betas)
+        if (r := b.results.get(m.run(name, value))) is not None
+    )
+
+
+def plot_frontier(b: Bench, out: Path, families: list[str]) -> None:
+    """Reward against KL: one panel per family of methods, DPO's line (dashed) and the reference in each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, axes = plt.subplots(
+        1, len(families), figsize=(6.5 * len(families), 5), sharex=True, sharey=True, squeeze=False
+    )
     ref = next(iter(b.results.values()))["reference_reward"]
-    ax.scatter([0], [ref], marker="*", s=160, color="k", label="reference", zorder=5)
-    for loss in [*LOSSES, "aligndistil"]:
-        pts = sorted(
-            (r["kl"], r["reward"], beta)
-            for beta in b.s.betas
-            if (r := b.results.get(f"s1-{loss}-b{beta}")) is not None
-        )
-        if pts:
-            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=loss, alpha=0.85)
-            for kl, rew, beta in pts:
+    for family, ax in zip(families, axes[0]):
+        ax.scatter([0], [ref], marker="*", s=160, color="k", label="reference", zorder=5)
+        names = [n for n, m in LOSSES.items() if m.family == family]
+        names += ["aligndistil"] if family == ORIGINAL else []
+        if family != ORIGINAL and (dpo := frontier_points(b, "dpo")):
+            ax.plot([0] + [p[0] for p in dpo], [ref] + [p[1] for p in dpo], "k--", label="dpo", alpha=0.6)
+        for name in names:
+            pts = frontier_points(b, name)
+            if not pts:
+                continue
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, alpha=0.85)
+            symbol = LOSSES[name].symbol if name in LOSSES else "β"
+            for kl, rew, value in pts:
                 ax.annotate(
-                    f"β={beta}",
+                    f"{symbol}={value:g}",
                     (kl, rew),
                     fontsize=6,
                     color=line.get_color(),
                     xytext=(3, 2),
                     textcoords="offset points",
                 )
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set(
-        xlabel="KL(π‖π_ref), nats per completion (from policy samples)",
-        ylabel="mean VADER reward of samples",
-        title="Controlled sentiment on stories260k: reward vs KL",
-    )
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set(xlabel="KL(π‖π_ref), nats per completion (from policy samples)", title=family)
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean VADER reward of samples")
+    fig.suptitle("Controlled sentiment on stories260k: reward vs KL")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def against_dpo(b: Bench, r: dict) -> str:
+    """Where a run sits against DPO's frontier: the polyline from the reference (KL 0) through DPO's runs
+    by KL. "beyond" / "below" when its reward is more / less than DPO's interpolated at the same KL by
+    over twice the combined standard error (the run's and the largest of DPO's), "on" else; past DPO's
+    largest KL, "below" DPO's best reward so, else "more KL"."""
+    dpo = frontier_points(b, "dpo")
+    if not dpo:
+        return "no DPO"
+    margin = 2 * math.hypot(
+        se(r["run"]), max(se(b.results[LOSSES["dpo"].run("dpo", v)]["run"]) for *_, v in dpo)
+    )
+    pts = [(0.0, r["reference_reward"])] + [(kl, rew) for kl, rew, _ in dpo]
+    if r["kl"] > pts[-1][0]:
+        best = max(rew for _, rew in pts)
+        return "below" if r["reward"] < best - margin else "more KL"
+    kl = max(r["kl"], 0.0)  # a Monte-Carlo KL can come out below 0: the reference's place then
+    for (k0, r0), (k1, r1) in zip(pts, pts[1:]):
+        if k0 <= kl <= k1:
+            at = r0 + (r1 - r0) * (kl - k0) / (k1 - k0) if k1 > k0 else max(r0, r1)
+            break
+    diff = r["reward"] - at
+    return "beyond" if diff > margin else "below" if diff < -margin else "on"
 
 
 def plot_xy(
@@ -603,7 +713,8 @@ def report(
         "```",
         "",
         f"- machine: {platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}; shared with other jobs while measured",
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        "shared with other jobs while measured",
         (
             f"- this report was assembled from the finished runs in `{b.runs.name}/` (`--report-only`, "
             f"{wall / 60:.1f} min); "
@@ -646,31 +757,73 @@ def report(
         "win rate against the reference's sample (ties ½), KL(π‖π_ref) = mean over the policy's samples of "
         "log π(y|x) − log π_ref(y|x) (nats per completion). ± is the standard error over prompts.",
         "",
-        "## 1. Reward against KL, every preference loss at each β",
+        "## 1. Reward against KL, every preference loss at three strengths",
         "",
         f"![reward vs KL]({rel}/frontier.png)",
         "",
-        "| loss | β | reward | KL | win rate | held-out acc. | mean length |",
-        "|---|---|---|---|---|---|---|",
+        "The methods added for issue 16, DPO's line dashed in each panel:",
+        "",
+        f"![reward vs KL, new methods]({rel}/frontier_new.png)",
+        "",
+        "| loss | β or strength | reward | KL | win rate | held-out acc. | mean length | against DPO |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ref = next(iter(R.values()))
     lines.append(
-        f"| reference | – | {ref['reference_reward']:.3f} | 0 | 0.5 | – | {ref['reference_length']:.1f} |"
+        f"| reference | – | {ref['reference_reward']:.3f} | 0 | 0.5 | – | {ref['reference_length']:.1f} | – |"
     )
-    for loss in [*LOSSES, "aligndistil"]:
-        for beta in s.betas:
-            r = R.get(f"s1-{loss}-b{beta}")
+    verdicts: dict[str, dict[str, dict[str, list[str]]]] = {}  # family -> where -> method -> strengths
+    for name in [*LOSSES, "aligndistil"]:
+        m = LOSSES.get(name, Method((), ORIGINAL))
+        for value in m.values or s.betas:
+            r = R.get(m.run(name, value))
             if r:
+                where = "–" if name == "dpo" else against_dpo(b, r)
+                strength = f"{value:g}" if m.symbol == "β" else f"{m.symbol} = {value:g}"
+                verdicts.setdefault(m.family, {}).setdefault(where, {}).setdefault(name, []).append(strength)
                 lines.append(
-                    f"| {loss} | {beta} | {r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
-                    f"{r['win_rate']:.3f} | {fmt(r['accuracy'])} | {r['length']:.1f} |"
+                    f"| {name} | {strength} | {r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
+                    f"{r['win_rate']:.3f} | {fmt(r['accuracy'])} | {r['length']:.1f} | {where} |"
                 )
     lines += [
         "",
         "β is each loss's own β (for ASFT the β of its log-sigmoid terms, for TPO the β of its preference "
         "term, for MODPO w = (1, 0.1) with the length margin, for AlignDistil the teachers' DPO β). "
+        "The methods of issue 16 at DPO's three β, except: SimPO at β = 1, 2, 5 (its β scales a "
+        "length-averaged log-prob; the paper's 2.0 in the middle), γ = 0.5; ORPO at λ = 0.1, 1, 5, the "
+        "weight of its odds-ratio term (it has no β; TRL calls λ `beta`); combo (MPO: 0.8·DPO + 0.2·BCO "
+        "paired + 1·SFT) at the β of its DPO and BCO terms; KTO on the pairs taken apart (chosen = "
+        "desirable, rejected = undesirable, λ_D = λ_U = 1); `dpo-<loss_type>` is `loss=dpo "
+        "loss.loss_type=<loss_type>` (TRL's forms, their own constants at the defaults); dpo-forward_kl, "
+        "dpo-js and dpo-alpha0.5 are f-DPO's `f_divergence` forward_kl, js_divergence and "
+        "alpha_divergence (a = 0.5); ld-dpo is `ld_alpha=0.5`; wpo is `wpo=true`. "
         "Held-out accuracy: the loss's own preference accuracy on held-out pairs, where it logs one.",
         "",
+        "**Against DPO** (last column): DPO's frontier is the line from the reference (KL 0) through DPO's "
+        "three runs by KL; a run is *beyond* / *below* it when its reward is above / under DPO's, "
+        "interpolated at the same KL, by more than twice the combined standard error (the run's and the "
+        "largest of DPO's), *on* it otherwise. Past DPO's largest KL a run is *below* when DPO's best run "
+        "has more reward (by the same margin) at less KL, *more KL* otherwise: a reward not below DPO's "
+        "best, paid with a KL no DPO run reached. DPO's segment from the reference to its "
+        "β = 0.5 run is a chord: a concave frontier lies above it, so *beyond* at a KL under that run's "
+        "is weaker evidence.",
+        "",
+    ]
+    for family in (ORIGINAL, REFERENCE_FREE, DPO_FORMS, DPO_WEIGHTS):
+        v = verdicts.get(family, {})
+        parts = [
+            f"{label}: " + ", ".join(f"{name} ({', '.join(values)})" for name, values in v[key].items())
+            for key, label in (
+                ("beyond", "beyond DPO's frontier"),
+                ("on", "on it"),
+                ("below", "below it"),
+                ("more KL", "past DPO's KL, reward not below its best"),
+            )
+            if v.get(key)
+        ]
+        if parts:
+            lines += [f"- *{family}* — " + "; ".join(parts) + ".", ""]
+    lines += [
         "**npo** is not in this study: it is an unlearning loss (it has no chosen response to move "
         "towards), see study 5.",
         "",
@@ -718,33 +871,46 @@ def report(
             "",
         ]
     # study 3
-    paired, unp = R.get(f"s1-bco-b{mid}"), R.get("s3-bco-unpaired")
-    if unp:
+    rows3 = [
+        (loss, label, r)
+        for loss in UNPAIRED
+        for label, r in (
+            ("pairs taken apart (chosen = up, rejected = down)", R.get(f"s1-{loss}-b{mid}")),
+            ("every sample labelled by the median score", R.get(f"s3-{loss}-unpaired")),
+        )
+        if r
+    ]
+    if rows3:
         lines += [
-            "## 3. BCO on unpaired thumbs-up / down",
+            "## 3. BCO and KTO on unpaired thumbs-up / down",
             "",
-            "| data | reward | KL | win rate |",
-            "|---|---|---|---|",
+            "| loss | data | reward | KL | win rate |",
+            "|---|---|---|---|---|",
         ]
-        if paired:
-            lines.append(
-                f"| pairs, unpaired (chosen = up, rejected = down) | {paired['reward']:.3f} ± "
-                f"{se(paired['run']):.3f} | {paired['kl']:.2f} | {paired['win_rate']:.3f} |"
-            )
         lines += [
-            f"| every sample labelled by the median score | {unp['reward']:.3f} ± {se(unp['run']):.3f} | "
-            f"{unp['kl']:.2f} | {unp['win_rate']:.3f} |",
-            "",
-            "BCO at β = 0.1. "
-            + (
-                "Thumbs-up/down labels alone improve the reward over the reference "
-                f"({unp['reward']:.3f} against {unp['reference_reward']:.3f})"
-                if unp["reward"] > unp["reference_reward"]
-                else "Thumbs-up/down labels alone do not improve the reward over the reference here"
-            )
-            + ".",
-            "",
+            f"| {loss} | {label} | {r['reward']:.3f} ± {se(r['run']):.3f} | {r['kl']:.2f} | "
+            f"{r['win_rate']:.3f} |"
+            for loss, label, r in rows3
         ]
+        lines += [
+            "",
+            f"Both at β = {mid} (KTO: λ_D = λ_U = 1, its KL reference point from mismatched completions).",
+        ]
+        for loss in UNPAIRED:
+            unp = R.get(f"s3-{loss}-unpaired")
+            if unp:
+                gain = unp["reward"] - unp["reference_reward"]
+                lines.append(
+                    f"{loss.upper()} on thumbs-up/down labels alone: reward {unp['reward']:.3f} against the "
+                    f"reference's {unp['reference_reward']:.3f} ("
+                    + (
+                        "an improvement"
+                        if gain > 2 * se(unp["run"])
+                        else "no improvement beyond 2 standard errors"
+                    )
+                    + ")."
+                )
+        lines.append("")
     # study 4
     front = [
         (R[f"s4-modpo-w{w}"]["length"], R[f"s4-modpo-w{w}"]["reward"], f"w_len={w}")
@@ -956,12 +1122,10 @@ def report(
         "own reference.",
         "",
     ]
-    missing = [
-        f"s1-{loss}-b{beta}"
-        for beta in s.betas
-        for loss in [*s.losses, "aligndistil"]
-        if f"s1-{loss}-b{beta}" not in R
+    missing = [LOSSES[name].run(name, value) for name in s.losses for value in LOSSES[name].points(s)] + [
+        f"s1-aligndistil-b{beta}" for beta in s.betas if s.aligndistil
     ]
+    missing = [run for run in missing if run not in R]
     if missing:
         lines += [
             "## Runs not in this report",
@@ -993,33 +1157,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in --runs instead of retraining")
     p.add_argument("--only", default="1234567", help="the studies to run, e.g. 12 (default: all)")
     p.add_argument(
+        "--losses",
+        default="",
+        help="study 1's methods to train, comma-separated, e.g. dpo,simpo (default: all; the report "
+        "includes every finished run in --runs with --reuse)",
+    )
+    p.add_argument(
         "--report-only", action="store_true", help="train nothing: report the finished runs in --runs"
     )
     args = p.parse_args(argv)
+    unknown = sorted(set(filter(None, args.losses.split(","))) - {*LOSSES, "aligndistil"})
+    if unknown:
+        print(
+            f"bench_sentiment: --losses names {unknown}: not in LOSSES ({', '.join(LOSSES)})", file=sys.stderr
+        )
+        return 2
     if not MODEL.exists():
         print(f"bench_sentiment: needs {MODEL} (the ../shared folder beside the repository)", file=sys.stderr)
         return 2
     start = time.time()
     s = Settings(args.tiny)
+    if args.losses:
+        s.losses = [x for x in args.losses.split(",") if x in LOSSES]
+        s.aligndistil = "aligndistil" in args.losses.split(",")
     figs = args.figures or args.out.parent / "benchmarks"
     figs.mkdir(parents=True, exist_ok=True)
     data = build_data(s, args.seed, args.cache)
     b = Bench(s, data, args.runs, args.seed, args.reuse or args.report_only, train=not args.report_only)
-    first = [0.1] if 0.1 in s.betas else s.betas[:1]  # the β the other studies compare with, first
     if set("167") & set(args.only):
-        study_frontier(b, first)
+        study_frontier(b, first=True)  # β = 0.1 first: the other studies compare with it
     if "2" in args.only:
         study_flips(b)
     if "3" in args.only:
-        study_bco_unpaired(b)
+        study_unpaired(b)
     if "4" in args.only:
         study_modpo(b)
     unlearning = study_unlearning(b) if "5" in args.only else []
     if set("167") & set(args.only):
-        study_frontier(b, [beta for beta in sorted(s.betas, reverse=True) if beta not in first])
+        study_frontier(b, first=False)
     if b.results:
-        plot_frontier(b, figs / "frontier.png")
+        plot_frontier(b, figs / "frontier.png", [ORIGINAL])
+        plot_frontier(b, figs / "frontier_new.png", [REFERENCE_FREE, DPO_FORMS, DPO_WEIGHTS])
     command = "python scripts/bench_sentiment.py" + (" --tiny" if args.tiny else "")
+    command += " --reuse" if args.reuse else ""
     text = report(b, unlearning, data["stats"], time.time() - start, command, args.out, figs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

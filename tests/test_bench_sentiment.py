@@ -73,6 +73,44 @@ def test_retain_nll_is_interpolated_at_equal_forgetting():
     assert retain_at(trajectory, 5.5) is None  # beyond the forgetting the method reached
 
 
+def test_methods_name_their_runs_and_set_their_strength():
+    losses = _bench().LOSSES
+    assert losses["dpo"].run("dpo", 0.1) == "s1-dpo-b0.1" and losses["dpo"].args(0.1) == [
+        "loss=dpo",
+        "loss.beta=0.1",
+    ]
+    assert losses["orpo"].run("orpo", 5.0) == "s1-orpo-lam5.0" and "loss.lam=5.0" in losses["orpo"].args(5.0)
+    combo = losses["combo"].args(0.5)
+    assert "+loss.term_options.dpo.beta=0.5" in combo and "+loss.term_options.bco.beta=0.5" in combo
+    assert "loss.loss_type=discopop" in losses["dpo-discopop"].args(0.1)
+
+
+def _run(tmp_path, name, kl, reward, rewards):
+    run = tmp_path / name
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "eval.json").write_text(json.dumps({"rewards_policy": rewards}))
+    return {"run": str(run), "kl": kl, "reward": reward, "reference_reward": 0.2}
+
+
+def test_runs_are_placed_against_dpos_frontier(tmp_path):
+    bench = _bench()
+    s = bench.Settings(tiny=False)  # β 0.05, 0.1, 0.5
+    b = bench.Bench(s, {}, tmp_path, 0, reuse=True, train=False)
+    # DPO's frontier: reference (0, 0.2) → (2, 0.6) → (4, 0.7) → (8, 0.8); every SE 0.01 (rewards ± 0.05
+    # and one 0 over 25 prompts: stdev 0.05), so a margin of 2·√2·0.01 ≈ 0.028
+    spread = [0.05, -0.05] * 12 + [0.0]
+    for beta, kl, reward in ((0.5, 2.0, 0.6), (0.1, 4.0, 0.7), (0.05, 8.0, 0.8)):
+        b.results[f"s1-dpo-b{beta}"] = _run(tmp_path, f"dpo{beta}", kl, reward, [reward + x for x in spread])
+    place = lambda kl, reward: bench.against_dpo(b, _run(tmp_path, f"x{kl}-{reward}", kl, reward, spread))  # noqa: E731
+    assert place(1.0, 0.45) == "beyond"  # DPO's chord at KL 1: 0.4
+    assert place(-0.1, 0.21) == "on"  # a negative KL estimate: at the reference
+    assert place(3.0, 0.66) == "on"  # DPO at KL 3: 0.65
+    assert place(6.0, 0.70) == "below"  # DPO at KL 6: 0.75
+    assert place(12.0, 0.75) == "below"  # DPO reaches 0.8 at KL 8
+    assert place(12.0, 0.78) == "more KL"  # not below DPO's best by the margin, at more KL
+    assert place(12.0, 0.85) == "more KL"
+
+
 @pytest.mark.slow
 def test_tiny_benchmark_writes_its_report_and_figures(shared_path, tmp_path):
     shared_path("models", "stories260k")
@@ -103,12 +141,18 @@ def test_tiny_benchmark_writes_its_report_and_figures(shared_path, tmp_path):
     ):
         assert section in text
     assert "python scripts/bench_sentiment.py --tiny" in text and "## Failed runs" not in text
-    for png in ("frontier.png", "modpo_front.png", "unlearning.png"):
+    assert "| kto | every sample labelled by the median score |" in text
+    for png in ("frontier.png", "frontier_new.png", "modpo_front.png", "unlearning.png"):
         assert (tmp_path / "docs" / "benchmarks" / png).read_bytes()[:4] == b"\x89PNG"
     results = json.loads((tmp_path / "runs" / "results.json").read_text())
-    assert {"s1-dpo-b0.1", "s2-rdpo-flip0.4", "s3-bco-unpaired", "s1-aligndistil-b0.1"} <= set(
-        results["results"]
-    )
+    assert {
+        "s1-dpo-b0.1",
+        "s1-kto-b0.1",
+        "s2-rdpo-flip0.4",
+        "s3-bco-unpaired",
+        "s3-kto-unpaired",
+        "s1-aligndistil-b0.1",
+    } <= set(results["results"])
     # study 5: the reference, then each method's checkpoints (steps 1 and 2 of the tiny run): a trajectory
     assert [(r["method"].split()[0], r.get("steps", 0)) for r in results["unlearning"]] == [
         ("reference", 0),

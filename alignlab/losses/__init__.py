@@ -51,6 +51,43 @@ def option_values(entry: Entry) -> list[tuple[str, object]]:
     return out
 
 
+def numeric_cases(entry: Entry) -> list[tuple[str, dict | None]]:
+    """`(option, config kwargs)` that run each numeric option (an int or float config field) of a loss
+    at a value other than its default, for the registry-generated tests.
+
+    The loss's declaration in `Loss.numeric_options` when it has one (the value, with any option it
+    applies under); else the option alone at half its default (0.1 for a default of 0), or twice it
+    where the config refuses half. kwargs is None where the config accepts neither. Options declared
+    with a reason (a string: no batch's losses can show them) are left out.
+    """
+    base = entry.config()
+    out = []
+    for f in dataclasses.fields(base):
+        value = getattr(base, f.name)
+        if f.name == "name" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        declared = entry.loss.numeric_options.get(f.name)
+        if isinstance(declared, str):
+            continue
+        if declared is not None:
+            out.append((f.name, dict(declared)))
+            continue
+        if isinstance(value, int):
+            candidates = [value // 2, value * 2] if value else [1]
+        else:
+            candidates = [value / 2, value * 2] if value else [0.1]
+        kwargs = None
+        for other in candidates:
+            try:
+                entry.config(**{f.name: other})
+            except (ValueError, TypeError, KeyError):
+                continue
+            kwargs = {f.name: other}
+            break
+        out.append((f.name, kwargs))
+    return out
+
+
 def build(cfg) -> Loss:
     """Instantiate the loss for a config object (a registered dataclass or an OmegaConf node)."""
     from omegaconf import OmegaConf

@@ -309,6 +309,11 @@ class Loss(nn.Module):
     #: ``{"loss_type": ("sigmoid", "ipo", "hinge")}``; `alignlab list` and the registry-generated
     #: tests enumerate them (boolean options are enumerated without being declared).
     options: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: numeric options (int / float config fields) as the registry-generated tests run them, each at a
+    #: value other than its default (`losses.numeric_cases`): option -> the config of its case (the value
+    #: and any option it applies under, e.g. ``{"loss_type": "exo_pair", "exo_epsilon": 0.01}``), or a
+    #: string, the reason no batch's losses can show it. Undeclared: half the default (0.1 for 0), alone.
+    numeric_options: ClassVar[dict[str, dict[str, object] | str]] = {}
     #: the eval figures worth a line in the end-of-run summary: eval metric key -> line format.
     headline: ClassVar[dict[str, str]] = PAIRWISE_HEADLINE
     #: metrics of its own to plot in `curves.png` besides `STANDARD_CURVES`, when it logs them.

@@ -98,6 +98,13 @@ class BCO(Loss):
     paper = "Jung et al. 2024, arXiv:2404.04656"
     headline = {**PAIRWISE_HEADLINE, "eval_delta": "reward shift δ    {:.4f}"}
     curves = ("delta",)
+    #: UDM's options apply with udm=true; on the tests' rows (2 of each label) every density ratio is under
+    #: 0.5: a low floor lets a sample of 1 prompt per label show, and a low cap bites
+    numeric_options = {
+        "prompt_sample_size": {"udm": True, "min_density_ratio": 0.01, "prompt_sample_size": 1},
+        "min_density_ratio": {"udm": True, "min_density_ratio": 0.99},
+        "max_density_ratio": {"udm": True, "min_density_ratio": 0.01, "max_density_ratio": 0.05},
+    }
     per_batch_state = (
         "δ is the running mean of the rewards seen so far, updated with each forward batch before "
         "its loss (TRL's BCOTrainer): with gradient accumulation each micro-batch sees its own δ"

@@ -188,6 +188,11 @@ class DPO(Loss):
     )
     paper = "Rafailov et al. 2023, arXiv:2305.18290"
     options = {"loss_type": LOSS_TYPES, "f_divergence": F_DIVERGENCES}
+    numeric_options = {
+        "f_alpha_divergence_coef": {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.25},
+        "exo_epsilon": {"loss_type": "exo_pair", "exo_epsilon": 0.01},
+        "discopop_tau": {"loss_type": "discopop", "discopop_tau": 0.5},
+    }
 
     def __init__(self, cfg: DPOConfig) -> None:
         super().__init__(cfg)

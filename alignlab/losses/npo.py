@@ -71,6 +71,7 @@ class NPO(Loss):
     summary = "negative preference optimisation for unlearning; NPO+RT, NPO+KL"
     paper = "Zhang, Lin, Bai & Mei 2024, arXiv:2404.05868"
     options = {"variant": VARIANTS}
+    numeric_options = {"c_rt": {"variant": "npo_rt", "c_rt": 0.5}, "c_kl": {"variant": "npo_kl", "c_kl": 0.5}}
     headline = {
         "eval_forget/logps": "forget log-lik.   {:.3f}",
         "eval_retain/nll": "retain NLL        {:.3f}",

@@ -154,6 +154,9 @@ class SparsePO(Loss):
     summary = "token masks on the reward and the KL: activation (MaPO) or learned sparse masks"
     paper = "Christopoulou et al. 2024, arXiv:2410.05102"
     options = {"mask": MASKS}
+    numeric_options = {
+        "mask_weight_decay": "the mask heads' weight decay: an optimizer setting, no term of the loss"
+    }
 
     def __init__(self, cfg: SparsePOConfig) -> None:
         super().__init__(cfg)

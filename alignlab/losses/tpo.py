@@ -79,6 +79,8 @@ class TPO(Loss):
     summary = "triple preference optimisation: pairs + gold NLL, no reference; TPO-L/SimPO form"
     paper = "Saeidi et al. 2024, arXiv:2405.16681"
     options = {"loss_type": LOSS_TYPES, "nll_reduction": NLL_REDUCTIONS}
+    #: α = 0 drops the gold response (its needs change); γ is TPO-L's
+    numeric_options = {"alpha": {"alpha": 0.0}, "gamma": {"loss_type": "tpo_l", "gamma": 0.25}}
 
     def __init__(self, cfg: TPOConfig) -> None:
         super().__init__(cfg)

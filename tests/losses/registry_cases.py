@@ -1,6 +1,7 @@
-"""The registry's losses as test cases: each loss with its defaults, and each enumerable option value
-(`losses.option_values`: booleans, and the string choices the loss's module lists) one at a time, prepared
-on random rows of a real model in true float64. Used by the suites that every loss must pass."""
+"""The registry's losses as test cases: each loss with its defaults, each enumerable option value
+(`losses.option_values`: booleans, and the string choices the loss's module lists) one at a time, and
+each numeric option at a value other than its default (`losses.numeric_cases`), prepared on random rows
+of a real model in true float64. Used by the suites that every loss must pass."""
 
 from __future__ import annotations
 
@@ -27,29 +28,36 @@ def models():
     )
 
 
-#: extra cases whose needs change with a numeric option (`option_values` enumerates choices only)
-EXTRA = [("tpo", {"alpha": 0.0})]
+def _key(name: str, kw: dict) -> str:
+    return name + "".join(f"-{k}={v}" for k, v in kw.items())
 
 
-def _cases() -> dict[str, tuple[str, dict]]:
-    out = {}
+def _cases() -> tuple[dict[str, tuple[str, dict]], dict[str, tuple[str, str, dict]], list[str]]:
+    cases, numeric, undeclared = {}, {}, []
     for name, entry in sorted(losses.REGISTRY.items()):
         for kw in [{}, *({option: value} for option, value in losses.option_values(entry))]:
-            out[name + "".join(f"-{k}={v}" for k, v in kw.items())] = (name, kw)
-    for name, kw in EXTRA:
-        out[name + "".join(f"-{k}={v}" for k, v in kw.items())] = (name, kw)
-    return out
+            cases[_key(name, kw)] = (name, kw)
+        for option, kw in losses.numeric_cases(entry):
+            if kw is None:
+                undeclared.append(f"{name}.{option}")
+                continue
+            cases[_key(name, kw)] = (name, kw)
+            numeric[_key(name, kw)] = (name, option, kw)
+    return cases, numeric, undeclared
 
 
-CASES = _cases()
+#: key -> (loss, config kwargs); NUMERIC: the numeric options' keys -> (loss, option, kwargs);
+#: UNDECLARED: `loss.option` of the numeric options with no value the config accepts
+CASES, NUMERIC, UNDECLARED = _cases()
 
 
 class Case:
     """One loss configuration, prepared on a small dataset of random rows, ready to evaluate batches."""
 
-    def __init__(self, key: str, models, b: int = 4):
-        """`models`: `models()`'s (policy, reference, teachers); `b` rows."""
-        name, kw = CASES[key]
+    def __init__(self, key: str, models, b: int = 4, config: tuple[str, dict] | None = None):
+        """`models`: `models()`'s (policy, reference, teachers); `b` rows (random, seeded by the key);
+        `config`: (loss, kwargs) instead of the key's."""
+        name, kw = config or CASES[key]
         self.policy, self.reference, teacher_models = models
         self.loss = losses.build(losses.get(name).config(**kw)).double()
         self.needs = needs = self.loss.needs
@@ -131,3 +139,10 @@ def distinct_needs() -> list[str]:
             seen.add((name, needs))
             keys.append(key)
     return keys
+
+
+def distinct_needs_and_numeric() -> list[str]:
+    """One case per distinct `Needs` of each loss, and every numeric option's case: a numeric option
+    changes the arithmetic on the same inputs, which may read what the defaults do not (LD-DPO's masks)."""
+    keys = distinct_needs()
+    return keys + [key for key in NUMERIC if key not in keys]

@@ -11,21 +11,24 @@ d. forward switches: every combination of `model.logit_chunk_size` (0, 1, 128), 
 
 (c, micro-batching and processes, goes through HF Trainer: tests/losses/test_invariance_steps.py.)
 
-Cases (`registry_cases.CASES`): each loss with its defaults, and each enumerable option value one at a
-time; the switch grid runs once per distinct `Needs`.
+Cases (`registry_cases.CASES`): each loss with its defaults, each enumerable option value one at a
+time, and each numeric option at a value other than its default (`losses.numeric_cases`: declared in
+`Loss.numeric_options` or derived); the full switch grid runs once per distinct `Needs`, and each switch
+alone (and all together) for every numeric option's case.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import registry_cases
 import torch
-from registry_cases import CASES, Case, distinct_needs
+from registry_cases import CASES, NUMERIC, UNDECLARED, Case, distinct_needs, distinct_needs_and_numeric
 
+from alignlab import losses
 from alignlab.config import ModelConfig
 from alignlab.data.collate import PreferenceCollator
 from alignlab.errors import ConfigError
@@ -83,12 +86,59 @@ GRID = list(
 )
 
 
-@pytest.mark.parametrize("key", distinct_needs())
+#: the numeric options' cases: each switch alone, and all of them together
+ALONE = [
+    (1, False, False, False, "live"),
+    (128, False, False, False, "live"),
+    (0, True, False, False, "live"),
+    (0, False, True, False, "live"),
+    (0, False, False, True, "live"),
+    (0, False, False, False, "precomputed"),
+    (1, True, True, True, "live"),
+    (1, True, True, True, "precomputed"),
+]
+FULL_GRID = set(distinct_needs())
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+def test_every_numeric_option_changes_the_losses(key, models):
+    """A numeric option's case changes the losses or gradients of the same batch against its config at
+    the option's default: one that cannot show there needs the options it applies under declared in
+    `Loss.numeric_options` (or a reason there), else its invariance checks would test nothing new."""
+    name, option, kw = NUMERIC[key]
+    case = Case(key, models)
+    default = Case(key, models, config=(name, {k: v for k, v in kw.items() if k != option}))
+    if case.needs != default.needs:
+        return  # it changes what the loss reads (TPO's α = 0 drops the gold response)
+    got_losses, got_grads = case.evaluate(case.batch())
+    want_losses, want_grads = default.evaluate(default.batch())
+    same = torch.allclose(got_losses, want_losses, **TOL) and all(
+        (g is None and w is None) or (g is not None and w is not None and torch.allclose(g, w, **TOL))
+        for g, w in zip(got_grads, want_grads)
+    )
+    assert not same, (
+        f"{key}: {name}.{option} changes no loss or gradient here; declare in "
+        f"{type(case.loss).__name__}.numeric_options the options it applies under, or why it cannot show"
+    )
+
+
+def test_every_numeric_option_has_a_case():
+    for name, entry in losses.REGISTRY.items():
+        numeric = {f.name for f in fields(entry.config) if f.type in ("int", "float", int, float)}
+        unknown = set(entry.loss.numeric_options) - numeric
+        assert not unknown, f"{name}.numeric_options declares {sorted(unknown)}: not int / float options"
+    assert not UNDECLARED, (
+        f"no value other than the default that the config accepts for {UNDECLARED}: "
+        "declare one in the loss's numeric_options"
+    )
+
+
+@pytest.mark.parametrize("key", distinct_needs_and_numeric())
 def test_every_forward_switch_gives_the_dense_losses_and_gradients(key, models, tmp_path):
     case = Case(key, models)
     want_losses, want_grads = case.evaluate(case.batch())
     refused = []
-    for chunk, skip, packed, shared, mode in GRID:
+    for chunk, skip, packed, shared, mode in GRID if key in FULL_GRID else ALONE:
         model_cfg = replace(
             ModelConfig(),
             logit_chunk_size=chunk,

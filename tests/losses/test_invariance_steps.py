@@ -1,6 +1,7 @@
 """(c) of the invariance suite (tests/losses/test_invariance.py): how a step's batch is split changes nothing.
 
-For every registered loss (each distinct `Needs` of `registry_cases.CASES`), one optimizer step of HF
+For every registered loss (each distinct `Needs` of `registry_cases.CASES`, and each numeric option's
+case for gradient accumulation), one optimizer step of HF
 Trainer (`AlignTrainer`, plain SGD, so the update is the gradient) on 8 examples gives the same updated
 weights, loss-owned state included (SparsePO's mask heads), whether the 8 come as one batch of 8, as
 gradient accumulation of 2 × 4, or (slow tier) from 2 processes × 4 under DDP. Token means over a batch
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import registry_cases
 import torch
-from registry_cases import Case, distinct_needs
+from registry_cases import Case, distinct_needs, distinct_needs_and_numeric
 
 HERE = Path(__file__).parent
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -82,7 +83,7 @@ def _compare(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[key], want[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("key", distinct_needs())
+@pytest.mark.parametrize("key", distinct_needs_and_numeric())
 def test_gradient_accumulation_equals_one_batch(key, models, tmp_path):
     case = Case(key, models, b=8)
     if case.loss.per_batch_state:
