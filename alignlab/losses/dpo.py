@@ -192,6 +192,7 @@ class DPO(Loss):
         "f_alpha_divergence_coef": {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.25},
         "exo_epsilon": {"loss_type": "exo_pair", "exo_epsilon": 0.01},
         "discopop_tau": {"loss_type": "discopop", "discopop_tau": 0.5},
+        "dpop_lambda": {"loss_type": "dpop", "dpop_lambda": 25.0},
     }
 
     def __init__(self, cfg: DPOConfig) -> None:
