@@ -127,6 +127,30 @@ def pairs_of(gs: list[dict]) -> list[dict]:
     return rows
 
 
+def joint_of(pairs: list[dict]) -> list[dict]:
+    """JPO's joint pairs from `pairs` (as `alignlab.builtin.joint_pairs` builds them): even rows keep
+    their own pair under their prompt; odd rows pit their (prompt, chosen) against the previous row's
+    (prompt, rejected), the better VADER score chosen; a tie keeps the row's own pair."""
+    rows = []
+    for i, row in enumerate(pairs):
+        mine = (row["prompt"], row["chosen"], row["chosen_score"])
+        other = pairs[i - 1]
+        theirs = (other["prompt"], other["rejected"], other["rejected_score"])
+        if i % 2 == 0 or other["prompt"] == row["prompt"] or mine[2] == theirs[2]:
+            chosen, rejected = mine, (row["prompt"], row["rejected"], row["rejected_score"])
+        else:
+            chosen, rejected = (mine, theirs) if mine[2] > theirs[2] else (theirs, mine)
+        rows.append(
+            {
+                "chosen_prompt": chosen[0],
+                "chosen": chosen[1],
+                "rejected_prompt": rejected[0],
+                "rejected": rejected[1],
+            }
+        )
+    return rows
+
+
 def triples_of(gs: list[dict]) -> list[dict]:
     """TPO triples: gold = best, chosen = second best, rejected = worst (second strictly above worst;
     three distinct texts, which alignlab's data pipeline requires)."""
@@ -186,6 +210,8 @@ def build_data(s: Settings, seed: int, cache: Path) -> dict[str, Path]:
         "pairs": write_jsonl(d / "pairs.jsonl", pairs),
         "eval_pairs": write_jsonl(d / "eval_pairs.jsonl", pairs_of(held_out)),
         "triples": write_jsonl(d / "triples.jsonl", triples_of(train)),
+        "joint": write_jsonl(d / "joint.jsonl", joint_of(pairs)),
+        "eval_joint": write_jsonl(d / "eval_joint.jsonl", joint_of(pairs_of(held_out))),
         "eval_triples": write_jsonl(d / "eval_triples.jsonl", triples_of(held_out)),
         "unpaired": write_jsonl(d / "unpaired.jsonl", unpaired),
         "eval_unpaired": write_jsonl(d / "eval_unpaired.jsonl", unpaired_of(held_out)[0]),
@@ -341,7 +367,7 @@ ORIGINAL, REFERENCE_FREE, DPO_FORMS, DPO_WEIGHTS = (
     "alignlab's own losses",
     "reference-free, unpaired and combined (#16)",
     "DPO's loss_type forms (#16)",
-    "DPO with f-divergences, LD-DPO and WPO (#16)",
+    "DPO with f-divergences, LD-DPO, WPO, TR-DPO and JPO (#16)",
 )
 #: study 1, the reward-vs-KL frontier: name -> Method. A new method is one line here (a loss, a loss
 #: option or a config such as a reference-update schedule, on pairs or on its own data).
@@ -373,6 +399,12 @@ LOSSES = {
     "dpo-alpha0.5": Method(("loss=dpo", "loss.f_divergence=alpha_divergence"), DPO_WEIGHTS),
     "ld-dpo": Method(("loss=dpo", "loss.ld_alpha=0.5"), DPO_WEIGHTS),
     "wpo": Method(("loss=dpo", "loss.wpo=true"), DPO_WEIGHTS),
+    # TR-DPO: the reference moves to 0.6·policy + 0.4·reference every 10 of the 40 steps
+    "trdpo": Method(
+        ("loss=dpo", "model.reference_sync.enabled=true", "model.reference_sync.every=10"), DPO_WEIGHTS
+    ),
+    # JPO on joint pairs: half conditional, half across two openings (`joint_of`)
+    "jpo": Method(("loss=jpo",), DPO_WEIGHTS, "joint", "eval_joint"),
 }
 
 
@@ -796,7 +828,12 @@ def report(
         "desirable, rejected = undesirable, λ_D = λ_U = 1); `dpo-<loss_type>` is `loss=dpo "
         "loss.loss_type=<loss_type>` (TRL's forms, their own constants at the defaults); dpo-forward_kl, "
         "dpo-js and dpo-alpha0.5 are f-DPO's `f_divergence` forward_kl, js_divergence and "
-        "alpha_divergence (a = 0.5); ld-dpo is `ld_alpha=0.5`; wpo is `wpo=true`. "
+        "alpha_divergence (a = 0.5); ld-dpo is `ld_alpha=0.5`; wpo is `wpo=true`; dpo-dpop is DPOP "
+        "(λ = 50); trdpo is DPO whose reference moves to 0.6·policy + 0.4·reference every 10 of the 40 "
+        "steps (`model.reference_sync`, TR-DPO's α with a τ scaled to this short run); jpo trains on "
+        "joint pairs built from the same pairs (`joint_of`: half its own pair, half against the previous "
+        "opening's rejected sample) and is evaluated on the held-out joint pairs' chosen openings, whose "
+        "reference reward differs slightly from the pairs' (0.260 against 0.263). "
         "Held-out accuracy: the loss's own preference accuracy on held-out pairs, where it logs one.",
         "",
         "**Against DPO** (last column): DPO's frontier is the line from the reference (KL 0) through DPO's "
