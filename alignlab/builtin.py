@@ -190,6 +190,14 @@ def joint_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> list[dic
     proposed mix of conditional and joint rankings (Bansal et al. 2024).
     """
     pairs = sentiment_pairs(n, seed=seed, heldout=heldout)
+    return joint_from_pairs(pairs, lambda row, response: sentiment_reward([], [row[response]])[0])
+
+
+def joint_from_pairs(pairs: list[dict], score) -> list[dict[str, str]]:
+    """Joint preference rows from explicit pairs in order (`joint_pairs`; also the sentiment
+    benchmark's): even rows keep their own pair; odd rows pit their (prompt, chosen) against the
+    previous row's (prompt, rejected), the higher `score(row, response)` chosen; a tie, or the same
+    prompt twice, keeps the row's own pair."""
     rows = []
     for i, row in enumerate(pairs):
         own = {"chosen_prompt": row["prompt"], "chosen": row["chosen"]}
@@ -199,7 +207,7 @@ def joint_pairs(n: int = 2400, seed: int = 0, heldout: bool = False) -> list[dic
             rows.append(own)
             continue
         mine, theirs = (row["prompt"], row["chosen"]), (other["prompt"], other["rejected"])
-        mine_score, theirs_score = sentiment_reward([], [mine[1], theirs[1]])
+        mine_score, theirs_score = score(row, "chosen"), score(other, "rejected")
         if mine_score == theirs_score:
             rows.append(own)
             continue

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alignlab.bench import sentiment  # noqa: E402
+from alignlab.builtin import joint_from_pairs  # noqa: E402
 from alignlab.losses.dpo import LOSS_TYPES as DPO_LOSS_TYPES  # noqa: E402
 
 MODEL = REPO.parent / "shared" / "models" / "stories260k"
@@ -128,27 +129,9 @@ def pairs_of(gs: list[dict]) -> list[dict]:
 
 
 def joint_of(pairs: list[dict]) -> list[dict]:
-    """JPO's joint pairs from `pairs` (as `alignlab.builtin.joint_pairs` builds them): even rows keep
-    their own pair under their prompt; odd rows pit their (prompt, chosen) against the previous row's
-    (prompt, rejected), the better VADER score chosen; a tie keeps the row's own pair."""
-    rows = []
-    for i, row in enumerate(pairs):
-        mine = (row["prompt"], row["chosen"], row["chosen_score"])
-        other = pairs[i - 1]
-        theirs = (other["prompt"], other["rejected"], other["rejected_score"])
-        if i % 2 == 0 or other["prompt"] == row["prompt"] or mine[2] == theirs[2]:
-            chosen, rejected = mine, (row["prompt"], row["rejected"], row["rejected_score"])
-        else:
-            chosen, rejected = (mine, theirs) if mine[2] > theirs[2] else (theirs, mine)
-        rows.append(
-            {
-                "chosen_prompt": chosen[0],
-                "chosen": chosen[1],
-                "rejected_prompt": rejected[0],
-                "rejected": rejected[1],
-            }
-        )
-    return rows
+    """JPO's joint pairs from `pairs`, built as `alignlab.builtin.joint_pairs` builds them, judged by
+    the samples' VADER scores."""
+    return joint_from_pairs(pairs, lambda row, response: row[f"{response}_score"])
 
 
 def triples_of(gs: list[dict]) -> list[dict]:
