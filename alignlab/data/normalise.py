@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,6 +56,7 @@ from alignlab.data.rows import (
     Reason,
     Record,
     RowRef,
+    raw_row,
 )
 from alignlab.data.split import Splits
 
@@ -548,7 +548,7 @@ def _normalize_batch(
         reason, detail, canonical = batch[BAD_REASON][i], batch[BAD_DETAIL][i], {}
         if not reason:
             try:
-                canonical = canonical_row(pickle.loads(raw), plan, tokenizer)
+                canonical = canonical_row(raw_row(raw), plan, tokenizer)
             except RowProblem as problem:
                 reason, detail = problem.reason, problem.detail
             extra = set(canonical) - {*texts, *plan.fields}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import pickle
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -46,6 +45,7 @@ from alignlab.data.rows import (
     Reason,
     Record,
     RowRef,
+    raw_bytes,
 )
 from alignlab.data.split import eval_count
 from alignlab.errors import first_line
@@ -72,7 +72,8 @@ class ArrowRecords:
 
     Attributes:
         dataset: one row per record: ``_source`` (an index into `labels`), ``_row`` (its `RowRef`
-            index), ``_raw`` (the pickled raw row; null for a record that could not be parsed) and
+            index), ``_raw`` (the raw row as JSON, `raw_bytes`; null for a record that could not be
+            parsed) and
             ``_bad_reason`` / ``_bad_detail`` (why not; "" for a parsed row).
         labels: the sources (files) the records come from, as `RowRef.source` names them.
         sample: what `normalise.plan_of` needs to plan the format without reading every row
@@ -140,7 +141,7 @@ def write_records(records: Iterable[Record], path: str, target: Path) -> ArrowRe
             bad = isinstance(row, BadRow)
             batch[SOURCE].append(labels.setdefault(ref.source, len(labels)))
             batch[ROW].append(ref.index)
-            batch[RAW].append(None if bad else pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+            batch[RAW].append(None if bad else raw_bytes(row))
             batch[BAD_REASON].append(row.reason if bad else "")
             batch[BAD_DETAIL].append(row.detail if bad else "")
             sampler.add(ref, row)

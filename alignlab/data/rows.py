@@ -9,6 +9,7 @@ missing field), and when they are tokenised (a prompt over `data.max_prompt_leng
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -27,7 +28,7 @@ EXAMPLES_PER_REASON = 5
 BAD_REASON = "_bad_reason"
 BAD_DETAIL = "_bad_detail"
 #: Arrow columns of where a row comes from (an index into the labels of its sources, and `RowRef.index`)
-#: and of a raw row read (pickled).
+#: and of a raw row read (JSON bytes, `read.raw_bytes`).
 SOURCE, ROW, RAW = "_source", "_row", "_raw"
 
 
@@ -379,3 +380,26 @@ def nothing_left(source: str, name: str, report: DataReport) -> DataError:
         f"{source}: no usable {name} rows left of {report.rows_read} read{held}; skipped "
         f"{report.skip_text()}. Fix: {fix}"
     )
+
+
+#: the key that marks a value JSON cannot hold in `raw_bytes` (its type's name)
+UNREADABLE = "__alignlab_unreadable__"
+
+
+def raw_bytes(row: dict[str, Any]) -> bytes:
+    """A raw row as UTF-8 JSON for the Arrow file (`rows.RAW`; no pickle: the package never
+    unpickles). A value JSON cannot hold (bytes, a timestamp) is kept as its type's name, read back
+    by `raw_row` as a stand-in of that type name, which no canonical field accepts: a row that uses it
+    is still a bad row naming its field and type."""
+    return json.dumps(row, ensure_ascii=False, default=lambda v: {UNREADABLE: type(v).__name__}).encode()
+
+
+def raw_row(raw: bytes) -> dict[str, Any]:
+    """`raw_bytes` read back."""
+
+    def stand_in(value: dict[str, Any]) -> Any:
+        if len(value) == 1 and UNREADABLE in value:
+            return type(value[UNREADABLE], (), {})()
+        return value
+
+    return json.loads(raw, object_hook=stand_in)

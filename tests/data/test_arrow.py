@@ -104,3 +104,32 @@ def test_the_cache_key_of_arrow_rows_is_the_key_of_the_rows_as_dicts(make_cfg, t
     assert fingerprint(splits.train.canonical(), tokenizer, settings) == fingerprint(
         listed.rows, tokenizer, settings
     )
+
+
+def test_values_json_cannot_hold_are_ignored_unused_and_a_named_bad_row_used(make_cfg, tokenizer, tmp_path):
+    # a Parquet source: a timestamp in a column no loss reads is ignored; bytes where the prompt must
+    # be text make that row bad, named by its file and row (the raw rows cross the Arrow file as JSON)
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = [r for r in ROWS if isinstance(r, dict) and r.get("chosen", "").strip() and "rejected" in r]
+    good = [r for r in good if r["chosen"] != r["rejected"]]
+    table = pa.table(
+        {
+            "prompt": [r["prompt"] for r in good],
+            "chosen": [r["chosen"] for r in good],
+            "rejected": [r["rejected"] for r in good],
+            "when": [datetime.datetime(2026, 12, 2)] * len(good),
+        }
+    )
+    path = tmp_path / "data.parquet"
+    pq.write_table(table, path)
+    prepared = build_datasets(make_cfg(path=str(path)), tokenizer)
+    assert prepared.report.train_rows == len(good)
+
+    raw = [{"prompt": b"the film was", "chosen": "great .", "rejected": "dull ."}]
+    pq.write_table(pa.Table.from_pylist(raw + good), path)
+    with pytest.raises(DataError, match=r"data\.parquet row 0: field .prompt. is a bytes, expected a string"):
+        build_datasets(make_cfg(path=str(path)), tokenizer)
