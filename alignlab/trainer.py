@@ -99,8 +99,9 @@ def reference_pairs(reference: nn.Module, policy: nn.Module) -> list[tuple[torch
 
 @torch.no_grad()
 def mix_into(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
-    """TR-DPO's update (Gorbatovski et al. 2024, arXiv:2404.09656, §3): θ_ref ← α·θ + (1 − α)·θ_ref for
-    every parameter, in fp32 and stored in the reference's dtype; α = 1 is the hard update (a copy)."""
+    """TR-DPO's update (Gorbatovski et al. 2024, arXiv:2404.09656; section not checked: docs/losses.md):
+    θ_ref ← α·θ + (1 − α)·θ_ref for every parameter, in fp32 and stored in the reference's dtype; α = 1
+    is the hard update (a copy)."""
     for ref, pol in reference_pairs(reference, policy):
         ref.copy_((alpha * pol.detach().float() + (1 - alpha) * ref.float()).to(ref.dtype))
 

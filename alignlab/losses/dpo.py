@@ -25,7 +25,8 @@ of the same log-ratios, hence options here; docs/losses.md, "DPO variants"):
     on the example of rank k. It couples the examples of a batch (`Loss.per_batch_state`).
   * ``discopop``: Chan et al. 2024, arXiv:2406.08414, eq. 5 (log-ratio modulated loss): with z = β·h and
     w = σ(z/τ), (1 − w)·(−log σ(z)) + w·e^{−z}, τ = ``discopop_tau`` (0.05).
-DPO-Positive (Pal et al. 2024, "Smaug", arXiv:2402.13228, the DPOP loss, eq. 3): ``dpop``,
+DPO-Positive (Pal et al. 2024, "Smaug", arXiv:2402.13228, the DPOP loss; "eq. 3" as other implementations
+cite it, not checked against the PDF: docs/losses.md): ``dpop``,
 −log σ(β·(h − λ·max(0, −ρ(y_w)))), λ = ``dpop_lambda`` (the paper's 50): the penalty max(0, log πref(y_w) −
 log πθ(y_w)) is inside β and the sigmoid, and is non-zero only while the chosen response is less likely than
 under the reference.
@@ -256,7 +257,7 @@ class DPO(Loss):
             eps = cfg.label_smoothing
             ranked = (1 - eps) * F.softplus(-delta) + eps * F.softplus(delta)
             losses = torch.empty_like(ranked).scatter(0, order, ranked)  # the k-th on the example of rank k
-        elif kind == "dpop":  # Pal et al. 2024, eq. 3: the penalty inside β and the sigmoid
+        elif kind == "dpop":  # Pal et al. 2024 (DPOP): the penalty inside β and the sigmoid
             penalty = torch.relu(-chosen_ratio)
             losses = F.softplus(-beta * (h - cfg.dpop_lambda * penalty))
         else:  # discopop
