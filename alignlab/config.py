@@ -134,6 +134,11 @@ class ModelConfig:
     #: `Needs.logits_on_prompt`), not on prompt and padding: exact, and the head dominates small models
     #: with large vocabularies (docs/architecture.md, "Forward pass"). Chunked logits only.
     skip_unused_logits: bool = True
+    #: run right-padded batches without their attention mask: causal attention keeps every real token
+    #: from the padding after it, so the outputs the losses read are the same, and sdpa takes its causal
+    #: path (half the attention work at long context, no (B, 1, T, T) mask). Checked once per model,
+    #: which keeps the mask if its real positions change without it. docs/architecture.md, "Forward pass".
+    drop_padding_mask: bool = True
     #: pack each batch's sequences without padding (position ids restart per sequence, block-diagonal
     #: causal attention built by transformers); exact, checked once per model, which falls back to
     #: padding if it ignores packed position ids. Off by default: see docs/architecture.md.

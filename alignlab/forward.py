@@ -19,6 +19,13 @@ Optional savings, each exact (tests/test_forward_speed.py):
   a response token (plus, for losses with `Needs.logits_on_prompt`, every non-padding position),
   gathered before the head. Prompt and padding positions get no logits; results are scattered back
   to `(B, T-1)` with zeros there, as the masks already make them.
+* `drop_padding_mask`: a right-padded batch runs without its attention mask. Causal attention never
+  lets a token see the positions after it, and padding only ever follows a row's real tokens, so
+  every real position attends to exactly what the mask allowed: the same outputs there, while the
+  padding positions (whose outputs no loss reads) see earlier padding too. Without a mask
+  transformers' sdpa takes its `is_causal` path, whose kernels skip the blocks above the diagonal
+  (half the attention work at long context) and build no `(B, 1, T, T)` mask. Only for models whose
+  real positions do not change without it (`ModelFacts.causal_padding`); others keep the mask.
 * `padding_free`: the rows of the concatenated batch are packed, without their padding, into as
   few rows as fit in the batch's length, with `position_ids` restarting at 0 for each sequence and
   no attention mask; transformers then builds a block-diagonal causal mask from the position ids
@@ -82,12 +89,16 @@ class ModelFacts:
             batch's final hidden states: the model keeps the sequences apart (None: not checked).
         attn_implementation: the model's attention implementation (prefix sharing's 4D mask needs
             sdpa or eager), or None.
+        causal_padding: the padded batch run without its attention mask gives the same final hidden
+            states at its real positions: the model's attention is causal and nothing else reads the
+            mask (None: not checked, the plan keeps the mask).
     """
 
     name: str
     logits_from_head: bool | None
     packs: bool | None
     attn_implementation: str | None
+    causal_padding: bool | None = None
 
     @classmethod
     @torch.no_grad()
@@ -95,7 +106,8 @@ class ModelFacts:
         """The facts of `model` (possibly wrapped: DDP, DeepSpeed, PEFT) that `plan`'s switches rely on."""
         attn = _attn_implementation(model)
         name = type(model).__name__
-        if not plan.chunk_size and plan.layout == "padded":
+        drops_mask = plan.layout == "padded" and not plan.padding_mask
+        if not plan.chunk_size and plan.layout == "padded" and not drops_mask:
             return cls(name, None, None, attn)  # nothing to check
         batch = _probe_batch(plan.responses, _device_of(model))
         ids, mask = batch["ids"], batch["mask"]
@@ -105,7 +117,8 @@ class ModelFacts:
         try:
             padded = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
             hidden = padded.hidden_states[-1]
-            from_head = packs = None
+            from_head = packs = causal = None
+            tol = 1e-4 if hidden.dtype in (torch.float32, torch.float64) else 5e-2  # half: kernel noise
             if plan.chunk_size and head is not None:  # the same op as in the model: close in any dtype
                 from_head = torch.allclose(
                     chunkable_head(head)(hidden)[real].float(),
@@ -122,12 +135,14 @@ class ModelFacts:
                     output_hidden_states=True,
                     use_cache=False,
                 )
-                tol = 1e-4 if hidden.dtype in (torch.float32, torch.float64) else 5e-2  # half: kernel noise
                 unpacked = packing.unpack(packed.hidden_states[-1])
                 packs = torch.allclose(unpacked[real].float(), hidden[real].float(), atol=tol, rtol=tol)
+            if drops_mask:
+                unmasked = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+                causal = torch.allclose(unmasked[real].float(), hidden[real].float(), atol=tol, rtol=tol)
         finally:
             model.train(was_training)
-        return cls(name, from_head, packs, attn)
+        return cls(name, from_head, packs, attn, causal)
 
 
 def _probe_batch(responses: tuple[str, ...], device) -> dict[str, torch.Tensor]:
@@ -180,6 +195,8 @@ class ForwardPlan:
         chunk_size: positions per logits chunk; 0 for dense logits.
         skip_unused_logits: evaluate the head only at the positions the loss reads (chunked path).
         layout: one of `LAYOUTS` (module docstring); `shared_prompts` wins over `packed`.
+        padding_mask: give the model the attention mask of a padded batch; False (`drop_padding_mask`):
+            right-padded batches run without it (module docstring).
         attn_implementation: the fitted model's (`ModelFacts`), for prefix sharing's 4D mask.
     """
 
@@ -190,6 +207,7 @@ class ForwardPlan:
     chunk_size: int = 0
     skip_unused_logits: bool = True
     layout: str = "padded"
+    padding_mask: bool = True
     attn_implementation: str | None = None
 
     @classmethod
@@ -201,6 +219,7 @@ class ForwardPlan:
         skip_unused_logits: bool = True,
         padding_free: bool = False,
         prefix_sharing: bool = False,
+        drop_padding_mask: bool = False,
         reference_mode: str = "live",
         loss_name: str = "",
     ) -> ForwardPlan:
@@ -208,8 +227,8 @@ class ForwardPlan:
         for settings that cannot give the loss what it needs (before any model loads).
 
         Every other combination of the switches (`logit_chunk_size`, `skip_unused_logits`,
-        `padding_free`, `prefix_sharing`, `reference_mode`) gives every loss the same losses and
-        gradients (tests/losses/test_invariance.py)."""
+        `padding_free`, `prefix_sharing`, `drop_padding_mask`, `reference_mode`) gives every loss the
+        same losses and gradients (tests/losses/test_invariance.py)."""
         if reference_mode == "precomputed":
             if not needs.reference:
                 raise ConfigError(
@@ -233,6 +252,7 @@ class ForwardPlan:
             logit_chunk_size,
             skip_unused_logits,
             layout,
+            not drop_padding_mask,
         )
 
     def fitted(
@@ -266,10 +286,18 @@ class ForwardPlan:
                 facts.name,
             )
             layout = "padded"
+        padding_mask = self.padding_mask or not facts.causal_padding
+        if facts.causal_padding is False:
+            log.warning(
+                "%s: its outputs at real positions change without the attention mask (not causal-only "
+                "attention); keeping the padding mask",
+                facts.name,
+            )
         return replace(
             self,
             chunk_size=chunk,
             layout=layout,
+            padding_mask=padding_mask,
             attn_implementation=facts.attn_implementation,
             activations=self.activations if reference else None,
         )
@@ -343,7 +371,8 @@ class ForwardPlan:
         if activations is not None and activations.hidden_states:
             kwargs["output_hidden_states"] = True
         if packing is None:
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            drop = not self.padding_mask and _is_right_padded(attention_mask.bool())
+            inputs = {"input_ids": input_ids, "attention_mask": None if drop else attention_mask}
             unpack = _same
         else:
             inputs = {
@@ -430,10 +459,15 @@ def _modules_of(model: nn.Module) -> nn.Module:
     return policy if isinstance(policy, nn.Module) else model
 
 
+def _is_right_padded(real: torch.Tensor) -> bool:
+    """Every row of the bool mask `real` is True then False."""
+    return torch.equal(real, torch.arange(real.shape[1], device=real.device) < real.sum(-1, keepdim=True))
+
+
 def _right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
     """The attention mask as bool, refused unless every row is 1s then 0s (packing assumes it)."""
     real = attention_mask.bool()
-    if not torch.equal(real, torch.arange(real.shape[1], device=real.device) < real.sum(-1, keepdim=True)):
+    if not _is_right_padded(real):
         raise ValueError(
             "model.padding_free / model.prefix_sharing need right-padded batches (1s then 0s in every "
             "attention mask row); set them to false for this collator"

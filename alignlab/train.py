@@ -223,6 +223,7 @@ def forward_plan(loss_name: str, model: ModelConfig, needs: Needs):
         skip_unused_logits=model.skip_unused_logits,
         padding_free=model.padding_free,
         prefix_sharing=model.prefix_sharing,
+        drop_padding_mask=model.drop_padding_mask,
         reference_mode=model.reference_mode,
         loss_name=loss_name,
     )

@@ -66,6 +66,7 @@ SWITCHES = {
     "head on every position (skip_unused_logits=false)": ("skip_unused_logits", False),
     "padding-free packing (padding_free=true)": ("padding_free", True),
     "prefix sharing (prefix_sharing=true)": ("prefix_sharing", True),
+    "padding mask kept (drop_padding_mask=false)": ("drop_padding_mask", False),
     #: flips the workload's own setting (W1: off -> on; W2: on -> off)
     "gradient checkpointing flipped": ("gradient_checkpointing", None),
 }

@@ -1,4 +1,5 @@
-"""The forward's speed switches (`skip_unused_logits`, `padding_free`) change nothing but speed.
+"""The forward's speed switches (`skip_unused_logits`, `padding_free`, `prefix_sharing`,
+`drop_padding_mask`) change nothing but speed.
 
 Every switch is compared with the plain path (dense logits, padded batch, head on every position):
 per-token log-probs, losses and parameter gradients agree to 1e-5 in fp64, on batches of uneven
@@ -21,16 +22,19 @@ from alignlab.forward import ForwardPlan, Packing
 from alignlab.losses.base import LossInputs, Needs
 
 VOCAB = 97
-#: name -> ForwardPlan.of switches (logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing)
+#: name -> ForwardPlan.of switches (logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing,
+#: drop_padding_mask)
 SWITCHES = {
-    "skip_unused_logits": (5, True, False, False),
-    "padding_free": (5, False, True, False),
-    "padding_free_dense": (0, False, True, False),
-    "skip_and_padding_free": (5, True, True, False),
-    "prefix_sharing": (5, True, False, True),
-    "prefix_sharing_dense": (0, False, False, True),
+    "skip_unused_logits": (5, True, False, False, False),
+    "padding_free": (5, False, True, False, False),
+    "padding_free_dense": (0, False, True, False, False),
+    "skip_and_padding_free": (5, True, True, False, False),
+    "prefix_sharing": (5, True, False, True, False),
+    "prefix_sharing_dense": (0, False, False, True, False),
+    "drop_padding_mask": (5, True, False, False, True),
+    "drop_padding_mask_dense": (0, False, False, False, True),
 }
-PLAIN = (0, False, False, False)
+PLAIN = (0, False, False, False, False)
 
 
 def _model(seed: int, attn: str = "sdpa") -> LlamaForCausalLM:
@@ -69,13 +73,14 @@ def _batch(responses, seed=0, b=3, own_prompt=()):
 
 def _plan(args, model, responses=("chosen", "rejected"), needs=None, reference=False):
     """`ForwardPlan.of` the switches `args`, fitted to `model`."""
-    chunk, skip, packed, shared = args
+    chunk, skip, packed, shared, drop = args
     plan = ForwardPlan.of(
         needs or Needs(responses=responses),
         logit_chunk_size=chunk,
         skip_unused_logits=skip,
         padding_free=packed,
         prefix_sharing=shared,
+        drop_padding_mask=drop,
     )
     return plan.fitted(model, reference=reference)
 
@@ -99,6 +104,7 @@ def _run_loss(args, loss, policy, reference, batch):
     out.losses.mean().backward()
     if args[2] or args[3]:  # packing was used, not refused when the plan was fitted
         assert plan.layout != "padded"
+    assert plan.padding_mask is not args[4]
     return out.losses.detach(), pol, _grads(policy)
 
 
@@ -216,7 +222,7 @@ def test_model_that_ignores_packed_positions_falls_back_to_padding(caplog):
     model = NoPositions()
     batch = _batch(("chosen", "rejected"), seed=4, b=4)
     with caplog.at_level(logging.WARNING):
-        plan = _plan((4, True, True, False), model)
+        plan = _plan((4, True, True, False, False), model)
     assert plan.layout == "padded"  # decided when the plan is fitted, before any batch
     assert "packed sequences attend to each other" in caplog.text
     got = plan(model, inner.get_output_embeddings(), batch)
@@ -291,7 +297,7 @@ def test_model_facts_hold_in_half_precision(model_type):
     assert (facts[0].logits_from_head, facts[0].packs) == (facts[1].logits_from_head, facts[1].packs)
 
 
-@pytest.mark.parametrize("layout", ["packed", "shared_prompts"])
+@pytest.mark.parametrize("layout", ["packed", "shared_prompts", "unmasked"])
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_model_facts_are_what_the_model_does_on_real_batches(model_type, layout):
     """`ModelFacts`, decided once on the fixed probe batch, are what the model does on other batches: a
@@ -306,6 +312,7 @@ def test_model_facts_are_what_the_model_does_on_real_batches(model_type, layout)
         logit_chunk_size=4,
         padding_free=layout == "packed",
         prefix_sharing=layout == "shared_prompts",
+        drop_padding_mask=layout == "unmasked",
     )
     facts = ModelFacts.of(model, head, plan)
     batch = _batch(("chosen", "rejected"), seed=11, b=6)
@@ -319,9 +326,86 @@ def test_model_facts_are_what_the_model_does_on_real_batches(model_type, layout)
         real = batch["chosen_attention_mask"].bool()
         from_head = torch.allclose(head(out.hidden_states[-1])[real], out.logits[real], atol=1e-6)
         padded = ForwardPlan(("chosen", "rejected"))(model, head, batch)
-        plan = ForwardPlan(("chosen", "rejected"), layout=layout, attn_implementation="sdpa")
-        packed = plan(model, head, batch)
-    packs = all(torch.allclose(packed[r].token_logps, padded[r].token_logps, atol=1e-6) for r in padded)
-    assert (facts.logits_from_head, facts.packs) == (from_head, packs)
+        if layout == "unmasked":
+            plan = ForwardPlan(("chosen", "rejected"), padding_mask=False)
+        else:
+            plan = ForwardPlan(("chosen", "rejected"), layout=layout, attn_implementation="sdpa")
+        other = plan(model, head, batch)
+    same = all(torch.allclose(other[r].token_logps, padded[r].token_logps, atol=1e-6) for r in padded)
+    assert facts.logits_from_head == from_head
     assert facts.logits_from_head == (model_type not in ("cohere", "granite"))
-    assert facts.packs == (model_type != "opt" or layout == "shared_prompts")  # a 4D mask, which OPT takes
+    if layout == "unmasked":  # every one of these is a causal LM: right padding needs no mask
+        assert facts.packs is None and facts.causal_padding is same is True
+    else:
+        assert facts.packs == same
+        assert facts.packs == (
+            model_type != "opt" or layout == "shared_prompts"
+        )  # a 4D mask, which OPT takes
+
+
+class _SpyMask(torch.nn.Module):
+    """A causal LM that records the attention mask of every call; `bidirectional`: the real positions also
+    read the padding unless the mask hides it (what a prefix-LM or an encoder does)."""
+
+    def __init__(self, inner, bidirectional=False):
+        super().__init__()
+        self.inner, self.bidirectional, self.masks = inner, bidirectional, []
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        self.masks.append(attention_mask)
+        kwargs = {**kwargs, "output_hidden_states": True, "logits_to_keep": 0}
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if self.bidirectional:  # add each row's mean hidden state over what the mask lets it see
+            seen = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            last = out.hidden_states[-1]
+            pooled = (last * seen.unsqueeze(-1)).sum(1, keepdim=True) / seen.sum(-1)[:, None, None]
+            out.hidden_states = (*out.hidden_states[:-1], last + pooled)
+            out.logits = self.inner.get_output_embeddings()(out.hidden_states[-1])
+        return out
+
+
+def test_right_padded_batches_run_without_the_mask_and_give_the_masked_log_probs():
+    inner = _model(5)
+    model = _SpyMask(inner)
+    head = inner.get_output_embeddings()
+    batch = _batch(("chosen", "rejected"), seed=9, b=5)
+    assert (batch["chosen_attention_mask"] == 0).any()
+    plan = _plan(SWITCHES["drop_padding_mask"], model)
+    assert not plan.padding_mask
+    model.masks.clear()
+    got = plan(model, head, batch)
+    assert model.masks == [None]  # the training forward runs unmasked
+    want = _plan(PLAIN, inner)(inner, head, batch)
+    for r in ("chosen", "rejected"):
+        torch.testing.assert_close(got[r].token_logps, want[r].token_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batches_keep_their_mask():
+    inner = _model(5)
+    model = _SpyMask(inner)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding: 0 before 1
+    batch = {
+        "chosen_input_ids": torch.tensor([[0, 5, 6], [5, 6, 7]]),
+        "chosen_attention_mask": mask,
+        "chosen_labels": torch.tensor([[-100, -100, 6], [-100, 6, 7]]),
+    }
+    plan = _plan(SWITCHES["drop_padding_mask"], model, responses=("chosen",))
+    assert not plan.padding_mask
+    model.masks.clear()
+    plan(model, inner.get_output_embeddings(), batch)
+    assert len(model.masks) == 1 and torch.equal(model.masks[0], mask)
+
+
+def test_a_model_whose_real_positions_read_the_padding_keeps_the_mask(caplog):
+    inner = _model(6)
+    model = _SpyMask(inner, bidirectional=True)
+    with caplog.at_level(logging.WARNING):
+        plan = _plan(SWITCHES["drop_padding_mask"], model)
+    assert plan.padding_mask and "keeping the padding mask" in caplog.text
+    batch = _batch(("chosen", "rejected"), seed=2, b=4)
+    model.masks.clear()
+    plan(model, inner.get_output_embeddings(), batch)
+    assert model.masks[0] is not None

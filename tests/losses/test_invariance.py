@@ -6,8 +6,9 @@ collator, forward pass and `trainer.loss_inputs`:
 a. padding: extra pad columns leave losses and gradients unchanged;
 b. batch order: permuting the examples permutes the per-example losses, gradients unchanged;
 d. forward switches: every combination of `model.logit_chunk_size` (0, 1, 128), `skip_unused_logits`,
-   `padding_free`, `prefix_sharing` and `reference_mode` gives the dense path's losses and gradients,
-   or is refused before any model loads (`alignlab.train.forward_plan`) with a one-line reason.
+   `padding_free`, `prefix_sharing`, `drop_padding_mask` and `reference_mode` gives the dense path's
+   losses and gradients, or is refused before any model loads (`alignlab.train.forward_plan`) with a
+   one-line reason.
 
 (c, micro-batching and processes, goes through HF Trainer: tests/losses/test_invariance_steps.py.)
 
@@ -80,22 +81,29 @@ def test_permuting_the_batch_permutes_the_losses(key, models):
     _same_grads(got_grads, want_grads)
 
 
-#: (logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing, reference_mode)
-GRID = list(
-    itertools.product((0, 1, 128), (False, True), (False, True), (False, True), ("live", "precomputed"))
-)
+#: (logit_chunk_size, skip_unused_logits, padding_free, prefix_sharing, drop_padding_mask, reference_mode);
+#: drop_padding_mask only acts on padded batches (neither packing switch)
+GRID = [
+    combo
+    for combo in itertools.product(
+        (0, 1, 128), (False, True), (False, True), (False, True), (False, True), ("live", "precomputed")
+    )
+    if not (combo[4] and (combo[2] or combo[3]))
+]
 
 
 #: the numeric options' cases: each switch alone, and all of them together
 ALONE = [
-    (1, False, False, False, "live"),
-    (128, False, False, False, "live"),
-    (0, True, False, False, "live"),
-    (0, False, True, False, "live"),
-    (0, False, False, True, "live"),
-    (0, False, False, False, "precomputed"),
-    (1, True, True, True, "live"),
-    (1, True, True, True, "precomputed"),
+    (1, False, False, False, False, "live"),
+    (128, False, False, False, False, "live"),
+    (0, True, False, False, False, "live"),
+    (0, False, True, False, False, "live"),
+    (0, False, False, True, False, "live"),
+    (0, False, False, False, True, "live"),
+    (0, False, False, False, False, "precomputed"),
+    (1, True, True, True, False, "live"),
+    (1, True, True, True, False, "precomputed"),
+    (1, True, False, False, True, "precomputed"),
 ]
 FULL_GRID = set(distinct_needs())
 
@@ -138,13 +146,14 @@ def test_every_forward_switch_gives_the_dense_losses_and_gradients(key, models, 
     case = Case(key, models)
     want_losses, want_grads = case.evaluate(case.batch())
     refused = []
-    for chunk, skip, packed, shared, mode in GRID if key in FULL_GRID else ALONE:
+    for chunk, skip, packed, shared, drop, mode in GRID if key in FULL_GRID else ALONE:
         model_cfg = replace(
             ModelConfig(),
             logit_chunk_size=chunk,
             skip_unused_logits=skip,
             padding_free=packed,
             prefix_sharing=shared,
+            drop_padding_mask=drop,
             reference_mode=mode,
         )
         try:
@@ -172,7 +181,7 @@ def test_every_forward_switch_gives_the_dense_losses_and_gradients(key, models, 
         )
         where = (
             f"logit_chunk_size={chunk} skip_unused_logits={skip} padding_free={packed} "
-            f"prefix_sharing={shared} {mode}"
+            f"prefix_sharing={shared} drop_padding_mask={drop} {mode}"
         )
         torch.testing.assert_close(got_losses, want_losses, **TOL, msg=lambda m, where=where: f"{where}: {m}")
         _same_grads(got_grads, want_grads)
