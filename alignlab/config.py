@@ -140,13 +140,17 @@ class ModelConfig:
     #: which keeps the mask if its real positions change without it. docs/architecture.md, "Forward pass".
     drop_padding_mask: bool = True
     #: pack each batch's sequences without padding (position ids restart per sequence, block-diagonal
-    #: causal attention built by transformers); exact, checked once per model, which falls back to
-    #: padding if it ignores packed position ids. Off by default: see docs/architecture.md.
-    padding_free: bool = False
+    #: causal attention built by transformers), in the batches where that is less work than the padded
+    #: batch (`forward.layout_cost`: at long context the packed rows' masked attention outweighs the
+    #: padding); exact, checked once per model, which falls back to padding if it ignores packed
+    #: position ids. The layout of losses with one response; docs/performance.md for the measurements.
+    padding_free: bool = True
     #: run each example's prompt once for all its responses (one row: prompt, then every response,
-    #: each attending to the prompt and itself via a 4D mask); exact, sdpa or eager attention only,
-    #: checked once per model; takes precedence over padding_free. Off by default: see docs/architecture.md.
-    prefix_sharing: bool = False
+    #: each attending to the prompt and itself via a 4D mask), in the batches where that is less work
+    #: than the padded batch, as for padding_free; exact, sdpa or eager attention (others fall back to
+    #: padding_free), checked once per model; takes precedence over padding_free for losses with two
+    #: or more responses.
+    prefix_sharing: bool = True
     #: LoRA / QLoRA adapters (peft): `model.lora.enabled=true`.
     lora: LoraConfig = field(default_factory=LoraConfig)
     #: TR-DPO: update the reference from the policy during training (`model.reference_sync.enabled=true`).

@@ -36,8 +36,13 @@ Optional savings, each exact (tests/test_forward_speed.py):
   continuing the prompt's position ids; a 4D attention mask (transformers passes 4D masks through
   unchanged) lets each response attend to the prompt and to itself, never to another response. The
   hidden states of the prompt serve every response when unpacked to the padded layout (the last
-  prompt position predicts each response's first token). Exact, with sdpa or eager attention;
-  checked when the plan is fitted like `padding_free`.
+  prompt position predicts each response's first token). Exact, with sdpa or eager attention
+  (others fall back to `padding_free`); checked when the plan is fitted like `padding_free`.
+
+A batch runs packed or with shared prompts only where that is less work than the padded batch
+(`layout_cost`): those rows need a mask, so their attention visits every (query, key) pair, where
+the padded batch without its mask visits the causal half; at long context that outweighs the
+positions packing saves.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ class ModelFacts:
         causal_padding: the padded batch run without its attention mask gives the same final hidden
             states at its real positions: the model's attention is causal and nothing else reads the
             mask (None: not checked, the plan keeps the mask).
+        hidden_size: the config's `hidden_size` (None: not stated), for `ForwardPlan.pair_weight`.
     """
 
     name: str
@@ -99,6 +105,7 @@ class ModelFacts:
     packs: bool | None
     attn_implementation: str | None
     causal_padding: bool | None = None
+    hidden_size: int | None = None
 
     @classmethod
     @torch.no_grad()
@@ -106,9 +113,10 @@ class ModelFacts:
         """The facts of `model` (possibly wrapped: DDP, DeepSpeed, PEFT) that `plan`'s switches rely on."""
         attn = _attn_implementation(model)
         name = type(model).__name__
-        drops_mask = plan.layout == "padded" and not plan.padding_mask
+        hidden_size = getattr(_config_of(model), "hidden_size", None)
+        drops_mask = not plan.padding_mask  # padded batches (any layout falls back to them) run unmasked
         if not plan.chunk_size and plan.layout == "padded" and not drops_mask:
-            return cls(name, None, None, attn)  # nothing to check
+            return cls(name, None, None, attn, None, hidden_size)  # nothing to check
         batch = _probe_batch(plan.responses, _device_of(model))
         ids, mask = batch["ids"], batch["mask"]
         real = mask.bool()
@@ -142,7 +150,7 @@ class ModelFacts:
                 causal = torch.allclose(unmasked[real].float(), hidden[real].float(), atol=tol, rtol=tol)
         finally:
             model.train(was_training)
-        return cls(name, from_head, packs, attn, causal)
+        return cls(name, from_head, packs, attn, causal, hidden_size)
 
 
 def _probe_batch(responses: tuple[str, ...], device) -> dict[str, torch.Tensor]:
@@ -197,6 +205,13 @@ class ForwardPlan:
         layout: one of `LAYOUTS` (module docstring); `shared_prompts` wins over `packed`.
         padding_mask: give the model the attention mask of a padded batch; False (`drop_padding_mask`):
             right-padded batches run without it (module docstring).
+        padding_free: `padding_free` was asked for too (the layout prefix sharing falls back to).
+        pair_weight: the cost of one (query, key) pair of attention in units of one position's
+            matmuls, `1 / (6 · hidden_size)` of the fitted model (a layer's matmuls are about 12·h²
+            weights, 24·h² FLOPs per position; its attention 4·h FLOPs per pair); 0 before fitting.
+            Each batch runs in the plan's layout only where that is less work (`layout_cost`) than
+            the padded batch: at long context the packed rows' masked attention outweighs what the
+            padding saves.
         attn_implementation: the fitted model's (`ModelFacts`), for prefix sharing's 4D mask.
     """
 
@@ -208,6 +223,8 @@ class ForwardPlan:
     skip_unused_logits: bool = True
     layout: str = "padded"
     padding_mask: bool = True
+    padding_free: bool = False
+    pair_weight: float = 0.0
     attn_implementation: str | None = None
 
     @classmethod
@@ -243,7 +260,8 @@ class ForwardPlan:
                 )
         if logit_chunk_size < 0:
             raise ConfigError(f"model.logit_chunk_size must be >= 0, got {logit_chunk_size}")
-        layout = "shared_prompts" if prefix_sharing else "packed" if padding_free else "padded"
+        shares = prefix_sharing and len(needs.responses) > 1  # one response: no prompt to share
+        layout = "shared_prompts" if shares else "packed" if padding_free else "padded"
         return cls(
             needs.responses,
             needs.full_logits,
@@ -253,6 +271,7 @@ class ForwardPlan:
             skip_unused_logits,
             layout,
             not drop_padding_mask,
+            padding_free,
         )
 
     def fitted(
@@ -271,9 +290,18 @@ class ForwardPlan:
             return None
         if head is None and hasattr(model, "get_output_embeddings"):
             head = model.get_output_embeddings()
-        if self.layout == "shared_prompts":  # refused now rather than at the first batch
-            _shared_prompt_mask_kind(_attn_implementation(model))
         plan = self if head is not None else replace(self, chunk_size=0)  # no head to chunk
+        attn = _attn_implementation(model)
+        if plan.layout == "shared_prompts" and not _takes_4d_mask(attn):
+            fallback = "packed" if plan.padding_free else "padded"
+            log.warning(
+                "%s: model.prefix_sharing needs a 4D attention mask, which attn_implementation %r does "
+                "not take (sdpa and eager do); using %s batches",
+                type(model).__name__,
+                attn,
+                fallback,
+            )
+            plan = replace(plan, layout=fallback)
         facts = ModelFacts.of(model, head, plan)
         chunk, layout = plan.chunk_size, plan.layout
         if chunk and not facts.logits_from_head:
@@ -298,6 +326,7 @@ class ForwardPlan:
             chunk_size=chunk,
             layout=layout,
             padding_mask=padding_mask,
+            pair_weight=1 / (6 * facts.hidden_size) if facts.hidden_size else 0.0,
             attn_implementation=facts.attn_implementation,
             activations=self.activations if reference else None,
         )
@@ -327,8 +356,8 @@ class ForwardPlan:
         input_mask = attention_mask[:, 1:].bool()  # positions that predict a real token
         n = len(responses)
         packing = _packing(self.layout, input_ids, attention_mask, full_labels, n)
-        if packing is not None and not packing.saves:
-            packing = None  # no padding to drop
+        if packing is not None and not self._pays(packing, attention_mask):
+            packing = None  # the padded batch is no more work
         chunked = bool(self.chunk_size) and head is not None
         out, acts = self._run(model, input_ids, attention_mask, packing, chunked)
         logits = LazyLogits(out[:, :-1], head, self.chunk_size) if chunked else out[:, :-1]
@@ -359,6 +388,14 @@ class ForwardPlan:
             for i, name in enumerate(responses):
                 result[name].activations = {kind: [t.chunk(n)[i] for t in ts] for kind, ts in acts.items()}
         return result
+
+    def _pays(self, packing: Packing, attention_mask: torch.Tensor) -> bool:
+        """`packing` is less work than the padded batch (`layout_cost`), whose attention is causal
+        when it runs without a mask (`padding_mask` off, or no padding at all)."""
+        rows, width = attention_mask.shape
+        unmasked = packing.real.all() or not self.padding_mask
+        padded = layout_cost(rows, width, self.pair_weight, causal=bool(unmasked))
+        return packing.saves and layout_cost(*packing.index.shape, self.pair_weight, False) < padded
 
     def _run(self, model, input_ids, attention_mask, packing: Packing | None, hidden: bool):
         """(outputs, activations), both in the padded layout: the model's `(B, T, V)` logits, or
@@ -628,21 +665,39 @@ class Packing:
         return out * mask.to(out.dtype)
 
 
-def _attn_implementation(model: nn.Module) -> str | None:
-    """The attention implementation of a (possibly wrapped: DDP, DeepSpeed, PEFT) transformers model."""
+def _config_of(model: nn.Module):
+    """The transformers config of a (possibly wrapped: DDP, DeepSpeed, PEFT) model, or None."""
     for _ in range(4):
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
-            return config._attn_implementation
+            return config
         model = getattr(model, "module", None)
         if model is None:
             return None
     return None
 
 
+def _attn_implementation(model: nn.Module) -> str | None:
+    """The attention implementation of a (possibly wrapped: DDP, DeepSpeed, PEFT) transformers model."""
+    config = _config_of(model)
+    return None if config is None else config._attn_implementation
+
+
+def layout_cost(rows: int, width: int, pair_weight: float, causal: bool) -> float:
+    """The forward's work on `rows` rows of `width` positions, in units of one position's matmuls: each
+    position costs 1, and each (query, key) pair of attention `pair_weight`; a kernel given a mask
+    visits every pair, a causal one (no mask) only those with the key at or before the query."""
+    pairs = width * (width + 1) / 2 if causal else width * width
+    return rows * (width + pair_weight * pairs)
+
+
+def _takes_4d_mask(attn_implementation: str | None) -> bool:
+    return attn_implementation in ("sdpa", "eager")
+
+
 def _shared_prompt_mask_kind(attn_implementation: str | None) -> str:
     """The attention implementation, refused unless it takes prefix sharing's 4D mask (sdpa, eager)."""
-    if attn_implementation not in ("sdpa", "eager"):
+    if not _takes_4d_mask(attn_implementation):
         raise ConfigError(
             f"model.prefix_sharing needs a 4D attention mask, which attn_implementation "
             f"{attn_implementation!r} does not take; set model.attn_implementation=sdpa "

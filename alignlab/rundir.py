@@ -5,7 +5,7 @@
   kernel drops the lock when its process dies, so a lock file left by a dead process is simply taken.
 * **Identity.** A run has an id and a config fingerprint: a hash of its resolved config without the
   settings that may change when it resumes (`MAY_CHANGE_ON_RESUME`: logging, evaluation, checkpoint
-  cadence, the length of the run, where files go). Both are in `<run>/alignlab_run.json` and in every
+  cadence, the length of the run, where files go, the forward's exact speed switches). Both are in `<run>/alignlab_run.json` and in every
   checkpoint's completion marker (`alignlab.checkpoints`).
 * **Claim.** `claim` decides, before anything is written, what a run may do in its directory: start
   fresh, resume which checkpoint, or refuse (a finished run, another run's checkpoints, a different
@@ -62,6 +62,12 @@ MAY_CHANGE_ON_RESUME = (
     "data.num_proc",
     "logger",
     "eval",
+    # the forward's speed switches: the same losses and gradients to rounding (test_invariance.py)
+    "model.logit_chunk_size",
+    "model.skip_unused_logits",
+    "model.drop_padding_mask",
+    "model.padding_free",
+    "model.prefix_sharing",
 )
 #: what a run leaves in its directory; a directory holding any of them belongs to a run.
 ARTIFACTS = ("checkpoint-*", "model", "model_merged", "summary.json", "metrics.jsonl", RECORD)

@@ -22,7 +22,7 @@ process with its `datasets.map` workers (sampled from /proc every 50 ms), the fi
 and the machine's load average around every run:
 
     python scripts/bench_tokenize.py --rows 10000 100000 --repeats 3     # 34 min on 2 loaded cores
-    python scripts/bench_tokenize.py --rows 1000000 --repeats 1          # the million-row figure
+    python scripts/bench_tokenize.py --rows 1000000 --repeats 1 --procs 1   # the million-row figure
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def child(path: Path, cache: Path, num_proc: int) -> int:
     return 0
 
 
-def scale(sizes: list[int], repeats: int, folder: Path) -> None:
+def scale(sizes: list[int], repeats: int, folder: Path, procs: tuple[int, ...] = (1, 2)) -> None:
     """The `--rows` table (module docstring)."""
     runs: dict[tuple[int, int], list[dict]] = {}
     loads = []
@@ -152,7 +152,7 @@ def scale(sizes: list[int], repeats: int, folder: Path) -> None:
             )
         arrow = json.loads(Path(f"{path}.info.json").read_text())["arrow_bytes"]
         for rep in range(repeats):
-            for num_proc in (1, 2) if rep % 2 == 0 else (2, 1):
+            for num_proc in procs if rep % 2 == 0 else procs[::-1]:
                 load = os.getloadavg()[0]
                 cache = folder / f"cache-{rows}-{rep}-{num_proc}"
                 out = subprocess.run(
@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--procs", type=int, nargs="+", default=[1, 2], help="--rows: the data.num_proc values, alternating"
+    )
     p.add_argument("--copies", type=int, default=4, help="copies of the 2,312 pairs (unique text each)")
     p.add_argument(
         "--num-proc", type=int, default=os.cpu_count() or 2, help="worker processes of the parallel run"
@@ -228,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows:
         if args.folder:
             args.folder.mkdir(parents=True, exist_ok=True)
-            scale(args.rows, args.repeats, args.folder)
+            scale(args.rows, args.repeats, args.folder, tuple(args.procs))
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                scale(args.rows, args.repeats, Path(tmp))
+                scale(args.rows, args.repeats, Path(tmp), tuple(args.procs))
         return 0
     from datasets.utils.logging import disable_progress_bar
     from transformers import GPT2TokenizerFast

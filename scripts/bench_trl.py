@@ -58,17 +58,26 @@ GPT2 = SHARED / "tokenizers" / "gpt2"
 
 #: the eleven registered losses, with the overrides and data each needs on the pair workloads.
 LOSSES = ("dpo", "tdpo", "sparsepo", "rdpo", "npo", "asft", "tpo", "modpo", "bco", "rpo", "aligndistil")
-#: alignlab's optimisation switches (`model.<field>`: value), each flipped alone from the defaults;
+#: alignlab's optimisation switches ({`model.<field>`: value}), each set alone over the defaults;
 #: fields ModelConfig does not have (yet) are skipped and named in the table.
 SWITCHES = {
-    "reference cache (reference_mode=precomputed)": ("reference_mode", "precomputed"),
-    "dense logits (logit_chunk_size=0)": ("logit_chunk_size", 0),
-    "head on every position (skip_unused_logits=false)": ("skip_unused_logits", False),
-    "padding-free packing (padding_free=true)": ("padding_free", True),
-    "prefix sharing (prefix_sharing=true)": ("prefix_sharing", True),
-    "padding mask kept (drop_padding_mask=false)": ("drop_padding_mask", False),
+    "reference cache (reference_mode=precomputed)": {"reference_mode": "precomputed"},
+    "dense logits (logit_chunk_size=0)": {"logit_chunk_size": 0},
+    "smaller logit chunks (logit_chunk_size=32)": {"logit_chunk_size": 32},
+    "larger logit chunks (logit_chunk_size=512)": {"logit_chunk_size": 512},
+    "head on every position (skip_unused_logits=false)": {"skip_unused_logits": False},
+    "no prefix sharing: padding-free packing (prefix_sharing=false)": {"prefix_sharing": False},
+    "padded batches (prefix_sharing=false padding_free=false)": {
+        "prefix_sharing": False,
+        "padding_free": False,
+    },
+    "padded batches with their mask (… drop_padding_mask=false)": {
+        "prefix_sharing": False,
+        "padding_free": False,
+        "drop_padding_mask": False,
+    },
     #: flips the workload's own setting (W1: off -> on; W2: on -> off)
-    "gradient checkpointing flipped": ("gradient_checkpointing", None),
+    "gradient checkpointing flipped": {"gradient_checkpointing": None},
 }
 
 
@@ -1041,11 +1050,11 @@ def machine() -> dict:
     }
 
 
-def available_switches() -> dict[str, tuple[str, object]]:
+def available_switches() -> dict[str, dict[str, object]]:
     from alignlab.config import ModelConfig
 
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return {label: sw for label, sw in SWITCHES.items() if sw[0] in names}
+    return {label: sw for label, sw in SWITCHES.items() if set(sw) <= names}
 
 
 def _median(xs):
@@ -1339,14 +1348,12 @@ def main() -> None:
             recs += [{**r, "label": label_cache} for r in alignlab_runs.get("precomputed", [])]
             reused = {r["label"] for r in recs}
             for rep in range(repeats):
-                for label, (key, value) in [("plain", (None, None)), *switches.items()]:
+                for label, flipped in [("plain", {}), *switches.items()]:
                     if label in reused:
                         continue
-                    if key == "gradient_checkpointing":
-                        value = not w.alignlab_gradient_checkpointing
-                    rec = run_child(
-                        _spec(w, info, work, "alignlab", switches={key: value} if key else None), log
-                    )
+                    if "gradient_checkpointing" in flipped:
+                        flipped = {"gradient_checkpointing": not w.alignlab_gradient_checkpointing}
+                    rec = run_child(_spec(w, info, work, "alignlab", switches=flipped or None), log)
                     rec.update(section="switches", repeat=rep, label=label)
                     recs.append(rec)
                     _progress(rec)
@@ -1369,9 +1376,13 @@ def main() -> None:
 
 #: the runs of the profile section: (framework, label, alignlab's switches, optimizer)
 PROFILED = (
-    ("alignlab", "alignlab", {}, "adamw_torch_fused"),
-    ("alignlab", "alignlab, unfused AdamW (the default before 2026-12-02)", {}, "adamw_torch"),
-    ("alignlab", "alignlab, padding-free", {"padding_free": True}, "adamw_torch_fused"),
+    ("alignlab", "alignlab (defaults)", {}, "adamw_torch_fused"),
+    (
+        "alignlab",
+        "alignlab, padded batches with their mask (the defaults before 2026-12-02)",
+        {"prefix_sharing": False, "padding_free": False, "drop_padding_mask": False},
+        "adamw_torch_fused",
+    ),
     ("trl", "TRL", {}, "adamw_torch_fused"),
 )
 

@@ -350,6 +350,7 @@ class _SpyMask(torch.nn.Module):
     def __init__(self, inner, bidirectional=False):
         super().__init__()
         self.inner, self.bidirectional, self.masks = inner, bidirectional, []
+        self.config = inner.config
 
     def get_output_embeddings(self):
         return self.inner.get_output_embeddings()
@@ -409,3 +410,77 @@ def test_a_model_whose_real_positions_read_the_padding_keeps_the_mask(caplog):
     model.masks.clear()
     plan(model, inner.get_output_embeddings(), batch)
     assert model.masks[0] is not None
+
+
+def _one_long_example(rejected_length: int) -> dict[str, torch.Tensor]:
+    """One example as the collator gives it: a 60-token prompt, a 60-token chosen response and a rejected
+    one of `rejected_length` tokens, right-padded to one length."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, VOCAB, (60,), generator=gen).tolist()
+    lengths = {"chosen": 60, "rejected": rejected_length}
+    rows = {r: prompt + torch.randint(3, VOCAB, (n,), generator=gen).tolist() for r, n in lengths.items()}
+    width = max(map(len, rows.values()))
+    batch = {}
+    for r, ids in rows.items():
+        pad = width - len(ids)
+        batch[f"{r}_input_ids"] = torch.tensor([ids + [0] * pad])
+        batch[f"{r}_attention_mask"] = torch.tensor([[1] * len(ids) + [0] * pad])
+        batch[f"{r}_labels"] = torch.tensor([[-100] * 60 + ids[60:] + [-100] * pad])
+    return batch
+
+
+def test_layout_cost_by_hand():
+    from alignlab.forward import layout_cost
+
+    # 2 rows of 120 positions, a pair costing 1/192 of a position: causal 120·121/2 pairs per row
+    assert layout_cost(2, 120, 1 / 192, causal=True) == pytest.approx(2 * (120 + 7260 / 192))
+    assert layout_cost(2, 120, 1 / 192, causal=False) == pytest.approx(390.0)
+    assert layout_cost(1, 179, 0.0, causal=False) == 179
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_each_batch_shares_its_prompt_only_where_that_is_less_work(drop):
+    """Hidden size 32: a pair of attention costs 1/(6·32) = 1/192 of a position's matmuls. The padded batch
+    (2 rows of 120) costs 2·(120 + 7260/192) = 315.6 without its mask (causal) and 2·(120 + 120²/192) =
+    390 with it; the shared row (60 + 60 + 59 = 179 positions, a 4D mask) 179 + 179²/192 = 345.9. So the
+    prompt is shared only when the padded batch keeps its mask; the log-probs are the same either way."""
+    inner = _model(7)
+    model = _SpyMask(inner)
+    head = inner.get_output_embeddings()
+    batch = _one_long_example(59)
+    plan = _plan((5, True, False, True, drop), model)
+    assert plan.layout == "shared_prompts" and plan.pair_weight == pytest.approx(1 / 192)
+    model.masks.clear()
+    got = plan(model, head, batch)
+    (mask,) = model.masks
+    if drop:
+        assert mask is None  # padded, causal
+    else:
+        assert mask.dim() == 4  # the shared row's mask
+    want = _plan(PLAIN, inner)(inner, head, batch)
+    for r in ("chosen", "rejected"):
+        torch.testing.assert_close(got[r].token_logps, want[r].token_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_short_batches_share_their_prompts():
+    inner = _model(7)
+    model = _SpyMask(inner)
+    plan = _plan((5, True, False, True, True), model)
+    model.masks.clear()
+    plan(model, inner.get_output_embeddings(), _batch(("chosen", "rejected"), seed=1, b=3))
+    assert model.masks[0].dim() == 4
+
+
+def test_prefix_sharing_without_a_4d_mask_falls_back_to_packing(caplog):
+    """An attention implementation that takes no 4D mask (flash attention) packs instead, with a warning."""
+    from types import SimpleNamespace
+
+    inner = _model(8)
+    model = _SpyMask(inner)
+    model.config = SimpleNamespace(_attn_implementation="flash_attention_2", hidden_size=32)
+    with caplog.at_level(logging.WARNING):
+        plan = _plan((5, True, True, True, True), model)
+    assert plan.layout == "packed" and "needs a 4D attention mask" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        plan = _plan((5, True, False, True, True), model)
+    assert plan.layout == "padded"

@@ -45,6 +45,29 @@ def test_the_fingerprint_leaves_out_what_may_change_on_resume():
     assert rundir.differences(_identity().config, _identity(seed=1).config) == "seed 42 -> 1"
 
 
+def test_the_forwards_speed_switches_may_change_on_resume(tmp_path):
+    """They change no loss or gradient (beyond rounding), so a run started under the old defaults
+    (padded batches with their mask) resumes under the new ones, and the new key is no difference."""
+    base = {"seed": 1, "loss": {"name": "dpo"}, "output_dir": "/x"}
+    old = {**base, "model": {"name_or_path": "m", "padding_free": False, "prefix_sharing": False}}
+    new = {
+        **base,
+        "model": {
+            "name_or_path": "m",
+            "padding_free": True,
+            "prefix_sharing": True,
+            "drop_padding_mask": True,
+        },
+    }
+    _checkpoint(tmp_path, 2, Identity("r1", identity_config(old)))
+    assert claim(tmp_path, "latest", Identity("r2", identity_config(new))).resume == str(
+        tmp_path / "checkpoint-2"
+    )
+    other = {**new, "model": {**new["model"], "name_or_path": "n"}}
+    with pytest.raises(UserError, match="model.name_or_path 'm' -> 'n'"):
+        claim(tmp_path, "latest", Identity("r3", identity_config(other)))
+
+
 def test_a_second_lock_on_a_run_directory_is_refused_naming_the_holder(tmp_path):
     first = RunLock(tmp_path).acquire()
     try:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
+
+from datasets.utils import logging as datasets_logging
 
 from alignlab.data.cache import cache_root
 from alignlab.data.mismatched import with_mismatched
@@ -179,17 +182,36 @@ def build_datasets(
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".work-", dir=root) as work:  # the run's Arrow files
         sources = read(cfg, report, work)  # 1. read
-        plan, rows = normalise(sources, cfg, tokenizer, main, fields, report, own_prompts)  # 2. normalise
-        del sources  # unmap the raw records: their pages no longer count in this process's memory
-        rows = rows.map(partial(settle, cfg=cfg, report=report))  # 3. settle bad rows
-        rows = hold_out(rows, cfg, seed, report)  # 4. hold out
-        rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
-        settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts(), own_prompts)
-        data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)  # 5. tokenise, 6. cache
+        size = len(sources.train) + (len(sources.eval) if sources.eval is not None else 0)
+        with _progress_bars(size):
+            plan, rows = normalise(sources, cfg, tokenizer, main, fields, report, own_prompts)  # 2. normalise
+            del sources  # unmap the raw records: their pages no longer count in this process's memory
+            rows = rows.map(partial(settle, cfg=cfg, report=report))  # 3. settle bad rows
+            rows = hold_out(rows, cfg, seed, report)  # 4. hold out
+            rows = reshape_pairs(rows, plan, cfg, report)  #    swap or unpair pairs
+            settings = TokenizeSettings.of(cfg, plan.kind, plan.chat, main, fields, rows.parts(), own_prompts)
+            data = tokenize_splits(rows, tokenizer, settings, eos, cfg, report)  # 5. tokenise, 6. cache
     data = with_mismatched(data, mismatched, cfg.max_length, seed)
     if RETAIN in responses:
         data = with_retain(data, cfg, tokenizer, settings, eos, seed, report)
     return _counted(data, fields, report)
+
+
+#: files of fewer rows than this take seconds to prepare: no progress bars for them
+PROGRESS_ROWS = 20_000
+
+
+@contextmanager
+def _progress_bars(rows: int):
+    """`datasets`' progress bars only for data of `PROGRESS_ROWS` rows or more."""
+    shown = datasets_logging.is_progress_bar_enabled()
+    if shown and rows < PROGRESS_ROWS:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets_logging.enable_progress_bar()
 
 
 def _counted(data: TokenizedSplits, fields: tuple[str, ...], report: DataReport) -> PreparedData:

@@ -133,3 +133,19 @@ def test_values_json_cannot_hold_are_ignored_unused_and_a_named_bad_row_used(mak
     pq.write_table(pa.Table.from_pylist(raw + good), path)
     with pytest.raises(DataError, match=r"data\.parquet row 0: field .prompt. is a bytes, expected a string"):
         build_datasets(make_cfg(path=str(path)), tokenizer)
+
+
+def test_small_files_print_no_progress_bars(make_cfg, tokenizer, capfd, monkeypatch):
+    """A few thousand rows prepare in seconds: datasets' "Normalising … examples/s" bars stay off (the
+    first run's output stays readable), and come back for the run after (the global setting is kept)."""
+    from datasets.utils import logging as datasets_logging
+
+    from alignlab.data import pipeline
+
+    datasets_logging.enable_progress_bar()
+    build_datasets(make_cfg(ROWS, on_bad_row="skip", eval_size=2), tokenizer)
+    assert "Normalising" not in capfd.readouterr().err
+    assert datasets_logging.is_progress_bar_enabled()
+    monkeypatch.setattr(pipeline, "PROGRESS_ROWS", 1)
+    build_datasets(make_cfg(ROWS, on_bad_row="skip", eval_size=3), tokenizer)
+    assert "Normalising" in capfd.readouterr().err
