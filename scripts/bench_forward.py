@@ -7,9 +7,15 @@ shaped like the issue-#8 workloads:
   embeddings), 4 pairs per batch, prompt and each response 32–256 tokens (uniform).
 * W1: stories260k (../shared, or a random model of its shape), 16 pairs per batch, max_length 64
   (prompt 8–32, responses 8–32 tokens).
+* W4: W2's model at 8k context, 1 pair per batch, prompt and each response 3,072–4,096 tokens, with
+  gradient checkpointing (as bench_trl.py's `w4-8k`).
 
-    python scripts/bench_forward.py                       # both workloads, every variant
+    python scripts/bench_forward.py                       # W1 and W2, every variant
     python scripts/bench_forward.py --workload w2 --steps 6
+    python scripts/bench_forward.py --workload w4 --steps 2 --threads 2   # ~6 min
+
+Each variant forces its layout on every batch (`pair_weight` 0: packed or shared whenever that saves
+positions), except `defaults`, which chooses per batch as a run does (`forward.layout_cost`).
 
 Variants run round-robin, one step each in turn, so that all see the same machine load.
 Reports the median CPU time of a step over `--steps` steps (after one warm-up step; one torch
@@ -30,12 +36,14 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "models" / "stories260k"
-VARIANTS = {  # name -> (skip_unused_logits, padding_free, prefix_sharing)
-    "plain": (False, False, False),
-    "skip_unused_logits": (True, False, False),
-    "padding_free": (False, True, False),
-    "skip+padding_free": (True, True, False),
-    "skip+prefix_sharing": (True, False, True),
+VARIANTS = {  # name -> (skip_unused_logits, padding_free, prefix_sharing, drop_padding_mask)
+    "plain": (False, False, False, False),
+    "skip_unused_logits": (True, False, False, False),
+    "padding_free": (False, True, False, False),
+    "skip+padding_free": (True, True, False, False),
+    "skip+prefix_sharing": (True, False, True, False),
+    "skip+no_padding_mask": (True, False, False, True),
+    "defaults": (True, True, True, True),
 }
 
 
@@ -43,7 +51,18 @@ def _model(workload: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    if workload == "w1":
+    if workload == "w4":
+        config = LlamaConfig(
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            intermediate_size=1376,
+            vocab_size=50257,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+        )
+    elif workload == "w1":
         if STORIES.exists():
             return AutoModelForCausalLM.from_pretrained(STORIES, attn_implementation="sdpa")
         config = LlamaConfig(
@@ -74,7 +93,9 @@ def _batches(workload: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
     from alignlab.data.collate import PreferenceCollator
 
     gen = torch.Generator().manual_seed(seed)
-    size, lo, hi, bsz = {"w1": (None, 8, 32, 16), "w2": (None, 32, 256, 4)}[workload]
+    size, lo, hi, bsz = {"w1": (None, 8, 32, 16), "w2": (None, 32, 256, 4), "w4": (None, 3072, 4096, 1)}[
+        workload
+    ]
 
     def ids(lo_, hi_):
         return torch.randint(
@@ -95,12 +116,15 @@ def _batches(workload: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
 
 def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
     import copy
+    from dataclasses import replace
 
     from alignlab.forward import ForwardPlan
 
     policy = _model(workload)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train()
+    if workload == "w4":
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batches = _batches(workload, steps + 1, policy.config.vocab_size)
     pairs = ("chosen", "rejected")
     real = [sum(int(b[f"{r}_attention_mask"].sum()) for r in pairs) for b in batches[1:]]
@@ -114,14 +138,19 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
     )
     plans = {}  # name -> (policy's plan, reference's plan), fitted once as in a run
     for name in variants:
-        skip, packed, shared = VARIANTS[name]
+        skip, packed, shared, unmasked = VARIANTS[name]
         plan = ForwardPlan(
             pairs,
             chunk_size=chunk,
             skip_unused_logits=skip,
             layout="shared_prompts" if shared else "packed" if packed else "padded",
+            padding_mask=not unmasked,
+            padding_free=packed,
         )
-        plans[name] = (plan.fitted(policy), plan.fitted(reference))
+        fitted = plan.fitted(policy), plan.fitted(reference)
+        if name != "defaults":  # the variant's layout on every batch it saves positions in
+            fitted = tuple(replace(f, pair_weight=0.0) for f in fitted)
+        plans[name] = fitted
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i, batch in enumerate(batches):
         for name in variants:  # round-robin, so that every variant sees the same machine load
@@ -148,7 +177,7 @@ def run(workload: str, steps: int, chunk: int, variants: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=("w1", "w2", "both"), default="both")
+    parser.add_argument("--workload", choices=("w1", "w2", "w4", "both"), default="both")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=128, help="model.logit_chunk_size")
     parser.add_argument("--variants", default=",".join(VARIANTS))
