@@ -76,6 +76,7 @@ SWITCHES = {
         "padding_free": False,
         "drop_padding_mask": False,
     },
+    "eager attention (attn_implementation=eager)": {"attn_implementation": "eager"},
     #: flips the workload's own setting (W1: off -> on; W2: on -> off)
     "gradient checkpointing flipped": {"gradient_checkpointing": None},
 }
@@ -1274,6 +1275,9 @@ def main() -> None:
     parser.add_argument("--losses", default=",".join(LOSSES), help="losses of the W1 loss table")
     parser.add_argument("--w2-losses", default="dpo,tdpo,aligndistil", help="losses of the W2 loss table")
     parser.add_argument("--repeats", type=int, help="override the workloads' repeats")
+    parser.add_argument(
+        "--switches", help="only the switches whose label contains one of these comma-separated words"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_trl")
     parser.add_argument(
         "--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the MFU (default: PEAK_BF16)"
@@ -1343,6 +1347,9 @@ def main() -> None:
         if "switches" in sections:
             switches = available_switches()
             missing = [label for label in SWITCHES if label not in switches]
+            if args.switches:
+                words = args.switches.split(",")
+                switches = {label: sw for label, sw in switches.items() if any(w in label for w in words)}
             recs = [{**r, "label": "plain"} for r in alignlab_runs.get("live", [])]
             label_cache = next(iter(SWITCHES))
             recs += [{**r, "label": label_cache} for r in alignlab_runs.get("precomputed", [])]
