@@ -21,7 +21,7 @@ seeded), each read and tokenised cold by `build_datasets` in a fresh process per
 process with its `datasets.map` workers (sampled from /proc every 50 ms), the file's Arrow size,
 and the machine's load average around every run:
 
-    python scripts/bench_tokenize.py --rows 10000 100000 --repeats 3     # 34 min on 2 loaded cores
+    python scripts/bench_tokenize.py --rows 10000 100000 --repeats 3     # ~6 min on 2 quiet cores
     python scripts/bench_tokenize.py --rows 1000000 --repeats 1 --procs 1   # the million-row figure
 """
 
