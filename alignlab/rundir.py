@@ -5,8 +5,8 @@
   kernel drops the lock when its process dies, so a lock file left by a dead process is simply taken.
 * **Identity.** A run has an id and a config fingerprint: a hash of its resolved config without the
   settings that may change when it resumes (`MAY_CHANGE_ON_RESUME`: logging, evaluation, checkpoint
-  cadence, the length of the run, where files go, the forward's exact speed switches). Both are in `<run>/alignlab_run.json` and in every
-  checkpoint's completion marker (`alignlab.checkpoints`).
+  cadence, the length of the run, where files go, the forward's exact speed switches). Both are in
+  `<run>/alignlab_run.json` and in every checkpoint's completion marker (`alignlab.checkpoints`).
 * **Claim.** `claim` decides, before anything is written, what a run may do in its directory: start
   fresh, resume which checkpoint, or refuse (a finished run, another run's checkpoints, a different
   config) with the fix. `take_over` then writes, only once the run has passed validation and holds
