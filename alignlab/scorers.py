@@ -55,8 +55,10 @@ def add_scores(needs: Needs, ctx: PrepareContext) -> None:
 
 
 def _batches(dataset, responses: tuple[str, ...]) -> Iterator[list[dict]]:
-    """The rows of a tokenized dataset, `SCORING_BATCH` at a time, with the columns scoring reads."""
-    columns = dataset.select_columns(["prompt_ids", *(f"{r}_ids" for r in responses)])
+    """The rows of a tokenized dataset, `SCORING_BATCH` at a time, with the columns scoring reads: the
+    prompt, each response, and the prompt of each response that has its own (`Needs.own_prompts`)."""
+    own = [f"{r}_prompt_ids" for r in responses if f"{r}_prompt_ids" in dataset.column_names]
+    columns = dataset.select_columns(["prompt_ids", *(f"{r}_ids" for r in responses), *own])
     for chunk in columns.iter(batch_size=SCORING_BATCH):
         yield [dict(zip(chunk, values)) for values in zip(*chunk.values())]
 
@@ -111,7 +113,10 @@ def _reward_model(score: Score, ctx: PrepareContext, responses: tuple[str, ...])
     def run(rows: list[dict]) -> dict[str, list[float]]:
         out = {}
         for r in responses:
-            ids = [row["prompt_ids"] + _without_eos(row[f"{r}_ids"], eos) for row in rows]
+            ids = [
+                row.get(f"{r}_prompt_ids", row["prompt_ids"]) + _without_eos(row[f"{r}_ids"], eos)
+                for row in rows
+            ]
             if same_tokens:  # the policy's own ids: nothing lost to decoding
                 encoded = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
             else:
