@@ -58,6 +58,8 @@ GPT2 = SHARED / "tokenizers" / "gpt2"
 
 #: the eleven registered losses, with the overrides and data each needs on the pair workloads.
 LOSSES = ("dpo", "tdpo", "sparsepo", "rdpo", "npo", "asft", "tpo", "modpo", "bco", "rpo", "aligndistil")
+#: the forward's layout before 2026-12-02's defaults: padded batches with their attention mask
+BEFORE_LAYOUT_DEFAULTS = {"prefix_sharing": False, "padding_free": False, "drop_padding_mask": False}
 #: alignlab's optimisation switches ({`model.<field>`: value}), each set alone over the defaults;
 #: fields ModelConfig does not have (yet) are skipped and named in the table.
 SWITCHES = {
@@ -71,11 +73,7 @@ SWITCHES = {
         "prefix_sharing": False,
         "padding_free": False,
     },
-    "padded batches with their mask (… drop_padding_mask=false)": {
-        "prefix_sharing": False,
-        "padding_free": False,
-        "drop_padding_mask": False,
-    },
+    "padded batches with their mask (… drop_padding_mask=false)": BEFORE_LAYOUT_DEFAULTS,
     "eager attention (attn_implementation=eager)": {"attn_implementation": "eager"},
     #: flips the workload's own setting (W1: off -> on; W2: on -> off)
     "gradient checkpointing flipped": {"gradient_checkpointing": None},
@@ -1387,7 +1385,7 @@ PROFILED = (
     (
         "alignlab",
         "alignlab, padded batches with their mask (the defaults before 2026-12-02)",
-        {"prefix_sharing": False, "padding_free": False, "drop_padding_mask": False},
+        BEFORE_LAYOUT_DEFAULTS,
         "adamw_torch_fused",
     ),
     ("trl", "TRL", {}, "adamw_torch_fused"),

@@ -368,20 +368,27 @@ class _SpyMask(torch.nn.Module):
         return out
 
 
-def test_right_padded_batches_run_without_the_mask_and_give_the_masked_log_probs():
-    inner = _model(5)
+def _spied(seed, args, batch):
+    """The plan of the switches `args` fitted to a `_SpyMask` around a fresh model and run once on
+    `batch`: (the plan, the masks that run gave the model, whether its log-probs are the plain path's)."""
+    inner = _model(seed)
     model = _SpyMask(inner)
     head = inner.get_output_embeddings()
-    batch = _batch(("chosen", "rejected"), seed=9, b=5)
-    assert (batch["chosen_attention_mask"] == 0).any()
-    plan = _plan(SWITCHES["drop_padding_mask"], model)
-    assert not plan.padding_mask
+    plan = _plan(args, model)
     model.masks.clear()
     got = plan(model, head, batch)
-    assert model.masks == [None]  # the training forward runs unmasked
     want = _plan(PLAIN, inner)(inner, head, batch)
     for r in ("chosen", "rejected"):
         torch.testing.assert_close(got[r].token_logps, want[r].token_logps, atol=1e-5, rtol=1e-5)
+    return plan, model.masks
+
+
+def test_right_padded_batches_run_without_the_mask_and_give_the_masked_log_probs():
+    batch = _batch(("chosen", "rejected"), seed=9, b=5)
+    assert (batch["chosen_attention_mask"] == 0).any()
+    plan, masks = _spied(5, SWITCHES["drop_padding_mask"], batch)  # log-probs: the plain path's
+    assert not plan.padding_mask
+    assert masks == [None]  # the training forward runs unmasked
 
 
 def test_left_padded_batches_keep_their_mask():
@@ -444,31 +451,17 @@ def test_each_batch_shares_its_prompt_only_where_that_is_less_work(drop):
     (2 rows of 120) costs 2·(120 + 7260/192) = 315.6 without its mask (causal) and 2·(120 + 120²/192) =
     390 with it; the shared row (60 + 60 + 59 = 179 positions, a 4D mask) 179 + 179²/192 = 345.9. So the
     prompt is shared only when the padded batch keeps its mask; the log-probs are the same either way."""
-    inner = _model(7)
-    model = _SpyMask(inner)
-    head = inner.get_output_embeddings()
-    batch = _one_long_example(59)
-    plan = _plan((5, True, False, True, drop), model)
+    plan, (mask,) = _spied(7, (5, True, False, True, drop), _one_long_example(59))  # the plain log-probs
     assert plan.layout == "shared_prompts" and plan.pair_weight == pytest.approx(1 / 192)
-    model.masks.clear()
-    got = plan(model, head, batch)
-    (mask,) = model.masks
     if drop:
         assert mask is None  # padded, causal
     else:
         assert mask.dim() == 4  # the shared row's mask
-    want = _plan(PLAIN, inner)(inner, head, batch)
-    for r in ("chosen", "rejected"):
-        torch.testing.assert_close(got[r].token_logps, want[r].token_logps, atol=1e-5, rtol=1e-5)
 
 
 def test_short_batches_share_their_prompts():
-    inner = _model(7)
-    model = _SpyMask(inner)
-    plan = _plan((5, True, False, True, True), model)
-    model.masks.clear()
-    plan(model, inner.get_output_embeddings(), _batch(("chosen", "rejected"), seed=1, b=3))
-    assert model.masks[0].dim() == 4
+    _, masks = _spied(7, (5, True, False, True, True), _batch(("chosen", "rejected"), seed=1, b=3))
+    assert masks[0].dim() == 4
 
 
 def test_prefix_sharing_without_a_4d_mask_falls_back_to_packing(caplog):
